@@ -1,0 +1,247 @@
+"""Llama-family decoder (Llama 3.x, SmolLM2): GQA, RoPE with llama3 scaling,
+RMSNorm, SwiGLU, optionally tied embeddings.
+
+The shapes come from the checkpoint's own metadata (GGUF keys or HF
+config.json). Q/K/V and gate/up projections are fused into one weight each, so
+a decode step reads every weight in two GEMVs per block instead of five.
+Weights use HF parameter names at the state-dict boundary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's frequency-dependent RoPE scaling ("rope_type": "llama3")."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position: int
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_size: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    head_dim: Optional[int] = None
+    tie_embeddings: bool = False
+    max_position: int = 8192
+    rope_scaling: Optional[RopeScaling] = None
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, tensor_names: set) -> "LlamaConfig":
+        arch = meta["general.architecture"]
+        if arch != "llama":
+            raise ValueError(f"GGUF architecture {arch!r} is not a Llama-family model")
+
+        def key(name, default=None):
+            return meta.get(f"{arch}.{name}", default)
+
+        n_heads = int(key("attention.head_count"))
+        hidden = int(key("embedding_length"))
+        scaling = None
+        if key("rope.scaling.type") == "llama3":
+            raise ValueError("llama3 RoPE scaling in GGUF is stored as a rope_freqs tensor; use the HF checkpoint")
+        return cls(
+            n_layers=int(key("block_count")),
+            hidden_size=hidden,
+            n_heads=n_heads,
+            n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+            ffn_size=int(key("feed_forward_length")),
+            vocab_size=int(key("vocab_size", 0)) or len(meta["tokenizer.ggml.tokens"]),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            head_dim=int(key("rope.dimension_count", hidden // n_heads)),
+            tie_embeddings="output.weight" not in tensor_names,
+            max_position=int(key("context_length", 8192)),
+            rope_scaling=scaling,
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "LlamaConfig":
+        scaling = None
+        rs = cfg.get("rope_scaling") or {}
+        rope_type = rs.get("rope_type", rs.get("type"))
+        if rope_type == "llama3":
+            scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
+                                  float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
+        elif rope_type not in (None, "default"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (only llama3)")
+        return cls(
+            n_layers=cfg["num_hidden_layers"],
+            hidden_size=cfg["hidden_size"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            ffn_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            head_dim=cfg.get("head_dim"),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position=int(cfg.get("max_position_embeddings", 8192)),
+            rope_scaling=scaling,
+        )
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,), with llama3 scaling where configured."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv.float()
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    interpolated = (1 - smooth) * inv / s.factor + smooth * inv
+    out = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(mid, interpolated, out).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF layout). x: (B, H, T, D); cos/sin: (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, kv, mask):
+        """x: (B, T, hidden); kv: the layer's cache view that stores and returns K/V."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = kv.store_and_read(k, v)  # (B, H_kv, S, D)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.ffn_size = cfg.ffn_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).split(self.ffn_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, cache, logits_at=None):
+        """input_ids, positions: (B, T). `cache` gives each layer's K/V store and the
+        attention mask. Returns float32 logits at `logits_at` (B, T') indices of T,
+        or at every position."""
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # (B, 1, T, D)
+        cos, sin = emb.cos(), emb.sin()
+        mask = cache.attention_mask(positions)
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layer(i), mask)
+        if logits_at is not None:
+            x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def load_hf_state_dict(self, sd: dict, dtype: torch.dtype) -> None:
+        """Assign weights given under HF names, fusing QKV and gate/up projections."""
+        cfg = self.cfg
+        own = {}
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
+                [sd.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            own[f"layers.{i}.self_attn.o_proj.weight"] = sd.pop(p + "self_attn.o_proj.weight")
+            own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
+                [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")])
+            own[f"layers.{i}.mlp.down_proj.weight"] = sd.pop(p + "mlp.down_proj.weight")
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                own[f"layers.{i}.{norm}.weight"] = sd.pop(p + f"{norm}.weight")
+        own["embed_tokens.weight"] = sd.pop("model.embed_tokens.weight")
+        own["norm.weight"] = sd.pop("model.norm.weight")
+        if self.lm_head is not None:
+            own["lm_head.weight"] = sd.pop("lm_head.weight")
+        else:
+            sd.pop("lm_head.weight", None)
+        if sd:
+            raise ValueError(f"unexpected weights in checkpoint: {sorted(sd)[:5]}")
+        own = {k: v.to(dtype).contiguous() for k, v in own.items()}
+        self.load_state_dict(own, strict=True, assign=True)

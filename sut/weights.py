@@ -1,0 +1,132 @@
+"""Checkpoint loaders: GGUF (dequantized with the `gguf` package), HF safetensors
+(single file or sharded with model.safetensors.index.json), and seeded synthetic
+weights for any config. Never pickle. State dicts use HF parameter names.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
+
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_metadata(reader) -> dict:
+    """GGUF key/value metadata as plain Python values."""
+    return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp stores Q/K rows of each head interleaved (pairs) for its RoPE;
+    restore HF's layout, where a head's first half and second half rotate together."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(gguf_name: str) -> str:
+    base, suffix = gguf_name.rsplit(".", 1)
+    parts = base.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{_GGUF_BLOCK_NAMES[parts[2]]}.{suffix}"
+    return f"{_GGUF_TOP_NAMES[base]}.{suffix}"
+
+
+def load_gguf(path: Path) -> tuple[LlamaConfig, dict, dict]:
+    """(config, float32 state dict under HF names, metadata) from a GGUF file."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+    meta = gguf_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    cfg = LlamaConfig.from_gguf_metadata(meta, names)
+    sd = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            raise ValueError(f"{path}: GGUF with a rope_freqs tensor (llama3 scaling) is not supported")
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        if t.name.endswith("attn_q.weight"):
+            w = _unpermute_rope_rows(w, cfg.n_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = _unpermute_rope_rows(w, cfg.n_kv_heads)
+        sd[_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+    return cfg, sd, meta
+
+
+def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
+    """(config, state dict, config.json) from an HF folder, sharded or not."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no safetensors files")
+    sd = {}
+    for name in files:
+        sd.update(load_file(str(folder / name)))
+    return LlamaConfig.from_hf_config(hf_cfg), sd, hf_cfg
+
+
+def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16) -> dict:
+    """Seeded random weights with a sane scale, for timing shapes without downloads."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+
+    sd = {"model.embed_tokens.weight": randn(cfg.vocab_size, cfg.hidden_size),
+          "model.norm.weight": torch.ones(cfg.hidden_size, dtype=dtype)}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = randn(cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = randn(cfg.q_size, cfg.hidden_size)
+        sd[p + "self_attn.k_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
+        sd[p + "self_attn.v_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
+        sd[p + "self_attn.o_proj.weight"] = randn(cfg.hidden_size, cfg.q_size)
+        sd[p + "mlp.gate_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+        sd[p + "mlp.up_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+        sd[p + "mlp.down_proj.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
+        sd[p + "input_layernorm.weight"] = torch.ones(cfg.hidden_size, dtype=dtype)
+        sd[p + "post_attention_layernorm.weight"] = torch.ones(cfg.hidden_size, dtype=dtype)
+    return sd
+
+
+def build_model(cfg: LlamaConfig, sd: dict, dtype: torch.dtype, device="cpu") -> LlamaModel:
+    """Build on the meta device (no memory touched), then assign the weights."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    model.load_hf_state_dict(dict(sd), dtype)
+    # The RoPE table is a buffer, built on meta with the module: compute it for real.
+    model.inv_freq = rope_inv_freq(cfg)
+    return model.to(device).eval()
+
+
+def load_checkpoint(path: Path) -> tuple[LlamaConfig, dict, dict]:
+    """A GGUF file or an HF checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        return load_hf_checkpoint(path)
+    if path.suffix == ".gguf":
+        return load_gguf(path)
+    raise ValueError(f"{path}: expected a .gguf file or an HF checkpoint folder")
