@@ -109,6 +109,8 @@ def resolve(src: ArtifactSource, what: str) -> Path:
 
 def resolve_model_file(model: ModelConfig) -> Path:
     """A GGUF file, or an HF checkpoint folder (config.json + safetensors)."""
+    if model.source is None:
+        raise ArtifactError(f"model {model.name} has synthetic weights and no checkpoint to resolve")
     path = resolve(model.source, f"model {model.name}")
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -62,14 +62,49 @@ class ArtifactSource:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """Published shapes, for synthetic weights and for the roofline without a download."""
+
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_size: int
+    vocab_size: int
+    tie_embeddings: bool = False
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    max_position: int = 8192
+    # Mixture of experts: experts per MoE layer and how many each token uses.
+    n_experts: int = 1
+    experts_per_token: int = 1
+
+    def __post_init__(self):
+        if min(self.n_layers, self.hidden_size, self.n_heads, self.n_kv_heads, self.ffn_size,
+               self.vocab_size) < 1:
+            raise ValueError("every shape figure must be >= 1")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError("need 1 <= experts_per_token <= n_experts")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     family: Literal["llama"]
-    format: Literal["gguf", "safetensors"]
-    source: ArtifactSource
+    format: Literal["gguf", "safetensors", "synthetic"]
+    source: Optional[ArtifactSource] = None
+    shape: Optional[ModelShape] = None
     published_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     # MLPerf's model name, whose latency limits and settings apply (e.g. llama3_1-8b).
     mlperf_name: Optional[str] = None
+
+    def __post_init__(self):
+        if self.format == "synthetic" and self.shape is None:
+            raise ValueError("synthetic weights need 'shape'")
+        if self.format != "synthetic" and self.source is None:
+            raise ValueError(f"format {self.format!r} needs 'source'")
 
 
 @dataclass(frozen=True)
@@ -90,14 +125,32 @@ class DatasetConfig:
             raise ValueError("performance_output_tokens must be >= 2 or null")
 
 
+PEAK_DTYPES = ("float32", "bfloat16", "float16", "fp8")
+
+
 @dataclass(frozen=True)
 class HardwareConfig:
     name: str
     description: str
     memory_gb: float
     bandwidth_gbps: float
+    # Dense peak TFLOP/s per dtype; null where the hardware has no such math (fp8 on MI250).
     peak_tflops: dict
+    vendor: Literal["nvidia", "amd", "cpu"] = "cpu"
+    # The fp8 e4m3 variant the hardware computes in: e4m3fn (NVIDIA) or e4m3fnuz (MI300X).
+    fp8_format: Optional[Literal["e4m3fn", "e4m3fnuz"]] = None
     sources: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.memory_gb <= 0 or self.bandwidth_gbps <= 0:
+            raise ValueError("memory_gb and bandwidth_gbps must be > 0")
+        for key, value in self.peak_tflops.items():
+            if key not in PEAK_DTYPES:
+                raise ValueError(f"peak_tflops: unknown dtype {key!r}; allowed: {', '.join(PEAK_DTYPES)}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"peak_tflops.{key} must be a positive number or null, got {value!r}")
+        if (self.peak_tflops.get("fp8") is not None) != (self.fp8_format is not None):
+            raise ValueError("fp8_format must be set exactly when peak_tflops.fp8 is")
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ class Engine:
                              f"new tokens exceeds max_seq_len {self.max_seq_len}")
         self.waiting.append(Sequence(request_id, prompt, params))
 
+    @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         decoding = list(self.running)

@@ -59,7 +59,8 @@ def load_gguf(path: Path) -> tuple[LlamaConfig, dict, dict]:
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             raise ValueError(f"{path}: GGUF with a rope_freqs tensor (llama3 scaling) is not supported")
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        # dequantize may return a read-only view of the mapped file: copy.
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
         if t.name.endswith("attn_q.weight"):
             w = _unpermute_rope_rows(w, cfg.n_heads)
         elif t.name.endswith("attn_k.weight"):

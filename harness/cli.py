@@ -1,0 +1,152 @@
+"""The `wallperf` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from harness.config import DTYPES, MODES, SCENARIOS, ConfigError
+
+EXIT_BAD_INPUT = 2
+
+_RUN_HELP = """\
+Run the MLPerf scenarios of a run config under LoadGen and write LoadGen's logs
+and results.json. With no arguments: conf/runs/default.yaml (SmolLM2-135M,
+bf16, CPU; Offline, Server and SingleStream, performance and accuracy), with
+durations far below MLPerf's, so results are marked not valid for submission.
+
+Output: OUT/<system>/<model>/<scenario>/performance/run_1/ and .../accuracy/
+(LoadGen's mlperf_log_* files) and OUT/results.json.
+"""
+
+
+def _csv(allowed):
+    def parse(text):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: allowed values: {', '.join(allowed)}")
+        return items
+    return parse
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wallperf", description="MLPerf-style LLM inference benchmark, "
+                                "with every figure set against the memory wall.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run scenarios under LoadGen", description=_RUN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--config", type=Path, help="run YAML (default: conf/runs/default.yaml)")
+    r.add_argument("--scenario", type=_csv(SCENARIOS), help=f"comma list of: {', '.join(SCENARIOS)}")
+    r.add_argument("--mode", choices=(*MODES, "both"), help="performance, accuracy or both (default: config)")
+    r.add_argument("--model", help="model name from conf/models")
+    r.add_argument("--dtype", choices=DTYPES, help="weight and activation dtype")
+    r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
+    r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
+    r.add_argument("--max-batch", type=_positive(int), help="engine batch size (not SingleStream)")
+    r.add_argument("--per-subject", type=_positive(int), help="MMLU questions per subject")
+    r.add_argument("--output-tokens", type=_positive(int),
+                   help="fixed output length of performance runs (EOS ignored)")
+    r.add_argument("--user-conf", type=Path, help="MLPerf user.conf applied over mlperf.conf")
+    r.add_argument("--out", type=Path, help="output folder (default: results/<timestamp>)")
+    r.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    g = sub.add_parser("generate", help="greedy generation with the native engine")
+    g.add_argument("--model", default="smollm2-135m", help="model name from conf/models, or a .gguf "
+                   "file or HF checkpoint folder")
+    g.add_argument("--prompt", required=True, help="user message (the chat template is applied)")
+    g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    g.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--json", action="store_true",
+                   help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
+    return p
+
+
+def cmd_run(args) -> int:
+    from harness.config import load_run
+    from harness.run import RunOptions, run_benchmark
+
+    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype),
+                                   ("scenarios", args.scenario)) if v is not None}
+    if args.mode:
+        overrides["modes"] = list(MODES) if args.mode == "both" else [args.mode]
+    scenario_overrides = {k: v for k, v in (("min_duration_s", args.duration), ("max_batch", args.max_batch),
+                                            ("target_qps", args.target_qps)) if v is not None}
+    dataset_overrides = {k: v for k, v in (("per_subject", args.per_subject),
+                                           ("performance_output_tokens", args.output_tokens)) if v is not None}
+    resolved = load_run(args.config, overrides, scenario_overrides, dataset_overrides)
+    if args.user_conf is not None:
+        from harness.settings import check_user_conf
+        check_user_conf(args.user_conf)
+    out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(None, "--out", f"{out} exists and is not empty; choose a new folder")
+    results = run_benchmark(resolved, RunOptions(out, args.user_conf, progress=not args.no_progress))
+    print(json.dumps({"results": str(out / "results.json"), "wall_time_s": results["wall_time_s"]}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from harness.artifacts import resolve_model_file
+    from harness.config import load_model_config
+    from sut.backends.native import load_model
+    from sut.engine import Engine, SamplingParams
+
+    path = Path(args.model)
+    if not path.exists():
+        path = resolve_model_file(load_model_config(args.model, "command line", "--model"))
+    loaded = load_model(path, args.dtype)
+    tok = loaded.tokenizer
+    text = args.prompt if args.raw else tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt = tok.encode(text)
+    engine = Engine(loaded.model, tok.eos_token_ids, max_batch=1,
+                    max_seq_len=min(len(prompt) + args.max_new_tokens, loaded.config.max_position))
+    output = engine.generate(prompt, SamplingParams(max_new_tokens=args.max_new_tokens))
+    answer = tok.decode(output)
+    if args.json:
+        print(json.dumps({"prompt_tokens": prompt, "output_tokens": output, "text": answer}))
+    else:
+        print(answer)
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="wallperf: %(levelname)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    from harness.artifacts import ArtifactError
+    from harness.qsl import DatasetError
+
+    handler = {"run": cmd_run, "generate": cmd_generate}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, ArtifactError, DatasetError) as e:
+        print(f"wallperf: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("wallperf: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

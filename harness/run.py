@@ -1,0 +1,168 @@
+"""`wallperf run`: every (scenario, mode) of a run config under LoadGen.
+
+Data flow: artifacts -> model and tokenizer -> MMLU prompts -> per scenario and
+mode, a backend, a scenario queue, the LoadGen SUT and QSL -> LoadGen's logs ->
+result records. results.json is rewritten atomically after each LoadGen test,
+so an interrupted run keeps every finished result ("complete": false).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlperf_loadgen as lg
+
+from audit.compliance import check_test06
+from harness.artifacts import resolve_dataset_file, resolve_model_file
+from harness.config import ResolvedRun, ScenarioConfig
+from harness.progress import Progress
+from harness.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
+from harness.results import (accuracy_record, performance_record, submission_notes, wallperf_version,
+                             write_json_atomic)
+from harness.settings import build_test_settings, log_settings
+from sut.adapter import LoadGenSUT
+from sut.backends import create
+from sut.backends.native import load_model
+from sut.engine import SamplingParams
+from sut.queues import queue_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out_dir: Path
+    user_conf: Path | None = None
+    progress: bool = True
+
+
+def sampling_params(mode: str, dataset) -> SamplingParams:
+    """Accuracy runs stop at EOS; performance runs may decode a fixed length (ignore_eos)."""
+    fixed = dataset.performance_output_tokens
+    if mode == "performance" and fixed is not None:
+        return SamplingParams(max_new_tokens=fixed, min_new_tokens=fixed, ignore_eos=True)
+    return SamplingParams(max_new_tokens=dataset.max_new_tokens, min_new_tokens=2)
+
+
+def log_dir_for(out_dir: Path, resolved: ResolvedRun, scenario: str, mode: str) -> Path:
+    base = out_dir / resolved.run.system / resolved.model.name / scenario
+    return base / "performance" / "run_1" if mode == "performance" else base / "accuracy"
+
+
+def _max_batch(sc: ScenarioConfig) -> int:
+    if sc.name == "SingleStream":
+        return 1
+    if sc.name == "MultiStream":
+        return max(sc.max_batch, sc.samples_per_query)
+    return sc.max_batch
+
+
+def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
+    run, model_cfg, dataset = resolved.run, resolved.model, resolved.dataset
+    started = time.time()
+    model_path = resolve_model_file(model_cfg)
+    dataset_path = resolve_dataset_file(dataset)
+    _say(f"loading {model_cfg.name} ({model_path.name}) in {run.dtype}")
+    loaded = load_model(model_path, run.dtype)
+    questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)
+    prompts = build_prompts(questions, loaded.tokenizer)
+    lengths = [len(p) for p in prompts]
+    longest_output = max(dataset.max_new_tokens, dataset.performance_output_tokens or 0)
+    max_seq_len = max(lengths) + longest_output
+    _say(f"{len(prompts)} MMLU prompts, {min(lengths)}-{max(lengths)} tokens; output dir {opts.out_dir}")
+
+    results = {
+        "wallperf_version": wallperf_version(),
+        "config": {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
+                   "performance_output_tokens": dataset.performance_output_tokens,
+                   "ignore_eos_in_performance": dataset.performance_output_tokens is not None},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "complete": False,
+        "runs": [],
+    }
+    results_path = opts.out_dir / "results.json"
+    for sc in resolved.scenarios:
+        for mode in run.modes:
+            record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
+            results["runs"].append(record)
+            write_json_atomic(results_path, results)
+    results["complete"] = True
+    results["wall_time_s"] = round(time.time() - started, 1)
+    write_json_atomic(results_path, results)
+    return results
+
+
+def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts) -> dict:
+    run = resolved.run
+    log_dir = log_dir_for(opts.out_dir, resolved, sc.name, mode)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    model_name = resolved.model.mlperf_name or resolved.model.name
+    settings = build_test_settings(sc, mode, model_name, len(prompts), opts.user_conf)
+    backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len)
+    params = sampling_params(mode, resolved.dataset)
+    queue = queue_for(sc.name, [len(p) for p in prompts])
+    expected = len(prompts) if mode == "accuracy" else None
+    t0 = time.monotonic()
+    with LoadGenQSL(len(prompts), len(prompts)) as qsl, \
+            LoadGenSUT(backend, queue, prompts, params, report_first_token=sc.name != "Offline") as sut, \
+            Progress(f"{sc.name} {mode}", sut.stats, expected, enabled=opts.progress):
+        lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(log_dir))
+    elapsed = time.monotonic() - t0
+
+    if mode == "performance":
+        body = performance_record(log_dir)
+    else:
+        body = accuracy_record(log_dir, questions, loaded.tokenizer)
+        body["compliance"] = {"test06": check_test06(
+            log_dir / "mlperf_log_accuracy.json", loaded.tokenizer.eos_token_id,
+            scenario="Server" if sc.name == "Interactive" else sc.name).to_dict()}
+    if sut.stats.error:
+        body["valid"] = False
+        body["invalid_reasons"].insert(0, f"the SUT failed: {sut.stats.error}")
+    record = {
+        "scenario": sc.name,
+        "mode": mode,
+        "model": resolved.model.name,
+        "backend": run.backend,
+        "dtype": run.dtype,
+        "hardware": resolved.hardware.name,
+        "system": run.system,
+        **{k: body[k] for k in ("valid", "invalid_reasons")},
+        "submission_notes": submission_notes(sc, opts.user_conf, body["valid"]),
+        "log_dir": str(log_dir),
+        "max_new_tokens": params.max_new_tokens,
+        "ignore_eos": params.ignore_eos,
+        "elapsed_s": round(elapsed, 1),
+        **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
+    }
+    record["submission_valid"] = not record["submission_notes"]
+    _say(_summary_line(record))
+    return record
+
+
+def _summary_line(r: dict) -> str:
+    m = r["metrics"]
+    parts = [f"{r['scenario']} {r['mode']}:"]
+    if r["mode"] == "performance":
+        parts.append("VALID" if r["valid"] else f"INVALID ({'; '.join(r['invalid_reasons'])})")
+        if m["tokens_per_second"] is not None:
+            parts.append(f"{m['tokens_per_second']:.1f} tokens/s ({r['scenario']})")
+        if m["samples_per_second"] is not None:
+            parts.append(f"{m['samples_per_second']:.2f} samples/s")
+        for name in ("ttft_ms", "tpot_ms"):
+            if m[name] and m[name]["p99"] is not None:
+                parts.append(f"{name[:4].upper()} p99 {m[name]['p99']:.0f} ms")
+    else:
+        mm = r["mmlu"]
+        parts.append(f"MMLU {mm['correct']}/{mm['total']}" +
+                     (f" = {100 * mm['accuracy']:.1f}%" if mm["accuracy"] is not None else ""))
+        parts.append("TEST06 " + ("passed" if r["compliance"]["test06"]["passed"] else "FAILED"))
+    parts.append("[not valid for submission]" if not r["submission_valid"] else "[submission-valid]")
+    return " ".join(parts)
+
+
+def _say(msg: str) -> None:
+    print(f"wallperf: {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,102 @@
+"""LoadGen TestSettings from a scenario YAML and, optionally, an MLPerf user.conf.
+
+Interactive is not a LoadGen scenario: it runs as Server under the model name
+"<model>-interactive", which is where mlperf.conf keeps its tighter limits.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlperf_loadgen as lg
+
+from harness.config import ConfigError, ScenarioConfig
+
+LOADGEN_SCENARIO = {
+    "SingleStream": lg.TestScenario.SingleStream,
+    "MultiStream": lg.TestScenario.MultiStream,
+    "Server": lg.TestScenario.Server,
+    "Interactive": lg.TestScenario.Server,
+    "Offline": lg.TestScenario.Offline,
+}
+LOADGEN_MODE = {"performance": lg.TestMode.PerformanceOnly, "accuracy": lg.TestMode.AccuracyOnly}
+
+# The keys LoadGen's config parser understands (loadgen/test_settings_internal.cc).
+USER_CONF_KEYS = frozenset("""
+target_qps target_latency target_latency_percentile min_duration max_duration min_query_count
+max_query_count qsl_rng_seed sample_index_rng_seed schedule_rng_seed accuracy_log_rng_seed
+accuracy_log_probability accuracy_log_sampling_target print_timestamps performance_issue_unique
+performance_issue_same performance_issue_same_index performance_sample_count_override
+sample_concatenate_permutation test05 test05_qsl_rng_seed test05_sample_index_rng_seed
+test05_schedule_rng_seed use_token_latencies ttft_latency tpot_latency max_async_queries
+coalesce_queries samples_per_query infer_token_latencies token_latency_scaling_factor
+server_num_issue_query_threads
+""".split())
+_CONF_LINE = re.compile(r"^\s*([\w.\-*]+)\.([\w*]+)\.(\w+)\s*=\s*(\S+)\s*$")
+
+
+def loadgen_model_name(model_name: str, scenario: str) -> str:
+    return f"{model_name}-interactive" if scenario == "Interactive" else model_name
+
+
+def check_user_conf(path: Path) -> None:
+    """Fail with file, line and key for anything LoadGen would misread or ignore."""
+    if not path.is_file():
+        raise ConfigError(path, None, "user.conf not found")
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _CONF_LINE.match(line)
+        if not m:
+            raise ConfigError(f"{path}:{lineno}", None,
+                              f"expected 'model.Scenario.key = value', got {raw.strip()!r}")
+        _, scenario, key, value = m.groups()
+        if scenario != "*" and scenario not in LOADGEN_SCENARIO:
+            raise ConfigError(f"{path}:{lineno}", key, f"unknown scenario {scenario!r}; allowed: "
+                              f"*, {', '.join(s for s in LOADGEN_SCENARIO if s != 'Interactive')}")
+        if key not in USER_CONF_KEYS:
+            raise ConfigError(f"{path}:{lineno}", key, f"unknown LoadGen key; allowed: {', '.join(sorted(USER_CONF_KEYS))}")
+        try:
+            float(value)
+        except ValueError:
+            raise ConfigError(f"{path}:{lineno}", key, f"value {value!r} is not a number") from None
+
+
+def build_test_settings(sc: ScenarioConfig, mode: str, model_name: str, sample_count: int,
+                        user_conf: Path | None = None) -> lg.TestSettings:
+    """Settings for one LoadGen test. With a user.conf, mlperf.conf and user.conf
+    are applied over the YAML's values, as for a submission."""
+    s = lg.TestSettings()
+    s.scenario = LOADGEN_SCENARIO[sc.name]
+    s.mode = LOADGEN_MODE[mode]
+    s.min_duration_ms = int(sc.min_duration_s * 1000)
+    s.min_query_count = sc.min_query_count
+    s.performance_sample_count_override = sample_count
+    s.use_token_latencies = True
+    if sc.name in ("Server", "Interactive"):
+        s.server_target_qps = sc.target_qps
+        s.ttft_latency = int(sc.ttft_ms * 1e6)
+        s.tpot_latency = int(sc.tpot_ms * 1e6)
+    elif sc.name == "Offline":
+        s.offline_expected_qps = sc.offline_expected_qps or 1.0
+    elif sc.name == "SingleStream":
+        s.single_stream_expected_latency_ns = int((sc.expected_latency_ms or 1000) * 1e6)
+    elif sc.name == "MultiStream":
+        s.multi_stream_samples_per_query = sc.samples_per_query
+        s.multi_stream_expected_latency_ns = int((sc.expected_latency_ms or 1000) * 1e6)
+    if user_conf is not None:
+        check_user_conf(user_conf)
+        scenario = "Server" if sc.name == "Interactive" else sc.name
+        rc = s.FromConfig(str(user_conf), loadgen_model_name(model_name, sc.name), scenario)
+        if rc != 0:
+            raise ConfigError(user_conf, None, f"LoadGen could not apply it (FromConfig returned {rc})")
+    return s
+
+
+def log_settings(outdir: Path) -> lg.LogSettings:
+    ls = lg.LogSettings()
+    ls.log_output.outdir = str(outdir)
+    ls.log_output.copy_summary_to_stdout = False
+    ls.enable_trace = False
+    return ls

@@ -1,0 +1,114 @@
+"""The LoadGen SUT: issue_query puts samples on the scenario's queue; one worker
+thread feeds the backend and reports tokens back to LoadGen.
+
+Token reporting follows LoadGen's contract for LLMs: outside Offline, the first
+token goes out with FirstTokenComplete before the whole answer goes out with
+QuerySamplesComplete; token ids are int32; `data` holds every token, the first
+included; n_tokens > 1 (the sampling params' min_new_tokens sees to that).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mlperf_loadgen as lg
+import numpy as np
+
+from sut.engine import SamplingParams
+from sut.queues import ScenarioQueue, WorkItem
+
+
+@dataclass
+class SUTStats:
+    """Counters the progress display reads; written by the worker thread only."""
+
+    issued: int = 0
+    completed: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    error: str | None = None
+
+
+def _response(query_id: int, tokens: np.ndarray) -> lg.QuerySampleResponse:
+    return lg.QuerySampleResponse(query_id, tokens.ctypes.data, tokens.nbytes, len(tokens))
+
+
+class LoadGenSUT:
+    def __init__(self, backend, queue: ScenarioQueue, prompts: list, params: SamplingParams,
+                 report_first_token: bool):
+        self.backend, self.queue, self.prompts = backend, queue, prompts
+        self.params, self.report_first_token = params, report_first_token
+        self.stats = SUTStats()
+        self._outputs: dict[int, list[int]] = {}
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="wallperf-sut", daemon=True)
+        self.handle = lg.ConstructSUT(self.issue_query, self.flush_queries)
+
+    def issue_query(self, query_samples) -> None:
+        # Runs on LoadGen's thread under the GIL: a queue put and nothing more.
+        items = [WorkItem(qs.id, qs.index) for qs in query_samples]
+        self.stats.issued += len(items)
+        self.queue.put(items)
+
+    def flush_queries(self) -> None:
+        """Nothing is held back: every queued sample is already being worked on."""
+
+    def __enter__(self) -> "LoadGenSUT":
+        self._worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._worker.join()
+        lg.DestroySUT(self.handle)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if self.backend.has_unfinished():
+                    self._report(self.backend.step())
+                else:
+                    self.queue.wait(0.01)
+            except Exception as e:  # noqa: BLE001 - LoadGen must never wait forever
+                self.stats.error = f"{type(e).__name__}: {e}"
+                self._drain_after_error()
+                return
+
+    def _admit(self) -> None:
+        free = self.backend.free_slots
+        if free > 0:
+            for item in self.queue.take(free):
+                self._outputs[item.query_id] = []
+                self.backend.add_request(item.query_id, self.prompts[item.sample_index], self.params)
+
+    def _report(self, events) -> None:
+        first, done = [], []
+        for ev in events:
+            out = self._outputs[ev.request_id]
+            out.append(ev.token_id)
+            if ev.index == 1 and self.report_first_token:
+                first.append((ev.request_id, np.array(out[:1], dtype=np.int32)))
+            if ev.finished:
+                done.append((ev.request_id, np.array(self._outputs.pop(ev.request_id), dtype=np.int32)))
+        # The arrays live in these lists until LoadGen has copied them.
+        if first:
+            lg.FirstTokenComplete([_response(qid, arr) for qid, arr in first])
+        if done:
+            lg.QuerySamplesComplete([_response(qid, arr) for qid, arr in done])
+            self.stats.completed += len(done)
+            self.stats.tokens += sum(len(arr) for _, arr in done)
+
+    def _drain_after_error(self) -> None:
+        """Complete every outstanding and later sample empty, so the test ends;
+        the run is then reported failed with the error."""
+        while not self._stop.is_set():
+            pending = list(self._outputs)
+            self._outputs.clear()
+            pending += [it.query_id for it in self.queue.take(1 << 30)]
+            if pending:
+                empty = np.zeros(0, dtype=np.int32)
+                lg.QuerySamplesComplete([_response(qid, empty) for qid in pending])
+                self.stats.completed += len(pending)
+            self.queue.wait(0.05)
