@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
     r.add_argument("--max-batch", type=_positive(int), help="engine batch size (not SingleStream)")
     r.add_argument("--per-subject", type=_positive(int), help="MMLU questions per subject")
+    r.add_argument("--max-samples", type=_positive(int), help="use at most N samples (quick runs)")
     r.add_argument("--output-tokens", type=_positive(int),
                    help="fixed output length of performance runs (EOS ignored)")
     r.add_argument("--user-conf", type=Path, help="MLPerf user.conf applied over mlperf.conf")
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
+    from harness.probe import add_probe_parser
+    from harness.roofline import add_roofline_parser
+
+    add_roofline_parser(sub)
+    add_probe_parser(sub)
     return p
 
 
@@ -90,6 +96,7 @@ def cmd_run(args) -> int:
     scenario_overrides = {k: v for k, v in (("min_duration_s", args.duration), ("max_batch", args.max_batch),
                                             ("target_qps", args.target_qps)) if v is not None}
     dataset_overrides = {k: v for k, v in (("per_subject", args.per_subject),
+                                           ("max_samples", args.max_samples),
                                            ("performance_output_tokens", args.output_tokens)) if v is not None}
     resolved = load_run(args.config, overrides, scenario_overrides, dataset_overrides)
     if args.user_conf is not None:
@@ -137,7 +144,11 @@ def main(argv=None) -> int:
     from harness.artifacts import ArtifactError
     from harness.qsl import DatasetError
 
-    handler = {"run": cmd_run, "generate": cmd_generate}[args.command]
+    from harness.probe import cmd_probe
+    from harness.roofline import cmd_roofline
+
+    handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline,
+               "probe": cmd_probe}[args.command]
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError) as e:

@@ -113,12 +113,16 @@ class DatasetConfig:
     format: Literal["mmlu_jsonl"]
     source: ArtifactSource
     per_subject: Optional[int] = None
+    # At most this many samples (after per_subject), for quick runs; null: all.
+    max_samples: Optional[int] = None
     max_new_tokens: int = 48
     performance_output_tokens: Optional[int] = None
 
     def __post_init__(self):
         if self.per_subject is not None and self.per_subject < 1:
             raise ValueError("per_subject must be >= 1 or null")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError("max_samples must be >= 1 or null")
         if self.max_new_tokens < 2:
             raise ValueError("max_new_tokens must be >= 2 (LoadGen needs n_tokens > 1)")
         if self.performance_output_tokens is not None and self.performance_output_tokens < 2:

@@ -17,11 +17,13 @@ import mlperf_loadgen as lg
 
 from audit.compliance import check_test06
 from harness.artifacts import resolve_dataset_file, resolve_model_file
-from harness.config import ResolvedRun, ScenarioConfig
+from harness.config import HardwareConfig, ModelShape, ResolvedRun, ScenarioConfig, build, read_yaml
 from harness.progress import Progress
+from harness.probe import measured_profile_path
 from harness.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
 from harness.results import (accuracy_record, performance_record, submission_notes, wallperf_version,
                              write_json_atomic)
+from harness.roofline import run_roofline
 from harness.settings import build_test_settings, log_settings
 from sut.adapter import LoadGenSUT
 from sut.backends import create
@@ -60,6 +62,25 @@ def _max_batch(sc: ScenarioConfig) -> int:
     return sc.max_batch
 
 
+def hardware_profile(configured: HardwareConfig) -> tuple[HardwareConfig, str]:
+    """The profile `wallperf probe` measured on this machine, if any, else conf/'s."""
+    measured = measured_profile_path(configured.name)
+    if measured.is_file():
+        return build(HardwareConfig, read_yaml(measured), measured), f"measured ({measured})"
+    return configured, f"conf/hardware/{configured.name}.yaml"
+
+
+def model_shape(resolved: ResolvedRun, loaded) -> ModelShape:
+    """The published shape from conf/, or the loaded checkpoint's own."""
+    if resolved.model.shape is not None:
+        return resolved.model.shape
+    c = loaded.config
+    return ModelShape(n_layers=c.n_layers, hidden_size=c.hidden_size, n_heads=c.n_heads,
+                      n_kv_heads=c.n_kv_heads, ffn_size=c.ffn_size, vocab_size=c.vocab_size,
+                      tie_embeddings=c.tie_embeddings, head_dim=c.head_dim, rope_theta=c.rope_theta,
+                      max_position=c.max_position)
+
+
 def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     run, model_cfg, dataset = resolved.run, resolved.model, resolved.dataset
     started = time.time()
@@ -67,7 +88,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     dataset_path = resolve_dataset_file(dataset)
     _say(f"loading {model_cfg.name} ({model_path.name}) in {run.dtype}")
     loaded = load_model(model_path, run.dtype)
-    questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)
+    questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)[: dataset.max_samples]
     prompts = build_prompts(questions, loaded.tokenizer)
     lengths = [len(p) for p in prompts]
     longest_output = max(dataset.max_new_tokens, dataset.performance_output_tokens or 0)
@@ -112,10 +133,15 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
         lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(log_dir))
     elapsed = time.monotonic() - t0
 
+    stats = backend.stats
+    engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
+              "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size}
     if mode == "performance":
         body = performance_record(log_dir)
+        body["roofline"] = _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats)
     else:
         body = accuracy_record(log_dir, questions, loaded.tokenizer)
+        body["roofline"] = None
         body["compliance"] = {"test06": check_test06(
             log_dir / "mlperf_log_accuracy.json", loaded.tokenizer.eos_token_id,
             scenario="Server" if sc.name == "Interactive" else sc.name).to_dict()}
@@ -136,11 +162,24 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
         "max_new_tokens": params.max_new_tokens,
         "ignore_eos": params.ignore_eos,
         "elapsed_s": round(elapsed, 1),
+        "engine": engine,
         **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
     }
     record["submission_valid"] = not record["submission_notes"]
     _say(_summary_line(record))
     return record
+
+
+def _roofline(resolved, loaded, scenario, tokens_per_second, stats) -> dict | None:
+    """The run against the memory wall, at the decode batch and context it held."""
+    if not tokens_per_second or not stats.decode_tokens:
+        return None
+    hardware, source = hardware_profile(resolved.hardware)
+    record = run_roofline(model_shape(resolved, loaded), hardware, resolved.run.dtype, tokens_per_second,
+                          batch=max(1, round(stats.mean_decode_batch)),
+                          context=round(stats.mean_decode_context), scenario=scenario)
+    return {**record, "hardware": hardware.name, "hardware_source": source,
+            "peak_bandwidth_gbps": hardware.bandwidth_gbps}
 
 
 def _summary_line(r: dict) -> str:
@@ -155,6 +194,10 @@ def _summary_line(r: dict) -> str:
         for name in ("ttft_ms", "tpot_ms"):
             if m[name] and m[name]["p99"] is not None:
                 parts.append(f"{name[:4].upper()} p99 {m[name]['p99']:.0f} ms")
+        if r.get("roofline"):
+            rf = r["roofline"]
+            parts.append(f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
+                         f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
     else:
         mm = r["mmlu"]
         parts.append(f"MMLU {mm['correct']}/{mm['total']}" +

@@ -1,9 +1,12 @@
-"""The native engine: continuous batching over a slot KV cache, greedy decoding.
+"""The native engine: continuous batching over a paged KV cache, greedy decoding.
 
 The engine knows nothing of LoadGen. Callers add requests (prompt token ids and
-SamplingParams) and call `step()`, which admits waiting requests into free
-slots (prefilling them together, padded on the right), runs one decode step
-for every running sequence, and returns the tokens produced as TokenEvents.
+SamplingParams) and call `step()`, which returns the tokens produced as
+TokenEvents. Each step has a token budget shared by decodes (one token per
+running sequence) and prefill chunks (waiting prompts, or the rest of prompts
+already started). When the KV pool runs out of blocks, the most recently
+admitted sequence is preempted: its blocks are freed and it waits again, to be
+recomputed (prompt and output so far) when blocks are free.
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sut.kv_cache import SlotKVCache
+from sut.block_manager import BlockManager
+from sut.paged_cache import PagedKVCache, available_memory_bytes, kv_bytes_per_token, pool_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +37,23 @@ class Sequence:
     request_id: int
     prompt_ids: list
     params: SamplingParams
-    slot: int = -1
     output_ids: list = field(default_factory=list)
+    block_table: list = field(default_factory=list)
+    # Tokens whose keys and values are in the cache.
+    num_cached: int = 0
 
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def decoding(self) -> bool:
+        """Everything but the last sampled token is cached: the next step feeds it."""
+        return bool(self.output_ids) and self.num_cached == self.length - 1
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +65,29 @@ class TokenEvent:
     finished: bool
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    preemptions: int
+    kv_blocks: int
+    block_size: int
+    decode_steps: int
+    decode_tokens: int
+    # Sum over decoded tokens of the context each attended over.
+    decode_context_tokens: int
+
+    @property
+    def mean_decode_batch(self) -> float | None:
+        return self.decode_tokens / self.decode_steps if self.decode_steps else None
+
+    @property
+    def mean_decode_context(self) -> float | None:
+        return self.decode_context_tokens / self.decode_tokens if self.decode_tokens else None
+
+
 class Engine:
     def __init__(self, model, eos_token_ids, max_batch: int, max_seq_len: int,
-                 prefill_token_budget: int = 4096, device="cpu"):
+                 max_tokens_per_step: int = 2048, block_size: int = 16, num_blocks: int | None = None,
+                 kv_memory_fraction: float = 0.3, device="cpu"):
         cfg = model.cfg
         if max_seq_len > cfg.max_position:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {cfg.max_position}")
@@ -60,17 +95,33 @@ class Engine:
         self.eos_token_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
         self._eos_set = frozenset(eos_token_ids)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.prefill_token_budget = prefill_token_budget
+        self.max_tokens_per_step = max(max_tokens_per_step, max_batch)
         dtype = model.embed_tokens.weight.dtype
-        self.cache = SlotKVCache(cfg.n_layers, max_batch, cfg.n_kv_heads, max_seq_len, cfg.head_dim,
-                                 dtype, self.device)
+        if num_blocks is None:
+            per_block = block_size * kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype)
+            needed = max_batch * -(-max_seq_len // block_size)
+            num_blocks = pool_blocks(per_block, available_memory_bytes(self.device), kv_memory_fraction, needed)
+        if num_blocks * block_size < max_seq_len:
+            raise ValueError(f"a KV pool of {num_blocks} blocks of {block_size} cannot hold one sequence "
+                             f"of max_seq_len {max_seq_len}")
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
+                                  dtype, self.device)
         self.waiting: deque[Sequence] = deque()
+        # In admission order: the last one is the first to be preempted.
         self.running: list[Sequence] = []
-        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self.preemptions = 0
+        self._decode_steps = self._decode_tokens = self._decode_context = 0
 
     @property
     def free_slots(self) -> int:
-        return len(self._free_slots) - len(self.waiting)
+        """How many more requests the engine wants now."""
+        return self.max_batch - len(self.running) - len(self.waiting)
+
+    @property
+    def stats(self) -> EngineStats:
+        return EngineStats(self.preemptions, self.blocks.num_blocks, self.blocks.block_size,
+                           self._decode_steps, self._decode_tokens, self._decode_context)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -84,64 +135,98 @@ class Engine:
                              f"new tokens exceeds max_seq_len {self.max_seq_len}")
         self.waiting.append(Sequence(request_id, prompt, params))
 
-    @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
-        events: list[TokenEvent] = []
-        decoding = list(self.running)
-        admitted = []
-        while self.waiting and self._free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self._free_slots.pop()
-            admitted.append(seq)
-        for group in self._prefill_groups(admitted):
-            self._prefill(group, events)
-        if decoding:
-            self._decode(decoding, events)
-        return events
-
     def generate(self, prompt_ids, params: SamplingParams) -> list[int]:
         """Greedy tokens for one prompt (the engine must be idle)."""
-        assert not self.has_unfinished(), "generate() needs an idle engine"
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine")
         self.add_request(0, prompt_ids, params)
         out = []
         while self.has_unfinished():
             out.extend(ev.token_id for ev in self.step())
         return out
 
-    def _prefill_groups(self, seqs):
-        group, longest = [], 0
-        for seq in seqs:
-            n = len(seq.prompt_ids)
-            if group and max(longest, n) * (len(group) + 1) > self.prefill_token_budget:
-                yield group
-                group, longest = [], 0
-            group.append(seq)
-            longest = max(longest, n)
-        if group:
-            yield group
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        decoding = self._reserve_decodes()
+        chunks = self._schedule_prefill(self.max_tokens_per_step - len(decoding))
+        if chunks:
+            self._prefill(chunks, events)
+        if decoding:
+            self._decode(decoding, events)
+        return events
 
-    def _prefill(self, group: list[Sequence], events: list) -> None:
-        group.sort(key=lambda s: s.slot)
-        longest = max(len(s.prompt_ids) for s in group)
-        # Right padding: pad positions continue past the prompt, so their cache
-        # entries lie beyond the sequence and are overwritten before being read.
-        ids = torch.zeros(len(group), longest, dtype=torch.long)
-        for row, seq in enumerate(group):
-            ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-        positions = torch.arange(longest).expand(len(group), -1)
-        last = torch.tensor([[len(s.prompt_ids) - 1] for s in group])
-        self.cache.bind([s.slot for s in group], positions)
+    def _reserve_decodes(self) -> list[Sequence]:
+        """Running sequences that decode this step, each with room for its new token."""
+        decoding = [s for s in self.running if s.decoding]
+        for seq in list(decoding):
+            if seq not in self.running:
+                continue
+            while not self.blocks.can_grow(seq.block_table, seq.length):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim in decoding:
+                    decoding.remove(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq.block_table, seq.length)
+        return decoding
+
+    def _schedule_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens) chunks: unfinished prefills first, then new admissions."""
+        chunks = []
+        candidates = [s for s in self.running if not s.decoding]
+        for seq in candidates + list(self.waiting):
+            if budget <= 0:
+                break
+            admitting = seq not in self.running
+            if admitting and len(self.running) >= self.max_batch:
+                break
+            n = min(seq.length - seq.num_cached, budget)
+            if not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
+                break
+            self.blocks.grow(seq.block_table, seq.num_cached + n)
+            if admitting:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+            chunks.append((seq, n))
+            budget -= n
+        return chunks
+
+    def _prefill(self, chunks, events: list) -> None:
+        width = max(n for _, n in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.zeros(len(chunks), width, dtype=torch.long)
+        valid = torch.zeros(len(chunks), width, dtype=torch.bool)
+        for row, (seq, n) in enumerate(chunks):
+            start = seq.num_cached
+            ids[row, :n] = torch.tensor([seq.token(i) for i in range(start, start + n)])
+            # Padding continues the positions (masked, never written).
+            positions[row] = torch.arange(start, start + width)
+            valid[row, :n] = True
+        last = torch.tensor([[n - 1] for _, n in chunks])
+        self.cache.bind([s.block_table for s, _ in chunks], positions, valid)
         logits = self.model(ids.to(self.device), positions.to(self.device), self.cache,
                             logits_at=last.to(self.device))
-        self._sample(group, logits[:, -1], events)
-        self.running.extend(s for s in group if s.slot >= 0)
+        done = []
+        for row, (seq, n) in enumerate(chunks):
+            seq.num_cached += n
+            if seq.num_cached == seq.length:
+                done.append(row)
+        if done:
+            self._sample([chunks[r][0] for r in done], logits[done, -1], events)
 
     def _decode(self, seqs: list[Sequence], events: list) -> None:
-        seqs = sorted(seqs, key=lambda s: s.slot)
         ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
         positions = torch.tensor([[s.length - 1] for s in seqs])
-        self.cache.bind([s.slot for s in seqs], positions)
+        self.cache.bind([s.block_table for s in seqs], positions, torch.ones_like(positions, dtype=torch.bool))
         logits = self.model(ids.to(self.device), positions.to(self.device), self.cache)
+        for s in seqs:
+            s.num_cached += 1
+        self._decode_steps += 1
+        self._decode_tokens += len(seqs)
+        self._decode_context += sum(s.length for s in seqs)
         self._sample(seqs, logits[:, -1], events)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, events: list) -> None:
@@ -158,10 +243,13 @@ class Engine:
                     or seq.length >= self.max_seq_len)
             events.append(TokenEvent(seq.request_id, tok, n, done))
             if done:
-                self._finish(seq)
+                self.running.remove(seq)
+                self.blocks.free(seq.block_table)
 
-    def _finish(self, seq: Sequence) -> None:
-        if seq in self.running:
-            self.running.remove(seq)
-        self._free_slots.append(seq.slot)
-        seq.slot = -1
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's blocks; it waits first in line and is recomputed."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_table)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
