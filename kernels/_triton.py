@@ -7,9 +7,11 @@ from here: the real modules when Triton is wanted, otherwise stand-ins under whi
 `@triton.jit` leaves the kernel as a plain, never-called function and `tl.constexpr` is
 only an annotation. `kernels.dispatch` reads `AVAILABLE` and `MODE` to pick a path.
 
-Triton is wanted when a GPU is visible (ROCm builds of torch report AMD GPUs through
-`torch.cuda` too), or when `WALLPERF_KERNELS=triton` forces it, which is how the kernel
-tests run them on the CPU under `TRITON_INTERPRET=1`. The choice is made once, at
+Triton is loaded when a GPU is visible (ROCm builds of torch report AMD GPUs through
+`torch.cuda` too), under `TRITON_INTERPRET=1` (the test suite sets it, so the kernel
+tests can launch kernels on the CPU), or when `WALLPERF_KERNELS=triton` forces it.
+Loading Triton does not route CPU tensors to it: `kernels.dispatch` does that only
+while `MODE` is "triton". The choice is made once, at
 import, because the kernels are compiled objects bound at module level: set the
 environment before anything imports `kernels.dispatch` or a kernel file.
 """
@@ -31,7 +33,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _import_triton():
     """(triton, triton.language), or (None, None) when Triton is not wanted or missing."""
-    if MODE == "torch" or (MODE == "auto" and not torch.cuda.is_available()):
+    wanted = MODE == "triton" or torch.cuda.is_available() or INTERPRETED
+    if MODE == "torch" or not wanted:
         return None, None
     try:
         import triton

@@ -1,6 +1,16 @@
 """Shared fixtures: the embedded SmolLM2 GGUF and the MMLU file, resolved through
 the project's own artifact cache (downloaded once per cache)."""
+import os
+
 import pytest
+import torch
+
+# With no GPU, Triton kernels can only run under Triton's interpreter; it must be
+# chosen before anything imports triton or `kernels` (kernels._triton decides at
+# import). CPU tensors still take the PyTorch references unless a test forces
+# kernels.dispatch to Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

@@ -70,5 +70,6 @@ def test_routes_cpu_tensors(name, module, launcher, reference, num_args, mode, e
 
 
 def test_w8a8_route(monkeypatch):
+    monkeypatch.setattr(_triton, "MODE", "triton")
     monkeypatch.setattr(fp8_gemm, "fp8_gemm_w8a8", lambda *args: "w8a8")
     assert dispatch.fp8_linear(torch.zeros(1), None, None, quantize_activations=True) == "w8a8"
