@@ -15,25 +15,26 @@ from kernels import fp8_gemm as _fp8_gemm, moe as _moe, paged_attention as _page
 from kernels import rmsnorm as _rmsnorm, rope as _rope, swiglu as _swiglu
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether ops on tensors like `t` run Triton kernels (callers choosing a data path)."""
     return _triton.AVAILABLE and (t.is_cuda or _triton.MODE == "triton")
 
 
 def rms_norm(x, weight, eps: float, residual=None):
     """x (M, N), weight (N,) -> y (M, N), or (y, x + residual) when residual is given."""
-    fn = _rmsnorm.rms_norm if _use_triton(x) else _rmsnorm.rms_norm_ref
+    fn = _rmsnorm.rms_norm if uses_triton(x) else _rmsnorm.rms_norm_ref
     return fn(x, weight, eps, residual)
 
 
 def rope(q, k, positions, inv_freq):
     """q (T, H, D), k (T, H_kv, D), positions (T,), inv_freq (D/2,) -> new rotated (q, k)."""
-    fn = _rope.rope if _use_triton(q) else _rope.rope_ref
+    fn = _rope.rope if uses_triton(q) else _rope.rope_ref
     return fn(q, k, positions, inv_freq)
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=None):
     """q (B, H, D) against paged caches (num_blocks, block_size, H_kv, D) -> (B, H, D)."""
-    fn = (_paged_attention.paged_decode_attention if _use_triton(q)
+    fn = (_paged_attention.paged_decode_attention if uses_triton(q)
           else _paged_attention.paged_decode_attention_ref)
     return fn(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
@@ -42,20 +43,20 @@ def fp8_linear(x, w, w_scale, quantize_activations: bool = False):
     """x (M, K) @ fp8 w (N, K) with fp32 w_scale (N,) or scalar -> (M, N) in x's dtype:
     w8a16, or w8a8 with per-token dynamic quantization of x when quantize_activations."""
     if quantize_activations:
-        fn = _fp8_gemm.fp8_gemm_w8a8 if _use_triton(x) else _fp8_gemm.fp8_gemm_w8a8_ref
+        fn = _fp8_gemm.fp8_gemm_w8a8 if uses_triton(x) else _fp8_gemm.fp8_gemm_w8a8_ref
     else:
-        fn = _fp8_gemm.fp8_gemm_w8a16 if _use_triton(x) else _fp8_gemm.fp8_gemm_w8a16_ref
+        fn = _fp8_gemm.fp8_gemm_w8a16 if uses_triton(x) else _fp8_gemm.fp8_gemm_w8a16_ref
     return fn(x, w, w_scale)
 
 
 def swiglu(gate_up):
     """gate_up (M, 2F) -> silu(gate) * up (M, F)."""
-    fn = _swiglu.swiglu if _use_triton(gate_up) else _swiglu.swiglu_ref
+    fn = _swiglu.swiglu if uses_triton(gate_up) else _swiglu.swiglu_ref
     return fn(gate_up)
 
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids):
     """x (T, hidden) through the top-k experts of w13 (E, 2F, hidden), w2 (E, hidden, F)
     -> (T, hidden), weighted by topk_weights (T, k)."""
-    fn = _moe.fused_moe if _use_triton(x) else _moe.fused_moe_ref
+    fn = _moe.fused_moe if uses_triton(x) else _moe.fused_moe_ref
     return fn(x, w13, w2, topk_weights, topk_ids)

@@ -8,6 +8,7 @@ and stale entries past a sequence's length are never read.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class SlotKVCache:
@@ -48,6 +49,11 @@ class _LayerView:
 
     def __init__(self, cache: SlotKVCache, i: int):
         self.cache, self.i = cache, i
+
+    def attend(self, q, k, v, mask):
+        """Store k, v and attend q (B, H, T, D) over the cached keys -> (B, H, T, D)."""
+        k_all, v_all = self.store_and_read(k, v)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
 
     def store_and_read(self, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H_kv, T, D) at the bound positions; return (B, H_kv, S, D)."""

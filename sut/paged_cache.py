@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
+
+from kernels import dispatch
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -49,6 +52,8 @@ class PagedKVCache:
         self.device = torch.device(device)
         self._write_slots = self._read_slots = self._write_rows = None
         self._span = 0
+        # Decode steps on a GPU attend with the paged kernel, straight from the blocks.
+        self._kernel_args = None
 
     def bind(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor):
         """Rows' block tables, positions (B, T), and which (b, t) are real tokens."""
@@ -67,6 +72,10 @@ class PagedKVCache:
         self._read_slots, self._write_slots = read.to(self.device), write.to(self.device)
         self._write_rows = (rows.to(self.device), cols.to(self.device))
         self._span = span
+        self._kernel_args = None
+        if positions.shape[1] == 1 and dispatch.uses_triton(self.k):
+            seq_lens = (positions[:, 0] + 1).to(torch.int32)
+            self._kernel_args = (tables.to(torch.int32).to(self.device), seq_lens.to(self.device))
         return self
 
     def attention_mask(self, positions: torch.Tensor) -> torch.Tensor:
@@ -84,12 +93,19 @@ class _PagedLayer:
     def __init__(self, cache: PagedKVCache, i: int):
         self.cache, self.i = cache, i
 
-    def store_and_read(self, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H_kv, T, D) for the valid tokens; return (B, H_kv, span, D)."""
+    def attend(self, q, k, v, mask):
+        """Store k, v (B, H_kv, T, D) and attend q (B, H, T, D) over the context -> (B, H, T, D)."""
         c = self.cache
         flat_k = c.k[self.i].flatten(0, 1)  # (num_blocks * block_size, H_kv, D)
         flat_v = c.v[self.i].flatten(0, 1)
         rows, cols = c._write_rows
         flat_k[c._write_slots] = k.transpose(1, 2)[rows, cols]
         flat_v[c._write_slots] = v.transpose(1, 2)[rows, cols]
-        return flat_k[c._read_slots].transpose(1, 2), flat_v[c._read_slots].transpose(1, 2)
+        if c._kernel_args is not None:
+            tables, seq_lens = c._kernel_args
+            out = dispatch.paged_decode_attention(q[:, :, 0].contiguous(), c.k[self.i], c.v[self.i],
+                                                  tables, seq_lens)  # (B, H, D)
+            return out.unsqueeze(2)
+        k_all = flat_k[c._read_slots].transpose(1, 2)  # (B, H_kv, span, D)
+        v_all = flat_v[c._read_slots].transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import dispatch
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -142,9 +144,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return dispatch.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
 
 
 class Attention(nn.Module):
@@ -163,8 +163,7 @@ class Attention(nn.Module):
         k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_all, v_all = kv.store_and_read(k, v)  # (B, H_kv, S, D)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        out = kv.attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, cfg.q_size))
 
 
@@ -176,8 +175,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.ffn_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        act = dispatch.swiglu(gate_up.reshape(-1, gate_up.shape[-1]))
+        return self.down_proj(act.view(*x.shape[:-1], self.ffn_size))
 
 
 class Block(nn.Module):
