@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--scenario", type=_csv(SCENARIOS), help=f"comma list of: {', '.join(SCENARIOS)}")
     r.add_argument("--mode", choices=(*MODES, "both"), help="performance, accuracy or both (default: config)")
     r.add_argument("--model", help="model name from conf/models")
+    r.add_argument("--hardware", help="hardware profile from conf/hardware (the memory wall's figures)")
     r.add_argument("--dtype", choices=DTYPES, help="weight and activation dtype")
     r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
     r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
@@ -89,7 +90,7 @@ def cmd_run(args) -> int:
     from harness.config import load_run
     from harness.run import RunOptions, run_benchmark
 
-    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype),
+    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
                                    ("scenarios", args.scenario)) if v is not None}
     if args.mode:
         overrides["modes"] = list(MODES) if args.mode == "both" else [args.mode]

@@ -99,10 +99,12 @@ class ModelConfig:
     published_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     # MLPerf's model name, whose latency limits and settings apply (e.g. llama3_1-8b).
     mlperf_name: Optional[str] = None
+    # Synthetic weights borrow this model's tokenizer (its vocab must fit the shape's).
+    tokenizer_from: Optional[str] = None
 
     def __post_init__(self):
-        if self.format == "synthetic" and self.shape is None:
-            raise ValueError("synthetic weights need 'shape'")
+        if self.format == "synthetic" and (self.shape is None or self.tokenizer_from is None):
+            raise ValueError("synthetic weights need 'shape' and 'tokenizer_from'")
         if self.format != "synthetic" and self.source is None:
             raise ValueError(f"format {self.format!r} needs 'source'")
 
@@ -191,6 +193,8 @@ class RunConfig:
     system: str = "cpu-native"
     backend: Literal["native"] = "native"
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # auto: the GPU when torch sees one, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     modes: list = field(default_factory=lambda: list(MODES))
     seed: int = 0
 

@@ -16,8 +16,11 @@ from pathlib import Path
 import mlperf_loadgen as lg
 
 from audit.compliance import check_test06
+import torch
+
 from harness.artifacts import resolve_dataset_file, resolve_model_file
-from harness.config import HardwareConfig, ModelShape, ResolvedRun, ScenarioConfig, build, read_yaml
+from harness.config import (ConfigError, HardwareConfig, ModelShape, ResolvedRun, ScenarioConfig, build,
+                            load_model_config, read_yaml)
 from harness.progress import Progress
 from harness.probe import measured_profile_path
 from harness.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
@@ -27,8 +30,9 @@ from harness.roofline import run_roofline
 from harness.settings import build_test_settings, log_settings
 from sut.adapter import LoadGenSUT
 from sut.backends import create
-from sut.backends.native import load_model
+from sut.backends.native import load_model, load_synthetic, load_tokenizer
 from sut.engine import SamplingParams
+from sut.models.llama import LlamaConfig
 from sut.queues import queue_for
 
 log = logging.getLogger(__name__)
@@ -81,13 +85,41 @@ def model_shape(resolved: ResolvedRun, loaded) -> ModelShape:
                       max_position=c.max_position)
 
 
+def choose_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(None, "device", "cuda was asked for, but torch sees no GPU")
+    return requested
+
+
+def load_for_run(resolved: ResolvedRun, device: str):
+    """The model a run names: its checkpoint, or synthetic weights of its published shape."""
+    model_cfg, dtype = resolved.model, resolved.run.dtype
+    if model_cfg.format != "synthetic":
+        path = resolve_model_file(model_cfg)
+        _say(f"loading {model_cfg.name} ({path.name}) in {dtype} on {device}")
+        return load_model(path, dtype, device)
+    if "accuracy" in resolved.run.modes:
+        raise ConfigError(resolved.path, "modes", f"{model_cfg.name} has synthetic (random) weights: "
+                          "accuracy means nothing; run modes: [performance]")
+    donor = load_model_config(model_cfg.tokenizer_from, resolved.path, "tokenizer_from")
+    tokenizer = load_tokenizer(resolve_model_file(donor))
+    s = model_cfg.shape
+    cfg = LlamaConfig(n_layers=s.n_layers, hidden_size=s.hidden_size, n_heads=s.n_heads,
+                      n_kv_heads=s.n_kv_heads, ffn_size=s.ffn_size, vocab_size=s.vocab_size,
+                      rope_theta=s.rope_theta, head_dim=s.head_dim, tie_embeddings=s.tie_embeddings,
+                      max_position=s.max_position)
+    _say(f"building {model_cfg.name} with synthetic weights in {dtype} on {device}")
+    return load_synthetic(cfg, tokenizer, dtype, device, seed=resolved.run.seed)
+
+
 def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
-    run, model_cfg, dataset = resolved.run, resolved.model, resolved.dataset
+    run, dataset = resolved.run, resolved.dataset
     started = time.time()
-    model_path = resolve_model_file(model_cfg)
+    device = choose_device(run.device)
     dataset_path = resolve_dataset_file(dataset)
-    _say(f"loading {model_cfg.name} ({model_path.name}) in {run.dtype}")
-    loaded = load_model(model_path, run.dtype)
+    loaded = load_for_run(resolved, device)
     questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)[: dataset.max_samples]
     prompts = build_prompts(questions, loaded.tokenizer)
     lengths = [len(p) for p in prompts]
@@ -97,6 +129,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
 
     results = {
         "wallperf_version": wallperf_version(),
+        "device": device,
         "config": {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
                    "performance_output_tokens": dataset.performance_output_tokens,
                    "ignore_eos_in_performance": dataset.performance_output_tokens is not None},

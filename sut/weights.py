@@ -88,15 +88,19 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
     return LlamaConfig.from_hf_config(hf_cfg), sd, hf_cfg
 
 
-def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16) -> dict:
-    """Seeded random weights with a sane scale, for timing shapes without downloads."""
-    g = torch.Generator().manual_seed(seed)
+def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu") -> dict:
+    """Seeded random weights with a sane scale, for timing shapes without downloads.
+    Made on `device`, so an 8B-shaped model never passes through host memory."""
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
-        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+        return (torch.randn(*shape, generator=g, device=device, dtype=dtype) * shape[-1] ** -0.5)
+
+    def ones(n):
+        return torch.ones(n, dtype=dtype, device=device)
 
     sd = {"model.embed_tokens.weight": randn(cfg.vocab_size, cfg.hidden_size),
-          "model.norm.weight": torch.ones(cfg.hidden_size, dtype=dtype)}
+          "model.norm.weight": ones(cfg.hidden_size)}
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = randn(cfg.vocab_size, cfg.hidden_size)
     for i in range(cfg.n_layers):
@@ -108,8 +112,8 @@ def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16) 
         sd[p + "mlp.gate_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
         sd[p + "mlp.up_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
         sd[p + "mlp.down_proj.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
-        sd[p + "input_layernorm.weight"] = torch.ones(cfg.hidden_size, dtype=dtype)
-        sd[p + "post_attention_layernorm.weight"] = torch.ones(cfg.hidden_size, dtype=dtype)
+        sd[p + "input_layernorm.weight"] = ones(cfg.hidden_size)
+        sd[p + "post_attention_layernorm.weight"] = ones(cfg.hidden_size)
     return sd
 
 

@@ -9,7 +9,7 @@ import torch
 from sut.engine import Engine
 from sut.models.llama import LlamaConfig, LlamaModel
 from sut.tokenizer import Tokenizer
-from sut.weights import build_model, load_checkpoint
+from sut.weights import build_model, load_checkpoint, synthetic_state_dict
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,18 +23,39 @@ class LoadedModel:
     model: LlamaModel
     tokenizer: Tokenizer
     dtype: str
+    device: str = "cpu"
 
 
-def load_model(path: Path, dtype: str) -> LoadedModel:
-    """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`."""
+def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    path = Path(path)
+    return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
+
+
+def load_model(path: Path, dtype: str, device: str = "cpu") -> LoadedModel:
+    """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`."""
+    torch_dtype = _check_dtype(dtype)
     path = Path(path)
     cfg, sd, _ = load_checkpoint(path)
-    model = build_model(cfg, sd, DTYPES[dtype])
-    tokenizer = Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(
-        path / "tokenizer.json")
-    return LoadedModel(path, cfg, model, tokenizer, dtype)
+    model = build_model(cfg, sd, torch_dtype, device)
+    return LoadedModel(path, cfg, model, load_tokenizer(path), dtype, device)
+
+
+def load_synthetic(cfg: LlamaConfig, tokenizer: Tokenizer, dtype: str, device: str = "cpu",
+                   seed: int = 0) -> LoadedModel:
+    """Seeded random weights of a published shape, with a borrowed tokenizer, for
+    timing shapes whose checkpoints are not at hand. Its outputs mean nothing."""
+    torch_dtype = _check_dtype(dtype)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer's {tokenizer.vocab_size} tokens exceed the model's vocab {cfg.vocab_size}")
+    sd = synthetic_state_dict(cfg, seed, torch_dtype, device)
+    model = build_model(cfg, sd, torch_dtype, device)
+    return LoadedModel(Path("synthetic"), cfg, model, tokenizer, dtype, device)
 
 
 class NativeBackend(Engine):
@@ -42,5 +63,5 @@ class NativeBackend(Engine):
 
     def __init__(self, loaded: LoadedModel, max_batch: int, max_seq_len: int):
         super().__init__(loaded.model, loaded.tokenizer.eos_token_ids, max_batch=max_batch,
-                         max_seq_len=min(max_seq_len, loaded.config.max_position))
+                         max_seq_len=min(max_seq_len, loaded.config.max_position), device=loaded.device)
         self.tokenizer = loaded.tokenizer

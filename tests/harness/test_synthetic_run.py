@@ -1,0 +1,47 @@
+"""A run on a synthetic (seeded random) model of a published shape: the path the
+GPU check takes for Llama 3.1 8B, here on a tiny shape on the CPU."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from harness.cli import main
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+TINY = """\
+name: tiny-synthetic
+family: llama
+format: synthetic
+tokenizer_from: smollm2-135m
+shape: {n_layers: 2, hidden_size: 64, n_heads: 4, n_kv_heads: 2, ffn_size: 128,
+        vocab_size: 49152, tie_embeddings: true, max_position: 2048}
+"""
+
+
+@pytest.fixture
+def conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path):
+    root = tmp_path / "conf"
+    shutil.copytree(CONF, root)
+    (root / "models" / "tiny-synthetic.yaml").write_text(TINY)
+    monkeypatch.setenv("WALLPERF_CONF", str(root))
+    return root
+
+
+def test_synthetic_model_runs_performance(conf, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["run", "--model", "tiny-synthetic", "--scenario", "SingleStream", "--mode", "performance",
+               "--duration", "1", "--max-samples", "3", "--output-tokens", "4", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["model"] == "tiny-synthetic" and run["metrics"]["tokens_per_second"] > 0
+    assert run["roofline"]["batch"] == 1
+
+
+def test_synthetic_model_refuses_accuracy(conf, tmp_path):
+    rc = main(["run", "--model", "tiny-synthetic", "--scenario", "SingleStream", "--out",
+               str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    assert not (tmp_path / "out").exists()
