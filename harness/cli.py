@@ -78,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
+    from audit.report import add_report_parser
     from harness.probe import add_probe_parser
     from harness.roofline import add_roofline_parser
 
     add_roofline_parser(sub)
     add_probe_parser(sub)
+    add_report_parser(sub)
     return p
 
 
@@ -145,11 +147,12 @@ def main(argv=None) -> int:
     from harness.artifacts import ArtifactError
     from harness.qsl import DatasetError
 
+    from audit.report import cmd_report
     from harness.probe import cmd_probe
     from harness.roofline import cmd_roofline
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline,
-               "probe": cmd_probe}[args.command]
+               "probe": cmd_probe, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError) as e:

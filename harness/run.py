@@ -16,6 +16,7 @@ from pathlib import Path
 import mlperf_loadgen as lg
 
 from audit.compliance import check_test06
+from audit.report import write_run_reports
 import torch
 
 from harness.artifacts import resolve_dataset_file, resolve_model_file
@@ -146,6 +147,8 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     results["complete"] = True
     results["wall_time_s"] = round(time.time() - started, 1)
     write_json_atomic(results_path, results)
+    html, md = write_run_reports(opts.out_dir)
+    _say(f"reports: {html}, {md}")
     return results
 
 

@@ -1,0 +1,183 @@
+"""The performance audit: results in a results.json that cannot be right, or are easy to misread.
+
+Every check is a pure function of one run record (and the run config), so a
+reader can see exactly why a figure was flagged. What is flagged:
+
+- error `above_memory_wall`: tokens/s above what memory bandwidth allows at the
+  decode batch the run held (`memory_bound_tokens_per_second`; at batch 1 that
+  is the memory wall itself). A decode step must stream every weight once, so
+  such a figure was mismeasured, or the weights never came from memory (a
+  model small enough for the caches), or the batch or hardware profile is wrong.
+- error `above_compute_roof`: tokens/s above the compute-bound figure (MFU > 1).
+- error `mbu_above_one`: achieved bandwidth above the profile's peak. It agrees
+  with `above_memory_wall` for records the harness wrote; it is checked on its
+  own because the two figures come from different fields and a hand-edited or
+  foreign record can break one and not the other.
+- error `no_scenario`: tokens/s without the scenario that produced it. Offline
+  and SingleStream tokens/s differ by the batch, so such a figure means nothing.
+- error `latency_limits_missed`: a Server/Interactive run whose p99 TTFT or
+  TPOT is above the limits of its scenario config, or that LoadGen found
+  failing its performance constraints. Its tokens/s is not a Server result.
+- error `loadgen_invalid`: LoadGen judged the run INVALID.
+- error `test06_failed`: an accuracy run whose TEST06 compliance check failed.
+- warning `too_short`: a performance run whose min_duration is below MLPerf's
+  600 s: fine to look at, not a submission result.
+- warning `not_for_submission`: otherwise, `submission_valid` is false; the
+  harness's notes say why.
+- warning `test06_missing`: an accuracy run without a TEST06 outcome.
+- warning `incomplete`: results.json of an interrupted run.
+- info `no_roofline`: a performance run with tokens/s but no memory wall to
+  read it against (the run's hardware or model shape was unknown).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from harness.results import SUBMISSION_MIN_DURATION_S
+
+Severity = Literal["error", "warning", "info"]
+SEVERITIES = ("error", "warning", "info")
+# Scenarios that LoadGen judges on token latencies (Interactive is its Server scenario).
+LATENCY_SCENARIOS = ("Server", "Interactive")
+# The words harness.logs uses for LoadGen's result_perf_constraints_met = false.
+_CONSTRAINTS_WORDS = "performance constraints"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    severity: Severity
+    run: str
+    code: str
+    message: str
+
+    def __post_init__(self):
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+
+def run_label(index: int, run: dict) -> str:
+    """How a finding names its run: scenario and mode, or its position when the scenario is missing."""
+    scenario = run.get("scenario") or f"run #{index + 1} (no scenario)"
+    return f"{scenario} {run.get('mode') or '?'}"
+
+
+def scenario_config(results: dict, scenario: str | None) -> dict:
+    """The run config's settings for `scenario` (empty when results.json has none)."""
+    for sc in (results.get("config") or {}).get("scenarios") or []:
+        if isinstance(sc, dict) and sc.get("name") == scenario:
+            return sc
+    return {}
+
+
+def _figure(value, spec: str = ".4g") -> str:
+    return "?" if value is None else format(value, spec)
+
+
+def _tokens_per_second(run: dict) -> float | None:
+    return (run.get("metrics") or {}).get("tokens_per_second")
+
+
+def check_roofline(run: dict) -> list[tuple[Severity, str, str]]:
+    tps, rf = _tokens_per_second(run), run.get("roofline")
+    if tps is None or run.get("mode") == "accuracy":
+        return []
+    if not isinstance(rf, dict):
+        return [("info", "no_roofline", f"{tps:.4g} tokens/s has no memory wall to be read against "
+                                        "(no roofline figures in the record)")]
+    found = []
+    batch = rf.get("batch") or 1
+    bound = rf.get("memory_wall_tokens_per_second") if batch == 1 else rf.get("memory_bound_tokens_per_second")
+    if bound is not None and tps > bound:
+        what = "the memory wall" if batch == 1 else f"the memory-bound limit at batch {batch}"
+        found.append(("error", "above_memory_wall",
+                      f"{tps:.4g} tokens/s is above {what}, {bound:.4g} tokens/s "
+                      f"({_figure(rf.get('peak_bandwidth_gbps'))} GB/s, context {rf.get('context', '?')}): "
+                      "impossible if every weight is read from memory each step; check the batch, "
+                      "the hardware profile, or whether the model fits in cache"))
+    compute = rf.get("compute_bound_tokens_per_second")
+    if compute is not None and tps > compute:
+        found.append(("error", "above_compute_roof",
+                      f"{tps:.4g} tokens/s is above the compute roof, {compute:.4g} tokens/s "
+                      f"(MFU {_figure(rf.get('mfu'), '.2f')}): impossible at the profile's peak FLOP/s"))
+    mbu = rf.get("mbu")
+    if mbu is not None and mbu > 1:
+        found.append(("error", "mbu_above_one",
+                      f"MBU {mbu:.2f}: achieved {_figure(rf.get('achieved_bandwidth_gbps'))} GB/s "
+                      f"exceeds the peak {_figure(rf.get('peak_bandwidth_gbps'))} GB/s of "
+                      f"{rf.get('hardware', '?')} ({rf.get('hardware_source', 'unknown source')})"))
+    return found
+
+
+def check_scenario(run: dict) -> list[tuple[Severity, str, str]]:
+    tps = _tokens_per_second(run)
+    if run.get("scenario") or tps is None:
+        return []
+    return [("error", "no_scenario", f"{tps:.4g} tokens/s is quoted without the scenario that produced it; "
+                                     "tokens/s of different scenarios cannot be compared")]
+
+
+def check_latency_limits(run: dict, scenario_cfg: dict) -> list[tuple[Severity, str, str]]:
+    if run.get("scenario") not in LATENCY_SCENARIOS or run.get("mode") == "accuracy":
+        return []
+    metrics = run.get("metrics") or {}
+    missed = []
+    for name, limit_key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms")):
+        p99 = (metrics.get(limit_key) or {}).get("p99")
+        limit = scenario_cfg.get(limit_key)
+        if p99 is not None and limit is not None and p99 > limit:
+            missed.append(f"p99 {name} {p99:.4g} ms > limit {limit:g} ms")
+    if any(_CONSTRAINTS_WORDS in r for r in run.get("invalid_reasons") or []):
+        missed.append("LoadGen: performance constraints not met")
+    if not missed:
+        return []
+    return [("error", "latency_limits_missed",
+             f"{run['scenario']} missed its latency limits ({'; '.join(missed)}); its tokens/s is not a "
+             f"{run['scenario']} result")]
+
+
+def check_validity(run: dict) -> list[tuple[Severity, str, str]]:
+    if run.get("valid") is not False:
+        return []
+    reasons = "; ".join(run.get("invalid_reasons") or []) or "no reason recorded"
+    return [("error", "loadgen_invalid", f"LoadGen judged the run INVALID: {reasons}")]
+
+
+def check_submission(run: dict, scenario_cfg: dict) -> list[tuple[Severity, str, str]]:
+    """One finding per run: too short says the most; otherwise the harness's notes say why."""
+    duration = scenario_cfg.get("min_duration_s")
+    if run.get("mode") == "performance" and duration is not None and duration < SUBMISSION_MIN_DURATION_S:
+        return [("warning", "too_short", f"min_duration {duration:g} s is below MLPerf's "
+                                         f"{SUBMISSION_MIN_DURATION_S} s: not a submission result")]
+    if run.get("submission_valid") is False:
+        notes = "; ".join(run.get("submission_notes") or []) or "no note recorded"
+        return [("warning", "not_for_submission", f"not valid for submission: {notes}")]
+    return []
+
+
+def check_test06(run: dict) -> list[tuple[Severity, str, str]]:
+    if run.get("mode") != "accuracy":
+        return []
+    test06 = (run.get("compliance") or {}).get("test06")
+    if not isinstance(test06, dict) or test06.get("passed") is None:
+        return [("warning", "test06_missing", "accuracy run without a TEST06 compliance outcome")]
+    if test06["passed"]:
+        return []
+    failed = [name for name, c in (test06.get("checks") or {}).items()
+              if isinstance(c, dict) and c.get("status") == "failed"]
+    return [("error", "test06_failed", "TEST06 failed" + (f": {', '.join(failed)}" if failed else ""))]
+
+
+def audit_results(results: dict) -> list[Finding]:
+    """Every finding for a results.json, errors first, then in run order."""
+    findings = []
+    if results.get("complete") is False:
+        findings.append(Finding("warning", "all", "incomplete",
+                                "the run was interrupted: results.json holds only the tests that finished"))
+    for index, run in enumerate(results.get("runs") or []):
+        cfg = scenario_config(results, run.get("scenario"))
+        label = run_label(index, run)
+        for check in (check_scenario(run), check_validity(run), check_roofline(run),
+                      check_latency_limits(run, cfg), check_test06(run), check_submission(run, cfg)):
+            findings.extend(Finding(sev, label, code, msg) for sev, code, msg in check)
+    return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))

@@ -1,0 +1,385 @@
+"""`wallperf report`: one results folder, or several side by side, as HTML and Markdown.
+
+Every figure stands beside the memory wall it should be read against. The
+context handed to the templates is built here, every number already formatted,
+so the templates only lay it out (audit/templates/report.{html,md}.j2).
+
+Strings from results.json and audit.json (model names, LoadGen's reasons, the
+audit's specs) are data and may hold anything: the HTML environment escapes
+every expression, and the Markdown one passes every expression through
+`markdown_text`. The HTML is one self-contained file: charts are base64 PNGs
+drawn with matplotlib's Agg canvas, styles are inline, nothing is fetched.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from markupsafe import Markup
+
+from audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
+from harness.config import ConfigError
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+MISSING = "n/a"
+PERCENTILES = ("p50", "p90", "p99")
+# Markdown has no escaping for `<`, `>` and `&` but entities, which keep raw HTML out of the rendering;
+# backslash escapes keep table cells whole (`|`) and text free of emphasis and links.
+_MD_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", "`": "\\`", "*": "\\*", "_": "\\_", "~": "\\~",
+                             "[": "\\[", "]": "\\]", "<": "&lt;", ">": "&gt;", "&": "&amp;",
+                             "\n": " ", "\r": " "})
+# JSON escapes for characters that could end a code block or open a tag; the text still parses the same.
+_JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "`": "\\u0060"})
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One results folder: its results.json, the audit verdict beside it (if any), and its label."""
+
+    path: Path
+    results: dict
+    audit: dict | None
+    label: str
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise ConfigError(path, None, f"{what} not found; give a folder written by `wallperf run`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, None, f"cannot read {what}: {e}") from None
+
+
+def read_folder(run_dir: Path) -> tuple[Path, dict, dict | None]:
+    """results.json (and audit.json, when present) of a results folder, checked for shape."""
+    results_path = run_dir if run_dir.is_file() else run_dir / "results.json"
+    results = _read_json(results_path, "results.json")
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list) or \
+            not all(isinstance(r, dict) for r in results["runs"]):
+        raise ConfigError(results_path, "runs", "not a wallperf results.json: expected an object whose "
+                          "'runs' is a list of run records")
+    audit_path = results_path.parent / "audit.json"
+    audit = _read_json(audit_path, "audit.json") if audit_path.is_file() else None
+    if audit is not None and not isinstance(audit, dict):
+        raise ConfigError(audit_path, None, "expected the JSON object `wallperf audit --json` prints")
+    return results_path.parent, results, audit
+
+
+def load_folders(run_dirs: list[Path]) -> list[RunFolder]:
+    """Read every folder and label it by what a comparison varies: hardware, backend, dtype
+    (and model, when the folders differ in it); the folder name settles ties."""
+    read = [read_folder(Path(d)) for d in run_dirs]
+    keys = [_identity(results) for _, results, _ in read]
+    with_model = len({k[0] for k in keys}) > 1
+    bases = [" / ".join(k if with_model else k[1:]) for k in keys]
+    labels = [f"{b} ({path.name})" if bases.count(b) > 1 else b for b, (path, _, _) in zip(bases, read)]
+    labels = [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
+    return [RunFolder(path, results, audit, label) for (path, results, audit), label in zip(read, labels)]
+
+
+def _identity(results: dict) -> tuple[str, str, str, str]:
+    run_cfg = (results.get("config") or {}).get("run") or {}
+    first = results["runs"][0] if results["runs"] else {}
+    return tuple(str(run_cfg.get(k) or first.get(k) or "?") for k in ("model", "hardware", "backend", "dtype"))
+
+
+def figure(value) -> str:
+    """A measured figure at a precision a reader can compare: 3 significant digits below 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return MISSING if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.1f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
+def _setting(value) -> str:
+    """A configured value as written (2000, not 2,000.0)."""
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else MISSING
+
+
+def percent(fraction) -> str:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        return MISSING if fraction is None else str(fraction)
+    return f"{100 * fraction:.1f}%" if abs(fraction) >= 0.001 else f"{100 * fraction:.2g}%"
+
+
+def _validity(run: dict) -> tuple[str, str]:
+    return {True: ("VALID", "ok"), False: ("INVALID", "bad")}.get(run.get("valid"), ("not judged", "na"))
+
+
+def performance_row(folder: RunFolder, run: dict) -> dict:
+    m, rf = run.get("metrics") or {}, run.get("roofline") or {}
+    cfg = scenario_config(folder.results, run.get("scenario"))
+    latency = {f"{name}_{p}": figure((m.get(f"{name}_ms") or {}).get(p)) for name in ("ttft", "tpot")
+               for p in PERCENTILES}
+    limits = (f"{_setting(cfg.get('ttft_ms'))} / {_setting(cfg.get('tpot_ms'))}"
+              if run.get("scenario") in LATENCY_SCENARIOS else MISSING)
+    valid, valid_class = _validity(run)
+    return {"run": folder.label, "tokens_per_second": figure(m.get("tokens_per_second")),
+            "samples_per_second": figure(m.get("samples_per_second")), "batch": figure(rf.get("batch")),
+            "memory_bound": figure(rf.get("memory_bound_tokens_per_second")),
+            "memory_wall": figure(rf.get("memory_wall_tokens_per_second")),
+            "mbu": percent(rf.get("mbu")), "mfu": percent(rf.get("mfu")), "limits": limits, **latency,
+            "valid": valid, "valid_class": valid_class, "reasons": "; ".join(run.get("invalid_reasons") or []),
+            "submission": "yes" if run.get("submission_valid") else "no"}
+
+
+def scenario_tables(folders: list[RunFolder]) -> list[dict]:
+    """Performance runs grouped by scenario (in the order first met), one row per folder's run."""
+    tables: dict[str, list[dict]] = {}
+    for folder in folders:
+        for run in folder.results["runs"]:
+            if run.get("mode") != "accuracy":
+                tables.setdefault(run.get("scenario") or "(no scenario)", []).append(performance_row(folder, run))
+    return [{"scenario": s, "rows": rows} for s, rows in tables.items()]
+
+
+def accuracy_rows(folders: list[RunFolder]) -> list[dict]:
+    rows = []
+    for folder in folders:
+        for run in (r for r in folder.results["runs"] if r.get("mode") == "accuracy"):
+            mmlu = run.get("mmlu") or {}
+            test06 = (run.get("compliance") or {}).get("test06") or {}
+            failed = [name for name, c in (test06.get("checks") or {}).items()
+                      if isinstance(c, dict) and c.get("status") == "failed"]
+            outcome = {True: ("passed", "ok"), False: ("FAILED", "bad")}.get(test06.get("passed"), (MISSING, "na"))
+            rows.append({"run": folder.label, "scenario": run.get("scenario") or "(no scenario)",
+                         "accuracy": percent(mmlu.get("accuracy")),
+                         "correct": f"{mmlu.get('correct', MISSING)} / {mmlu.get('total', MISSING)}",
+                         "unparsed": str(mmlu.get("unparsed", MISSING)), "test06": outcome[0],
+                         "test06_class": outcome[1], "test06_failed": ", ".join(failed)})
+    return rows
+
+
+def finding_rows(folders: list[RunFolder]) -> list[dict]:
+    """Every folder's findings, errors of all folders first."""
+    rows = [{"run": folder.label, "test": f.run, "severity": f.severity, "code": f.code, "message": f.message}
+            for folder in folders for f in audit_results(folder.results)]
+    return sorted(rows, key=lambda r: SEVERITIES.index(r["severity"]))
+
+
+def audit_rows(audit: dict) -> list[tuple[str, str]]:
+    """The accuracy audit's verdict as (name, value) lines: accuracies in %, drops in points."""
+    ci = audit.get("drop_ci95")
+    ci_text = f"{figure(ci[0])} to {figure(ci[1])} points" if isinstance(ci, list) and len(ci) == 2 else figure(ci)
+    rows = [("verdict", str(audit.get("verdict", MISSING))), ("reason", str(audit.get("reason", MISSING))),
+            ("reference accuracy", percent(audit.get("reference_accuracy"))),
+            ("candidate accuracy", percent(audit.get("candidate_accuracy"))),
+            ("baseline accuracy", percent(audit.get("baseline_accuracy"))),
+            ("drop", f"{figure(audit.get('drop_points'))} points (95% CI {ci_text})"),
+            ("agreement", percent(audit.get("agreement"))), ("mean KL", f"{figure(audit.get('kl'))} nats"),
+            ("questions", figure(audit.get("questions"))), ("format", str(audit.get("format", MISSING))),
+            ("chance", percent(audit.get("chance")))]
+    specs = audit.get("specs")
+    if isinstance(specs, dict):
+        rows += [(f"{role} model", str(spec)) for role, spec in specs.items()]
+    return rows
+
+
+def source_rows(folder: RunFolder) -> dict:
+    r = folder.results
+    config = json.dumps(r.get("config"), indent=2, ensure_ascii=False).translate(_JSON_ESCAPES)
+    return {"label": folder.label, "path": str(folder.path), "version": str(r.get("wallperf_version", MISSING)),
+            "started": str(r.get("started", MISSING)),
+            "complete": {True: "yes", False: "no (interrupted)"}.get(r.get("complete"), MISSING),
+            "wall_time": f"{figure(r.get('wall_time_s'))} s", "config_json": config,
+            "audit": audit_rows(folder.audit) if folder.audit is not None else None}
+
+
+def roof_of(run: dict, results: dict) -> tuple[str, float, float | None]:
+    """(hardware, GB/s, peak TFLOP/s) a run's roofline was drawn against. The peak is
+    achieved TFLOP/s / MFU where the record has MFU, else the config's profile peak."""
+    rf = run["roofline"]
+    if rf.get("mfu"):
+        # To 3 digits, so the runs of one profile share one roof despite rounding in the quotient.
+        peak = float(f"{rf['achieved_tflops'] / rf['mfu']:.3g}")
+    else:
+        peaks = ((results.get("config") or {}).get("hardware") or {}).get("peak_tflops") or {}
+        peak = peaks.get(rf.get("compute_dtype") or run.get("dtype"))
+    return str(rf.get("hardware", "?")), rf["peak_bandwidth_gbps"], peak
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _new_figure(width: float, height: float):
+    # The Agg canvas without pyplot: no global state, no display, safe in any process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _chart_text(text: str, limit: int = 90) -> str:
+    text = text if len(text) <= limit else text[: limit - 1] + "\u2026"
+    return text.replace("$", r"\$")  # `$` would start mathtext, and a model name is not a formula
+
+
+def _legend(fig, handles, labels) -> None:
+    # One entry a line below the axes: labels are long, and a comparison has many.
+    fig.legend(handles, labels, fontsize=7, loc="outside lower left", ncols=1, frameon=False)
+
+
+ROOF_STYLES = ("-", "--", "-.", ":")
+FOLDER_MARKERS = ("x", "+", "^", "s", "D", "v", "o")
+
+
+def roofline_chart(folders: list[RunFolder]) -> str | None:
+    """Log-log roofline: each profile's memory-bound line and compute ceiling, runs at their
+    arithmetic intensity and achieved TFLOP/s (one marker shape per folder)."""
+    import numpy as np
+
+    points = [(i, f, run) for i, f in enumerate(folders) for run in f.results["runs"]
+              if isinstance(run.get("roofline"), dict) and run["roofline"].get("arithmetic_intensity")
+              and run["roofline"].get("achieved_tflops") and run["roofline"].get("peak_bandwidth_gbps")]
+    if not points:
+        return None
+    roofs = sorted({roof_of(run, f.results) for _, f, run in points}, key=lambda r: (r[0], r[1], r[2] or 0))
+    xs = [run["roofline"]["arithmetic_intensity"] for _, _, run in points]
+    xs += [peak * 1e3 / bw for _, bw, peak in roofs if peak]
+    grid = np.geomspace(min(xs) / 10, max(xs) * 10, 256)
+    fig = _new_figure(8, 3.8 + 0.14 * (len(roofs) + len(points)))
+    ax = fig.add_subplot()
+    for (name, bw, peak), style in zip(roofs, ROOF_STYLES * len(roofs)):
+        roof = bw / 1e3 * grid if peak is None else np.minimum(peak, bw / 1e3 * grid)
+        ceiling = "no compute peak known" if peak is None else f"{peak:g} TFLOP/s"
+        ax.loglog(grid, roof, color="0.2", linestyle=style, linewidth=1.5,
+                  label=_chart_text(f"roof of {name}: {bw:g} GB/s, {ceiling}"))
+    for i, f, run in points:
+        rf = run["roofline"]
+        ax.scatter([rf["arithmetic_intensity"]], [rf["achieved_tflops"]], marker=FOLDER_MARKERS[i % 7], s=60,
+                   zorder=3, label=_chart_text(f"{f.label}: {run_label(0, run)}, batch {rf.get('batch', '?')}"))
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title("measured runs under the roofline")
+    ax.grid(True, which="major", alpha=0.3)
+    _legend(fig, *ax.get_legend_handles_labels())
+    return _png(fig)
+
+
+def latency_chart(folders: list[RunFolder]) -> str | None:
+    """TTFT and TPOT at p50/p90/p99 per run, with the Server/Interactive limits as dashed lines."""
+    series = [(i, f, run) for i, f in enumerate(folders) for run in f.results["runs"]
+              if isinstance((run.get("metrics") or {}).get("ttft_ms"), dict)]
+    if not series:
+        return None
+    fig = _new_figure(8, 3.2 + 0.14 * len(series))
+    axes = fig.subplots(1, 2)
+    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms"), ("TTFT", "TPOT")):
+        for i, f, run in series:
+            values = [(p, (run["metrics"].get(key) or {}).get(p)) for p in PERCENTILES]
+            values = [(p, v) for p, v in values if isinstance(v, (int, float))]
+            label = _chart_text(f"{f.label}: {run.get('scenario') or '?'}")
+            line, = ax.plot([p for p, _ in values], [v for _, v in values], marker=FOLDER_MARKERS[i % 7],
+                            label=label)
+            limit = scenario_config(f.results, run.get("scenario")).get(key)
+            if run.get("scenario") in LATENCY_SCENARIOS and isinstance(limit, (int, float)):
+                ax.axhline(limit, color=line.get_color(), linestyle="--", linewidth=1)
+        ax.set_title(f"{title} ms (dashed: the scenario's limit)", fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    _legend(fig, *axes[0].get_legend_handles_labels())
+    return _png(fig)
+
+
+def _count(n: int, severity: str) -> str:
+    return f"{n} {severity}" + ("s" if n != 1 and severity != "info" else "")
+
+
+def report_context(folders: list[RunFolder]) -> dict:
+    title = (f"wallperf report: {folders[0].label}" if len(folders) == 1
+             else f"wallperf comparison: {len(folders)} result folders")
+    findings = finding_rows(folders)
+    return {"title": title, "sources": [source_rows(f) for f in folders], "scenarios": scenario_tables(folders),
+            "accuracy": accuracy_rows(folders), "findings": findings,
+            "finding_counts": ", ".join(_count(sum(r["severity"] == s for r in findings), s)
+                                        for s in ("error", "warning", "info")),
+            "roofline_chart": roofline_chart(folders), "latency_chart": latency_chart(folders)}
+
+
+def markdown_text(value) -> str:
+    """Every Markdown expression's text: inert in a table cell or a paragraph. `|safe` opts out."""
+    return str(value) if isinstance(value, Markup) else str(value).translate(_MD_ESCAPES)
+
+
+def _environment(markdown: bool) -> jinja2.Environment:
+    loader = jinja2.FileSystemLoader(TEMPLATES)
+    if markdown:
+        return jinja2.Environment(loader=loader, autoescape=False, finalize=markdown_text,
+                                  undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file beside `path`, then rename: a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a report meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def render_report(run_dirs: list[Path], html: Path | None, md: Path | None) -> None:
+    """Render one results folder, or a comparison of several, to HTML and/or Markdown."""
+    if not run_dirs:
+        raise ConfigError("command line", "RUN_DIR", "give at least one results folder")
+    context = report_context(load_folders(run_dirs))
+    if html is not None:
+        write_text_atomic(Path(html), _environment(False).get_template("report.html.j2").render(context))
+    if md is not None:
+        write_text_atomic(Path(md), _environment(True).get_template("report.md.j2").render(context))
+
+
+def write_run_reports(out_dir: Path) -> tuple[Path, Path]:
+    """report.html and report.md of a finished `wallperf run`, in its output folder."""
+    html, md = Path(out_dir) / "report.html", Path(out_dir) / "report.md"
+    render_report([Path(out_dir)], html, md)
+    return html, md
+
+
+def add_report_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "report", help="HTML and Markdown report of one or more results folders",
+        description="Render results folders written by `wallperf run` (and the audit.json of "
+                    "`wallperf audit --json`, when one lies beside results.json): every figure beside "
+                    "its memory wall, the roofline and latency charts, the performance audit's findings, "
+                    "accuracy, TEST06, and the exact configuration. Several folders are compared side "
+                    "by side. With neither --html nor --md, writes report.html and report.md into the "
+                    "first RUN_DIR; with one of them, only that one.")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a folder holding results.json")
+    p.add_argument("--html", type=Path, help="write the self-contained HTML report here")
+    p.add_argument("--md", type=Path, help="write the Markdown report here")
+    return p
+
+
+def cmd_report(args) -> int:
+    html, md = args.html, args.md
+    if html is None and md is None:
+        first = args.run_dirs[0] if not args.run_dirs[0].is_file() else args.run_dirs[0].parent
+        html, md = first / "report.html", first / "report.md"
+    render_report(args.run_dirs, html, md)
+    for path in (html, md):
+        if path is not None:
+            print(f"wallperf: wrote {path}", file=sys.stderr)
+    return 0
