@@ -90,9 +90,22 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class MoMESection:
+    """A mixture of memory experts over the dense base (sut/models/mome.py)."""
+
+    n_experts: int
+    layers: list
+    topk: int = 32
+    query_dim: int = 256
+    cache_experts: int = 65536
+    bank_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
-    family: Literal["llama"]
+    family: Literal["llama", "mixtral", "mome"]
     format: Literal["gguf", "safetensors", "synthetic"]
     source: Optional[ArtifactSource] = None
     shape: Optional[ModelShape] = None
@@ -101,8 +114,15 @@ class ModelConfig:
     mlperf_name: Optional[str] = None
     # Synthetic weights borrow this model's tokenizer (its vocab must fit the shape's).
     tokenizer_from: Optional[str] = None
+    mome: Optional[MoMESection] = None
 
     def __post_init__(self):
+        if (self.family == "mome") != (self.mome is not None):
+            raise ValueError("a 'mome' section is needed exactly when family is mome")
+        if self.mome is not None:
+            from sut.models.mome import MemoryConfig
+
+            MemoryConfig(**dataclasses.asdict(self.mome))
         if self.format == "synthetic" and (self.shape is None or self.tokenizer_from is None):
             raise ValueError("synthetic weights need 'shape' and 'tokenizer_from'")
         if self.format != "synthetic" and self.source is None:

@@ -7,6 +7,7 @@ so an interrupted run keeps every finished result ("complete": false).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -19,7 +20,7 @@ from audit.compliance import check_test06
 from audit.report import write_run_reports
 import torch
 
-from harness.artifacts import resolve_dataset_file, resolve_model_file
+from harness.artifacts import cache_dir, resolve_dataset_file, resolve_model_file
 from harness.config import (ConfigError, HardwareConfig, ModelShape, ResolvedRun, ScenarioConfig, build,
                             load_model_config, read_yaml)
 from harness.progress import Progress
@@ -31,10 +32,12 @@ from harness.roofline import run_roofline
 from harness.settings import build_test_settings, log_settings
 from sut.adapter import LoadGenSUT
 from sut.backends import create
-from sut.backends.native import load_model, load_synthetic, load_tokenizer
+from sut.backends.native import DTYPES, load_model, load_mome, load_synthetic, load_tokenizer
 from sut.engine import SamplingParams
 from sut.models.llama import LlamaConfig
+from sut.models.mixtral import MixtralConfig
 from sut.queues import queue_for
+from sut.weights import load_checkpoint, synthetic_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +98,44 @@ def choose_device(requested: str) -> str:
 
 
 def load_for_run(resolved: ResolvedRun, device: str):
-    """The model a run names: its checkpoint, or synthetic weights of its published shape."""
-    model_cfg, dtype = resolved.model, resolved.run.dtype
-    if model_cfg.format != "synthetic":
+    """The model a run names: its checkpoint, or synthetic weights of its published
+    shape; for MoME, that base with its memory experts."""
+    model_cfg, run = resolved.model, resolved.run
+    if model_cfg.format == "synthetic":
+        if "accuracy" in run.modes:
+            raise ConfigError(resolved.path, "modes", f"{model_cfg.name} has synthetic (random) weights: "
+                              "accuracy means nothing; run modes: [performance]")
+        donor = load_model_config(model_cfg.tokenizer_from, resolved.path, "tokenizer_from")
+        tokenizer = load_tokenizer(resolve_model_file(donor))
+        cfg = _config_from_shape(model_cfg)
+        _say(f"building {model_cfg.name} with synthetic weights in {run.dtype} on {device}")
+        if model_cfg.family != "mome":
+            return load_synthetic(cfg, tokenizer, run.dtype, device, seed=run.seed)
+        sd = synthetic_state_dict(cfg, run.seed, DTYPES[run.dtype], device)
+        path = Path("synthetic")
+    else:
         path = resolve_model_file(model_cfg)
-        _say(f"loading {model_cfg.name} ({path.name}) in {dtype} on {device}")
-        return load_model(path, dtype, device)
-    if "accuracy" in resolved.run.modes:
-        raise ConfigError(resolved.path, "modes", f"{model_cfg.name} has synthetic (random) weights: "
-                          "accuracy means nothing; run modes: [performance]")
-    donor = load_model_config(model_cfg.tokenizer_from, resolved.path, "tokenizer_from")
-    tokenizer = load_tokenizer(resolve_model_file(donor))
+        _say(f"loading {model_cfg.name} ({path.name}) in {run.dtype} on {device}")
+        if model_cfg.family != "mome":
+            return load_model(path, run.dtype, device)
+        cfg, sd, _ = load_checkpoint(path)
+        tokenizer = load_tokenizer(path)
+    from sut.models.mome import MemoryConfig
+
+    memory = MemoryConfig(**dataclasses.asdict(model_cfg.mome))
+    _say(f"{memory.n_experts:,} memory experts in layers {list(memory.layers)}; the bank is "
+         f"created once under {cache_dir() / 'mome'}")
+    return load_mome(cfg, sd, tokenizer, memory, cache_dir(), run.dtype, device, path)
+
+
+def _config_from_shape(model_cfg) -> LlamaConfig:
     s = model_cfg.shape
-    cfg = LlamaConfig(n_layers=s.n_layers, hidden_size=s.hidden_size, n_heads=s.n_heads,
-                      n_kv_heads=s.n_kv_heads, ffn_size=s.ffn_size, vocab_size=s.vocab_size,
-                      rope_theta=s.rope_theta, head_dim=s.head_dim, tie_embeddings=s.tie_embeddings,
-                      max_position=s.max_position)
-    _say(f"building {model_cfg.name} with synthetic weights in {dtype} on {device}")
-    return load_synthetic(cfg, tokenizer, dtype, device, seed=resolved.run.seed)
+    if model_cfg.family == "mixtral":
+        return MixtralConfig.from_shape(s)
+    return LlamaConfig(n_layers=s.n_layers, hidden_size=s.hidden_size, n_heads=s.n_heads,
+                       n_kv_heads=s.n_kv_heads, ffn_size=s.ffn_size, vocab_size=s.vocab_size,
+                       rope_theta=s.rope_theta, head_dim=s.head_dim, tie_embeddings=s.tie_embeddings,
+                       max_position=s.max_position)
 
 
 def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
@@ -123,6 +146,10 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     loaded = load_for_run(resolved, device)
     questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)[: dataset.max_samples]
     prompts = build_prompts(questions, loaded.tokenizer)
+    if resolved.model.format == "synthetic":
+        # A borrowed tokenizer may know more ids than the shape's vocab: fold them in
+        # (random weights: the ids only need to be valid, not meaningful).
+        prompts = [p % loaded.config.vocab_size for p in prompts]
     lengths = [len(p) for p in prompts]
     longest_output = max(dataset.max_new_tokens, dataset.performance_output_tokens or 0)
     max_seq_len = max(lengths) + longest_output
@@ -162,6 +189,8 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
     params = sampling_params(mode, resolved.dataset)
     queue = queue_for(sc.name, [len(p) for p in prompts])
     expected = len(prompts) if mode == "accuracy" else None
+    expert_stats = getattr(loaded.model, "expert_stats", None)
+    experts_before = expert_stats() if expert_stats else None
     t0 = time.monotonic()
     with LoadGenQSL(len(prompts), len(prompts)) as qsl, \
             LoadGenSUT(backend, queue, prompts, params, report_first_token=sc.name != "Offline") as sut, \
@@ -199,11 +228,19 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
         "ignore_eos": params.ignore_eos,
         "elapsed_s": round(elapsed, 1),
         "engine": engine,
+        "expert_cache": _counter_delta(experts_before, expert_stats()) if expert_stats else None,
         **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
     }
     record["submission_valid"] = not record["submission_notes"]
     _say(_summary_line(record))
     return record
+
+
+def _counter_delta(before: dict, after: dict) -> dict:
+    """This test's share of cumulative counters (numbers subtract; the rest is kept)."""
+    return {k: (_counter_delta(before[k], v) if isinstance(v, dict)
+                else v - before[k] if isinstance(v, (int, float)) and k in before else v)
+            for k, v in after.items()}
 
 
 def _roofline(resolved, loaded, scenario, tokens_per_second, stats) -> dict | None:

@@ -75,6 +75,12 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
 
     folder = Path(folder)
     hf_cfg = json.loads((folder / "config.json").read_text())
+    if hf_cfg.get("model_type") == "mixtral":
+        from sut.models.mixtral import MixtralConfig
+
+        config_cls = MixtralConfig
+    else:
+        config_cls = LlamaConfig
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -85,7 +91,7 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
     sd = {}
     for name in files:
         sd.update(load_file(str(folder / name)))
-    return LlamaConfig.from_hf_config(hf_cfg), sd, hf_cfg
+    return config_cls.from_hf_config(hf_cfg), sd, hf_cfg
 
 
 def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu") -> dict:
@@ -119,8 +125,10 @@ def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, 
 
 def build_model(cfg: LlamaConfig, sd: dict, dtype: torch.dtype, device="cpu") -> LlamaModel:
     """Build on the meta device (no memory touched), then assign the weights."""
+    from sut.models.mixtral import MixtralConfig, MixtralModel
+
     with torch.device("meta"):
-        model = LlamaModel(cfg)
+        model = MixtralModel(cfg) if isinstance(cfg, MixtralConfig) else LlamaModel(cfg)
     model.load_hf_state_dict(dict(sd), dtype)
     # The RoPE table is a buffer, built on meta with the module: compute it for real.
     model.inv_freq = rope_inv_freq(cfg)

@@ -51,11 +51,27 @@ def load_synthetic(cfg: LlamaConfig, tokenizer: Tokenizer, dtype: str, device: s
     """Seeded random weights of a published shape, with a borrowed tokenizer, for
     timing shapes whose checkpoints are not at hand. Its outputs mean nothing."""
     torch_dtype = _check_dtype(dtype)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"the tokenizer's {tokenizer.vocab_size} tokens exceed the model's vocab {cfg.vocab_size}")
-    sd = synthetic_state_dict(cfg, seed, torch_dtype, device)
+    from sut.models.mixtral import MixtralConfig, synthetic_state_dict as mixtral_synthetic
+
+    if isinstance(cfg, MixtralConfig):
+        sd = mixtral_synthetic(cfg, seed, torch_dtype)
+    else:
+        sd = synthetic_state_dict(cfg, seed, torch_dtype, device)
     model = build_model(cfg, sd, torch_dtype, device)
     return LoadedModel(Path("synthetic"), cfg, model, tokenizer, dtype, device)
+
+
+def load_mome(cfg: LlamaConfig, sd: dict, tokenizer: Tokenizer, memory, bank_dir: Path, dtype: str,
+              device: str = "cpu", path: Path = Path("synthetic")) -> LoadedModel:
+    """A dense base (`cfg`, `sd`: a checkpoint's or synthetic weights) with a mixture
+    of memory experts (`memory`, a sut.models.mome.MemoryConfig): a seeded synthetic
+    router, and an expert bank memory-mapped from `bank_dir` (created there once)."""
+    from sut.models.mome import build_mome_model, synthetic_bank, synthetic_memory_state_dict
+
+    torch_dtype = _check_dtype(dtype)
+    sd = {**sd, **synthetic_memory_state_dict(cfg, memory, memory.seed, torch_dtype)}
+    model = build_mome_model(cfg, memory, sd, synthetic_bank(bank_dir, cfg, memory), torch_dtype, device)
+    return LoadedModel(path, cfg, model, tokenizer, dtype, device)
 
 
 class NativeBackend(Engine):

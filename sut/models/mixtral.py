@@ -1,0 +1,178 @@
+"""Mixtral decoder: Llama's attention, norms and RoPE (imported from llama.py) with a
+sparse mixture-of-experts MLP in every block.
+
+Each token's router picks `experts_per_token` (2) of `n_experts` (8) SwiGLU experts
+and sums their outputs weighted by a softmax over the picked router logits. HF's
+Mixtral takes the softmax over all experts, then the top k, then renormalizes; the
+two agree, because softmax is monotonic (same top k) and renormalizing the picked
+probabilities e^l_i / Z over their sum cancels Z, leaving e^l_i / sum_picked e^l_j.
+
+Experts are stored stacked, as `kernels.dispatch.fused_moe` reads them: w13 (E, 2F,
+hidden) holds each expert's gate rows (HF's w1) above its up rows (w3), w2 (E, hidden,
+F) its down projection. The router is an nn.Linear named `router`, so the fp8 pass's
+name rule (sut.quant.EXCLUDED_NAMES) leaves it unquantized: a small error there flips
+which experts a token goes to. The stacked experts are Parameters, not Linears, so the
+fp8 pass leaves them in the model's dtype too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.dispatch import fused_moe
+from sut.models.llama import Attention, LlamaConfig, LlamaModel, RMSNorm
+
+
+@dataclass(frozen=True)
+class MixtralConfig(LlamaConfig):
+    """LlamaConfig's fields (ffn_size is one expert's), plus the experts."""
+
+    n_experts: int = 8
+    experts_per_token: int = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError(f"need 1 <= experts_per_token ({self.experts_per_token}) <= n_experts "
+                             f"({self.n_experts})")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "MixtralConfig":
+        window = cfg.get("sliding_window")
+        if window is not None and window < cfg.get("max_position_embeddings", 0):
+            raise ValueError(f"sliding_window {window} is not supported (full attention only)")
+        base = super().from_hf_config(_top_level_rope_keys(cfg))
+        return dataclasses.replace(base, n_experts=int(cfg["num_local_experts"]),
+                                   experts_per_token=int(cfg["num_experts_per_tok"]))
+
+    @classmethod
+    def from_shape(cls, shape) -> "MixtralConfig":
+        """From harness.config.ModelShape (published shapes, synthetic weights)."""
+        return cls(n_layers=shape.n_layers, hidden_size=shape.hidden_size, n_heads=shape.n_heads,
+                   n_kv_heads=shape.n_kv_heads, ffn_size=shape.ffn_size, vocab_size=shape.vocab_size,
+                   rope_theta=shape.rope_theta, head_dim=shape.head_dim, tie_embeddings=shape.tie_embeddings,
+                   max_position=shape.max_position, n_experts=shape.n_experts,
+                   experts_per_token=shape.experts_per_token)
+
+
+def _top_level_rope_keys(cfg: dict) -> dict:
+    """transformers 5 writes rope_theta (and any scaling) inside `rope_parameters`; the
+    published Mixtral config.json and LlamaConfig.from_hf_config use top-level keys."""
+    params = dict(cfg.get("rope_parameters") or {})
+    if not params:
+        return cfg
+    out = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    out.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
+    if params.get("rope_type", "default") != "default":
+        out.setdefault("rope_scaling", params)
+    return out
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.top_k = cfg.experts_per_token
+        self.router = nn.Linear(cfg.hidden_size, cfg.n_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.ffn_size, cfg.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.hidden_size, cfg.ffn_size))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> fp32 weights (N, k) summing to 1, expert ids (N, k)."""
+        logits = self.router(x).float()  # (N, E)
+        top, ids = logits.topk(self.top_k, dim=-1)
+        return top.softmax(dim=-1), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, hidden = x.shape
+        flat = x.reshape(B * T, hidden).contiguous()
+        weights, ids = self.route(flat)
+        return fused_moe(flat, self.w13, self.w2, weights, ids).view(B, T, hidden)
+
+
+class MixtralBlock(nn.Module):
+    def __init__(self, cfg: MixtralConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.block_sparse_moe = SparseMoeBlock(cfg)
+
+    def forward(self, x, cos, sin, kv, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, mask)
+        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+
+
+class MixtralModel(LlamaModel):
+    """LlamaModel's embedding, RoPE table, final norm, head and forward, over MoE blocks."""
+
+    def __init__(self, cfg: MixtralConfig):
+        # Zero layers: the parent builds everything but its dense blocks, which would be
+        # allocated only to be replaced.
+        super().__init__(dataclasses.replace(cfg, n_layers=0))
+        self.cfg = cfg
+        self.layers = nn.ModuleList(MixtralBlock(cfg) for _ in range(cfg.n_layers))
+
+    def load_hf_state_dict(self, sd: dict, dtype: torch.dtype) -> None:
+        """Assign weights given under Mixtral's published HF names: QKV fused as in Llama,
+        each layer's experts stacked into w13 and w2."""
+        cfg = self.cfg
+        own = {}
+        for i in range(cfg.n_layers):
+            p, q = f"model.layers.{i}.", f"layers.{i}."
+            own[q + "self_attn.qkv_proj.weight"] = torch.cat([sd.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            own[q + "self_attn.o_proj.weight"] = sd.pop(p + "self_attn.o_proj.weight")
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                own[q + f"{norm}.weight"] = sd.pop(p + f"{norm}.weight")
+            moe = p + "block_sparse_moe."
+
+            def stacked(w: str) -> torch.Tensor:
+                return torch.stack([sd.pop(f"{moe}experts.{e}.{w}.weight") for e in range(cfg.n_experts)])
+
+            own[q + "block_sparse_moe.router.weight"] = sd.pop(moe + "gate.weight")
+            # HF's w1 is the gate, w3 the up projection: (E, F, hidden) each -> (E, 2F, hidden).
+            own[q + "block_sparse_moe.w13"] = torch.cat([stacked("w1"), stacked("w3")], dim=1)
+            own[q + "block_sparse_moe.w2"] = stacked("w2")  # (E, hidden, F)
+        own["embed_tokens.weight"] = sd.pop("model.embed_tokens.weight")
+        own["norm.weight"] = sd.pop("model.norm.weight")
+        if self.lm_head is not None:
+            own["lm_head.weight"] = sd.pop("lm_head.weight")
+        else:
+            sd.pop("lm_head.weight", None)
+        if sd:
+            raise ValueError(f"unexpected weights in checkpoint: {sorted(sd)[:5]}")
+        own = {k: v.to(dtype).contiguous() for k, v in own.items()}
+        self.load_state_dict(own, strict=True, assign=True)
+
+
+def synthetic_state_dict(cfg: MixtralConfig, seed: int = 0, dtype=torch.bfloat16) -> dict:
+    """Seeded random weights under Mixtral's HF names, scaled by fan-in, for timing
+    shapes without downloads."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+
+    def ones():
+        return torch.ones(cfg.hidden_size, dtype=dtype)
+
+    sd = {"model.embed_tokens.weight": randn(cfg.vocab_size, cfg.hidden_size), "model.norm.weight": ones()}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = randn(cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = randn(cfg.q_size, cfg.hidden_size)
+        sd[p + "self_attn.k_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
+        sd[p + "self_attn.v_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
+        sd[p + "self_attn.o_proj.weight"] = randn(cfg.hidden_size, cfg.q_size)
+        sd[p + "input_layernorm.weight"] = ones()
+        sd[p + "post_attention_layernorm.weight"] = ones()
+        sd[p + "block_sparse_moe.gate.weight"] = randn(cfg.n_experts, cfg.hidden_size)
+        for e in range(cfg.n_experts):
+            x = f"{p}block_sparse_moe.experts.{e}."
+            sd[x + "w1.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+            sd[x + "w3.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+            sd[x + "w2.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
+    return sd
