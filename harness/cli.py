@@ -65,9 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-samples", type=_positive(int), help="use at most N samples (quick runs)")
     r.add_argument("--output-tokens", type=_positive(int),
                    help="fixed output length of performance runs (EOS ignored)")
+    r.add_argument("--backend", choices=("native", "openai"), help="the SUT: our engine, or OpenAI-compatible "
+                   "endpoints (--endpoint)")
+    r.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000 "
+                   "(repeat for several servers); implies --backend openai")
+    r.add_argument("--served-model", help="the model name the endpoints serve (default: --model's name)")
+    r.add_argument("--find-peak", action="store_true", help="Server/Interactive: bisect target QPS for the "
+                   "highest load LoadGen judges VALID; every try's logs are kept")
+    r.add_argument("--peak-range", default="0.1,10", help="LO,HI target QPS for --find-peak (default 0.1,10)")
+    r.add_argument("--peak-tolerance", type=_positive(float), default=0.1, help="QPS resolution of --find-peak")
+    r.add_argument("--peak-max-runs", type=_positive(int), default=8, help="at most this many LoadGen tests")
     r.add_argument("--user-conf", type=Path, help="MLPerf user.conf applied over mlperf.conf")
     r.add_argument("--out", type=Path, help="output folder (default: results/<timestamp>)")
     r.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    b = sub.add_parser("bench", help="micro-benchmarks: gemv (CPU bf16 GEMV vs PyTorch), mome (memory "
+                       "experts), client (the OpenAI client against a local mock)")
+    b.add_argument("what", choices=("gemv", "mome", "client"))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
 
     g = sub.add_parser("generate", help="greedy generation with the native engine")
     g.add_argument("--model", default="smollm2-135m", help="model name from conf/models, or a .gguf "
@@ -81,10 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     from audit.report import add_report_parser
     from harness.probe import add_probe_parser
     from harness.roofline import add_roofline_parser
+    from sut.server import add_serve_parser
 
     add_roofline_parser(sub)
     add_probe_parser(sub)
     add_report_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
@@ -94,6 +111,14 @@ def cmd_run(args) -> int:
 
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
                                    ("scenarios", args.scenario)) if v is not None}
+    if args.endpoint or args.backend == "openai":
+        if not args.endpoint:
+            raise ConfigError(None, "--endpoint", "--backend openai needs at least one --endpoint URL")
+        overrides["backend"] = "openai"
+        overrides["openai"] = {"endpoints": args.endpoint,
+                               "model": args.served_model or args.model or "smollm2-135m"}
+    elif args.backend:
+        overrides["backend"] = args.backend
     if args.mode:
         overrides["modes"] = list(MODES) if args.mode == "both" else [args.mode]
     scenario_overrides = {k: v for k, v in (("min_duration_s", args.duration), ("max_batch", args.max_batch),
@@ -108,7 +133,16 @@ def cmd_run(args) -> int:
     out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(None, "--out", f"{out} exists and is not empty; choose a new folder")
-    results = run_benchmark(resolved, RunOptions(out, args.user_conf, progress=not args.no_progress))
+    try:
+        lo, hi = (float(x) for x in args.peak_range.split(","))
+    except ValueError:
+        raise ConfigError(None, "--peak-range", f"{args.peak_range!r}: expected LO,HI, e.g. 0.1,10") from None
+    if args.find_peak and args.user_conf:
+        raise ConfigError(None, "--find-peak", "cannot be combined with --user-conf: each try would load "
+                          "mlperf.conf again, which LoadGen marks as not valid for submission")
+    opts = RunOptions(out, args.user_conf, progress=not args.no_progress, find_peak=args.find_peak,
+                      peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs)
+    results = run_benchmark(resolved, opts)
     print(json.dumps({"results": str(out / "results.json"), "wall_time_s": results["wall_time_s"]}))
     return 0
 
@@ -137,6 +171,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import importlib
+
+    return importlib.import_module(f"harness.bench_{args.what}").main(args.rest)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="wallperf: %(levelname)s: %(message)s")
     parser = build_parser()
@@ -150,9 +190,10 @@ def main(argv=None) -> int:
     from audit.report import cmd_report
     from harness.probe import cmd_probe
     from harness.roofline import cmd_roofline
+    from sut.server import cmd_serve
 
-    handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline,
-               "probe": cmd_probe, "report": cmd_report}[args.command]
+    handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
+               "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError) as e:

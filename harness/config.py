@@ -19,7 +19,7 @@ import yaml
 SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
 MODES = ("performance", "accuracy")
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("native",)
+BACKENDS = ("native", "openai")
 
 
 class ConfigError(ValueError):
@@ -205,13 +205,34 @@ class ScenarioConfig:
 
 
 @dataclass(frozen=True)
+class OpenAIConfig:
+    """OpenAI-compatible endpoints as the SUT (sut/backends/openai.py)."""
+
+    endpoints: list
+    model: str
+    timeout_s: float = 60.0
+    retries: int = 2
+    routing: Literal["round_robin", "least_outstanding"] = "round_robin"
+    # The API key is read from this environment variable; never from a file.
+    api_key_env: str = "OPENAI_API_KEY"
+
+    def __post_init__(self):
+        if not self.endpoints or not all(isinstance(e, str) and e.startswith(("http://", "https://"))
+                                         for e in self.endpoints):
+            raise ValueError("endpoints must be a non-empty list of http(s):// URLs")
+        if self.timeout_s <= 0 or self.retries < 0:
+            raise ValueError("timeout_s must be > 0 and retries >= 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str
     hardware: str
     dataset: str
     scenarios: list
     system: str = "cpu-native"
-    backend: Literal["native"] = "native"
+    backend: Literal["native", "openai"] = "native"
+    openai: Optional[OpenAIConfig] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     # auto: the GPU when torch sees one, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -227,6 +248,8 @@ class RunConfig:
                 raise ValueError(f"unknown mode {m!r}; allowed: {', '.join(MODES)}")
         if not self.scenarios or not self.modes:
             raise ValueError("scenarios and modes must not be empty")
+        if (self.backend == "openai") != (self.openai is not None):
+            raise ValueError("an 'openai' section (endpoints, model) is needed exactly when backend is openai")
 
 
 def _type_name(tp) -> str:

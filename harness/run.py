@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlperf_loadgen as lg
+import torch
 
 from audit.compliance import check_test06
 from audit.report import write_run_reports
-import torch
-
 from harness.artifacts import cache_dir, resolve_dataset_file, resolve_model_file
 from harness.config import (ConfigError, HardwareConfig, ModelShape, ResolvedRun, ScenarioConfig, build,
                             load_model_config, read_yaml)
+from harness.find_peak import find_peak, format_curve, try_log_dir
 from harness.progress import Progress
 from harness.probe import measured_profile_path
 from harness.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
@@ -47,6 +47,19 @@ class RunOptions:
     out_dir: Path
     user_conf: Path | None = None
     progress: bool = True
+    # Server/Interactive: bisect target QPS for the highest VALID load.
+    find_peak: bool = False
+    peak_range: tuple = (0.1, 10.0)
+    peak_tolerance: float = 0.1
+    peak_max_runs: int = 8
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """What a run over a remote server needs of the model: its tokenizer."""
+
+    tokenizer: object
+    model: None = None
 
 
 def sampling_params(mode: str, dataset) -> SamplingParams:
@@ -101,6 +114,10 @@ def load_for_run(resolved: ResolvedRun, device: str):
     """The model a run names: its checkpoint, or synthetic weights of its published
     shape; for MoME, that base with its memory experts."""
     model_cfg, run = resolved.model, resolved.run
+    if run.backend == "openai":
+        source = model_cfg if model_cfg.format != "synthetic" else load_model_config(model_cfg.tokenizer_from)
+        _say(f"SUT: {', '.join(run.openai.endpoints)} (model {run.openai.model}); tokenizer of {source.name}")
+        return RemoteModel(load_tokenizer(resolve_model_file(source)))
     if model_cfg.format == "synthetic":
         if "accuracy" in run.modes:
             raise ConfigError(resolved.path, "modes", f"{model_cfg.name} has synthetic (random) weights: "
@@ -149,7 +166,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     if resolved.model.format == "synthetic":
         # A borrowed tokenizer may know more ids than the shape's vocab: fold them in
         # (random weights: the ids only need to be valid, not meaningful).
-        prompts = [p % loaded.config.vocab_size for p in prompts]
+        prompts = [p % resolved.model.shape.vocab_size for p in prompts]
     lengths = [len(p) for p in prompts]
     longest_output = max(dataset.max_new_tokens, dataset.performance_output_tokens or 0)
     max_seq_len = max(lengths) + longest_output
@@ -166,11 +183,20 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
         "runs": [],
     }
     results_path = opts.out_dir / "results.json"
+
+    def test(sc, mode, log_dir=None):
+        record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, log_dir)
+        results["runs"].append(record)
+        write_json_atomic(results_path, results)
+        return record
+
     for sc in resolved.scenarios:
         for mode in run.modes:
-            record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
-            results["runs"].append(record)
-            write_json_atomic(results_path, results)
+            if opts.find_peak and mode == "performance" and sc.name in ("Server", "Interactive"):
+                results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
+                write_json_atomic(results_path, results)
+            else:
+                test(sc, mode)
     results["complete"] = True
     results["wall_time_s"] = round(time.time() - started, 1)
     write_json_atomic(results_path, results)
@@ -179,13 +205,27 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     return results
 
 
-def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts) -> dict:
+def _find_peak(resolved, sc, opts, test) -> dict:
+    """Bisect the Server target QPS; every try is a LoadGen test with its own logs."""
+    perf_dir = log_dir_for(opts.out_dir, resolved, sc.name, "performance").parent
+
+    def run_one(qps: float) -> dict:
+        record = test(dataclasses.replace(sc, target_qps=qps), "performance", try_log_dir(perf_dir, qps))
+        record["find_peak_try"] = True
+        return record
+
+    peak = find_peak(run_one, *opts.peak_range, opts.peak_tolerance, opts.peak_max_runs)
+    _say(f"{sc.name} peak search:\n{format_curve(peak)}")
+    return peak.to_dict()
+
+
+def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, log_dir=None) -> dict:
     run = resolved.run
-    log_dir = log_dir_for(opts.out_dir, resolved, sc.name, mode)
+    log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode)
     log_dir.mkdir(parents=True, exist_ok=True)
     model_name = resolved.model.mlperf_name or resolved.model.name
     settings = build_test_settings(sc, mode, model_name, len(prompts), opts.user_conf)
-    backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len)
+    backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len, openai=run.openai)
     params = sampling_params(mode, resolved.dataset)
     queue = queue_for(sc.name, [len(p) for p in prompts])
     expected = len(prompts) if mode == "accuracy" else None
@@ -198,12 +238,18 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
         lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(log_dir))
     elapsed = time.monotonic() - t0
 
-    stats = backend.stats
-    engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
-              "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size}
+    client = engine = stats = None
+    if run.backend == "openai":
+        client = backend.stats()
+        backend.close()
+    else:
+        stats = backend.stats
+        engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
+                  "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size}
     if mode == "performance":
         body = performance_record(log_dir)
-        body["roofline"] = _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats)
+        body["roofline"] = (None if stats is None else
+                            _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats))
     else:
         body = accuracy_record(log_dir, questions, loaded.tokenizer)
         body["roofline"] = None
@@ -213,6 +259,10 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
     if sut.stats.error:
         body["valid"] = False
         body["invalid_reasons"].insert(0, f"the SUT failed: {sut.stats.error}")
+    if client and client["failures"]:
+        body["valid"] = False
+        body["invalid_reasons"].insert(0, f"{client['failures']} of {client['requests']} requests failed: " +
+                                       "; ".join(f"{r} (x{n})" for r, n in client["failure_reasons"].items()))
     record = {
         "scenario": sc.name,
         "mode": mode,
@@ -228,9 +278,13 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts)
         "ignore_eos": params.ignore_eos,
         "elapsed_s": round(elapsed, 1),
         "engine": engine,
+        "client": client,
         "expert_cache": _counter_delta(experts_before, expert_stats()) if expert_stats else None,
         **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
     }
+    if client and client["token_count_mismatches"]:
+        record["submission_notes"].append(f"{client['token_count_mismatches']} responses' usage token counts "
+                                          "differ from the streamed tokens")
     record["submission_valid"] = not record["submission_notes"]
     _say(_summary_line(record))
     return record
