@@ -22,6 +22,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("native", "openai")
 
 
+class FieldError(ValueError):
+    """Raised in a dataclass's __post_init__ to blame one of its keys."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
 class ConfigError(ValueError):
     """A configuration problem, located by file and key."""
 
@@ -240,12 +248,12 @@ class RunConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for s in self.scenarios:
+        for i, s in enumerate(self.scenarios):
             if s not in SCENARIOS:
-                raise ValueError(f"unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)}")
-        for m in self.modes:
+                raise FieldError(f"scenarios[{i}]", f"unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)}")
+        for i, m in enumerate(self.modes):
             if m not in MODES:
-                raise ValueError(f"unknown mode {m!r}; allowed: {', '.join(MODES)}")
+                raise FieldError(f"modes[{i}]", f"unknown mode {m!r}; allowed: {', '.join(MODES)}")
         if not self.scenarios or not self.modes:
             raise ValueError("scenarios and modes must not be empty")
         if (self.backend == "openai") != (self.openai is not None):
@@ -272,7 +280,7 @@ def _convert(value, tp, file, key):
             raise ConfigError(file, key, f"{value!r} is not allowed; allowed: {_type_name(tp)[7:]}")
         return value
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, file, key)
+        return build(tp, value, file, f"{key}.")
     expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}[tp]
     if isinstance(value, bool) and tp is not bool or not isinstance(value, expected):
         raise ConfigError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -301,7 +309,8 @@ def build(cls, data, file=None, prefix: str = ""):
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(file, prefix.rstrip(".") or None, str(e)) from None
+        key = f"{prefix}{e.key}" if isinstance(e, FieldError) else prefix.rstrip(".") or None
+        raise ConfigError(file, key, str(e)) from None
 
 
 def read_yaml(path: Path) -> dict:
@@ -324,7 +333,9 @@ def _load_named(kind: str, name: str, cls, file=None, key=None):
     path = conf_dir() / kind / f"{name}.yaml"
     if not path.is_file():
         names = ", ".join(available(kind)) or "none"
-        raise ConfigError(file, key, f"unknown {kind[:-1]} {name!r} (no {path}); available: {names}")
+        what = {"models": "model", "datasets": "dataset", "hardware": "hardware",
+                "scenarios": "scenario"}[kind]
+        raise ConfigError(file, key, f"unknown {what} {name!r} (no {path}); available: {names}")
     return build(cls, read_yaml(path), path)
 
 

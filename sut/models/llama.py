@@ -90,7 +90,10 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "LlamaConfig":
         scaling = None
-        rs = cfg.get("rope_scaling") or {}
+        # transformers 5 nests theta and scaling under rope_parameters; older
+        # config.json files keep rope_theta and rope_scaling at the top level.
+        rs = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        theta = rs.get("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rs.get("rope_type", rs.get("type"))
         if rope_type == "llama3":
             scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
@@ -104,7 +107,7 @@ class LlamaConfig:
             n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
             ffn_size=cfg["intermediate_size"],
             vocab_size=cfg["vocab_size"],
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             head_dim=cfg.get("head_dim"),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
