@@ -22,6 +22,7 @@ from audit.report import write_run_reports
 from harness.artifacts import cache_dir, resolve_dataset_file, resolve_model_file
 from harness.config import (ConfigError, HardwareConfig, ModelShape, ResolvedRun, ScenarioConfig, build,
                             load_model_config, read_yaml)
+from harness.energy import EnergyMeter
 from harness.find_peak import find_peak, format_curve, try_log_dir
 from harness.progress import Progress
 from harness.probe import measured_profile_path
@@ -234,7 +235,8 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
     t0 = time.monotonic()
     with LoadGenQSL(len(prompts), len(prompts)) as qsl, \
             LoadGenSUT(backend, queue, prompts, params, report_first_token=sc.name != "Offline") as sut, \
-            Progress(f"{sc.name} {mode}", sut.stats, expected, enabled=opts.progress):
+            Progress(f"{sc.name} {mode}", sut.stats, expected, enabled=opts.progress), \
+            EnergyMeter(getattr(loaded, "device", "cpu")) as meter:
         lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(log_dir))
     elapsed = time.monotonic() - t0
 
@@ -279,6 +281,8 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         "elapsed_s": round(elapsed, 1),
         "engine": engine,
         "client": client,
+        # The whole test, idle time included, as the hardware's own counters report it.
+        "energy": meter.result(sut.stats.tokens),
         "expert_cache": _counter_delta(experts_before, expert_stats()) if expert_stats else None,
         **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
     }
