@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
+    from audit.gate import add_audit_parser
     from audit.report import add_report_parser
     from harness.probe import add_probe_parser
     from harness.roofline import add_roofline_parser
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_parser(sub)
     add_report_parser(sub)
     add_serve_parser(sub)
+    add_audit_parser(sub)
     return p
 
 
@@ -187,13 +189,14 @@ def main(argv=None) -> int:
     from harness.artifacts import ArtifactError
     from harness.qsl import DatasetError
 
+    from audit.gate import cmd_audit
     from audit.report import cmd_report
     from harness.probe import cmd_probe
     from harness.roofline import cmd_roofline
     from sut.server import cmd_serve
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
-               "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench}[args.command]
+               "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit}[args.command]
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError) as e:
