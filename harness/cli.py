@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=(*MODES, "both"), help="performance, accuracy or both (default: config)")
     r.add_argument("--model", help="model name from conf/models")
     r.add_argument("--hardware", help="hardware profile from conf/hardware (the memory wall's figures)")
-    r.add_argument("--dtype", choices=DTYPES, help="weight and activation dtype")
+    r.add_argument("--dtype", choices=DTYPES, help="auto (default: fp8 weights where the hardware has fp8 "
+                   "math, else the published format), or force one; fp8 without fp8 math is emulated")
     r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
     r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
     r.add_argument("--max-batch", type=_positive(int), help="engine batch size (not SingleStream)")
@@ -90,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="user message (the chat template is applied)")
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     g.add_argument("--max-new-tokens", type=_positive(int), default=64)
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
     from audit.gate import add_audit_parser
     from audit.report import add_report_parser
+    from harness.quant_check import add_quant_check_parser
     from harness.probe import add_probe_parser
     from harness.roofline import add_roofline_parser
     from sut.server import add_serve_parser
@@ -104,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_serve_parser(sub)
     add_audit_parser(sub)
+    add_quant_check_parser(sub)
     return p
 
 
@@ -191,12 +194,14 @@ def main(argv=None) -> int:
 
     from audit.gate import cmd_audit
     from audit.report import cmd_report
+    from harness.quant_check import cmd_quant_check
     from harness.probe import cmd_probe
     from harness.roofline import cmd_roofline
     from sut.server import cmd_serve
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
-               "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit}[args.command]
+               "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,
+               "quant-check": cmd_quant_check}[args.command]
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError) as e:

@@ -18,7 +18,7 @@ import yaml
 
 SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
 MODES = ("performance", "accuracy")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
 BACKENDS = ("native", "openai")
 
 
@@ -241,7 +241,8 @@ class RunConfig:
     system: str = "cpu-native"
     backend: Literal["native", "openai"] = "native"
     openai: Optional[OpenAIConfig] = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # auto: fp8 weights where the hardware has fp8 math, else the published format.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8"] = "auto"
     # auto: the GPU when torch sees one, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     modes: list = field(default_factory=lambda: list(MODES))

@@ -37,6 +37,7 @@ from sut.backends.native import DTYPES, load_model, load_mome, load_synthetic, l
 from sut.engine import SamplingParams
 from sut.models.llama import LlamaConfig
 from sut.models.mixtral import MixtralConfig
+from sut.quant import choose_format
 from sut.queues import queue_for
 from sut.weights import load_checkpoint, synthetic_state_dict
 
@@ -111,10 +112,12 @@ def choose_device(requested: str) -> str:
     return requested
 
 
-def load_for_run(resolved: ResolvedRun, device: str):
-    """The model a run names: its checkpoint, or synthetic weights of its published
-    shape; for MoME, that base with its memory experts."""
+def load_for_run(resolved: ResolvedRun, device: str, choice):
+    """The model a run names, in the format `choice` (sut.quant.FormatChoice) says:
+    its checkpoint, or synthetic weights of its published shape; for MoME, that
+    base with its memory experts."""
     model_cfg, run = resolved.model, resolved.run
+    dtype, fp8 = choice.dtype, choice.fp8_dtype
     if run.backend == "openai":
         source = model_cfg if model_cfg.format != "synthetic" else load_model_config(model_cfg.tokenizer_from)
         _say(f"SUT: {', '.join(run.openai.endpoints)} (model {run.openai.model}); tokenizer of {source.name}")
@@ -126,24 +129,27 @@ def load_for_run(resolved: ResolvedRun, device: str):
         donor = load_model_config(model_cfg.tokenizer_from, resolved.path, "tokenizer_from")
         tokenizer = load_tokenizer(resolve_model_file(donor))
         cfg = _config_from_shape(model_cfg)
-        _say(f"building {model_cfg.name} with synthetic weights in {run.dtype} on {device}")
+        _say(f"building {model_cfg.name} with synthetic weights, {choice.weight_format}, on {device}")
         if model_cfg.family != "mome":
-            return load_synthetic(cfg, tokenizer, run.dtype, device, seed=run.seed)
-        sd = synthetic_state_dict(cfg, run.seed, DTYPES[run.dtype], device)
+            return load_synthetic(cfg, tokenizer, dtype, device, seed=run.seed, fp8_dtype=fp8)
+        sd = synthetic_state_dict(cfg, run.seed, DTYPES[dtype], device)
         path = Path("synthetic")
     else:
         path = resolve_model_file(model_cfg)
-        _say(f"loading {model_cfg.name} ({path.name}) in {run.dtype} on {device}")
+        _say(f"loading {model_cfg.name} ({path.name}), {choice.weight_format}, on {device}")
         if model_cfg.family != "mome":
-            return load_model(path, run.dtype, device)
+            return load_model(path, dtype, device, fp8_dtype=fp8)
         cfg, sd, _ = load_checkpoint(path)
         tokenizer = load_tokenizer(path)
     from sut.models.mome import MemoryConfig
 
+    if fp8 is not None:
+        raise ConfigError(resolved.path, "dtype", "fp8 weights are not supported for MoME models yet; "
+                          "use bfloat16 or float32")
     memory = MemoryConfig(**dataclasses.asdict(model_cfg.mome))
     _say(f"{memory.n_experts:,} memory experts in layers {list(memory.layers)}; the bank is "
          f"created once under {cache_dir() / 'mome'}")
-    return load_mome(cfg, sd, tokenizer, memory, cache_dir(), run.dtype, device, path)
+    return load_mome(cfg, sd, tokenizer, memory, cache_dir(), dtype, device, path)
 
 
 def _config_from_shape(model_cfg) -> LlamaConfig:
@@ -160,8 +166,11 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     run, dataset = resolved.run, resolved.dataset
     started = time.time()
     device = choose_device(run.device)
+    hardware, _ = hardware_profile(resolved.hardware)
+    choice = choose_format(hardware, run.dtype, resolved.model.published_dtype)
+    _say(f"format: {choice.reason}")
     dataset_path = resolve_dataset_file(dataset)
-    loaded = load_for_run(resolved, device)
+    loaded = load_for_run(resolved, device, choice)
     questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)[: dataset.max_samples]
     prompts = build_prompts(questions, loaded.tokenizer)
     if resolved.model.format == "synthetic":
@@ -176,6 +185,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     results = {
         "wallperf_version": wallperf_version(),
         "device": device,
+        "format": {**choice.to_dict(), "quantization": getattr(loaded, "quantization", None)},
         "config": {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
                    "performance_output_tokens": dataset.performance_output_tokens,
                    "ignore_eos_in_performance": dataset.performance_output_tokens is not None},
@@ -186,7 +196,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     results_path = opts.out_dir / "results.json"
 
     def test(sc, mode, log_dir=None):
-        record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, log_dir)
+        record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir)
         results["runs"].append(record)
         write_json_atomic(results_path, results)
         return record
@@ -220,7 +230,7 @@ def _find_peak(resolved, sc, opts, test) -> dict:
     return peak.to_dict()
 
 
-def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, log_dir=None) -> dict:
+def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir=None) -> dict:
     run = resolved.run
     log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +261,8 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
     if mode == "performance":
         body = performance_record(log_dir)
         body["roofline"] = (None if stats is None else
-                            _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats))
+                            _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats,
+                                      choice))
     else:
         body = accuracy_record(log_dir, questions, loaded.tokenizer)
         body["roofline"] = None
@@ -270,7 +281,9 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         "mode": mode,
         "model": resolved.model.name,
         "backend": run.backend,
-        "dtype": run.dtype,
+        "dtype": choice.dtype,
+        "weight_format": choice.weight_format,
+        "fp8_emulated": choice.emulated,
         "hardware": resolved.hardware.name,
         "system": run.system,
         **{k: body[k] for k in ("valid", "invalid_reasons")},
@@ -301,12 +314,14 @@ def _counter_delta(before: dict, after: dict) -> dict:
             for k, v in after.items()}
 
 
-def _roofline(resolved, loaded, scenario, tokens_per_second, stats) -> dict | None:
-    """The run against the memory wall, at the decode batch and context it held."""
+def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice) -> dict | None:
+    """The run against the memory wall, at the decode batch and context it held.
+    Emulated fp8 upcasts each weight before use, so it is counted at the math dtype."""
     if not tokens_per_second or not stats.decode_tokens:
         return None
     hardware, source = hardware_profile(resolved.hardware)
-    record = run_roofline(model_shape(resolved, loaded), hardware, resolved.run.dtype, tokens_per_second,
+    dtype = "fp8" if choice.fp8_dtype is not None and not choice.emulated else choice.dtype
+    record = run_roofline(model_shape(resolved, loaded), hardware, dtype, tokens_per_second,
                           batch=max(1, round(stats.mean_decode_batch)),
                           context=round(stats.mean_decode_context), scenario=scenario)
     return {**record, "hardware": hardware.name, "hardware_source": source,

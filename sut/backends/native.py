@@ -24,6 +24,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     dtype: str
     device: str = "cpu"
+    # What quantization did (sut.quant.QuantReport.to_dict()), when weights are fp8.
+    quantization: dict | None = None
 
 
 def _check_dtype(dtype: str) -> torch.dtype:
@@ -37,17 +39,26 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
 
 
-def load_model(path: Path, dtype: str, device: str = "cpu") -> LoadedModel:
-    """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`."""
+def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dtype | None = None) -> LoadedModel:
+    """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`;
+    with `fp8_dtype`, its projection weights quantized to that fp8 format."""
     torch_dtype = _check_dtype(dtype)
     path = Path(path)
     cfg, sd, _ = load_checkpoint(path)
     model = build_model(cfg, sd, torch_dtype, device)
-    return LoadedModel(path, cfg, model, load_tokenizer(path), dtype, device)
+    return LoadedModel(path, cfg, model, load_tokenizer(path), dtype, device, _quantize(model, fp8_dtype))
+
+
+def _quantize(model, fp8_dtype) -> dict | None:
+    if fp8_dtype is None:
+        return None
+    from sut.quant import quantize_model_
+
+    return quantize_model_(model, fp8_dtype, per_channel=True).to_dict()
 
 
 def load_synthetic(cfg: LlamaConfig, tokenizer: Tokenizer, dtype: str, device: str = "cpu",
-                   seed: int = 0) -> LoadedModel:
+                   seed: int = 0, fp8_dtype: torch.dtype | None = None) -> LoadedModel:
     """Seeded random weights of a published shape, with a borrowed tokenizer, for
     timing shapes whose checkpoints are not at hand. Its outputs mean nothing."""
     torch_dtype = _check_dtype(dtype)
@@ -58,7 +69,7 @@ def load_synthetic(cfg: LlamaConfig, tokenizer: Tokenizer, dtype: str, device: s
     else:
         sd = synthetic_state_dict(cfg, seed, torch_dtype, device)
     model = build_model(cfg, sd, torch_dtype, device)
-    return LoadedModel(Path("synthetic"), cfg, model, tokenizer, dtype, device)
+    return LoadedModel(Path("synthetic"), cfg, model, tokenizer, dtype, device, _quantize(model, fp8_dtype))
 
 
 def load_mome(cfg: LlamaConfig, sd: dict, tokenizer: Tokenizer, memory, bank_dir: Path, dtype: str,

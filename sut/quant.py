@@ -1,0 +1,316 @@
+"""fp8 (e4m3) weight quantization: the offline pass, the runtime module, the
+saved form, and the choice of format per hardware profile.
+
+Weights are scaled by their absolute maximum so that it lands on the format's
+largest finite value (448 for e4m3fn, 240 for e4m3fnuz), one fp32 scale per
+output channel (or one per tensor), and stored as fp8. Activations stay in the
+model's dtype. The math goes through one hook, `_fp8_matmul`: here it
+dequantizes (emulated, exact, any device); on hardware with fp8 math it is
+where an fp8 GEMM plugs in.
+
+Which modules are quantized is a name rule: every `nn.Linear` except those
+whose dotted name (with a trailing ".") contains one of `EXCLUDED_NAMES`.
+The LM head is excluded because its error lands on the logits unsmoothed (and
+a tied head is the embedding table, which is no Linear); MoE routers because
+a small error flips which experts a token goes to. Embeddings and norms are
+not Linear and so are never touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import dispatch
+
+FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
+# Matched against f"{module_name}." so that "moe.gate" matches "gate." but "gate_up_proj" does not.
+EXCLUDED_NAMES = ("lm_head.", "router", "gate.")
+FORCED_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
+REQUESTS = ("auto", "fp8", *FORCED_DTYPES)
+MANIFEST = "quant_manifest.json"
+WEIGHTS = "model.safetensors"
+QUANT_VERSION = 1
+
+
+def format_name(fp8_dtype: torch.dtype) -> str:
+    """'fp8_e4m3fn' or 'fp8_e4m3fnuz': the name manifests and results.json use."""
+    for name, dtype in FP8_DTYPES.items():
+        if dtype == fp8_dtype:
+            return f"fp8_{name}"
+    raise ValueError(f"{fp8_dtype} is not a supported fp8 format; allowed: {', '.join(FP8_DTYPES)}")
+
+
+def _quantize(t: torch.Tensor, fp8_dtype: torch.dtype, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    format_name(fp8_dtype)
+    tf = t.float()
+    amax = tf.abs().amax(dim=-1) if per_row else tf.abs().amax()
+    if not torch.isfinite(amax).all():
+        raise ValueError("cannot quantize a tensor with inf or nan values")
+    fmax = torch.finfo(fp8_dtype).max
+    # An all-zero row keeps scale 1: its values quantize to 0 exactly, and no 0/0 appears.
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    return _to_fp8(tf, scale, fp8_dtype), scale
+
+
+def _to_fp8(tf: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """Clamp before the cast: e4m3fnuz turns overflow into nan, and amax / scale may
+    round a hair above the maximum."""
+    fmax = torch.finfo(fp8_dtype).max
+    return (tf / _rows(scale)).clamp_(-fmax, fmax).to(fp8_dtype)
+
+
+def _rows(scale: torch.Tensor) -> torch.Tensor:
+    """A per-row scale (N,) as (N, 1) so it multiplies rows; a scalar as is."""
+    return scale.unsqueeze(-1) if scale.dim() else scale
+
+
+def quantize_weight(w: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+                    per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) with w ~= q * scale: q fp8 (N, K), scale fp32 (N,) or () per tensor."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
+    return _quantize(w, fp8_dtype, per_row=per_channel)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q * scale in fp32, rounded once to `dtype` (fp8 values are exact in bf16 and fp32)."""
+    return q.float().mul_(_rows(scale)).to(dtype)
+
+
+def _fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale).T in x's dtype. The emulated path, exact on any device: where the
+    hardware has fp8 math this is the one place to call an fp8 GEMM instead."""
+    if dispatch.uses_triton(x):
+        return dispatch.fp8_linear(x.reshape(-1, x.shape[-1]), q, scale).view(*x.shape[:-1], q.shape[0])
+    return F.linear(x, dequantize(q, scale, x.dtype))
+
+
+class FP8Linear(nn.Module):
+    """A bias-free Linear whose weight is stored as fp8 with fp32 scales."""
+
+    def __init__(self, in_features: int, out_features: int, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+                 per_channel: bool = True, device=None):
+        super().__init__()
+        format_name(fp8_dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=fp8_dtype, device=device))
+        scale_shape = (out_features,) if per_channel else ()
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fp8_dtype: torch.dtype, per_channel: bool) -> "FP8Linear":
+        if linear.bias is not None:
+            raise ValueError("FP8Linear holds no bias; the Llama family's projections have none")
+        module = cls(linear.in_features, linear.out_features, fp8_dtype, per_channel, device="meta")
+        module.weight, module.weight_scale = quantize_weight(linear.weight.detach(), fp8_dtype, per_channel)
+        return module
+
+    @property
+    def per_channel(self) -> bool:
+        return self.weight_scale.dim() == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fp8_matmul(x, self.weight, self.weight_scale)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={format_name(self.weight.dtype)}, per_channel={self.per_channel}")
+
+
+def is_excluded(module_name: str) -> bool:
+    return any(part in f"{module_name}." for part in EXCLUDED_NAMES)
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What a quantization pass changed, in parameters and bytes."""
+
+    fp8_format: str
+    per_channel: bool
+    source_dtype: str
+    quantized_modules: tuple
+    quantized_params: int
+    # The quantized weights alone: in the source dtype, then as fp8 plus their scales.
+    quantized_bytes_before: int
+    quantized_bytes_after: int
+    # Everything in the state dict (a tied embedding counted once).
+    model_bytes_before: int
+    model_bytes_after: int
+
+    def to_dict(self) -> dict:
+        """For results.json."""
+        return {**dataclasses.asdict(self), "quantized_modules": list(self.quantized_modules)}
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model_(model: nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+                    per_channel: bool = True) -> QuantReport:
+    """Replace every non-excluded nn.Linear of `model` by an FP8Linear, in place."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and not is_excluded(name)]
+    if not targets:
+        raise ValueError("no nn.Linear modules to quantize (already quantized?)")
+    dtypes = {str(m.weight.dtype).removeprefix("torch.") for _, m in targets}
+    if len(dtypes) != 1:
+        raise ValueError(f"projections in mixed dtypes {sorted(dtypes)}: quantize from one source dtype")
+    bytes_before = _state_bytes(model)
+    params = q_before = q_after = 0
+    for name, linear in targets:
+        fp8 = FP8Linear.from_linear(linear, fp8_dtype, per_channel)
+        params += linear.weight.numel()
+        q_before += linear.weight.numel() * linear.weight.element_size()
+        q_after += fp8.weight.numel() + fp8.weight_scale.numel() * fp8.weight_scale.element_size()
+        _replace(model, name, fp8)
+    return QuantReport(format_name(fp8_dtype), per_channel, dtypes.pop(), tuple(n for n, _ in targets),
+                       params, q_before, q_after, bytes_before, _state_bytes(model))
+
+
+def quantize_kv(t: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+                scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) for a K or V tensor with one scale for the whole tensor (one layer).
+
+    A cache written step by step holds one scale per layer fixed in advance (from
+    calibration): pass it as `scale`, and values beyond scale * max saturate.
+    """
+    if scale is None:
+        return _quantize(t, fp8_dtype, per_row=False)
+    if scale.dim() != 0:
+        raise ValueError(f"a KV scale is one value per tensor, got shape {tuple(scale.shape)}")
+    return _to_fp8(t.float(), scale.float(), fp8_dtype), scale.float()
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if scale.dim() != 0:
+        raise ValueError(f"a KV scale is one value per tensor, got shape {tuple(scale.shape)}")
+    return dequantize(q, scale, dtype)
+
+
+def _fp8_modules(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file beside `path`, then rename: a reader sees the
+    old file or the whole new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_quantized(model: nn.Module, folder: Path) -> dict:
+    """Write `model.safetensors` (the model's own state dict: fp8 weights, scales and
+    unquantized tensors) and then `quant_manifest.json`; returns the manifest."""
+    from safetensors.torch import save_file
+
+    modules = _fp8_modules(model)
+    if not modules:
+        raise ValueError("the model holds no FP8Linear modules: quantize it first")
+    formats = {format_name(m.weight.dtype) for m in modules.values()}
+    per_channel = {m.per_channel for m in modules.values()}
+    source = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+    if len(formats) != 1 or len(per_channel) != 1 or len(source) != 1:
+        raise ValueError(f"mixed quantization: formats {sorted(formats)}, per_channel {sorted(per_channel)}, "
+                         f"unquantized dtypes {sorted(source)}")
+    manifest = {"format": formats.pop(), "per_channel": per_channel.pop(), "quantized_modules": sorted(modules),
+                "source_dtype": source.pop(), "wallperf_quant_version": QUANT_VERSION}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    return manifest
+
+
+def load_quantized(model_skeleton: nn.Module, folder: Path, device="cpu") -> dict:
+    """Turn the manifest's modules of `model_skeleton` (built on any device, `meta`
+    included) into FP8Linear and assign the saved tensors; returns the manifest.
+    Non-persistent buffers (a RoPE table) are not saved: a meta skeleton must
+    compute them, as sut.weights.build_model does."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("wallperf_quant_version") != QUANT_VERSION:
+        raise ValueError(f"{folder / MANIFEST}: wallperf_quant_version {manifest.get('wallperf_quant_version')!r}"
+                         f" is not {QUANT_VERSION}")
+    fp8_dtype = FP8_DTYPES[manifest["format"].removeprefix("fp8_")]
+    for name in manifest["quantized_modules"]:
+        linear = model_skeleton.get_submodule(name)
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"{folder}: {name} is a {type(linear).__name__} in the skeleton, not an nn.Linear")
+        _replace(model_skeleton, name, FP8Linear(linear.in_features, linear.out_features, fp8_dtype,
+                                                 manifest["per_channel"], device="meta"))
+    tensors = load_file(str(folder / WEIGHTS), device=str(device))
+    wrong = [k for k in (f"{n}.weight" for n in manifest["quantized_modules"])
+             if k in tensors and tensors[k].dtype != fp8_dtype]
+    if wrong:
+        raise ValueError(f"{folder / WEIGHTS}: {wrong[0]} is {tensors[wrong[0]].dtype}, "
+                         f"the manifest says {manifest['format']}")
+    model_skeleton.load_state_dict(tensors, strict=True, assign=True)
+    return manifest
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """The format a run uses: `dtype` for activations and unquantized tensors,
+    `fp8_dtype` for the projections' weights (None: no quantization)."""
+
+    dtype: str
+    fp8_dtype: torch.dtype | None
+    emulated: bool
+    reason: str
+
+    @property
+    def weight_format(self) -> str:
+        return format_name(self.fp8_dtype) if self.fp8_dtype is not None else self.dtype
+
+    def to_dict(self) -> dict:
+        """The fields results.json records."""
+        return {"dtype": self.dtype, "weight_format": self.weight_format, "fp8_emulated": self.emulated,
+                "format_reason": self.reason}
+
+
+def choose_format(hardware, requested: str, published_dtype: str) -> FormatChoice:
+    """The published format, unless the hardware has fp8 math ("auto") or a format is forced.
+
+    `hardware` is a harness.config.HardwareConfig: `peak_tflops["fp8"]` not null
+    means fp8 math, in the variant `fp8_format` names.
+    """
+    if requested not in REQUESTS:
+        raise ValueError(f"requested format {requested!r}; allowed: {', '.join(REQUESTS)}")
+    if published_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"published dtype {published_dtype!r} is not float32, bfloat16 or float16")
+    has_fp8 = hardware.peak_tflops.get("fp8") is not None
+    if requested in FORCED_DTYPES:
+        dtype = FORCED_DTYPES[requested]
+        return FormatChoice(dtype, None, False, f"{dtype} requested")
+    if has_fp8:
+        fp8_dtype = FP8_DTYPES[hardware.fp8_format]
+        why = "requested" if requested == "fp8" else "auto: the hardware has fp8 math"
+        return FormatChoice(published_dtype, fp8_dtype, False,
+                            f"{format_name(fp8_dtype)} weights ({why} on {hardware.name}), "
+                            f"{published_dtype} activations")
+    if requested == "fp8":
+        return FormatChoice(published_dtype, torch.float8_e4m3fn, True,
+                            f"fp8_e4m3fn requested on {hardware.name}, which has no fp8 math: emulated "
+                            f"(fp8 storage, weights upcast to {published_dtype} for the math)")
+    return FormatChoice(published_dtype, None, False,
+                        f"auto: {hardware.name} has no fp8 math, so the published format {published_dtype}")
