@@ -308,10 +308,23 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
 
 
 def _counter_delta(before: dict, after: dict) -> dict:
-    """This test's share of cumulative counters (numbers subtract; the rest is kept)."""
-    return {k: (_counter_delta(before[k], v) if isinstance(v, dict)
-                else v - before[k] if isinstance(v, (int, float)) and k in before else v)
-            for k, v in after.items()}
+    """This test's share of cumulative counters: counts subtract, the hit rate is
+    recomputed from them, configuration figures are kept."""
+    out = {}
+    for k, v in after.items():
+        if isinstance(v, dict):
+            out[k] = _counter_delta(before.get(k, {}), v)
+        elif k in _EXPERT_COUNTERS:
+            out[k] = v - before.get(k, 0)
+        else:
+            out[k] = v
+    if "hits" in out and "lookups" in out:
+        out["hit_rate"] = out["hits"] / out["lookups"] if out["lookups"] else None
+    return out
+
+
+_EXPERT_COUNTERS = ("steps", "selections", "lookups", "hits", "misses", "evictions", "bytes_loaded",
+                    "load_seconds")
 
 
 def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice) -> dict | None:
