@@ -20,6 +20,17 @@ def uses_triton(t: torch.Tensor) -> bool:
     return _triton.AVAILABLE and (t.is_cuda or _triton.MODE == "triton")
 
 
+def linear(x, weight):
+    """x (..., K) @ weight (N, K)^T. On the CPU in bf16, the compiled GEMV kernel
+    (kernels.cpu_linear, which falls back to F.linear where it cannot build or run);
+    elsewhere F.linear, i.e. cuBLAS/hipBLASLt on a GPU."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
+        from kernels.cpu_linear import cpu_linear
+
+        return cpu_linear(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
 def rms_norm(x, weight, eps: float, residual=None):
     """x (M, N), weight (N,) -> y (M, N), or (y, x + residual) when residual is given."""
     fn = _rmsnorm.rms_norm if uses_triton(x) else _rmsnorm.rms_norm_ref

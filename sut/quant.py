@@ -162,7 +162,7 @@ def quantize_model_(model: nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3
                     per_channel: bool = True) -> QuantReport:
     """Replace every non-excluded nn.Linear of `model` by an FP8Linear, in place."""
     targets = [(name, m) for name, m in model.named_modules()
-               if type(m) is nn.Linear and not is_excluded(name)]
+               if isinstance(m, nn.Linear) and not is_excluded(name)]
     if not targets:
         raise ValueError("no nn.Linear modules to quantize (already quantized?)")
     dtypes = {str(m.weight.dtype).removeprefix("torch.") for _, m in targets}
@@ -254,7 +254,7 @@ def load_quantized(model_skeleton: nn.Module, folder: Path, device="cpu") -> dic
     fp8_dtype = FP8_DTYPES[manifest["format"].removeprefix("fp8_")]
     for name in manifest["quantized_modules"]:
         linear = model_skeleton.get_submodule(name)
-        if type(linear) is not nn.Linear:
+        if not isinstance(linear, nn.Linear):
             raise ValueError(f"{folder}: {name} is a {type(linear).__name__} in the skeleton, not an nn.Linear")
         _replace(model_skeleton, name, FP8Linear(linear.in_features, linear.out_features, fp8_dtype,
                                                  manifest["per_channel"], device="meta"))

@@ -95,7 +95,7 @@ def shard_model_(model: LlamaModel, rank: int, world_size: int, group=None) -> L
         model.tp = shard
         return model
     for name, m in model.named_modules():
-        if name.endswith("_proj") and type(m) is not nn.Linear:
+        if name.endswith("_proj") and not isinstance(m, nn.Linear):
             raise TypeError(f"{name} is a {type(m).__name__}: shard before quantizing")
     all_reduce = functools.partial(_all_reduce_output, group=group)
     for layer in model.layers:

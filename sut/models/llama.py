@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch
@@ -140,6 +139,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """A bias-free projection through the kernel dispatch (the CPU GEMV kernel in bf16)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -154,8 +163,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=False)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
 
     def forward(self, x, cos, sin, kv, mask):
         """x: (B, T, hidden); kv: the layer's cache view that stores and returns K/V."""
@@ -174,8 +183,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.ffn_size = cfg.ffn_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.ffn_size)
+        self.down_proj = Linear(cfg.ffn_size, cfg.hidden_size)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
@@ -222,7 +231,7 @@ class LlamaModel(nn.Module):
             x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        return dispatch.linear(x, head).float()
 
     def load_hf_state_dict(self, sd: dict, dtype: torch.dtype) -> None:
         """Assign weights given under HF names, fusing QKV and gate/up projections."""
