@@ -94,9 +94,11 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
     return config_cls.from_hf_config(hf_cfg), sd, hf_cfg
 
 
-def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu") -> dict:
+def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu",
+                         with_mlp: bool = True) -> dict:
     """Seeded random weights with a sane scale, for timing shapes without downloads.
-    Made on `device`, so an 8B-shaped model never passes through host memory."""
+    Made on `device`, so an 8B-shaped model never passes through host memory.
+    `with_mlp=False` leaves out the dense MLPs, for models that bring their own."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
@@ -115,9 +117,10 @@ def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, 
         sd[p + "self_attn.k_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
         sd[p + "self_attn.v_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
         sd[p + "self_attn.o_proj.weight"] = randn(cfg.hidden_size, cfg.q_size)
-        sd[p + "mlp.gate_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
-        sd[p + "mlp.up_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
-        sd[p + "mlp.down_proj.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
+        if with_mlp:
+            sd[p + "mlp.gate_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+            sd[p + "mlp.up_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+            sd[p + "mlp.down_proj.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
         sd[p + "input_layernorm.weight"] = ones(cfg.hidden_size)
         sd[p + "post_attention_layernorm.weight"] = ones(cfg.hidden_size)
     return sd

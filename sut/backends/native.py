@@ -64,10 +64,8 @@ def load_synthetic(cfg: LlamaConfig, tokenizer: Tokenizer, dtype: str, device: s
     torch_dtype = _check_dtype(dtype)
     from sut.models.mixtral import MixtralConfig, synthetic_state_dict as mixtral_synthetic
 
-    if isinstance(cfg, MixtralConfig):
-        sd = mixtral_synthetic(cfg, seed, torch_dtype)
-    else:
-        sd = synthetic_state_dict(cfg, seed, torch_dtype, device)
+    make = mixtral_synthetic if isinstance(cfg, MixtralConfig) else synthetic_state_dict
+    sd = make(cfg, seed, torch_dtype, device)
     model = build_model(cfg, sd, torch_dtype, device)
     return LoadedModel(Path("synthetic"), cfg, model, tokenizer, dtype, device, _quantize(model, fp8_dtype))
 

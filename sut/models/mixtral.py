@@ -24,6 +24,7 @@ from torch import nn
 
 from kernels.dispatch import fused_moe
 from sut.models.llama import Attention, LlamaConfig, LlamaModel, RMSNorm
+from sut.weights import synthetic_state_dict as dense_synthetic
 
 
 @dataclass(frozen=True)
@@ -147,31 +148,20 @@ class MixtralModel(LlamaModel):
         self.load_state_dict(own, strict=True, assign=True)
 
 
-def synthetic_state_dict(cfg: MixtralConfig, seed: int = 0, dtype=torch.bfloat16) -> dict:
+def synthetic_state_dict(cfg: MixtralConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu") -> dict:
     """Seeded random weights under Mixtral's HF names, scaled by fan-in, for timing
-    shapes without downloads."""
-    g = torch.Generator().manual_seed(seed)
+    shapes without downloads: Llama's attention and norms, plus router and experts."""
+    sd = dense_synthetic(cfg, seed, dtype, device, with_mlp=False)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
 
     def randn(*shape):
-        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(dtype)
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype) * shape[-1] ** -0.5
 
-    def ones():
-        return torch.ones(cfg.hidden_size, dtype=dtype)
-
-    sd = {"model.embed_tokens.weight": randn(cfg.vocab_size, cfg.hidden_size), "model.norm.weight": ones()}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = randn(cfg.vocab_size, cfg.hidden_size)
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = randn(cfg.q_size, cfg.hidden_size)
-        sd[p + "self_attn.k_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
-        sd[p + "self_attn.v_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
-        sd[p + "self_attn.o_proj.weight"] = randn(cfg.hidden_size, cfg.q_size)
-        sd[p + "input_layernorm.weight"] = ones()
-        sd[p + "post_attention_layernorm.weight"] = ones()
-        sd[p + "block_sparse_moe.gate.weight"] = randn(cfg.n_experts, cfg.hidden_size)
+        p = f"model.layers.{i}.block_sparse_moe."
+        sd[p + "gate.weight"] = randn(cfg.n_experts, cfg.hidden_size)
         for e in range(cfg.n_experts):
-            x = f"{p}block_sparse_moe.experts.{e}."
+            x = f"{p}experts.{e}."
             sd[x + "w1.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
             sd[x + "w3.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
             sd[x + "w2.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
