@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 cpu_linear_ref = F.linear
 
-_SOURCE = Path(__file__).parent / "csrc" / "linear_bf16.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+# One extension holds every CPU op: the GEMV, and the fused decode step built on it.
+_SOURCES = (_CSRC / "linear_bf16.cpp", _CSRC / "decode_bf16.cpp")
 _LIBRARY = "wallperf"
 # The kernel's instructions; without them the op would fault.
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
@@ -86,7 +88,7 @@ def _build():
         # Holding the flock, nobody else is building: a torch lock file left
         # here is stale and would make load() wait on it forever.
         (directory / "lock").unlink(missing_ok=True)
-        load(name="wallperf_linear_bf16", sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+        load(name="wallperf_linear_bf16", sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS,
              extra_ldflags=_LDFLAGS, build_directory=str(directory), is_python_module=False,
              verbose=False)
     return getattr(torch.ops, _LIBRARY).linear_bf16

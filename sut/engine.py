@@ -107,11 +107,24 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
                                   dtype, self.device)
+        self._fused, self.decode_path = self._fused_decoder(model, dtype)
         self.waiting: deque[Sequence] = deque()
         # In admission order: the last one is the first to be preempted.
         self.running: list[Sequence] = []
         self.preemptions = 0
         self._decode_steps = self._decode_tokens = self._decode_context = 0
+
+    def _fused_decoder(self, model, dtype):
+        """The one-call C++ decode step where it runs (bf16 on the CPU), and a
+        sentence saying which decode path this engine takes and why."""
+        if self.device.type != "cpu" or dtype != torch.bfloat16:
+            return None, "eager PyTorch"
+        from kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
+
+        problem = fused_decode_problem(model, self.cache)
+        if problem is not None:
+            return None, f"eager PyTorch (fused C++ step unavailable: {problem})"
+        return FusedDecoder(model, self.cache), f"fused C++ step (kernels/cpu_decode.py) up to {MAX_FUSED_ROWS} rows"
 
     @property
     def free_slots(self) -> int:
@@ -218,16 +231,22 @@ class Engine:
             self._sample([chunks[r][0] for r in done], logits[done, -1], events)
 
     def _decode(self, seqs: list[Sequence], events: list) -> None:
-        ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
-        positions = torch.tensor([[s.length - 1] for s in seqs])
-        self.cache.bind([s.block_table for s in seqs], positions, torch.ones_like(positions, dtype=torch.bool))
-        logits = self.model(ids.to(self.device), positions.to(self.device), self.cache)
+        from kernels.cpu_decode import MAX_FUSED_ROWS
+
+        if self._fused is not None and len(seqs) <= MAX_FUSED_ROWS:
+            logits = self._fused([s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
+                                 [s.block_table for s in seqs])
+        else:
+            ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
+            positions = torch.tensor([[s.length - 1] for s in seqs])
+            self.cache.bind([s.block_table for s in seqs], positions, torch.ones_like(positions, dtype=torch.bool))
+            logits = self.model(ids.to(self.device), positions.to(self.device), self.cache)[:, -1]
         for s in seqs:
             s.num_cached += 1
         self._decode_steps += 1
         self._decode_tokens += len(seqs)
         self._decode_context += sum(s.length for s in seqs)
-        self._sample(seqs, logits[:, -1], events)
+        self._sample(seqs, logits, events)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, events: list) -> None:
         """Greedy choice per row; rows still short of min_new_tokens cannot pick EOS."""

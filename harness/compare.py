@@ -1,0 +1,298 @@
+"""`wallperf compare RUN_DIR...`: the performance runs of results folders side by side.
+
+One row per performance run, grouped by scenario, with the figures a reader
+weighs engines by: tokens/s (and its ratio to the scenario's best run, or to
+the first RUN_DIR's), samples/s, p99 TTFT and TPOT, MBU (the share of the
+memory bandwidth the run used, i.e. how close it came to the memory wall) and
+LoadGen's verdict. Every figure is read from results.json as `wallperf run`
+wrote it; only the ratio is computed here. Accuracy runs get a second, small
+table (MMLU).
+
+Records of a `--find-peak` search are tries at different loads, not results of
+their own: each search's peak (its highest VALID try) is shown, marked with its
+QPS, and the other tries are left out and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import ConfigError
+
+MISSING = "–"
+SCENARIO_ORDER = ("Offline", "Server", "Interactive", "SingleStream", "MultiStream")
+VS = ("best", "first")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One results folder: the label it was named by, its results.json and the parsed object."""
+
+    label: str
+    path: Path
+    results: dict
+
+    @property
+    def runs(self) -> list[dict]:
+        return self.results["runs"]
+
+
+def read_run_dir(arg: Path) -> RunDir:
+    """A folder written by `wallperf run` (or its results.json), checked for shape."""
+    path = arg if arg.is_file() else arg / "results.json"
+    if not path.is_file():
+        raise ConfigError(arg, None, "no results.json found; give a folder written by `wallperf run`")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, None, f"cannot read it: {e}") from None
+    runs = results.get("runs") if isinstance(results, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise ConfigError(path, "runs", "not a wallperf results.json: expected an object whose 'runs' "
+                          "is a list of run records")
+    if not any(r.get("mode") == "performance" for r in runs):
+        held = f"it holds {len(runs)} accuracy run(s)" if runs else "its 'runs' list is empty"
+        if results.get("complete") is False:
+            held += " and the run did not complete"
+        raise ConfigError(path, "runs", f"no performance runs to compare ({held})")
+    return RunDir(str(arg), path, results)
+
+
+def _number(value):
+    """A figure, or None for anything else (a missing key, null, or a value of the wrong type)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value):
+    return None if value is None else str(value)
+
+
+def _p99(metrics: dict, name: str):
+    return _number(_mapping(metrics.get(name)).get("p99"))
+
+
+def record_row(run_dir: RunDir, record: dict, find_peak_qps=None) -> dict:
+    """The fields of one run record that the tables show; the same keys for both modes."""
+    m, rf, mmlu = (_mapping(record.get(k)) for k in ("metrics", "roofline", "mmlu"))
+    valid, reasons, emulated = (record.get(k) for k in ("valid", "invalid_reasons", "fp8_emulated"))
+    return {
+        "run": run_dir.label,
+        "results": str(run_dir.path),
+        "scenario": _text(record.get("scenario")),
+        "mode": _text(record.get("mode")),
+        "model": _text(record.get("model")),
+        "backend": _text(record.get("backend")),
+        "hardware": _text(record.get("hardware")),
+        "dtype": _text(record.get("dtype")),
+        "weight_format": _text(record.get("weight_format")),
+        "fp8_emulated": emulated if isinstance(emulated, bool) else None,
+        "tokens_per_second": _number(m.get("tokens_per_second")),
+        "ratio": None,
+        "ratio_to": None,
+        "samples_per_second": _number(m.get("samples_per_second")),
+        "ttft_p99_ms": _p99(m, "ttft_ms"),
+        "tpot_p99_ms": _p99(m, "tpot_ms"),
+        "mbu": _number(rf.get("mbu")),
+        "memory_wall_tokens_per_second": _number(rf.get("memory_wall_tokens_per_second")),
+        "valid": valid if isinstance(valid, bool) else None,
+        "invalid_reasons": [str(r) for r in reasons] if isinstance(reasons, list) else [],
+        "find_peak_qps": find_peak_qps,
+        "mmlu_accuracy": _number(mmlu.get("accuracy", m.get("mmlu_accuracy"))),
+        "mmlu_correct": _number(mmlu.get("correct")),
+        "mmlu_total": _number(mmlu.get("total")),
+    }
+
+
+def _peak_tries(results: dict) -> dict:
+    """log_dir -> target QPS of each find-peak search's peak try."""
+    peaks = {}
+    for search in _mapping(results.get("find_peak")).values():
+        search = _mapping(search)
+        qps, curve = _number(search.get("peak_qps")), search.get("curve")
+        for point in curve if isinstance(curve, list) and qps is not None else ():
+            if isinstance(point, dict) and point.get("qps") == qps and isinstance(point.get("log_dir"), str):
+                peaks[point["log_dir"]] = qps
+    return peaks
+
+
+def _scenario_key(scenario: str | None):
+    name = scenario or ""
+    return (SCENARIO_ORDER.index(name) if name in SCENARIO_ORDER else len(SCENARIO_ORDER), name)
+
+
+def compare(run_dirs: list[RunDir], vs: str = "best") -> tuple[list[dict], list[dict], int]:
+    """(performance rows, accuracy rows, find-peak tries left out).
+
+    Performance rows are grouped by scenario (MLPerf's order, then by name); within a
+    scenario they are sorted by tokens/s, highest first, when compared to the best run,
+    and kept in command-line order when compared to the first. `ratio` is the row's
+    tokens/s over the reference run's: the scenario's highest, or the first row of the
+    scenario in command-line order; None where either figure is missing.
+    """
+    if vs not in VS:
+        raise ValueError(f"vs must be one of {', '.join(VS)}, got {vs!r}")
+    performance, accuracy, left_out = [], [], 0
+    for run_dir in run_dirs:
+        peaks = _peak_tries(run_dir.results)
+        for record in run_dir.runs:
+            if record.get("mode") == "accuracy":
+                accuracy.append(record_row(run_dir, record))
+            elif record.get("mode") == "performance":
+                if not record.get("find_peak_try"):
+                    performance.append(record_row(run_dir, record))
+                elif isinstance(record.get("log_dir"), str) and record["log_dir"] in peaks:
+                    performance.append(record_row(run_dir, record, peaks[record["log_dir"]]))
+                else:
+                    left_out += 1
+    groups: dict = {}
+    for row in performance:
+        groups.setdefault(row["scenario"], []).append(row)
+    ordered = []
+    for scenario in sorted(groups, key=_scenario_key):
+        rows = groups[scenario]
+        figures = [r["tokens_per_second"] for r in rows if r["tokens_per_second"] is not None]
+        reference = max(figures, default=None) if vs == "best" else rows[0]["tokens_per_second"]
+        for r in rows:
+            r["ratio_to"] = vs
+            if r["tokens_per_second"] is not None and reference:
+                r["ratio"] = r["tokens_per_second"] / reference
+        if vs == "best":
+            rows = sorted(rows, key=lambda r: (r["tokens_per_second"] is None, -(r["tokens_per_second"] or 0)))
+        ordered += rows
+    accuracy.sort(key=lambda r: _scenario_key(r["scenario"]))
+    return ordered, accuracy, left_out
+
+
+# -- rendering ---------------------------------------------------------------
+
+def _figure(value) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:,.1f}" if abs(value) >= 1 else f"{value:.3g}"
+
+
+def _percent(fraction) -> str:
+    return MISSING if fraction is None else f"{100 * fraction:.1f}%"
+
+
+def _ratio(value) -> str:
+    return MISSING if value is None else f"{value:.2f}x"
+
+
+def _format(row: dict) -> str:
+    dtype, weights = row["dtype"], row["weight_format"]
+    text = weights if dtype is None or weights in (None, dtype) else f"{weights}/{dtype}"
+    text = text or dtype or MISSING
+    return f"{text} (emulated)" if row["fp8_emulated"] else text
+
+
+def _run(row: dict) -> str:
+    return row["run"] if row["find_peak_qps"] is None else f"{row['run']} (peak {row['find_peak_qps']:g} QPS)"
+
+
+def _verdict(row: dict) -> str:
+    return {True: "VALID", False: "INVALID"}.get(row["valid"], MISSING)
+
+
+def _cell(row: dict, key: str) -> str:
+    return MISSING if row[key] is None else row[key]
+
+
+# (header, cell of a row, right-aligned)
+def _performance_columns(vs: str, with_model: bool) -> list:
+    return [("scenario", lambda r: _cell(r, "scenario"), False), ("run", _run, False),
+            *([("model", lambda r: _cell(r, "model"), False)] if with_model else []),
+            ("backend", lambda r: _cell(r, "backend"), False), ("hardware", lambda r: _cell(r, "hardware"), False),
+            ("format", _format, False), ("tokens/s", lambda r: _figure(r["tokens_per_second"]), True),
+            (f"x {vs}", lambda r: _ratio(r["ratio"]), True),
+            ("samples/s", lambda r: _figure(r["samples_per_second"]), True),
+            ("TTFT p99 ms", lambda r: _figure(r["ttft_p99_ms"]), True),
+            ("TPOT p99 ms", lambda r: _figure(r["tpot_p99_ms"]), True),
+            ("MBU", lambda r: _percent(r["mbu"]), True), ("LoadGen", _verdict, False)]
+
+
+def _accuracy_columns(with_model: bool) -> list:
+    def correct(r):
+        return " / ".join(MISSING if r[k] is None else f"{r[k]:g}" for k in ("mmlu_correct", "mmlu_total"))
+
+    return [("scenario", lambda r: _cell(r, "scenario"), False), ("run", _run, False),
+            *([("model", lambda r: _cell(r, "model"), False)] if with_model else []),
+            ("backend", lambda r: _cell(r, "backend"), False), ("hardware", lambda r: _cell(r, "hardware"), False),
+            ("format", _format, False), ("MMLU", lambda r: _percent(r["mmlu_accuracy"]), True),
+            ("correct", correct, True)]
+
+
+def format_text(rows: list[dict], columns: list) -> str:
+    cells = [[cell(r) for _, cell, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(columns)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if right else v.ljust(w)
+                         for v, w, (_, _, right) in zip(values, widths, columns)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line([h for h, _, _ in columns]), rule, *(line(c) for c in cells)])
+
+
+_MD_ESCAPES = str.maketrans({"|": "\\|", "\\": "\\\\", "\n": " ", "\r": " "})
+
+
+def format_markdown(rows: list[dict], columns: list) -> str:
+    def line(values):
+        return "| " + " | ".join(v.translate(_MD_ESCAPES) for v in values) + " |"
+
+    rule = "|" + "|".join("---:" if right else "---" for _, _, right in columns) + "|"
+    return "\n".join([line([h for h, _, _ in columns]), rule, *(line([c(r) for _, c, _ in columns]) for r in rows)])
+
+
+def render(performance: list[dict], accuracy: list[dict], left_out: int, vs: str, markdown: bool) -> str:
+    with_model = len({r["model"] for r in performance + accuracy}) > 1
+    table = format_markdown if markdown else format_text
+    reference = "the best run of its scenario" if vs == "best" else "the first RUN_DIR's run of its scenario"
+    heading = "## {}" if markdown else "{}"
+    parts = [heading.format("Performance"),
+             table(performance, _performance_columns(vs, with_model)),
+             "", f"x {vs}: tokens/s over {reference}. MBU: achieved memory bandwidth over the hardware's "
+             f"peak (closest to the memory wall = highest)."]
+    if left_out:
+        parts.append(f"{left_out} find-peak tries left out; each search's peak is shown, marked with its QPS.")
+    if accuracy:
+        parts += ["", heading.format("Accuracy"), table(accuracy, _accuracy_columns(with_model))]
+    return "\n".join(parts)
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "compare", help="performance runs of results folders side by side",
+        description="One row per performance run of each RUN_DIR (written by `wallperf run`), grouped by "
+                    "scenario: tokens/s and its ratio to the scenario's best run (or the first RUN_DIR's), "
+                    "samples/s, p99 TTFT and TPOT, MBU and LoadGen's verdict; accuracy runs (MMLU) in a "
+                    "second table. Of a --find-peak search only the peak try is shown. Missing figures "
+                    f"print as {MISSING}.")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="a folder holding results.json (or the file itself)")
+    p.add_argument("--vs", choices=VS, default="best", help="the ratio column's reference: the scenario's "
+                   "highest tokens/s (default), or the first RUN_DIR that has the scenario")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects "
+                        "(performance rows, then accuracy rows; missing figures are null)")
+    output.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    return p
+
+
+def cmd_compare(args) -> int:
+    run_dirs = [read_run_dir(Path(d)) for d in args.run_dirs]
+    performance, accuracy, left_out = compare(run_dirs, args.vs)
+    if args.json:
+        print(json.dumps(performance + accuracy, indent=2))
+    else:
+        print(render(performance, accuracy, left_out, args.vs, args.markdown))
+    return 0

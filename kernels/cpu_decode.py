@@ -1,0 +1,87 @@
+"""A whole Llama decode step in one C++ call, for bf16 on the CPU.
+
+The eager decode step issues ~20 small ops per block besides its four GEMVs;
+over SmolLM2's 30 blocks their Python and dispatch overhead cost as much as
+streaming the weights. `FusedDecoder` hands the step to the compiled
+`wallperf::llama_decode_bf16` (csrc/decode_bf16.cpp, built with the GEMV kernel
+by kernels.cpu_linear): embedding lookup in PyTorch, then every block, the
+final norm and the LM head in C++, against the engine's paged KV cache.
+
+It runs where `fused_decode_problem(model, cache)` returns None: a plain
+Llama-family model (not Mixtral, MoME, fp8 or tensor-parallel) in bf16 on a CPU
+with AVX512-BF16 whose extension built. Elsewhere the engine keeps the eager
+path. `WALLPERF_FUSED_DECODE=0` turns it off, for side-by-side measurements.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.cpu_linear import _extension
+
+# Rows beyond this go through the eager path, where PyTorch's GEMM reuses each
+# weight across rows (the GEMV kernel reads W once per 8 rows).
+MAX_FUSED_ROWS = 16
+
+
+def fused_decode_problem(model, cache) -> str | None:
+    """Why the fused step cannot run this model and cache, or None when it can."""
+    from sut.models.llama import LlamaModel
+
+    if os.environ.get("WALLPERF_FUSED_DECODE", "1") == "0":
+        return "WALLPERF_FUSED_DECODE=0"
+    if type(model) is not LlamaModel:
+        return f"{type(model).__name__} is not a plain Llama-family model"
+    weight = model.embed_tokens.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return f"weights are {weight.dtype} on {weight.device}, not bfloat16 on the CPU"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return "the model is sharded or hooked (tensor parallelism)"
+    for layer in model.layers:
+        for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            w = getattr(lin, "weight", None)
+            if w is None or w.dtype != torch.bfloat16 or not w.is_contiguous():
+                return "projection weights are not contiguous bfloat16 (quantized?)"
+    if cache.k.dtype != torch.bfloat16 or not cache.k.is_contiguous():
+        return "the KV cache is not contiguous bfloat16"
+    op, why = _extension()
+    if op is None:
+        return why
+    return None
+
+
+class FusedDecoder:
+    """`model`'s decode step against the engine's paged cache in one C++ call."""
+
+    def __init__(self, model, cache):
+        problem = fused_decode_problem(model, cache)
+        if problem is not None:
+            raise ValueError(f"the fused decode step cannot run here: {problem}")
+        cfg = model.cfg
+        self.model, self.cache, self.cfg = model, cache, cfg
+        layers = model.layers
+        self._weights = (
+            [l.self_attn.qkv_proj.weight for l in layers],
+            [l.self_attn.o_proj.weight for l in layers],
+            [l.mlp.gate_up_proj.weight for l in layers],
+            [l.mlp.down_proj.weight for l in layers],
+            [l.input_layernorm.weight for l in layers],
+            [l.post_attention_layernorm.weight for l in layers],
+            model.norm.weight,
+            model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight,
+        )
+        self._op = torch.ops.wallperf.llama_decode_bf16
+
+    @torch.inference_mode()
+    def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """float32 logits (M, vocab) for each row's token at its position; its key
+        and value are written into the cache at that position's slot."""
+        width = max(len(t) for t in block_tables)
+        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+        for row, table in enumerate(block_tables):
+            tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        x = self.model.embed_tokens(torch.tensor(token_ids))
+        cfg = self.cfg
+        return self._op(x, *self._weights, self.cache.k, self.cache.v, tables, torch.tensor(positions),
+                        self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps)

@@ -1,0 +1,247 @@
+// One decode step of a Llama-family decoder in bf16 on the CPU, in one call.
+//
+// At batch 1 a step of SmolLM2-135M is ~270 MB of weights streamed through 121
+// GEMVs, plus ~20 small ops per block (norms, RoPE, the cache write, attention,
+// SwiGLU, residual adds). Issued one by one from Python, those small ops and the
+// dispatch around each GEMV cost as much as the GEMVs' memory traffic. Here the
+// whole step runs in C++: the GEMVs of gemv_bf16.h, each over all threads, and
+// everything between them on contiguous scratch vectors.
+//
+// The numerics follow the PyTorch path (sut/models/llama.py) op for op: bf16
+// activations between ops, rounded where PyTorch rounds (RMSNorm normalises in
+// fp32, rounds, then scales by the bf16 weight; RoPE and SwiGLU compute in fp32
+// and round; residual adds round), fp32 attention over the bf16 cache, bf16
+// logits returned as fp32. The KV cache is the engine's paged pool:
+// (layers, blocks, block_size, kv_heads, head_dim), addressed through each
+// row's block table; this step's keys and values are written at the row's
+// position before it attends.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gemv_bf16.h"
+
+namespace {
+
+using namespace wallperf_gemv;
+using bf16 = at::BFloat16;
+
+inline float to_f(bf16 v) { return static_cast<float>(v); }
+inline bf16 to_bf16(float v) { return bf16(v); }  // round to nearest even
+
+void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t M, int64_t H, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* xr = x + m * H;
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
+    for (int64_t i = 0; i < H; ++i) y[m * H + i] = to_bf16(to_f(w[i]) * to_f(to_bf16(to_f(xr[i]) * r)));
+  }
+}
+
+// HF layout: the two halves of each head are the pairs rotated together.
+void rope_heads(bf16* x, int64_t heads, int64_t D, const float* cos_, const float* sin_) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    bf16* v = x + h * D;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = to_f(v[i]), b = to_f(v[i + half]);
+      v[i] = to_bf16(a * cos_[i] - b * sin_[i]);
+      v[i + half] = to_bf16(b * cos_[i] + a * sin_[i]);
+    }
+  }
+}
+
+AVX512_BF16 inline float dot_bf16(const float* q, const bf16* k, int64_t D) {
+  const auto* kp = reinterpret_cast<const uint16_t*>(k);
+  int64_t i = 0;
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= D; i += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + i)));
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < D; ++i) s += q[i] * to_f(k[i]);
+  return s;
+}
+
+AVX512_BF16 inline void axpy_bf16(float a, const bf16* v, float* acc, int64_t D) {
+  const auto* vp = reinterpret_cast<const uint16_t*>(v);
+  const __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp + i)));
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(av, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+                                              _mm512_loadu_ps(acc + i)));
+  }
+  for (; i < D; ++i) acc[i] += a * to_f(v[i]);
+}
+
+struct Shape {
+  int64_t M, H, Hq, Hkv, D, F, V, blocks, block_size, table_width;
+};
+
+// out[m, h] = softmax(q k^T * scale) v over positions 0..pos[m], for every query head.
+AVX512_BF16 void attend(const bf16* qkv, const bf16* k_layer, const bf16* v_layer, const int32_t* tables,
+                        const int64_t* positions, bf16* out, const Shape& s, int threads) {
+  const int64_t group = s.Hq / s.Hkv, qkv_width = (s.Hq + 2 * s.Hkv) * s.D;
+  const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t item = 0; item < s.M * s.Hq; ++item) {
+    const int64_t m = item / s.Hq, h = item % s.Hq, kvh = h / group, ctx = positions[m] + 1;
+    std::vector<float> q(s.D), acc(s.D, 0.f), scores(ctx);
+    for (int64_t i = 0; i < s.D; ++i) q[i] = to_f(qkv[m * qkv_width + h * s.D + i]) * scale;
+    const int32_t* table = tables + m * s.table_width;
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < ctx; ++t) {
+      const int64_t slot = static_cast<int64_t>(table[t / s.block_size]) * s.block_size + t % s.block_size;
+      scores[t] = dot_bf16(q.data(), k_layer + (slot * s.Hkv + kvh) * s.D, s.D);
+      best = std::max(best, scores[t]);
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t < ctx; ++t) {
+      scores[t] = std::exp(scores[t] - best);
+      total += scores[t];
+    }
+    for (int64_t t = 0; t < ctx; ++t) {
+      const int64_t slot = static_cast<int64_t>(table[t / s.block_size]) * s.block_size + t % s.block_size;
+      axpy_bf16(scores[t] / total, v_layer + (slot * s.Hkv + kvh) * s.D, acc.data(), s.D);
+    }
+    for (int64_t i = 0; i < s.D; ++i) out[m * s.Hq * s.D + h * s.D + i] = to_bf16(acc[i]);
+  }
+}
+
+const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<bf16>()); }
+
+void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const char* name, size_t layer) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2 && w.size(0) == rows &&
+                  w.size(1) == cols,
+              "wallperf::llama_decode_bf16: layer ", layer, " ", name, " must be a contiguous bfloat16 (", rows,
+              ", ", cols, ") tensor, got ", w.scalar_type(), " ", w.sizes());
+}
+
+void check_vector(const at::Tensor& w, int64_t n, const char* name, size_t layer) {
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.numel() == n,
+              "wallperf::llama_decode_bf16: layer ", layer, " ", name, " must be a contiguous bfloat16 vector of ",
+              n, ", got ", w.scalar_type(), " ", w.sizes());
+}
+
+at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::TensorList o_w,
+                             at::TensorList gate_up_w, at::TensorList down_w, at::TensorList ln1,
+                             at::TensorList ln2, const at::Tensor& norm, const at::Tensor& head,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+                             const at::Tensor& positions, const at::Tensor& inv_freq, int64_t n_heads,
+                             int64_t n_kv_heads, double eps) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "wallperf::llama_decode_bf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2, "x must be bfloat16 (M, hidden)");
+  const size_t L = qkv_w.size();
+  TORCH_CHECK(o_w.size() == L && gate_up_w.size() == L && down_w.size() == L && ln1.size() == L &&
+                  ln2.size() == L,
+              "wallperf::llama_decode_bf16: every per-layer weight list needs ", L, " entries");
+  TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == static_cast<int64_t>(L) &&
+                  k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "k_cache and v_cache must be contiguous bfloat16 (layers, blocks, block_size, kv_heads, head_dim), got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  Shape s;
+  s.M = x_in.size(0);
+  s.H = x_in.size(1);
+  s.Hq = n_heads;
+  s.Hkv = n_kv_heads;
+  s.D = k_cache.size(4);
+  s.blocks = k_cache.size(1);
+  s.block_size = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == s.Hkv && s.Hq % s.Hkv == 0, "kv heads do not match the cache or the query heads");
+  TORCH_CHECK(down_w[0].dim() == 2, "down projection must be 2-D");
+  s.F = down_w[0].size(1);
+  s.V = head.size(0);
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == s.M &&
+                  block_tables.is_contiguous(),
+              "block_tables must be contiguous int32 (M, width)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == s.M && positions.is_contiguous(),
+              "positions must be contiguous int64 (M,)");
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.numel() == s.D / 2, "inv_freq must be float32 (D/2,)");
+  s.table_width = block_tables.size(1);
+  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  for (int64_t m = 0; m < s.M; ++m) {
+    TORCH_CHECK(pos[m] >= 0 && pos[m] / s.block_size < s.table_width, "row ", m, ": position ", pos[m],
+                " is beyond its block table of ", s.table_width, " blocks");
+    for (int64_t b = 0; b <= pos[m] / s.block_size; ++b)
+      TORCH_CHECK(tables[m * s.table_width + b] >= 0 && tables[m * s.table_width + b] < s.blocks, "row ", m,
+                  ": block ", tables[m * s.table_width + b], " is outside the pool of ", s.blocks);
+  }
+  const int64_t q_size = s.Hq * s.D, kv_size = s.Hkv * s.D, qkv_width = q_size + 2 * kv_size;
+  check_vector(norm, s.H, "final norm", L);
+  check_weight(head, s.V, s.H, "lm_head", L);
+  for (size_t l = 0; l < L; ++l) {
+    check_weight(qkv_w[l], qkv_width, s.H, "qkv_proj", l);
+    check_weight(o_w[l], s.H, q_size, "o_proj", l);
+    check_weight(gate_up_w[l], 2 * s.F, s.H, "gate_up_proj", l);
+    check_weight(down_w[l], s.H, s.F, "down_proj", l);
+    check_vector(ln1[l], s.H, "input_layernorm", l);
+    check_vector(ln2[l], s.H, "post_attention_layernorm", l);
+  }
+  const int threads = at::get_num_threads();
+  const float epsf = static_cast<float>(eps);
+  const int64_t M = s.M, H = s.H;
+
+  // cos/sin per row, as the PyTorch path computes them: fp32 position * fp32 inverse frequency.
+  std::vector<float> cos_(M * s.D / 2), sin_(M * s.D / 2);
+  const float* inv = inv_freq.const_data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < s.D / 2; ++i) {
+      const float a = static_cast<float>(pos[m]) * inv[i];
+      cos_[m * s.D / 2 + i] = std::cos(a);
+      sin_[m * s.D / 2 + i] = std::sin(a);
+    }
+
+  std::vector<bf16> x(x_in.const_data_ptr<bf16>(), x_in.const_data_ptr<bf16>() + M * H), h(M * H), qkv(M * qkv_width),
+      attn(M * q_size), o(M * H), gu(M * 2 * s.F), act(M * s.F), d(M * H);
+  const int64_t layer_elems = s.blocks * s.block_size * kv_size;
+  for (size_t l = 0; l < L; ++l) {
+    rms_norm(x.data(), ln1[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
+    gemv(bits(h.data()), bits(qkv_w[l]), qkv.data(), M, H, qkv_width, threads);
+    bf16* k_layer = k_cache.data_ptr<bf16>() + l * layer_elems;
+    bf16* v_layer = v_cache.data_ptr<bf16>() + l * layer_elems;
+    for (int64_t m = 0; m < M; ++m) {
+      bf16* row = qkv.data() + m * qkv_width;
+      rope_heads(row, s.Hq, s.D, cos_.data() + m * s.D / 2, sin_.data() + m * s.D / 2);
+      rope_heads(row + q_size, s.Hkv, s.D, cos_.data() + m * s.D / 2, sin_.data() + m * s.D / 2);
+      const int64_t slot =
+          static_cast<int64_t>(tables[m * s.table_width + pos[m] / s.block_size]) * s.block_size + pos[m] % s.block_size;
+      std::copy(row + q_size, row + q_size + kv_size, k_layer + slot * kv_size);
+      std::copy(row + q_size + kv_size, row + qkv_width, v_layer + slot * kv_size);
+    }
+    attend(qkv.data(), k_layer, v_layer, tables, pos, attn.data(), s, threads);
+    gemv(bits(attn.data()), bits(o_w[l]), o.data(), M, q_size, H, threads);
+    for (int64_t i = 0; i < M * H; ++i) x[i] = to_bf16(to_f(x[i]) + to_f(o[i]));
+    rms_norm(x.data(), ln2[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
+    gemv(bits(h.data()), bits(gate_up_w[l]), gu.data(), M, H, 2 * s.F, threads);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < s.F; ++i) {
+        const float g = to_f(gu[m * 2 * s.F + i]), u = to_f(gu[m * 2 * s.F + s.F + i]);
+        act[m * s.F + i] = to_bf16(g / (1.f + std::exp(-g)) * u);
+      }
+    gemv(bits(act.data()), bits(down_w[l]), d.data(), M, s.F, H, threads);
+    for (int64_t i = 0; i < M * H; ++i) x[i] = to_bf16(to_f(x[i]) + to_f(d[i]));
+  }
+  rms_norm(x.data(), norm.const_data_ptr<bf16>(), h.data(), M, H, epsf);
+  at::Tensor logits = at::empty({M, s.V}, x_in.options());
+  gemv(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), M, H, s.V, threads);
+  return logits.to(at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(wallperf, m) {
+  m.def(
+      "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] o, Tensor[] gate_up, Tensor[] down, Tensor[] ln1, "
+      "Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_tables, "
+      "Tensor positions, Tensor inv_freq, int n_heads, int n_kv_heads, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(wallperf, CPU, m) {
+  m.impl("llama_decode_bf16", &llama_decode_bf16);
+}
