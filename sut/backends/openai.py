@@ -24,8 +24,9 @@ against them and every mismatch is recorded.
 Failures: a request that fails (connection refused or reset, no data within
 `timeout_s`, HTTP errors, a broken stream) is retried on the next endpoint
 while no token has reached LoadGen yet, up to `retries` times. A request that
-still fails is recorded with its reason and finished for the adapter with one
-placeholder token (EOS), so LoadGen can complete the sample; any failure makes
+still fails is recorded with its reason and finished for the adapter with
+placeholder tokens (EOS, two of them: LoadGen needs at least two), so LoadGen
+can complete the sample; any failure makes
 the run INVALID (see `stats()["failures"]`).
 
 The API key is read from the environment variable named by `api_key_env` and
@@ -398,8 +399,11 @@ class OpenAIBackend:
             if len(self._failure_examples) < MAX_EXAMPLES:
                 self._failure_examples.append({"request_id": job.request_id, "endpoint": endpoint.url,
                                                "reason": reason})
-        index = 2 if stream.first_sent else 1
-        self._events.put(TokenEvent(job.request_id, self._placeholder_token, index, True))
+        # Two placeholder tokens when none reached LoadGen: it rejects a
+        # response of fewer than 2 tokens with an error per sample.
+        if not stream.first_sent:
+            self._events.put(TokenEvent(job.request_id, self._placeholder_token, 1, False))
+        self._events.put(TokenEvent(job.request_id, self._placeholder_token, 2, True))
 
     def _transport_reason(self, e: BaseException) -> str:
         if isinstance(e, TimeoutError):
