@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.config import DTYPES, MODES, SCENARIOS, ConfigError
+from harness.config import BACKENDS, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError
 
 EXIT_BAD_INPUT = 2
 
@@ -62,12 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
     r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
     r.add_argument("--max-batch", type=_positive(int), help="engine batch size (not SingleStream)")
+    r.add_argument("--tp", type=_positive(int), metavar="N", help="tensor parallelism: shard the model over N "
+                   "processes on this host, one GPU each (nccl), or sharing the CPU (gloo); rank 0 drives "
+                   "LoadGen. Native backend, dense Llama models whose heads, KV heads and FFN width divide "
+                   "by N, no fp8 (default 1)")
     r.add_argument("--per-subject", type=_positive(int), help="MMLU questions per subject")
     r.add_argument("--max-samples", type=_positive(int), help="use at most N samples (quick runs)")
     r.add_argument("--output-tokens", type=_positive(int),
                    help="fixed output length of performance runs (EOS ignored)")
-    r.add_argument("--backend", choices=("native", "openai"), help="the SUT: our engine, or OpenAI-compatible "
-                   "endpoints (--endpoint)")
+    r.add_argument("--backend", choices=BACKENDS, help="the SUT: native (our engine), openai (OpenAI-compatible "
+                   "endpoints, --endpoint), or a peer engine in process: hf (HF transformers on the same "
+                   "weights, static batches) or llamacpp (llama.cpp on the GGUF, see --gguf); the peers need "
+                   "pip install 'wallperf[peers]'")
+    r.add_argument("--gguf", choices=GGUF_CHOICES, help="--backend llamacpp: run the model's own GGUF (source, "
+                   "default; SmolLM2's is Q4_1) or the same weights as a BF16 GGUF (bf16: the native engine's "
+                   "bf16 numbers, written once by `wallperf export-gguf` into $WALLPERF_CACHE/gguf)")
     r.add_argument("--endpoint", action="append", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000 "
                    "(repeat for several servers); implies --backend openai")
     r.add_argument("--served-model", help="the model name the endpoints serve (default: --model's name)")
@@ -80,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, help="output folder (default: results/<timestamp>)")
     r.add_argument("--no-progress", action="store_true", help="no progress display")
 
-    b = sub.add_parser("bench", help="micro-benchmarks: gemv (CPU bf16 GEMV vs PyTorch), mome (memory "
-                       "experts), client (the OpenAI client against a local mock)")
-    b.add_argument("what", choices=("gemv", "mome", "client"))
+    b = sub.add_parser("bench", help="micro-benchmarks: gemv (CPU bf16 GEMV vs PyTorch), decode (the "
+                       "engine's batch-1 decode step, fused C++ vs eager, against the memory wall), mome "
+                       "(memory experts), client (the OpenAI client against a local mock)")
+    b.add_argument("what", choices=("gemv", "decode", "mome", "client"))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
 
     g = sub.add_parser("generate", help="greedy generation with the native engine")
@@ -96,17 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
     from audit.gate import add_audit_parser
     from audit.report import add_report_parser
+    from harness.gguf_export import add_export_parser
     from harness.quant_check import add_quant_check_parser
     from harness.probe import add_probe_parser
+    from harness.compare import add_compare_parser
     from harness.roofline import add_roofline_parser
     from sut.server import add_serve_parser
 
     add_roofline_parser(sub)
+    add_compare_parser(sub)
     add_probe_parser(sub)
     add_report_parser(sub)
     add_serve_parser(sub)
     add_audit_parser(sub)
     add_quant_check_parser(sub)
+    add_export_parser(sub)
     return p
 
 
@@ -115,7 +129,7 @@ def cmd_run(args) -> int:
     from harness.run import RunOptions, run_benchmark
 
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
-                                   ("scenarios", args.scenario)) if v is not None}
+                                   ("scenarios", args.scenario), ("tp", args.tp)) if v is not None}
     if args.endpoint or args.backend == "openai":
         if not args.endpoint:
             raise ConfigError(None, "--endpoint", "--backend openai needs at least one --endpoint URL")
@@ -124,6 +138,8 @@ def cmd_run(args) -> int:
                                "model": args.served_model or args.model or "smollm2-135m"}
     elif args.backend:
         overrides["backend"] = args.backend
+    if args.gguf:
+        overrides["gguf"] = args.gguf
     if args.mode:
         overrides["modes"] = list(MODES) if args.mode == "both" else [args.mode]
     scenario_overrides = {k: v for k, v in (("min_duration_s", args.duration), ("max_batch", args.max_batch),
@@ -194,14 +210,16 @@ def main(argv=None) -> int:
 
     from audit.gate import cmd_audit
     from audit.report import cmd_report
+    from harness.gguf_export import cmd_export_gguf
     from harness.quant_check import cmd_quant_check
     from harness.probe import cmd_probe
+    from harness.compare import cmd_compare
     from harness.roofline import cmd_roofline
     from sut.server import cmd_serve
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
                "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,
-               "quant-check": cmd_quant_check}[args.command]
+               "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf}[args.command]
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError) as e:

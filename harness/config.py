@@ -19,7 +19,9 @@ import yaml
 SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
 MODES = ("performance", "accuracy")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
-BACKENDS = ("native", "openai")
+BACKENDS = ("native", "openai", "hf", "llamacpp")
+# The GGUF the llamacpp backend runs: the model's own file, or its BF16 export.
+GGUF_CHOICES = ("source", "bf16")
 
 
 class FieldError(ValueError):
@@ -34,9 +36,13 @@ class ConfigError(ValueError):
     """A configuration problem, located by file and key."""
 
     def __init__(self, file: str | Path | None, key: str | None, message: str):
-        self.file, self.key = (str(file) if file else None), key
+        self.file, self.key, self.message = (str(file) if file else None), key, message
         where = ": ".join(x for x in (self.file, f"key '{key}'" if key else None) if x)
         super().__init__(f"{where}: {message}" if where else message)
+
+    def __reduce__(self):
+        # Rebuilt from its three parts when a tensor-parallel rank sends it to the parent.
+        return type(self), (self.file, self.key, self.message)
 
 
 def conf_dir() -> Path:
@@ -239,14 +245,18 @@ class RunConfig:
     dataset: str
     scenarios: list
     system: str = "cpu-native"
-    backend: Literal["native", "openai"] = "native"
+    backend: Literal["native", "openai", "hf", "llamacpp"] = "native"
     openai: Optional[OpenAIConfig] = None
+    # llamacpp only: run the model's own GGUF (source) or its BF16 export (bf16).
+    gguf: Literal["source", "bf16"] = "source"
     # auto: fp8 weights where the hardware has fp8 math, else the published format.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8"] = "auto"
     # auto: the GPU when torch sees one, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     modes: list = field(default_factory=lambda: list(MODES))
     seed: int = 0
+    # Tensor parallelism: the native engine's model sharded over this many processes.
+    tp: int = 1
 
     def __post_init__(self):
         for i, s in enumerate(self.scenarios):
@@ -259,6 +269,17 @@ class RunConfig:
             raise ValueError("scenarios and modes must not be empty")
         if (self.backend == "openai") != (self.openai is not None):
             raise ValueError("an 'openai' section (endpoints, model) is needed exactly when backend is openai")
+        if self.gguf != "source" and self.backend != "llamacpp":
+            raise FieldError("gguf", f"{self.gguf!r} applies to the llamacpp backend only (backend is "
+                             f"{self.backend!r}); leave it at 'source'")
+        if self.tp < 1:
+            raise FieldError("tp", f"must be an integer >= 1, got {self.tp}")
+        if self.tp > 1 and self.backend != "native":
+            raise FieldError("tp", f"tp {self.tp} shards the native engine's model; backend {self.backend!r} "
+                             "runs its own (use tp 1)")
+        if self.tp > 1 and self.dtype == "fp8":
+            raise FieldError("tp", f"tp {self.tp} with fp8 weights is not supported yet; use dtype bfloat16 "
+                             "or float32")
 
 
 def _type_name(tp) -> str:
@@ -380,6 +401,23 @@ class ResolvedRun:
         }
 
 
+def _check_tp(run: RunConfig, model: ModelConfig, file) -> None:
+    """What tensor parallelism needs of the model (sut/tp.py); a checkpoint without a
+    shape in conf/ is checked again once loaded."""
+    if run.tp == 1:
+        return
+    if model.family != "llama":
+        raise ConfigError(file, "tp", f"tp {run.tp}: tensor parallelism shards the dense Llama decoder; "
+                          f"model {model.name} is family {model.family} (use tp 1)")
+    if model.shape is not None:
+        from sut.tp import check_shardable
+
+        try:
+            check_shardable(model.shape, run.tp)
+        except ValueError as e:
+            raise ConfigError(file, "tp", f"tp {run.tp} does not fit model {model.name}: {e}") from None
+
+
 def load_run(path: Path | None = None, overrides: dict | None = None,
              scenario_overrides: dict | None = None, dataset_overrides: dict | None = None) -> ResolvedRun:
     """Load a run YAML (default conf/runs/default.yaml) and everything it names.
@@ -391,6 +429,7 @@ def load_run(path: Path | None = None, overrides: dict | None = None,
     data = {**read_yaml(path), **(overrides or {})}
     run = build(RunConfig, data, path)
     model = load_model_config(run.model, path, "model")
+    _check_tp(run, model, path)
     hardware = load_hardware_config(run.hardware, path, "hardware")
     dataset = load_dataset_config(run.dataset, path, "dataset")
     if dataset_overrides:

@@ -32,6 +32,11 @@ The KV cache read per step is 2 (K and V) * n_layers * n_kv_heads * head_dim *
 context * bytes per element, for each sequence. It is held in the weight dtype,
 except with fp8 weights: the fp8 pass quantizes weights only, so it stays bf16.
 
+An engine with its own weight format (llama.cpp's Q4_1 blocks, say) passes
+`weight_bytes`, the bytes its weights occupy as it stores them, and
+`kv_bytes_per_element` for its KV cache; the parameter count is then not used
+for the bytes, only for the FLOPs.
+
 FLOPs per token are 2 per multiply-accumulate of every weight matrix the token
 runs through (attention projections, its k experts, the router, the LM head;
 the embedding gather and the norms do no matmul), plus attention over the
@@ -147,9 +152,16 @@ def kv_bytes_per_sequence(shape: ModelShape, dtype: str, context: int) -> int:
 
 
 def bytes_per_step(shape: ModelShape, dtype: str, batch: int = 1, context: int = 0,
-                   embedding: Embedding = "table") -> float:
-    weights = weight_parameters(shape, batch, embedding) * BYTES_PER_ELEMENT[dtype]
-    return weights + batch * kv_bytes_per_sequence(shape, dtype, context)
+                   embedding: Embedding = "table", weight_bytes: float | None = None,
+                   kv_bytes_per_element: int | None = None) -> float:
+    """Weights (`weight_bytes` when the engine's own format says so) and KV read by one step."""
+    if weight_bytes is None:
+        weight_bytes = weight_parameters(shape, batch, embedding) * BYTES_PER_ELEMENT[dtype]
+    if kv_bytes_per_element is None:
+        kv = kv_bytes_per_sequence(shape, dtype, context)
+    else:
+        kv = 2 * shape.n_layers * shape.n_kv_heads * head_dim(shape) * context * kv_bytes_per_element
+    return weight_bytes + batch * kv
 
 
 def flops_per_token(shape: ModelShape, context: int = 0) -> float:
@@ -197,18 +209,25 @@ def roofline_rows(shape: ModelShape, hardware: HardwareConfig, dtype: str, batch
     return [roofline_row(shape, hardware, dtype, b, context, embedding) for b in batches]
 
 
-def memory_wall(shape: ModelShape, hardware: HardwareConfig, dtype: str, context: int = 0) -> float:
+def memory_wall(shape: ModelShape, hardware: HardwareConfig, dtype: str, context: int = 0,
+                weight_bytes: float | None = None, kv_bytes_per_element: int | None = None) -> float:
     """Tokens/s at batch 1 when every step streams its bytes at the peak bandwidth."""
-    return hardware.bandwidth_gbps * 1e9 / bytes_per_step(shape, dtype, 1, context)
+    step = bytes_per_step(shape, dtype, 1, context, weight_bytes=weight_bytes,
+                          kv_bytes_per_element=kv_bytes_per_element)
+    return hardware.bandwidth_gbps * 1e9 / step
 
 
-def arithmetic_intensity(shape: ModelShape, dtype: str, batch: int, context: int = 0) -> float:
+def arithmetic_intensity(shape: ModelShape, dtype: str, batch: int, context: int = 0,
+                         weight_bytes: float | None = None, kv_bytes_per_element: int | None = None) -> float:
     """FLOP per byte of one decode step: compare with ridge_point."""
-    return batch * flops_per_token(shape, context) / bytes_per_step(shape, dtype, batch, context)
+    step = bytes_per_step(shape, dtype, batch, context, weight_bytes=weight_bytes,
+                          kv_bytes_per_element=kv_bytes_per_element)
+    return batch * flops_per_token(shape, context) / step
 
 
 def run_roofline(shape: ModelShape, hardware: HardwareConfig, dtype: str, tokens_per_second: float,
-                 batch: int, context: int, scenario: str) -> dict:
+                 batch: int, context: int, scenario: str, weight_bytes: float | None = None,
+                 kv_bytes_per_element: int | None = None) -> dict:
     """A measured run set against the roofline.
 
     `batch` is the decode batch the run held (1 for SingleStream) and `context`
@@ -216,9 +235,12 @@ def run_roofline(shape: ModelShape, hardware: HardwareConfig, dtype: str, tokens
     bytes per step, with steps/s = tokens/s / batch. LoadGen's tokens/s
     includes prefill time, so achieved bandwidth and MBU are lower bounds on
     decode's. MBU above 1 means the bytes were not all read from memory (a
-    model small enough for the caches) or `batch` is wrong.
+    model small enough for the caches) or `batch` is wrong. `weight_bytes` and
+    `kv_bytes_per_element` count an engine's own storage format (see the module
+    docstring); `dtype` then names the math's dtype, for the compute roof.
     """
-    step = bytes_per_step(shape, dtype, batch, context)
+    own = {"weight_bytes": weight_bytes, "kv_bytes_per_element": kv_bytes_per_element}
+    step = bytes_per_step(shape, dtype, batch, context, **own)
     achieved_bytes_per_second = tokens_per_second / batch * step
     record = {
         "dtype": dtype,
@@ -226,11 +248,11 @@ def run_roofline(shape: ModelShape, hardware: HardwareConfig, dtype: str, tokens
         "batch": batch,
         "context": context,
         "bytes_per_step": step,
-        "memory_wall_tokens_per_second": memory_wall(shape, hardware, dtype, context),
+        "memory_wall_tokens_per_second": memory_wall(shape, hardware, dtype, context, **own),
         "memory_bound_tokens_per_second": batch * hardware.bandwidth_gbps * 1e9 / step,
         "achieved_bandwidth_gbps": achieved_bytes_per_second / 1e9,
         "mbu": achieved_bytes_per_second / (hardware.bandwidth_gbps * 1e9),
-        "arithmetic_intensity": arithmetic_intensity(shape, dtype, batch, context),
+        "arithmetic_intensity": arithmetic_intensity(shape, dtype, batch, context, **own),
         "achieved_tflops": tokens_per_second * flops_per_token(shape, context) / 1e12,
     }
     if scenario in BATCHED_SCENARIOS:

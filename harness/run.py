@@ -24,6 +24,7 @@ from harness.config import (ConfigError, HardwareConfig, ModelShape, ResolvedRun
                             load_model_config, read_yaml)
 from harness.energy import EnergyMeter
 from harness.find_peak import find_peak, format_curve, try_log_dir
+from harness.peers import check_peer, format_dict, load_llamacpp_model, peer_format, roofline_counts, weight_format
 from harness.progress import Progress
 from harness.probe import measured_profile_path
 from harness.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
@@ -122,6 +123,10 @@ def load_for_run(resolved: ResolvedRun, device: str, choice):
         source = model_cfg if model_cfg.format != "synthetic" else load_model_config(model_cfg.tokenizer_from)
         _say(f"SUT: {', '.join(run.openai.endpoints)} (model {run.openai.model}); tokenizer of {source.name}")
         return RemoteModel(load_tokenizer(resolve_model_file(source)))
+    if run.backend == "llamacpp":
+        loaded = load_llamacpp_model(resolved)
+        _say(f"SUT: llama.cpp on {loaded.path.name} ({loaded.weight_format})")
+        return loaded
     if model_cfg.format == "synthetic":
         if "accuracy" in run.modes:
             raise ConfigError(resolved.path, "modes", f"{model_cfg.name} has synthetic (random) weights: "
@@ -162,15 +167,27 @@ def _config_from_shape(model_cfg) -> LlamaConfig:
                        max_position=s.max_position)
 
 
-def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
+def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp=None) -> dict:
+    """Every test of the run; results.json's content. With run.tp > 1 this spawns
+    the ranks (harness.tp_run), and rank 0 comes back here with `tp`, its TPContext."""
     run, dataset = resolved.run, resolved.dataset
+    if run.tp > 1 and tp is None:
+        from harness.tp_run import run_tp_benchmark
+
+        return run_tp_benchmark(resolved, opts)
     started = time.time()
     device = choose_device(run.device)
     hardware, _ = hardware_profile(resolved.hardware)
-    choice = choose_format(hardware, run.dtype, resolved.model.published_dtype)
+    check_peer(resolved)
+    choice = peer_format(resolved, choose_format(hardware, run.dtype, resolved.model.published_dtype))
     _say(f"format: {choice.reason}")
     dataset_path = resolve_dataset_file(dataset)
     loaded = load_for_run(resolved, device, choice)
+    tp_session = None
+    if tp is not None:
+        from harness.tp_run import leader_session
+
+        tp_session = leader_session(loaded, tp, resolved)
     questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)[: dataset.max_samples]
     prompts = build_prompts(questions, loaded.tokenizer)
     if resolved.model.format == "synthetic":
@@ -185,7 +202,8 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     results = {
         "wallperf_version": wallperf_version(),
         "device": device,
-        "format": {**choice.to_dict(), "quantization": getattr(loaded, "quantization", None)},
+        "tp": run.tp,
+        "format": format_dict(loaded, choice),
         "config": {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
                    "performance_output_tokens": dataset.performance_output_tokens,
                    "ignore_eos_in_performance": dataset.performance_output_tokens is not None},
@@ -196,7 +214,8 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     results_path = opts.out_dir / "results.json"
 
     def test(sc, mode, log_dir=None):
-        record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir)
+        record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir,
+                           tp_session)
         results["runs"].append(record)
         write_json_atomic(results_path, results)
         return record
@@ -208,6 +227,8 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
                 write_json_atomic(results_path, results)
             else:
                 test(sc, mode)
+    if tp_session is not None:
+        tp_session.end()
     results["complete"] = True
     results["wall_time_s"] = round(time.time() - started, 1)
     write_json_atomic(results_path, results)
@@ -230,13 +251,19 @@ def _find_peak(resolved, sc, opts, test) -> dict:
     return peak.to_dict()
 
 
-def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir=None) -> dict:
+def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir=None,
+              tp_session=None) -> dict:
     run = resolved.run
     log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode)
     log_dir.mkdir(parents=True, exist_ok=True)
     model_name = resolved.model.mlperf_name or resolved.model.name
     settings = build_test_settings(sc, mode, model_name, len(prompts), opts.user_conf)
-    backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len, openai=run.openai)
+    if tp_session is not None:
+        backend = tp_session.engine(max_batch=_max_batch(sc),
+                                    max_seq_len=min(max_seq_len, loaded.config.max_position))
+    else:
+        backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len,
+                         openai=run.openai)
     params = sampling_params(mode, resolved.dataset)
     queue = queue_for(sc.name, [len(p) for p in prompts])
     expected = len(prompts) if mode == "accuracy" else None
@@ -256,6 +283,8 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         backend.close()
     else:
         stats = backend.stats
+        if hasattr(backend, "close"):
+            backend.close()
         engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
                   "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size}
     if mode == "performance":
@@ -281,8 +310,9 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         "mode": mode,
         "model": resolved.model.name,
         "backend": run.backend,
+        "tp": run.tp,
         "dtype": choice.dtype,
-        "weight_format": choice.weight_format,
+        "weight_format": weight_format(loaded, choice),
         "fp8_emulated": choice.emulated,
         "hardware": resolved.hardware.name,
         "system": run.system,
@@ -333,12 +363,17 @@ def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice) -> d
     if not tokens_per_second or not stats.decode_tokens:
         return None
     hardware, source = hardware_profile(resolved.hardware)
+    tp_note = None
+    if resolved.run.tp > 1:
+        from harness.tp_run import system_hardware
+
+        hardware, tp_note = system_hardware(hardware, resolved.run.tp, loaded.device)
     dtype = "fp8" if choice.fp8_dtype is not None and not choice.emulated else choice.dtype
     record = run_roofline(model_shape(resolved, loaded), hardware, dtype, tokens_per_second,
                           batch=max(1, round(stats.mean_decode_batch)),
-                          context=round(stats.mean_decode_context), scenario=scenario)
+                          context=round(stats.mean_decode_context), scenario=scenario, **roofline_counts(loaded))
     return {**record, "hardware": hardware.name, "hardware_source": source,
-            "peak_bandwidth_gbps": hardware.bandwidth_gbps}
+            "peak_bandwidth_gbps": hardware.bandwidth_gbps, **({"tp_note": tp_note} if tp_note else {})}
 
 
 def _summary_line(r: dict) -> str:

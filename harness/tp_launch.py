@@ -14,6 +14,10 @@ crosses: with replicated logits every rank samples the same tokens, so the
 schedulers never diverge as long as they start equal (`lockstep_engine` makes their
 KV pools the same size). Control messages are pickled Python objects broadcast
 over a gloo group, so they never occupy the GPU stream nor need device tensors.
+
+A run of several tests (`wallperf run --tp`, harness/tp_run.py) is a TPSession:
+rank 0 announces each test's engine arguments, every rank builds a fresh engine
+with them, and rank 0 finally ends the session (`follow_session` on the others).
 """
 from __future__ import annotations
 
@@ -63,27 +67,54 @@ def launch(fn, world_size: int, backend: str = "gloo", args: tuple = (), timeout
     """Run fn(ctx, *args) in `world_size` spawned processes; their results by rank.
 
     `fn` and `args` are pickled to the children, so fn must be importable at module
-    level. If a rank raises, the others are terminated and the error is raised here.
-    `timeout_s` bounds any one collective, including a follower's wait for the
-    leader's next step."""
+    level. If a rank raises, the others are terminated and that rank's exception is
+    raised here (chained to torch's report, which carries the rank's traceback); if
+    it cannot be pickled, torch's report is. `timeout_s` bounds any one collective,
+    including a follower's wait for the leader's next step."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     results = mp.get_context("spawn").SimpleQueue()
     procs = mp.start_processes(_rank_main, args=(world_size, backend, free_port(), timeout_s, fn, args, results),
                                nprocs=world_size, join=False, start_method="spawn")
-    by_rank = {}
-    # Drained while waiting: a child blocks on a full pipe until its result is read.
-    while True:
-        done = procs.join(timeout=0.05)
+    by_rank, errors = {}, {}
+
+    def drain():
+        # While waiting too: a child blocks on a full pipe until its message is read.
         while not results.empty():
-            rank, value = results.get()
-            by_rank[rank] = pickle.loads(value)
-        if done:
-            break
+            rank, ok, value = results.get()
+            (by_rank if ok else errors)[rank] = value
+
+    try:
+        while not procs.join(timeout=0.05):
+            drain()
+    except mp.ProcessRaisedException as failure:
+        drain()
+        raised = _unpickled(errors.get(failure.error_index))
+        if raised is None:
+            raise
+        raise raised from failure
+    except mp.ProcessExitedException as failure:
+        # Killed (e.g. out of memory) or exited without a Python exception to report.
+        raise RuntimeError(f"tensor-parallel rank {failure.error_index} of {world_size} ended early "
+                           f"({failure}); every other rank was stopped") from None
+    except BaseException:
+        # Interrupted here (Ctrl-C): a rank blocked in a collective would not see it.
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
+        raise
+    drain()
     missing = sorted(set(range(world_size)) - set(by_rank))
     if missing:
         raise RuntimeError(f"ranks {missing} exited without a result")
-    return [by_rank[r] for r in range(world_size)]
+    return [pickle.loads(by_rank[r]) for r in range(world_size)]
+
+
+def _unpickled(payload: bytes | None) -> BaseException | None:
+    try:
+        return None if payload is None else pickle.loads(payload)
+    except Exception:  # noqa: BLE001 - an exception that does not rebuild falls back to torch's report
+        return None
 
 
 def _rank_main(rank, world_size, backend, port, timeout_s, fn, args, results):
@@ -104,9 +135,19 @@ def _rank_main(rank, world_size, backend, port, timeout_s, fn, args, results):
         value = fn(TPContext(rank, world_size, device, None, control), *args)
         # Plain pickle copies tensors by value: torch's queue pickler would share them
         # through file descriptors that die with this process.
-        results.put((rank, pickle.dumps(value)))
-    finally:
-        dist.destroy_process_group()
+        results.put((rank, True, pickle.dumps(value)))
+    except Exception as e:
+        # No destroy_process_group here: with a peer gone it may wait on it; exiting frees all.
+        results.put((rank, False, _pickled(e)))
+        raise
+    dist.destroy_process_group()
+
+
+def _pickled(e: Exception) -> bytes | None:
+    try:
+        return pickle.dumps(e)
+    except Exception:  # noqa: BLE001 - torch's report (the traceback as text) still reaches the parent
+        return None
 
 
 def lockstep_engine(model, ctx: TPContext, eos_token_ids, **engine_kwargs) -> Engine:
@@ -167,6 +208,43 @@ def follow(engine: Engine, ctx: TPContext, on_events=None) -> int:
         steps += 1
         if on_events is not None:
             on_events(events)
+
+
+class TPSession:
+    """Rank 0's side of a run of several tests (a test: one engine's life). `engine`
+    starts a test: every rank builds a fresh lockstep engine with the same arguments,
+    and rank 0 gets its own as a TPLeader, whose close() ends the test. `end()`
+    releases the followers, which wait in `follow_session` meanwhile."""
+
+    def __init__(self, model, ctx: TPContext, eos_token_ids):
+        if ctx.rank != 0:
+            raise ValueError(f"the session is led by rank 0, not rank {ctx.rank}")
+        self.model, self.ctx, self.eos_token_ids = model, ctx, tuple(eos_token_ids)
+
+    def engine(self, **engine_kwargs) -> TPLeader:
+        _broadcast(("engine", engine_kwargs), self.ctx)
+        return TPLeader(lockstep_engine(self.model, self.ctx, self.eos_token_ids, **engine_kwargs), self.ctx)
+
+    def end(self) -> None:
+        _broadcast(("end", None), self.ctx)
+
+
+def follow_session(model, ctx: TPContext, eos_token_ids) -> int:
+    """A follower's side of a TPSession: for each test, a lockstep engine built with
+    rank 0's arguments follows rank 0's steps. Returns the number of tests."""
+    tests = 0
+    while True:
+        command, engine_kwargs = _broadcast(None, ctx)
+        if command == "end":
+            return tests
+        if command != "engine":
+            raise RuntimeError(f"rank {ctx.rank} expected a new test or the end, got {command!r}: "
+                               "the ranks are out of step")
+        engine = lockstep_engine(model, ctx, eos_token_ids, **engine_kwargs)
+        follow(engine, ctx)
+        # Freed before the next test's pool is sized from the free memory.
+        del engine
+        tests += 1
 
 
 def _broadcast(message, ctx: TPContext):

@@ -1,0 +1,95 @@
+"""`wallperf run --tp N`: the LoadGen run on rank 0 of N tensor-parallel ranks.
+
+`run_tp_benchmark`, in the `wallperf run` process, checks what it can without a
+model, then spawns the ranks on this host (harness.tp_launch.launch: gloo on the
+CPU, nccl on GPUs with rank r on GPU r). Every rank loads the same model and keeps
+its shard (sut.tp). Rank 0 runs the whole of harness.run.run_benchmark (QSL,
+LoadGen, logs, results.json, reports) with a TPLeader over its engine as the
+backend; ranks 1..N-1 follow. Each (scenario, mode) test starts with rank 0
+broadcasting the new engine's arguments, so every rank builds a fresh engine with
+the same KV pool; rank 0 ends each test, and at last the run (tp_launch.TPSession).
+
+An error on any rank ends every rank, and the parent raises it: a ConfigError
+reads as any other. A rank that waits longer than TIMEOUT_S on another (in a
+collective, or a follower waiting for rank 0's next step) fails, so a stuck rank
+cannot hang the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+
+import torch
+
+from harness.config import ConfigError, HardwareConfig, ResolvedRun
+from harness.run import RunOptions, _say, choose_device, hardware_profile, load_for_run, run_benchmark
+from harness.tp_launch import TPContext, TPSession, default_backend, follow_session, launch
+from sut.quant import choose_format
+from sut.tp import shard_model_
+
+TIMEOUT_S = 600.0
+
+
+def run_tp_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
+    """results.json's content, as rank 0 wrote it."""
+    run = resolved.run
+    device = choose_device(run.device)
+    if device == "cuda" and torch.cuda.device_count() < run.tp:
+        raise ConfigError(resolved.path, "tp", f"tp {run.tp} needs {run.tp} GPUs (one per rank); torch sees "
+                          f"{torch.cuda.device_count()}")
+    hardware, _ = hardware_profile(resolved.hardware)
+    if choose_format(hardware, run.dtype, resolved.model.published_dtype).fp8_dtype is not None:
+        raise ConfigError(resolved.path, "tp", f"tp {run.tp} with fp8 weights is not supported yet (dtype "
+                          f"{run.dtype!r} on {hardware.name} means fp8); pass --dtype bfloat16 or float32")
+    backend = default_backend(device)
+    _say(f"tensor parallel: {run.tp} ranks over {backend}; rank 0 drives LoadGen")
+    return launch(_rank_main, run.tp, backend, args=(resolved, opts), timeout_s=TIMEOUT_S)[0]
+
+
+def _rank_main(ctx: TPContext, resolved: ResolvedRun, opts: RunOptions) -> dict | None:
+    if ctx.rank == 0:
+        return run_benchmark(resolved, opts, tp=ctx)
+    run = resolved.run
+    hardware, _ = hardware_profile(resolved.hardware)
+    choice = choose_format(hardware, run.dtype, resolved.model.published_dtype)
+    # Rank 0 says what is loaded; N copies of it would only be noise.
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = load_for_run(resolved, choose_device(run.device), choice)
+    shard(loaded, ctx, resolved)
+    follow_session(loaded.model, ctx, loaded.tokenizer.eos_token_ids)
+    return None
+
+
+def shard(loaded, ctx: TPContext, resolved: ResolvedRun) -> None:
+    """Keep this rank's shard of the loaded model (in place)."""
+    try:
+        shard_model_(loaded.model, ctx.rank, ctx.world_size, ctx.group)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(resolved.path, "tp", f"tp {ctx.world_size} does not fit {resolved.model.name}: "
+                          f"{e}") from None
+
+
+def leader_session(loaded, ctx: TPContext, resolved: ResolvedRun) -> TPSession:
+    """Rank 0: shard the loaded model and lead the followers through the run's tests."""
+    shard(loaded, ctx, resolved)
+    return TPSession(loaded.model, ctx, loaded.tokenizer.eos_token_ids)
+
+
+def system_hardware(hardware: HardwareConfig, tp: int, device: str) -> tuple[HardwareConfig, str]:
+    """The roofline's view of a tensor-parallel run, and a note that says so.
+
+    Each rank reads 1/tp of the sharded weights per step, in parallel; counted here
+    as the whole model's bytes per step against the whole system's bandwidth: tp
+    times one GPU's, or one CPU's memory that all ranks share."""
+    if torch.device(device).type == "cuda":
+        system = dataclasses.replace(
+            hardware, memory_gb=hardware.memory_gb * tp, bandwidth_gbps=hardware.bandwidth_gbps * tp,
+            peak_tflops={k: None if v is None else v * tp for k, v in hardware.peak_tflops.items()})
+        where = f"{tp} x {hardware.name} ({system.bandwidth_gbps:g} GB/s, {tp} x the peak FLOP/s)"
+    else:
+        system = hardware
+        where = f"the one {hardware.name} memory all {tp} ranks share ({hardware.bandwidth_gbps:g} GB/s)"
+    note = (f"tensor parallel over {tp} ranks: the whole model's bytes per step against {where}; "
+            "the all-reduces' traffic and time are not counted as bytes")
+    return system, note
