@@ -101,6 +101,7 @@ def record_row(run_dir: RunDir, record: dict, find_peak_qps=None) -> dict:
         "ttft_p99_ms": _p99(m, "ttft_ms"),
         "tpot_p99_ms": _p99(m, "tpot_ms"),
         "mbu": _number(rf.get("mbu")),
+        "decode_mbu": _number(rf.get("decode_mbu")),
         "memory_wall_tokens_per_second": _number(rf.get("memory_wall_tokens_per_second")),
         "valid": valid if isinstance(valid, bool) else None,
         "invalid_reasons": [str(r) for r in reasons] if isinstance(reasons, list) else [],
@@ -216,7 +217,8 @@ def _performance_columns(vs: str, with_model: bool) -> list:
             ("samples/s", lambda r: _figure(r["samples_per_second"]), True),
             ("TTFT p99 ms", lambda r: _figure(r["ttft_p99_ms"]), True),
             ("TPOT p99 ms", lambda r: _figure(r["tpot_p99_ms"]), True),
-            ("MBU", lambda r: _percent(r["mbu"]), True), ("LoadGen", _verdict, False)]
+            ("MBU", lambda r: _percent(r["mbu"]), True),
+            ("decode MBU", lambda r: _percent(r["decode_mbu"]), True), ("LoadGen", _verdict, False)]
 
 
 def _accuracy_columns(with_model: bool) -> list:
@@ -261,7 +263,8 @@ def render(performance: list[dict], accuracy: list[dict], left_out: int, vs: str
     parts = [heading.format("Performance"),
              table(performance, _performance_columns(vs, with_model)),
              "", f"x {vs}: tokens/s over {reference}. MBU: achieved memory bandwidth over the hardware's "
-             f"peak (closest to the memory wall = highest)."]
+             f"peak (closest to the memory wall = highest), over the whole run (prefill included); decode MBU: "
+             f"one decode step's bytes per TPOT p50, decode alone."]
     if left_out:
         parts.append(f"{left_out} find-peak tries left out; each search's peak is shown, marked with its QPS.")
     if accuracy:

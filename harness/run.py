@@ -274,7 +274,7 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
             LoadGenSUT(backend, queue, prompts, params, report_first_token=sc.name != "Offline") as sut, \
             Progress(f"{sc.name} {mode}", sut.stats, expected, enabled=opts.progress), \
             EnergyMeter(getattr(loaded, "device", "cpu")) as meter:
-        lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(log_dir))
+        sut.run_test(lambda: lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(log_dir)))
     elapsed = time.monotonic() - t0
 
     client = engine = stats = None
@@ -291,7 +291,7 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         body = performance_record(log_dir)
         body["roofline"] = (None if stats is None else
                             _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats,
-                                      choice))
+                                      choice, body["metrics"]["tpot_ms"]))
     else:
         body = accuracy_record(log_dir, questions, loaded.tokenizer)
         body["roofline"] = None
@@ -357,9 +357,10 @@ _EXPERT_COUNTERS = ("steps", "selections", "lookups", "hits", "misses", "evictio
                     "load_seconds")
 
 
-def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice) -> dict | None:
+def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice, tpot_ms=None) -> dict | None:
     """The run against the memory wall, at the decode batch and context it held.
-    Emulated fp8 upcasts each weight before use, so it is counted at the math dtype."""
+    Emulated fp8 upcasts each weight before use, so it is counted at the math dtype.
+    Where LoadGen measured TPOT, the decode phase alone is set against the wall too."""
     if not tokens_per_second or not stats.decode_tokens:
         return None
     hardware, source = hardware_profile(resolved.hardware)
@@ -372,8 +373,26 @@ def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice) -> d
     record = run_roofline(model_shape(resolved, loaded), hardware, dtype, tokens_per_second,
                           batch=max(1, round(stats.mean_decode_batch)),
                           context=round(stats.mean_decode_context), scenario=scenario, **roofline_counts(loaded))
+    record.update(decode_roofline(record["bytes_per_step"], hardware.bandwidth_gbps, tpot_ms))
     return {**record, "hardware": hardware.name, "hardware_source": source,
             "peak_bandwidth_gbps": hardware.bandwidth_gbps, **({"tp_note": tp_note} if tp_note else {})}
+
+
+def decode_roofline(bytes_per_step: float, bandwidth_gbps: float, tpot_ms: dict | None) -> dict:
+    """Decode alone against the wall: one step (bytes_per_step, at the run's
+    decode batch) per time per output token, at LoadGen's TPOT median and p99.
+    Unlike the run-level MBU, prefill time is not in it."""
+    out = {"decode_achieved_bandwidth_gbps": None, "decode_mbu": None, "decode_mbu_at_p99": None}
+    p50 = (tpot_ms or {}).get("p50")
+    if not p50 or p50 <= 0:
+        return out
+    achieved = bytes_per_step / (p50 / 1e3)
+    out["decode_achieved_bandwidth_gbps"] = achieved / 1e9
+    out["decode_mbu"] = achieved / (bandwidth_gbps * 1e9)
+    p99 = tpot_ms.get("p99")
+    if p99 and p99 > 0:
+        out["decode_mbu_at_p99"] = bytes_per_step / (p99 / 1e3) / (bandwidth_gbps * 1e9)
+    return out
 
 
 def _summary_line(r: dict) -> str:
@@ -392,6 +411,8 @@ def _summary_line(r: dict) -> str:
             rf = r["roofline"]
             parts.append(f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
                          f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
+            if rf.get("decode_mbu") is not None:
+                parts.append(f"decode MBU {100 * rf['decode_mbu']:.0f}% at TPOT p50")
     else:
         mm = r["mmlu"]
         parts.append(f"MMLU {mm['correct']}/{mm['total']}" +

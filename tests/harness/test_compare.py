@@ -24,7 +24,8 @@ def perf(scenario, tps, backend="native", hardware="cpu", dtype="bfloat16", weig
                     "tpot_ms": None if tpot is None else {"p50": 1.0, "p90": 2.0, "p99": tpot},
                     "latency_ms": None, "sample_count": 10, "mmlu_accuracy": None},
         "roofline": None if mbu is None else {"mbu": mbu, "memory_wall_tokens_per_second": 119.0,
-                                              "achieved_bandwidth_gbps": 10.0},
+                                              "achieved_bandwidth_gbps": 10.0,
+                                              "decode_mbu": None if tpot is None else 2 * mbu},
     }
     record.update(extra)
     return record
@@ -108,10 +109,11 @@ def test_text_table(two_engines, capsys):
     split = lines.index("Accuracy")
     rows = [line.split() for line in lines[:split] if line.startswith(("Offline ", "Server "))]
     assert rows[0] == ["Offline", str(remote), "openai", "cpu", "bfloat16", "160.0", "1.00x", "8.0",
-                       MISSING, MISSING, MISSING, "VALID"]
+                       MISSING, MISSING, MISSING, MISSING, "VALID"]
     assert rows[1] == ["Offline", str(native), "native", "cpu", "bfloat16", "40.0", "0.25x", "2.0",
-                       MISSING, MISSING, "12.5%", "VALID"]
-    assert rows[2][-1] == "INVALID" and rows[3][-2:] == ["30.0%", "VALID"]
+                       MISSING, MISSING, "12.5%", MISSING, "VALID"]
+    # Server has TPOT, hence a decode MBU beside the whole run's.
+    assert rows[2][-1] == "INVALID" and rows[3][-3:] == ["30.0%", "60.0%", "VALID"]
     (acc_row,) = [line.split() for line in lines[split:] if line.startswith("Offline ")]
     assert acc_row == ["Offline", str(native), "native", "cpu", "bfloat16", "25.0%", "30", "/", "120"]
 
@@ -195,7 +197,7 @@ def test_values_of_the_wrong_type_print_as_missing(tmp_path, capsys):
     assert main(["compare", str(folder)]) == 0
     (row,) = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("Server ")]
     assert row == ["Server", str(folder), "native", MISSING, "bfloat16", "12.0", "1.00x", MISSING, MISSING,
-                   MISSING, MISSING, MISSING]
+                   MISSING, MISSING, MISSING, MISSING]
 
 
 def test_usage_errors(capsys):

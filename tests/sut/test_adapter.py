@@ -62,7 +62,7 @@ def run_loadgen(tmp_path, scenario, backend, n_samples=8, max_new_tokens=4):
     with LoadGenQSL(n_samples, n_samples) as qsl, \
             LoadGenSUT(backend, queue_for(scenario, [1] * n_samples), prompts, params,
                        report_first_token=scenario != "Offline") as sut:
-        lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(tmp_path))
+        sut.run_test(lambda: lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(tmp_path)))
     return sut, json.loads((tmp_path / "mlperf_log_accuracy.json").read_text())
 
 

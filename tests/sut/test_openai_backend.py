@@ -229,7 +229,7 @@ def test_loadgen_gets_every_answer_through_the_backend(tmp_path, tiny, serve):
     backend = OpenAIBackend([url], "tiny", max_concurrency=2, timeout_s=30, retries=0)
     with backend, LoadGenQSL(len(prompts), len(prompts)) as qsl, \
             LoadGenSUT(backend, queue_for("Server", [len(p) for p in prompts]), prompts, params, True) as sut:
-        lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(tmp_path))
+        sut.run_test(lambda: lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(tmp_path)))
     assert sut.stats.error is None and backend.stats()["failures"] == 0
     entries = json.loads((tmp_path / "mlperf_log_accuracy.json").read_text())
     got = {e["qsl_idx"]: np.frombuffer(bytes.fromhex(e["data"]), dtype="<i4").tolist() for e in entries}
