@@ -99,19 +99,61 @@ AVX512_BF16 void gemv_rows(const uint16_t* x, const uint16_t* w, at::BFloat16* y
   }
 }
 
+// The same for M >= 2, R rows of W at a time: each load of x feeds R dot
+// products and each load of W feeds M, so a chunk of K costs R + M loads for
+// R * M dpbf16 instead of M + 1 loads for M. From 2 rows of x on, the loop is
+// bound by load slots, dpbf16 throughput and the horizontal sums at the end of
+// each row (K is only 576 here) rather than DRAM: SmolLM2's fused decode step
+// (2-core Zen 4) went from 438 to 480 tok/s at 8 rows and 430 to 531 at 32.
+template <int M, int R>
+AVX512_BF16 void gemv_rows_tiled(const uint16_t* x, const uint16_t* w, at::BFloat16* y, int64_t K, int64_t ldy,
+                                 int64_t n_begin, int64_t n_end) {
+  const int64_t k_full = K / kChunk * kChunk;
+  const __mmask32 tail = static_cast<__mmask32>((1ull << (K - k_full)) - 1);
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) {
+    const uint16_t* rows = w + n * K;
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_full; k += kChunk) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; ++r) {
+        wv[r] = load_bf16(rows + r * K + k);
+        prefetch_to_l2(rows + r * K + k);
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = load_bf16(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, wv[r]);
+      }
+    }
+    if (tail) {
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = load_bf16_masked(x + m * K + k_full, tail);
+        for (int r = 0; r < R; ++r)
+          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xv, load_bf16_masked(rows + r * K + k_full, tail));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * ldy + n + r] = at::BFloat16(_mm512_reduce_add_ps(acc[r][m]));
+  }
+  if (n < n_end) gemv_rows<M>(x, w, y, K, ldy, n, n_end);
+}
+
 using GemvRows = void (*)(const uint16_t*, const uint16_t*, at::BFloat16*, int64_t, int64_t, int64_t, int64_t);
 
 // The batch is a template argument so that the accumulators live in registers.
 inline GemvRows gemv_rows_for_batch(int64_t m) {
   switch (m) {
+    // R * M accumulators + R weight vectors + one x vector within the 32 zmm registers.
     case 1: return gemv_rows<1>;
-    case 2: return gemv_rows<2>;
-    case 3: return gemv_rows<3>;
-    case 4: return gemv_rows<4>;
-    case 5: return gemv_rows<5>;
-    case 6: return gemv_rows<6>;
-    case 7: return gemv_rows<7>;
-    default: return gemv_rows<8>;
+    case 2: return gemv_rows_tiled<2, 4>;
+    case 3: return gemv_rows_tiled<3, 4>;
+    case 4: return gemv_rows_tiled<4, 4>;
+    case 5: return gemv_rows_tiled<5, 3>;
+    case 6: return gemv_rows_tiled<6, 3>;
+    case 7: return gemv_rows_tiled<7, 3>;
+    default: return gemv_rows_tiled<8, 3>;
   }
 }
 
