@@ -32,6 +32,18 @@ class SamplingParams:
             raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens: {self}")
 
 
+def checked_prompt(request_id: int, prompt_ids, params: SamplingParams, max_seq_len: int) -> list:
+    """The prompt as a list, or ValueError if it is empty or it and its new tokens overflow max_seq_len
+    (every backend's add_request check)."""
+    prompt = list(prompt_ids)
+    if not prompt:
+        raise ValueError(f"request {request_id}: empty prompt")
+    if len(prompt) + params.max_new_tokens > max_seq_len:
+        raise ValueError(f"request {request_id}: prompt of {len(prompt)} tokens + {params.max_new_tokens} "
+                         f"new tokens exceeds max_seq_len {max_seq_len}")
+    return prompt
+
+
 @dataclass(slots=True)
 class Sequence:
     request_id: int
@@ -140,12 +152,7 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def add_request(self, request_id: int, prompt_ids, params: SamplingParams) -> None:
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise ValueError(f"request {request_id}: empty prompt")
-        if len(prompt) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"request {request_id}: prompt of {len(prompt)} tokens + {params.max_new_tokens} "
-                             f"new tokens exceeds max_seq_len {self.max_seq_len}")
+        prompt = checked_prompt(request_id, prompt_ids, params, self.max_seq_len)
         self.waiting.append(Sequence(request_id, prompt, params))
 
     def generate(self, prompt_ids, params: SamplingParams) -> list[int]:

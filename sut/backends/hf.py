@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sut.engine import EngineStats, SamplingParams, TokenEvent
+from sut.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
 from sut.models.llama import LlamaModel
 
 
@@ -133,12 +133,7 @@ class HFBackend:
         return bool(self.waiting) or self.batch is not None
 
     def add_request(self, request_id: int, prompt_ids, params: SamplingParams) -> None:
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise ValueError(f"request {request_id}: empty prompt")
-        if len(prompt) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"request {request_id}: prompt of {len(prompt)} tokens + {params.max_new_tokens} "
-                             f"new tokens exceeds max_seq_len {self.max_seq_len}")
+        prompt = checked_prompt(request_id, prompt_ids, params, self.max_seq_len)
         self.waiting.append(_Row(request_id, prompt, params))
 
     @torch.inference_mode()

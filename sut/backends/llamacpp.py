@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sut.engine import EngineStats, SamplingParams, TokenEvent
+from sut.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
 from sut.models.llama import LlamaConfig
 from sut.tokenizer import Tokenizer
 
@@ -171,12 +171,7 @@ class LlamaCppBackend:
         self._finalizer()
 
     def add_request(self, request_id: int, prompt_ids, params: SamplingParams) -> None:
-        prompt = list(prompt_ids)
-        if not prompt:
-            raise ValueError(f"request {request_id}: empty prompt")
-        if len(prompt) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError(f"request {request_id}: prompt of {len(prompt)} tokens + {params.max_new_tokens} "
-                             f"new tokens exceeds max_seq_len {self.max_seq_len}")
+        prompt = checked_prompt(request_id, prompt_ids, params, self.max_seq_len)
         self.waiting.append(_Seq(request_id, prompt, params))
 
     def step(self) -> list[TokenEvent]:
