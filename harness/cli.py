@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "math, else the published format), or force one; fp8 without fp8 math is emulated")
     r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
     r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
+    r.add_argument("--min-queries", type=_positive(int), help="LoadGen min_query_count: e.g. ~480 lets a "
+                   "Server run's early stopping judge p99 latencies (about 460 queries with none over the limit)")
     r.add_argument("--max-batch", type=_positive(int), help="engine batch size (not SingleStream)")
     r.add_argument("--tp", type=_positive(int), metavar="N", help="tensor parallelism: shard the model over N "
                    "processes on this host, one GPU each (nccl), or sharing the CPU (gloo); rank 0 drives "
@@ -143,7 +145,8 @@ def cmd_run(args) -> int:
     if args.mode:
         overrides["modes"] = list(MODES) if args.mode == "both" else [args.mode]
     scenario_overrides = {k: v for k, v in (("min_duration_s", args.duration), ("max_batch", args.max_batch),
-                                            ("target_qps", args.target_qps)) if v is not None}
+                                            ("target_qps", args.target_qps),
+                                            ("min_query_count", args.min_queries)) if v is not None}
     dataset_overrides = {k: v for k, v in (("per_subject", args.per_subject),
                                            ("max_samples", args.max_samples),
                                            ("performance_output_tokens", args.output_tokens)) if v is not None}
