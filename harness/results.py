@@ -96,3 +96,67 @@ def accuracy_record(log_dir: Path, questions, tokenizer) -> dict:
         },
         "mmlu": mmlu,
     }
+
+
+def counter_delta(before: dict, after: dict) -> dict:
+    """This test's share of cumulative counters: counts subtract, the hit rate is
+    recomputed from them, configuration figures are kept."""
+    out = {}
+    for k, v in after.items():
+        if isinstance(v, dict):
+            out[k] = counter_delta(before.get(k, {}), v)
+        elif k in EXPERT_COUNTERS:
+            out[k] = v - before.get(k, 0)
+        else:
+            out[k] = v
+    if "hits" in out and "lookups" in out:
+        out["hit_rate"] = out["hits"] / out["lookups"] if out["lookups"] else None
+    return out
+
+
+EXPERT_COUNTERS = ("steps", "selections", "lookups", "hits", "misses", "evictions", "bytes_loaded",
+                    "load_seconds")
+
+
+def decode_roofline(bytes_per_step: float, bandwidth_gbps: float, tpot_ms: dict | None) -> dict:
+    """Decode alone against the wall: one step (bytes_per_step, at the run's
+    decode batch) per time per output token, at LoadGen's TPOT median and p99.
+    Unlike the run-level MBU, prefill time is not in it."""
+    out = {"decode_achieved_bandwidth_gbps": None, "decode_mbu": None, "decode_mbu_at_p99": None}
+    p50 = (tpot_ms or {}).get("p50")
+    if not p50 or p50 <= 0:
+        return out
+    achieved = bytes_per_step / (p50 / 1e3)
+    out["decode_achieved_bandwidth_gbps"] = achieved / 1e9
+    out["decode_mbu"] = achieved / (bandwidth_gbps * 1e9)
+    p99 = tpot_ms.get("p99")
+    if p99 and p99 > 0:
+        out["decode_mbu_at_p99"] = bytes_per_step / (p99 / 1e3) / (bandwidth_gbps * 1e9)
+    return out
+
+
+def summary_line(r: dict) -> str:
+    m = r["metrics"]
+    parts = [f"{r['scenario']} {r['mode']}:"]
+    if r["mode"] == "performance":
+        parts.append("VALID" if r["valid"] else f"INVALID ({'; '.join(r['invalid_reasons'])})")
+        if m["tokens_per_second"] is not None:
+            parts.append(f"{m['tokens_per_second']:.1f} tokens/s ({r['scenario']})")
+        if m["samples_per_second"] is not None:
+            parts.append(f"{m['samples_per_second']:.2f} samples/s")
+        for name in ("ttft_ms", "tpot_ms"):
+            if m[name] and m[name]["p99"] is not None:
+                parts.append(f"{name[:4].upper()} p99 {m[name]['p99']:.0f} ms")
+        if r.get("roofline"):
+            rf = r["roofline"]
+            parts.append(f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
+                         f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
+            if rf.get("decode_mbu") is not None:
+                parts.append(f"decode MBU {100 * rf['decode_mbu']:.0f}% at TPOT p50")
+    else:
+        mm = r["mmlu"]
+        parts.append(f"MMLU {mm['correct']}/{mm['total']}" +
+                     (f" = {100 * mm['accuracy']:.1f}%" if mm["accuracy"] is not None else ""))
+        parts.append("TEST06 " + ("passed" if r["compliance"]["test06"]["passed"] else "FAILED"))
+    parts.append("[not valid for submission]" if not r["submission_valid"] else "[submission-valid]")
+    return " ".join(parts)

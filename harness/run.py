@@ -29,8 +29,8 @@ from harness.peers import check_peer, format_dict, load_llamacpp_model, peer_for
 from harness.progress import Progress
 from harness.probe import measured_profile_path
 from harness.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
-from harness.results import (accuracy_record, performance_record, submission_notes, wallperf_version,
-                             write_json_atomic)
+from harness.results import (accuracy_record, counter_delta, decode_roofline, performance_record, submission_notes,
+                             summary_line, wallperf_version, write_json_atomic)
 from harness.roofline import run_roofline
 from harness.settings import build_test_settings, log_settings
 from sut.adapter import LoadGenSUT
@@ -328,35 +328,15 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         "client": client,
         # The whole test, idle time included, as the hardware's own counters report it.
         "energy": meter.result(sut.stats.tokens),
-        "expert_cache": _counter_delta(experts_before, expert_stats()) if expert_stats else None,
+        "expert_cache": counter_delta(experts_before, expert_stats()) if expert_stats else None,
         **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
     }
     if client and client["token_count_mismatches"]:
         record["submission_notes"].append(f"{client['token_count_mismatches']} responses' usage token counts "
                                           "differ from the streamed tokens")
     record["submission_valid"] = not record["submission_notes"]
-    _say(_summary_line(record))
+    _say(summary_line(record))
     return record
-
-
-def _counter_delta(before: dict, after: dict) -> dict:
-    """This test's share of cumulative counters: counts subtract, the hit rate is
-    recomputed from them, configuration figures are kept."""
-    out = {}
-    for k, v in after.items():
-        if isinstance(v, dict):
-            out[k] = _counter_delta(before.get(k, {}), v)
-        elif k in _EXPERT_COUNTERS:
-            out[k] = v - before.get(k, 0)
-        else:
-            out[k] = v
-    if "hits" in out and "lookups" in out:
-        out["hit_rate"] = out["hits"] / out["lookups"] if out["lookups"] else None
-    return out
-
-
-_EXPERT_COUNTERS = ("steps", "selections", "lookups", "hits", "misses", "evictions", "bytes_loaded",
-                    "load_seconds")
 
 
 def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice, tpot_ms=None) -> dict | None:
@@ -378,50 +358,6 @@ def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice, tpot
     record.update(decode_roofline(record["bytes_per_step"], hardware.bandwidth_gbps, tpot_ms))
     return {**record, "hardware": hardware.name, "hardware_source": source,
             "peak_bandwidth_gbps": hardware.bandwidth_gbps, **({"tp_note": tp_note} if tp_note else {})}
-
-
-def decode_roofline(bytes_per_step: float, bandwidth_gbps: float, tpot_ms: dict | None) -> dict:
-    """Decode alone against the wall: one step (bytes_per_step, at the run's
-    decode batch) per time per output token, at LoadGen's TPOT median and p99.
-    Unlike the run-level MBU, prefill time is not in it."""
-    out = {"decode_achieved_bandwidth_gbps": None, "decode_mbu": None, "decode_mbu_at_p99": None}
-    p50 = (tpot_ms or {}).get("p50")
-    if not p50 or p50 <= 0:
-        return out
-    achieved = bytes_per_step / (p50 / 1e3)
-    out["decode_achieved_bandwidth_gbps"] = achieved / 1e9
-    out["decode_mbu"] = achieved / (bandwidth_gbps * 1e9)
-    p99 = tpot_ms.get("p99")
-    if p99 and p99 > 0:
-        out["decode_mbu_at_p99"] = bytes_per_step / (p99 / 1e3) / (bandwidth_gbps * 1e9)
-    return out
-
-
-def _summary_line(r: dict) -> str:
-    m = r["metrics"]
-    parts = [f"{r['scenario']} {r['mode']}:"]
-    if r["mode"] == "performance":
-        parts.append("VALID" if r["valid"] else f"INVALID ({'; '.join(r['invalid_reasons'])})")
-        if m["tokens_per_second"] is not None:
-            parts.append(f"{m['tokens_per_second']:.1f} tokens/s ({r['scenario']})")
-        if m["samples_per_second"] is not None:
-            parts.append(f"{m['samples_per_second']:.2f} samples/s")
-        for name in ("ttft_ms", "tpot_ms"):
-            if m[name] and m[name]["p99"] is not None:
-                parts.append(f"{name[:4].upper()} p99 {m[name]['p99']:.0f} ms")
-        if r.get("roofline"):
-            rf = r["roofline"]
-            parts.append(f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
-                         f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
-            if rf.get("decode_mbu") is not None:
-                parts.append(f"decode MBU {100 * rf['decode_mbu']:.0f}% at TPOT p50")
-    else:
-        mm = r["mmlu"]
-        parts.append(f"MMLU {mm['correct']}/{mm['total']}" +
-                     (f" = {100 * mm['accuracy']:.1f}%" if mm["accuracy"] is not None else ""))
-        parts.append("TEST06 " + ("passed" if r["compliance"]["test06"]["passed"] else "FAILED"))
-    parts.append("[not valid for submission]" if not r["submission_valid"] else "[submission-valid]")
-    return " ".join(parts)
 
 
 def _freeze_heap() -> None:

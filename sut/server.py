@@ -20,6 +20,7 @@ disconnects leaves its request decoding to its limit.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -133,7 +134,9 @@ class EngineLoop:
     """The thread that owns the engine. `submit` returns the queue its TokenEvents arrive on;
     a RequestError on that queue means the engine failed or stopped."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, own_thread: bool = True):
+        """With own_thread=False the caller runs `run()` on its own thread (the
+        main one, for the CPU kernels' OpenMP pool: see sut/adapter.py)."""
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, queue.SimpleQueue] = {}
@@ -143,8 +146,10 @@ class EngineLoop:
         self._closed = False
         self._stop = threading.Event()
         self.error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="wallperf-engine", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if own_thread:
+            self._thread = threading.Thread(target=self._run, name="wallperf-engine", daemon=True)
+            self._thread.start()
 
     def submit(self, prompt_ids, params: SamplingParams) -> queue.SimpleQueue:
         events: queue.SimpleQueue = queue.SimpleQueue()
@@ -154,10 +159,19 @@ class EngineLoop:
             self._inbox.put((next(self._ids), list(prompt_ids), params, events))
         return events
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler); `stop` also waits for it."""
         self._stop.set()
         self._inbox.put(None)
-        self._thread.join()
+
+    def stop(self) -> None:
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self) -> None:
+        """The loop on the calling thread, until request_stop (own_thread=False)."""
+        self._run()
 
     def _run(self) -> None:
         try:
@@ -375,12 +389,14 @@ class _Server(ThreadingHTTPServer):
 
 
 def start_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16,
-                 max_seq_len: int = 2048, model_name: str | None = None):
+                 max_seq_len: int = 2048, model_name: str | None = None, engine_thread: bool = True):
     """Serve `loaded` in background threads: (server, base url, stop function). Stopping
-    closes every open connection at once, as a killed server would."""
+    closes every open connection at once, as a killed server would. With
+    engine_thread=False the caller runs the engine: `server.service.loop.run()`."""
     engine = NativeBackend(loaded, max_batch=max_batch, max_seq_len=max_seq_len)
-    service = CompletionService(EngineLoop(engine), loaded.tokenizer, model_name or Path(loaded.path).stem,
-                                loaded.config.vocab_size, engine.max_seq_len, int(time.time()))
+    service = CompletionService(EngineLoop(engine, own_thread=engine_thread), loaded.tokenizer,
+                                model_name or Path(loaded.path).stem, loaded.config.vocab_size, engine.max_seq_len,
+                                int(time.time()))
     server = _Server((host, port), service)
     thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="wallperf-http", daemon=True)
     thread.start()
@@ -426,15 +442,17 @@ def cmd_serve(args) -> int:
     else:
         name = path.stem
     loaded = load_model(path, args.dtype)
-    _, url, stop = start_server(loaded, args.host, args.port, args.max_batch, args.max_seq_len, name)
-    stopping = threading.Event()
+    server, url, stop = start_server(loaded, args.host, args.port, args.max_batch, args.max_seq_len, name,
+                                     engine_thread=False)
+    loop = server.service.loop
     # SIGTERM too: what container runtimes and service managers send to stop a server.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
+        signal.signal(sig, lambda *_: loop.request_stop())
     print(f"wallperf: serving {name} ({args.dtype}) at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    gc.collect()
+    gc.freeze()  # the loaded model's objects: see harness/run.py
     try:
-        while not stopping.wait(1.0):
-            pass
+        loop.run()  # the engine on the main thread, until a signal
     finally:
         stop()
     print("wallperf: stopped", file=sys.stderr)

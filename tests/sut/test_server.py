@@ -253,3 +253,25 @@ def test_smollm2_served_equals_engine_generate(smollm2_gguf_path):
     assert [t for e in events[:-2] for t in e["choices"][0]["token_ids"]] == want
     assert "".join(e["choices"][0]["text"] for e in events[:-2]) == tok.decode(want)
     assert events[-2]["usage"]["completion_tokens"] == len(want)
+
+
+def test_engine_on_the_callers_thread_serves_and_stops(tiny):
+    """`wallperf serve` runs the engine on its main thread (engine_thread=False):
+    requests are answered while the caller runs the loop, and request_stop ends it."""
+    loaded = tiny[0]
+    server, url, stop = start_server(loaded, "127.0.0.1", 0, max_batch=2, max_seq_len=MAX_SEQ_LEN,
+                                     model_name="tiny", engine_thread=False)
+    loop = server.service.loop
+    caller = threading.Thread(target=loop.run)  # stands in for the main thread
+    caller.start()
+    try:
+        prompt = prompt_of(7, seed=11)
+        want = reference_tokens(loaded, prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        status, body = post(server.server_address[1], {"model": "tiny", "prompt": prompt, "max_tokens": 6,
+                                                       "ignore_eos": True})
+        assert status == 200 and body["choices"][0]["token_ids"] == want
+    finally:
+        loop.request_stop()
+        caller.join(timeout=10)
+        stop()
+    assert not caller.is_alive()
