@@ -267,8 +267,10 @@ class OpenAIBackend:
     def _attempt(self, job: _Job, endpoint: _Endpoint, stream: _Stream) -> None:
         as_text = endpoint.text_prompts
         resp, conn = self._post(endpoint, self._body(job, as_text))
-        if resp.status == 400 and not as_text and self.tokenizer is not None:
-            # Some servers take text prompts only: try text; keep to it once it works.
+        if resp.status in (400, 422, 500) and not as_text and self.tokenizer is not None:
+            # Some servers take text prompts only and reject ids as a bad request, or
+            # (llama-cpp-python's server) as a 500 from their request validation:
+            # try text; keep to it once it works.
             resp.read()
             endpoint.release(conn)
             resp, conn = self._post(endpoint, self._body(job, as_text=True))
