@@ -31,3 +31,14 @@ def mmlu_path():
     from harness.config import load_dataset_config
 
     return resolve_dataset_file(load_dataset_config("mmlu"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytest.mark.usefixtures("one_torch_thread")`):
+    tiny models gain nothing from intra-op threads, and on a shared 2-core CPU
+    their barriers can cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

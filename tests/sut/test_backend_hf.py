@@ -22,13 +22,8 @@ from sut.weights import build_model, synthetic_state_dict  # noqa: E402
 EOS = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny GEMMs gain nothing from a second thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: tiny GEMMs gain nothing from a second on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(tied: bool):

@@ -18,14 +18,8 @@ CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=
 MAX_SEQ_LEN = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small GEMMs gain little from a second thread, and where other processes
-    share the cores OpenMP's spin-waits made these tests ~10x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: tiny GEMMs gain nothing from a second on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,8 @@ from sut.weights import build_model, load_checkpoint, load_gguf, load_hf_checkpo
 TINY_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small GEMMs gain little from a second thread, and where other processes
-    share the cores OpenMP's spin-waits made these tests ~10x slower (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: tiny GEMMs gain nothing from a second on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_hf_config(**overrides) -> transformers.LlamaConfig:

@@ -21,13 +21,8 @@ PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
 ENGINE = dict(max_batch=3, max_tokens_per_step=16, block_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As in test_engine.py: one thread, since other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: tiny GEMMs gain nothing from a second on a shared 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference(cfg):
