@@ -81,33 +81,82 @@ struct Shape {
   int64_t M, H, Hq, Hkv, D, F, V, blocks, block_size, table_width;
 };
 
-// out[m, h] = softmax(q k^T * scale) v over positions 0..pos[m], for every query head.
+// e^x for x <= 0 (softmax's shifted scores), 16 lanes: 2^(x log2 e) split into
+// an integer n and f in [-0.5, 0.5]; 2^f by its Taylor series to degree 6
+// (relative error < 1e-6), scaled by 2^n. Below -87 it returns ~0, as expf does.
+AVX512_BF16 inline __m512 exp_ps(__m512 x) {
+  // ln(2)^k / k!
+  constexpr float c1 = 0.6931471805599453f, c2 = 0.2402265069591007f, c3 = 0.05550410866482158f,
+                  c4 = 0.009618129107628477f, c5 = 0.0013333558146428443f, c6 = 0.00015403530393381608f;
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(c6);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c5));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c4));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c3));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c2));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c1));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// scores[0..n) = exp(scores - best) in place; returns their sum.
+AVX512_BF16 float exp_shifted_sum(float* scores, int64_t n, float best) {
+  const __m512 b = _mm512_set1_ps(best);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), b));
+    _mm512_storeu_ps(scores + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (t < n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + t), b));
+    _mm512_mask_storeu_ps(scores + t, mask, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// out[m, h] = softmax(q k^T * scale) v over positions 0..pos[m], for every query
+// head. Positions are walked block by block of the row's table (no division per
+// token); scratch vectors are per thread and reused.
 AVX512_BF16 void attend(const bf16* qkv, const bf16* k_layer, const bf16* v_layer, const int32_t* tables,
                         const int64_t* positions, bf16* out, const Shape& s, int threads) {
-  const int64_t group = s.Hq / s.Hkv, qkv_width = (s.Hq + 2 * s.Hkv) * s.D;
+  const int64_t group = s.Hq / s.Hkv, qkv_width = (s.Hq + 2 * s.Hkv) * s.D, row_stride = s.Hkv * s.D;
   const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t item = 0; item < s.M * s.Hq; ++item) {
-    const int64_t m = item / s.Hq, h = item % s.Hq, kvh = h / group, ctx = positions[m] + 1;
-    std::vector<float> q(s.D), acc(s.D, 0.f), scores(ctx);
-    for (int64_t i = 0; i < s.D; ++i) q[i] = to_f(qkv[m * qkv_width + h * s.D + i]) * scale;
-    const int32_t* table = tables + m * s.table_width;
-    float best = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < ctx; ++t) {
-      const int64_t slot = static_cast<int64_t>(table[t / s.block_size]) * s.block_size + t % s.block_size;
-      scores[t] = dot_bf16(q.data(), k_layer + (slot * s.Hkv + kvh) * s.D, s.D);
-      best = std::max(best, scores[t]);
+#pragma omp parallel num_threads(threads)
+  {
+    thread_local std::vector<float> q, acc, scores;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < s.M * s.Hq; ++item) {
+      const int64_t m = item / s.Hq, h = item % s.Hq, kvh = h / group, ctx = positions[m] + 1;
+      q.assign(s.D, 0.f);
+      acc.assign(s.D, 0.f);
+      scores.resize(ctx);
+      for (int64_t i = 0; i < s.D; ++i) q[i] = to_f(qkv[m * qkv_width + h * s.D + i]) * scale;
+      const int32_t* table = tables + m * s.table_width;
+      const bf16* k_head = k_layer + kvh * s.D;
+      const bf16* v_head = v_layer + kvh * s.D;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += s.block_size, ++b) {
+        const int64_t base = static_cast<int64_t>(table[b]) * s.block_size, n = std::min(s.block_size, ctx - t0);
+        for (int64_t o = 0; o < n; ++o) {
+          const float score = dot_bf16(q.data(), k_head + (base + o) * row_stride, s.D);
+          scores[t0 + o] = score;
+          best = std::max(best, score);
+        }
+      }
+      const float inv_total = 1.f / exp_shifted_sum(scores.data(), ctx, best);
+      for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += s.block_size, ++b) {
+        const int64_t base = static_cast<int64_t>(table[b]) * s.block_size, n = std::min(s.block_size, ctx - t0);
+        for (int64_t o = 0; o < n; ++o)
+          axpy_bf16(scores[t0 + o] * inv_total, v_head + (base + o) * row_stride, acc.data(), s.D);
+      }
+      for (int64_t i = 0; i < s.D; ++i) out[m * s.Hq * s.D + h * s.D + i] = to_bf16(acc[i]);
     }
-    float total = 0.f;
-    for (int64_t t = 0; t < ctx; ++t) {
-      scores[t] = std::exp(scores[t] - best);
-      total += scores[t];
-    }
-    for (int64_t t = 0; t < ctx; ++t) {
-      const int64_t slot = static_cast<int64_t>(table[t / s.block_size]) * s.block_size + t % s.block_size;
-      axpy_bf16(scores[t] / total, v_layer + (slot * s.Hkv + kvh) * s.D, acc.data(), s.D);
-    }
-    for (int64_t i = 0; i < s.D; ++i) out[m * s.Hq * s.D + h * s.D + i] = to_bf16(acc[i]);
   }
 }
 
@@ -233,9 +282,27 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   return logits.to(at::kFloat);
 }
 
+// softmax over the last dimension of a float32 (rows, n) tensor with the step's
+// own exp: exposed so that tests hold it to PyTorch's softmax.
+at::Tensor softmax_f32(const at::Tensor& x) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "wallperf::softmax_f32 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2, "softmax_f32 takes float32 (rows, n)");
+  at::Tensor y = x.contiguous().clone();
+  float* p = y.mutable_data_ptr<float>();
+  const int64_t n = y.size(1);
+  for (int64_t r = 0; r < y.size(0); ++r) {
+    float* row = p + r * n;
+    const float best = n ? *std::max_element(row, row + n) : 0.f;
+    const float inv_total = 1.f / exp_shifted_sum(row, n, best);
+    for (int64_t i = 0; i < n; ++i) row[i] *= inv_total;
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(wallperf, m) {
+  m.def("softmax_f32(Tensor x) -> Tensor");
   m.def(
       "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] o, Tensor[] gate_up, Tensor[] down, Tensor[] ln1, "
       "Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_tables, "
@@ -244,4 +311,5 @@ TORCH_LIBRARY_FRAGMENT(wallperf, m) {
 
 TORCH_LIBRARY_IMPL(wallperf, CPU, m) {
   m.impl("llama_decode_bf16", &llama_decode_bf16);
+  m.impl("softmax_f32", &softmax_f32);
 }

@@ -175,3 +175,15 @@ def test_smollm2_greedy_tokens_equal_eager(smollm2_gguf_path, monkeypatch):
     # bf16 engines do; before that they must agree.
     for fused, eager in zip(outputs["1"], outputs["0"]):
         assert fused[:16] == eager[:16]
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
+def test_attention_softmax_matches_torch(models, n):
+    """The step's vectorised exp (a degree-6 polynomial for 2^f) inside softmax,
+    against torch.softmax in float64, over scores spanning the range attention sees."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.cat([torch.randn(3, n, generator=g) * s for s in (0.1, 3.0, 40.0)])
+    x[:, 0] = -200.0 if n > 1 else x[:, 0]  # far below the max: underflows to ~0, as expf does
+    got = torch.ops.wallperf.softmax_f32(x)
+    want = torch.softmax(x.double(), dim=-1)
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-9)
