@@ -10,13 +10,15 @@ import socket
 import time
 
 import pytest
-from test_server import MAX_SEQ_LEN, one_torch_thread, prompt_of, tiny_loaded_model  # noqa: F401
+from test_server import MAX_SEQ_LEN, prompt_of, tiny_loaded_model
 
 from harness.bench_client import MockOptions, mock_token_ids, start_mock_server
 from sut.backends.native import NativeBackend
 from sut.backends.openai import OpenAIBackend
 from sut.engine import SamplingParams
 from sut.server import start_server
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = {100 + i: prompt_of(2 + 5 * i, seed=40 + i) for i in range(6)}
 
