@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from sut.backends.openai import OpenAIBackend
 from sut.engine import SamplingParams
+from sut.server import send_json
 
 MOCK_MODEL = "mock"
 # Token ids the mock streams: cycling past the few special ids a tokenizer puts first.
@@ -56,14 +57,14 @@ class _MockHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-        self._reply(200, {"object": "list", "data": [{"id": MOCK_MODEL, "object": "model"}]})
+        send_json(self, 200, {"object": "list", "data": [{"id": MOCK_MODEL, "object": "model"}]})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.authorization.append(self.headers.get("Authorization"))
         opts = self.server.options
         if isinstance(body.get("prompt"), list) and not opts.accept_token_prompts:
-            self._reply(400, {"error": {"message": "prompt must be a string", "type": "invalid_request_error"}})
+            send_json(self, 400, {"error": {"message": "prompt must be a string", "type": "invalid_request_error"}})
             return
         data = self.server.stream_bytes(body.get("max_tokens") or 16)
         self.send_response(200)
@@ -72,13 +73,6 @@ class _MockHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _reply(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
 
 class MockServer(ThreadingHTTPServer):

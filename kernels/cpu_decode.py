@@ -79,9 +79,7 @@ class FusedDecoder:
         """float32 logits (M, vocab) for each row's token at its position; its key
         and value are written into the cache at that position's slot."""
         width = max(len(t) for t in block_tables)
-        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-        for row, table in enumerate(block_tables):
-            tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         x = self.model.embed_tokens(torch.tensor(token_ids))
         cfg = self.cfg
         return self._op(x, *self._weights, self.cache.k, self.cache.v, tables, torch.tensor(positions),

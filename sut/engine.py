@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
 from sut.block_manager import BlockManager
 from sut.paged_cache import PagedKVCache, available_memory_bytes, kv_bytes_per_token, pool_blocks
 
@@ -131,8 +132,6 @@ class Engine:
         sentence saying which decode path this engine takes and why."""
         if self.device.type != "cpu" or dtype != torch.bfloat16:
             return None, "eager PyTorch"
-        from kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
-
         problem = fused_decode_problem(model, self.cache)
         if problem is not None:
             return None, f"eager PyTorch (fused C++ step unavailable: {problem})"
@@ -238,8 +237,6 @@ class Engine:
             self._sample([chunks[r][0] for r in done], logits[done, -1], events)
 
     def _decode(self, seqs: list[Sequence], events: list) -> None:
-        from kernels.cpu_decode import MAX_FUSED_ROWS
-
         if self._fused is not None and len(seqs) <= MAX_FUSED_ROWS:
             logits = self._fused([s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                                  [s.block_table for s in seqs])

@@ -42,8 +42,10 @@ from sut.engine import SamplingParams, TokenEvent
 
 log = logging.getLogger(__name__)
 
+
 class EngineLoop:
-    """The loop that owns the engine, on its own thread or the caller's. `submit` returns the queue its TokenEvents arrive on;
+    """The loop that owns the engine, on its own thread or the caller's. `submit`
+    returns the queue its TokenEvents arrive on;
     a RequestError on that queue means the engine failed or stopped."""
 
     def __init__(self, engine, own_thread: bool = True):
@@ -60,7 +62,7 @@ class EngineLoop:
         self.error: str | None = None
         self._thread = None
         if own_thread:
-            self._thread = threading.Thread(target=self._run, name="wallperf-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="wallperf-engine", daemon=True)
             self._thread.start()
 
     def submit(self, prompt_ids, params: SamplingParams) -> queue.SimpleQueue:
@@ -82,10 +84,7 @@ class EngineLoop:
             self._thread.join()
 
     def run(self) -> None:
-        """The loop on the calling thread, until request_stop (own_thread=False)."""
-        self._run()
-
-    def _run(self) -> None:
+        """The loop, until request_stop: on its own thread, or (own_thread=False) the caller's."""
         try:
             while not self._stop.is_set():
                 self._admit(block=not self.engine.has_unfinished())
@@ -188,11 +187,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":
-            self._json(200, self.server.service.models())
+            send_json(self, 200, self.server.service.models())
         elif self.path == "/health":
-            self._json(200, {"status": "ok"})
+            send_json(self, 200, {"status": "ok"})
         else:
-            self._json(404, RequestError(404, f"no route {self.path}").body())
+            send_json(self, 404, RequestError(404, f"no route {self.path}").body())
 
     def do_POST(self) -> None:
         service = self.server.service
@@ -204,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             request = service.parse(self._read_json())
             events = service.loop.submit(request.prompt_ids, request.params)
         except RequestError as e:
-            self._json(e.status, e.body())
+            send_json(self, e.status, e.body())
             return
         if request.stream:
             self._stream(service, request, events)
@@ -229,12 +228,12 @@ class _Handler(BaseHTTPRequestHandler):
         while ev is None or not ev.finished:
             ev = events.get()
             if isinstance(ev, RequestError):
-                self._json(ev.status, ev.body())
+                send_json(self, ev.status, ev.body())
                 return
             ids.append(ev.token_id)
         choice = {"index": 0, "text": service.tokenizer.decode(ids), "token_ids": ids, "logprobs": None,
                   "finish_reason": service.finish_reason(ev, request.params)}
-        self._json(200, {**_envelope(service), "choices": [choice], "usage": _usage(request, len(ids))})
+        send_json(self, 200, {**_envelope(service), "choices": [choice], "usage": _usage(request, len(ids))})
 
     def _stream(self, service: CompletionService, request: CompletionRequest, events) -> None:
         self.send_response(200)
@@ -270,13 +269,16 @@ class _Handler(BaseHTTPRequestHandler):
         # Framing and data in one write: the socket is unbuffered.
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-    def _json(self, status: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+
+
+def send_json(handler: BaseHTTPRequestHandler, status: int, obj: dict) -> None:
+    """A whole JSON response, with its length (keep-alive clients read by it)."""
+    data = json.dumps(obj).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def _envelope(service: CompletionService) -> dict:

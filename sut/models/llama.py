@@ -193,12 +193,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, with_mlp: bool = True):
+        """`with_mlp=False`: a subclass brings its own feed-forward as `mlp`."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.mlp = MLP(cfg)
+        if with_mlp:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, kv, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, mask)

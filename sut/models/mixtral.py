@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kernels.dispatch import fused_moe
-from sut.models.llama import Attention, LlamaConfig, LlamaModel, RMSNorm
+from sut.models.llama import Block, LlamaConfig, LlamaModel
 from sut.weights import synthetic_state_dict as dense_synthetic
 
 
@@ -93,17 +93,16 @@ class SparseMoeBlock(nn.Module):
         return fused_moe(flat, self.w13, self.w2, weights, ids).view(B, T, hidden)
 
 
-class MixtralBlock(nn.Module):
+class MixtralBlock(Block):
+    """A Llama block whose feed-forward is the sparse MoE, kept under HF's name."""
+
     def __init__(self, cfg: MixtralConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        super().__init__(cfg, with_mlp=False)
         self.block_sparse_moe = SparseMoeBlock(cfg)
 
-    def forward(self, x, cos, sin, kv, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, mask)
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+    @property
+    def mlp(self) -> SparseMoeBlock:
+        return self.block_sparse_moe
 
 
 class MixtralModel(LlamaModel):
