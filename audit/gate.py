@@ -131,8 +131,8 @@ def add_weight_noise_(model: nn.Module, relative_std: float, seed: int = NOISE_S
 
 
 def load_spec(spec: ModelSpec, device: str | None = None):
-    """A sut.backends.native.LoadedModel as the spec describes it."""
-    from sut.backends.native import DTYPES as TORCH_DTYPES, LoadedModel
+    """A sut.loading.LoadedModel as the spec describes it."""
+    from sut.loading import DTYPES as TORCH_DTYPES, LoadedModel
     from sut.weights import build_model
 
     path, dtype = resolve_spec(spec)
@@ -310,7 +310,7 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
     """Score reference, candidate (and baseline) on the same MMLU questions and judge the candidate.
     `per_subject`: the first N questions of each subject (stratified); None takes all 14,042.
     `subjects`: only these subjects (all 57 when None)."""
-    from harness.qsl import load_mmlu, select_per_subject
+    from harness.loadgen.qsl import load_mmlu, select_per_subject
 
     max_drop = check_max_drop(max_drop)
     if fmt not in FORMATS:
@@ -365,7 +365,7 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_audit(args) -> int:
     from harness.artifacts import ArtifactError
     from harness.config import ConfigError
-    from harness.qsl import DatasetError
+    from harness.loadgen.qsl import DatasetError
 
     try:
         result = audit(args.reference, args.candidate, args.max_drop, args.baseline, args.per_subject, args.fmt,

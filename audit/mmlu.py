@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from audit.stats import binomial_sf, log_softmax, wilson_interval
-from harness.qsl import LETTERS, MMLUQuestion
+from harness.loadgen.qsl import LETTERS, MMLUQuestion
 from sut.kv_cache import SlotKVCache
 
 FORMATS = ("letter", "cloze")
@@ -267,7 +267,7 @@ class _Progress:
 
 def evaluate(loaded_model, questions, fmt: str = "cloze", k_shot: int = 0, exemplar_pool=None,
              progress: bool = True, label: str = "mmlu") -> MMLUResult:
-    """Score every question of `questions` with `loaded_model` (a sut.backends.native.LoadedModel).
+    """Score every question of `questions` with `loaded_model` (a sut.loading.LoadedModel).
 
     Exemplars for k-shot prompts come from `exemplar_pool` (default: `questions`).
     """

@@ -34,13 +34,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.results import SUBMISSION_MIN_DURATION_S
+from harness.loadgen.results import SUBMISSION_MIN_DURATION_S
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES = ("error", "warning", "info")
 # Scenarios that LoadGen judges on token latencies (Interactive is its Server scenario).
 LATENCY_SCENARIOS = ("Server", "Interactive")
-# The words harness.logs uses for LoadGen's result_perf_constraints_met = false.
+# The words harness.loadgen.logs uses for LoadGen's result_perf_constraints_met = false.
 _CONSTRAINTS_WORDS = "performance constraints"
 
 

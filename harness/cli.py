@@ -108,12 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
     from audit.gate import add_audit_parser
     from audit.report import add_report_parser
-    from harness.gguf_export import add_export_parser
-    from harness.quant_check import add_quant_check_parser
-    from harness.probe import add_probe_parser
-    from harness.compare import add_compare_parser
-    from harness.roofline import add_roofline_parser
-    from sut.server import add_serve_parser
+    from harness.tools.gguf_export import add_export_parser
+    from harness.tools.quant_check import add_quant_check_parser
+    from harness.hardware.probe import add_probe_parser
+    from audit.compare import add_compare_parser
+    from harness.hardware.roofline import add_roofline_parser
+    from harness.tools.serve import add_serve_parser
 
     add_roofline_parser(sub)
     add_compare_parser(sub)
@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from harness.config import load_run
-    from harness.run import RunOptions, run_benchmark
+    from harness.driver.options import RunOptions
+    from harness.driver.run import run_benchmark
+    from harness.driver.tp_run import run_tp_benchmark
 
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
                                    ("scenarios", args.scenario), ("tp", args.tp)) if v is not None}
@@ -152,7 +154,7 @@ def cmd_run(args) -> int:
                                            ("performance_output_tokens", args.output_tokens)) if v is not None}
     resolved = load_run(args.config, overrides, scenario_overrides, dataset_overrides)
     if args.user_conf is not None:
-        from harness.settings import check_user_conf
+        from harness.loadgen.settings import check_user_conf
         check_user_conf(args.user_conf)
     out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and any(out.iterdir()):
@@ -166,7 +168,7 @@ def cmd_run(args) -> int:
                           "mlperf.conf again, which LoadGen marks as not valid for submission")
     opts = RunOptions(out, args.user_conf, progress=not args.no_progress, find_peak=args.find_peak,
                       peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs)
-    results = run_benchmark(resolved, opts)
+    results = (run_tp_benchmark if resolved.run.tp > 1 else run_benchmark)(resolved, opts)
     print(json.dumps({"results": str(out / "results.json"), "wall_time_s": results["wall_time_s"]}))
     return 0
 
@@ -174,7 +176,7 @@ def cmd_run(args) -> int:
 def cmd_generate(args) -> int:
     from harness.artifacts import resolve_model_file
     from harness.config import load_model_config
-    from sut.backends.native import load_model
+    from sut.loading import load_model
     from sut.engine import Engine, SamplingParams
 
     path = Path(args.model)
@@ -198,7 +200,7 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    return importlib.import_module(f"harness.bench_{args.what}").main(args.rest)
+    return importlib.import_module(f"harness.bench.{args.what}").main(args.rest)
 
 
 def main(argv=None) -> int:
@@ -209,16 +211,16 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     from harness.artifacts import ArtifactError
-    from harness.qsl import DatasetError
+    from harness.loadgen.qsl import DatasetError
 
     from audit.gate import cmd_audit
     from audit.report import cmd_report
-    from harness.gguf_export import cmd_export_gguf
-    from harness.quant_check import cmd_quant_check
-    from harness.probe import cmd_probe
-    from harness.compare import cmd_compare
-    from harness.roofline import cmd_roofline
-    from sut.server import cmd_serve
+    from harness.tools.gguf_export import cmd_export_gguf
+    from harness.tools.quant_check import cmd_quant_check
+    from harness.hardware.probe import cmd_probe
+    from audit.compare import cmd_compare
+    from harness.hardware.roofline import cmd_roofline
+    from harness.tools.serve import cmd_serve
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
                "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,

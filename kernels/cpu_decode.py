@@ -28,11 +28,11 @@ MAX_FUSED_ROWS = 64
 
 def fused_decode_problem(model, cache) -> str | None:
     """Why the fused step cannot run this model and cache, or None when it can."""
-    from sut.models.llama import LlamaModel
-
     if os.environ.get("WALLPERF_FUSED_DECODE", "1") == "0":
         return "WALLPERF_FUSED_DECODE=0"
-    if type(model) is not LlamaModel:
+    # The model says whether its step is the plain Llama block the C++ code runs;
+    # a subclass with other blocks (Mixtral) or a wrapper (MoME) says no.
+    if not type(model).__dict__.get("fused_decode_step", False):
         return f"{type(model).__name__} is not a plain Llama-family model"
     weight = model.embed_tokens.weight
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:

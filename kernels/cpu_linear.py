@@ -2,7 +2,7 @@
 
 At batch 1 a linear layer reads every weight once and does two FLOPs with it,
 so its speed is the speed of streaming W from DRAM. Over SmolLM2-135M's layers
-on this project's 2-core Zen 4 (harness/bench_gemv.py), PyTorch's eager
+on this project's 2-core Zen 4 (harness/bench/gemv.py), PyTorch's eager
 F.linear reaches 22-41% of the STREAM copy bandwidth measured in the same run,
 the C++ kernel in csrc/linear_bf16.cpp (AVX512-BF16 dot products, OpenMP over
 rows of W) 69-87%. It is compiled on first use with

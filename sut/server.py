@@ -22,21 +22,19 @@ disconnects leaves its request decoding to its limit.
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import logging
 import queue
-import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from sut.backends.native import DTYPES, LoadedModel, NativeBackend
+from sut.loading import LoadedModel
+from sut.backends.native import NativeBackend
 from sut.completion_request import MAX_BODY_BYTES, CompletionRequest, RequestError, parse_completion_request
 from sut.engine import SamplingParams, TokenEvent
 
@@ -328,46 +326,3 @@ def start_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 0, ma
         thread.join()
 
     return server, url, stop
-
-
-def add_serve_parser(subparsers):
-    p = subparsers.add_parser("serve", help="serve the native engine over an OpenAI-compatible HTTP API",
-                              description="Serve POST /v1/completions (streaming or not, greedy) and "
-                                          "GET /v1/models over the native engine.")
-    p.add_argument("--model", default="smollm2-135m", help="model name from conf/models, or a .gguf file or "
-                   "HF checkpoint folder")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request "
-                   "(capped at the model's context)")
-    return p
-
-
-def cmd_serve(args) -> int:
-    from harness.artifacts import resolve_model_file
-    from harness.config import load_model_config
-    from sut.backends.native import load_model
-
-    path, name = Path(args.model), args.model
-    if not path.exists():
-        path = resolve_model_file(load_model_config(args.model, "command line", "--model"))
-    else:
-        name = path.stem
-    loaded = load_model(path, args.dtype)
-    server, url, stop = start_server(loaded, args.host, args.port, args.max_batch, args.max_seq_len, name,
-                                     engine_thread=False)
-    loop = server.service.loop
-    # SIGTERM too: what container runtimes and service managers send to stop a server.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: loop.request_stop())
-    print(f"wallperf: serving {name} ({args.dtype}) at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
-    gc.collect()
-    gc.freeze()  # the loaded model's objects: see harness/run.py
-    try:
-        loop.run()  # the engine on the main thread, until a signal
-    finally:
-        stop()
-    print("wallperf: stopped", file=sys.stderr)
-    return 0

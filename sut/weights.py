@@ -1,6 +1,7 @@
-"""Checkpoint loaders: GGUF (dequantized with the `gguf` package), HF safetensors
-(single file or sharded with model.safetensors.index.json), and seeded synthetic
-weights for any config. Never pickle. State dicts use HF parameter names.
+"""Checkpoint readers: GGUF (dequantized with the `gguf` package) and HF
+safetensors (single file or sharded with model.safetensors.index.json), and the
+assembly of a state dict into a model (`build_model`). Never pickle. State dicts
+use HF parameter names. Seeded synthetic weights live with each model family.
 """
 from __future__ import annotations
 
@@ -92,38 +93,6 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
     for name in files:
         sd.update(load_file(str(folder / name)))
     return config_cls.from_hf_config(hf_cfg), sd, hf_cfg
-
-
-def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu",
-                         with_mlp: bool = True) -> dict:
-    """Seeded random weights with a sane scale, for timing shapes without downloads.
-    Made on `device`, so an 8B-shaped model never passes through host memory.
-    `with_mlp=False` leaves out the dense MLPs, for models that bring their own."""
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape):
-        return (torch.randn(*shape, generator=g, device=device, dtype=dtype) * shape[-1] ** -0.5)
-
-    def ones(n):
-        return torch.ones(n, dtype=dtype, device=device)
-
-    sd = {"model.embed_tokens.weight": randn(cfg.vocab_size, cfg.hidden_size),
-          "model.norm.weight": ones(cfg.hidden_size)}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = randn(cfg.vocab_size, cfg.hidden_size)
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = randn(cfg.q_size, cfg.hidden_size)
-        sd[p + "self_attn.k_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
-        sd[p + "self_attn.v_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
-        sd[p + "self_attn.o_proj.weight"] = randn(cfg.hidden_size, cfg.q_size)
-        if with_mlp:
-            sd[p + "mlp.gate_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
-            sd[p + "mlp.up_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
-            sd[p + "mlp.down_proj.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
-        sd[p + "input_layernorm.weight"] = ones(cfg.hidden_size)
-        sd[p + "post_attention_layernorm.weight"] = ones(cfg.hidden_size)
-    return sd
 
 
 def build_model(cfg: LlamaConfig, sd: dict, dtype: torch.dtype, device="cpu") -> LlamaModel:

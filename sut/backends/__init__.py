@@ -41,7 +41,7 @@ def check_available(kind: str) -> None:
 
 
 def create(kind: str, loaded, max_batch: int, max_seq_len: int, openai=None):
-    """A backend of `kind`: over a loaded model (sut.backends.native.load_model; for
+    """A backend of `kind`: over a loaded model (sut.loading.load_model; for
     llamacpp, sut.backends.llamacpp.load_gguf_model), or over OpenAI-compatible
     endpoints (`openai`: harness.config.OpenAIConfig), for which `loaded` need only
     carry the model's tokenizer."""

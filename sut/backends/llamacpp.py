@@ -1,7 +1,7 @@
 """llama.cpp as a backend, in process through llama-cpp-python, over a GGUF file.
 
 llama.cpp runs the GGUF as stored (SmolLM2's Q4_1 blocks, or a BF16 export:
-harness/gguf_export.py) on its own kernels. This backend batches the way
+harness/tools/gguf_export.py) on its own kernels. This backend batches the way
 llama.cpp's own server does: one llama.cpp context with a sequence id per
 request (up to max_batch), and each `step()` is one `llama_decode` of a batch
 holding the next token of every running sequence and the whole prompt of each

@@ -208,6 +208,10 @@ class Block(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    # kernels/cpu_decode.py runs this class's decode step in C++ (not its subclasses',
+    # which read the class's own __dict__ and find no such flag).
+    fused_decode_step = True
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
@@ -259,3 +263,35 @@ class LlamaModel(nn.Module):
             raise ValueError(f"unexpected weights in checkpoint: {sorted(sd)[:5]}")
         own = {k: v.to(dtype).contiguous() for k, v in own.items()}
         self.load_state_dict(own, strict=True, assign=True)
+
+
+def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, device="cpu",
+                         with_mlp: bool = True) -> dict:
+    """Seeded random weights with a sane scale, for timing shapes without downloads.
+    Made on `device`, so an 8B-shaped model never passes through host memory.
+    `with_mlp=False` leaves out the dense MLPs, for models that bring their own."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g, device=device, dtype=dtype) * shape[-1] ** -0.5)
+
+    def ones(n):
+        return torch.ones(n, dtype=dtype, device=device)
+
+    sd = {"model.embed_tokens.weight": randn(cfg.vocab_size, cfg.hidden_size),
+          "model.norm.weight": ones(cfg.hidden_size)}
+    if not cfg.tie_embeddings:
+        sd["lm_head.weight"] = randn(cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        sd[p + "self_attn.q_proj.weight"] = randn(cfg.q_size, cfg.hidden_size)
+        sd[p + "self_attn.k_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
+        sd[p + "self_attn.v_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
+        sd[p + "self_attn.o_proj.weight"] = randn(cfg.hidden_size, cfg.q_size)
+        if with_mlp:
+            sd[p + "mlp.gate_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+            sd[p + "mlp.up_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
+            sd[p + "mlp.down_proj.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
+        sd[p + "input_layernorm.weight"] = ones(cfg.hidden_size)
+        sd[p + "post_attention_layernorm.weight"] = ones(cfg.hidden_size)
+    return sd

@@ -24,7 +24,7 @@ from torch import nn
 
 from kernels.dispatch import fused_moe
 from sut.models.llama import Block, LlamaConfig, LlamaModel
-from sut.weights import synthetic_state_dict as dense_synthetic
+from sut.models.llama import synthetic_state_dict as dense_synthetic
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 
 from audit.compliance import MAX_LISTED_FAILURES, check_test06
 
-NULL_SUT = Path(__file__).parents[1] / "harness" / "loadgen_null_sut.py"
+NULL_SUT = Path(__file__).parents[1] / "harness" / "loadgen" / "loadgen_null_sut.py"
 EOS = 2
 TOTAL = 30
 FAULTY = {i for i in range(TOTAL) if i % 4 == 1}

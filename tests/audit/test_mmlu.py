@@ -8,7 +8,7 @@ import torch
 
 from audit.mmlu import Accuracy, build_context, choose_exemplars, evaluate
 from audit.stats import binomial_sf, wilson_interval
-from harness.qsl import MMLUQuestion
+from harness.loadgen.qsl import MMLUQuestion
 
 LETTERS = "ABCD"
 
@@ -55,7 +55,7 @@ def tiny_models(tmp_path_factory):
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sut.backends.native import LoadedModel
+    from sut.loading import LoadedModel
     from sut.tokenizer import Tokenizer
     from sut.weights import build_model, load_hf_checkpoint
 
@@ -148,8 +148,8 @@ def test_smollm2_cloze_matches_hf(smollm2_gguf_path, mmlu_path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.qsl import load_mmlu, select_per_subject
-    from sut.backends.native import load_model
+    from harness.loadgen.qsl import load_mmlu, select_per_subject
+    from sut.loading import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine's cores are shared: OpenMP threads would wait on each other

@@ -1,11 +1,11 @@
 """audit.perf_audit on hand-made result records: each flag fires on its input and not on a clean run.
 
-Roofline figures come from harness.roofline for real shapes (Llama 3.1 8B on an
+Roofline figures come from harness.hardware.roofline for real shapes (Llama 3.1 8B on an
 H100 SXM5), checked first against FACTS.md's memory wall (~209 tok/s at batch
 1, bf16), so "impossible" is judged against a published figure, not against
 whatever the code computes. Latency limits are MLPerf's llama3_1-8b Server
 limits (2000 ms TTFT, 100 ms TPOT, loadgen/mlperf.conf); the INVALID wording is
-harness.logs's, which is what results.json holds.
+harness.loadgen.logs's, which is what results.json holds.
 """
 import copy
 
@@ -13,7 +13,7 @@ import pytest
 
 from audit.perf_audit import Finding, audit_results
 from harness.config import load_hardware_config, load_model_config
-from harness.roofline import run_roofline
+from harness.hardware.roofline import run_roofline
 
 H100_WALL_8B = 209  # FACTS.md: Llama 3.1 8B bf16 on H100 SXM5, batch 1
 LIMITS = {"ttft_ms": 2000.0, "tpot_ms": 100.0}

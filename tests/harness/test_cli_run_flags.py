@@ -1,7 +1,7 @@
 """`wallperf run` flags that override the scenario's LoadGen settings."""
 import pytest
 
-import harness.run
+import harness.driver.run
 from harness.cli import main
 
 
@@ -13,7 +13,7 @@ def captured(monkeypatch):
         seen["resolved"], seen["opts"] = resolved, opts
         return {"wall_time_s": 0.0}
 
-    monkeypatch.setattr(harness.run, "run_benchmark", fake_run)
+    monkeypatch.setattr(harness.driver.run, "run_benchmark", fake_run)
     return seen
 
 

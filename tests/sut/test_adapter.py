@@ -9,8 +9,8 @@ import mlperf_loadgen as lg
 import numpy as np
 import pytest
 
-from harness.qsl import LoadGenQSL
-from harness.settings import log_settings
+from harness.loadgen.qsl import LoadGenQSL
+from harness.loadgen.settings import log_settings
 from sut.adapter import LoadGenSUT
 from sut.engine import SamplingParams, TokenEvent
 from sut.queues import queue_for

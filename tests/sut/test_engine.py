@@ -11,7 +11,8 @@ import transformers
 
 from sut.engine import Engine, SamplingParams, TokenEvent
 from sut.models.llama import LlamaConfig
-from sut.weights import build_model, synthetic_state_dict
+from sut.weights import build_model
+from sut.models.llama import synthetic_state_dict
 
 CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=128, vocab_size=128,
                   rms_eps=1e-5, max_position=256)

@@ -3,7 +3,7 @@
 The reference is the native backend on the same tiny model, driven the same
 way the LoadGen adapter drives any backend; the servers are `wallperf serve`
 (sut.server) and, for what it cannot do (text-only streams, refusing token
-ids, stalling), the mock of harness.bench_client and a socket that never answers.
+ids, stalling), the mock of harness.bench.client and a socket that never answers.
 """
 import json
 import socket
@@ -12,7 +12,7 @@ import time
 import pytest
 from test_server import MAX_SEQ_LEN, prompt_of, tiny_loaded_model
 
-from harness.bench_client import MockOptions, mock_token_ids, start_mock_server
+from harness.bench.client import MockOptions, mock_token_ids, start_mock_server
 from sut.backends.native import NativeBackend
 from sut.backends.openai import OpenAIBackend
 from sut.engine import SamplingParams
@@ -215,8 +215,8 @@ def test_loadgen_gets_every_answer_through_the_backend(tmp_path, tiny, serve):
     import mlperf_loadgen as lg
     import numpy as np
 
-    from harness.qsl import LoadGenQSL
-    from harness.settings import log_settings
+    from harness.loadgen.qsl import LoadGenQSL
+    from harness.loadgen.settings import log_settings
     from sut.adapter import LoadGenSUT
     from sut.queues import queue_for
 

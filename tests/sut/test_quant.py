@@ -15,7 +15,8 @@ from sut.kv_cache import SlotKVCache
 from sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
 from sut.quant import (FP8Linear, choose_format, dequantize_kv, is_excluded, load_quantized, quantize_kv,
                        quantize_model_, quantize_weight, save_quantized)
-from sut.weights import build_model, synthetic_state_dict
+from sut.weights import build_model
+from sut.models.llama import synthetic_state_dict
 
 # (max, exponent of the smallest normal) from the OCP fp8 spec and AMD's FNUZ variant (bias 8).
 FORMATS = {torch.float8_e4m3fn: (448.0, -6), torch.float8_e4m3fnuz: (240.0, -7)}

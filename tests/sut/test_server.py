@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sut.backends.native import LoadedModel
+from sut.loading import LoadedModel
 from sut.engine import Engine, SamplingParams
 from sut.models.llama import LlamaConfig
 from sut.server import start_server
 from sut.tokenizer import Tokenizer
-from sut.weights import build_model, synthetic_state_dict
+from sut.weights import build_model
+from sut.models.llama import synthetic_state_dict
 
 MAX_SEQ_LEN = 128
 
@@ -232,7 +233,7 @@ def test_models_lists_the_served_model(served):
 
 @pytest.mark.slow
 def test_smollm2_served_equals_engine_generate(smollm2_gguf_path):
-    from sut.backends.native import load_model
+    from sut.loading import load_model
 
     loaded = load_model(smollm2_gguf_path, "bfloat16")
     tok = loaded.tokenizer

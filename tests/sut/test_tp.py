@@ -5,13 +5,14 @@ row-parallel sums add in a different order)."""
 import pytest
 import torch
 
-from harness.tp_launch import run_tp_generate
+from harness.driver.tp_launch import run_tp_generate
 from sut.engine import Engine, SamplingParams
 from sut.kv_cache import SlotKVCache
 from sut.models.llama import LlamaConfig
 from sut.models.mixtral import MixtralConfig, MixtralModel
 from sut.tp import shard_model_
-from sut.weights import build_model, synthetic_state_dict
+from sut.weights import build_model
+from sut.models.llama import synthetic_state_dict
 
 CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=128, vocab_size=256,
                   max_position=128)

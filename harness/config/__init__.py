@@ -1,0 +1,17 @@
+"""Configuration: conf/'s YAML files validated into frozen dataclasses.
+
+`schema` holds the dataclasses (what each file may say), `load` the reading and
+checking of files and the resolution of a run YAML. Callers import from here.
+"""
+from harness.config.load import (ResolvedRun, available, build, load_dataset_config, load_hardware_config,
+                                 load_model_config, load_run, load_scenario_config, read_yaml)
+from harness.config.schema import (BACKENDS, DTYPES, GGUF_CHOICES, MODES, PEAK_DTYPES, SCENARIOS, ArtifactSource,
+                                   ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig, ModelShape,
+                                   MoMESection, OpenAIConfig, RunConfig, ScenarioConfig, conf_dir)
+
+__all__ = [
+    "ResolvedRun", "available", "build", "load_dataset_config", "load_hardware_config", "load_model_config",
+    "load_run", "load_scenario_config", "read_yaml", "BACKENDS", "DTYPES", "GGUF_CHOICES", "MODES", "PEAK_DTYPES",
+    "SCENARIOS", "ArtifactSource", "ConfigError", "DatasetConfig", "FieldError", "HardwareConfig", "ModelConfig",
+    "ModelShape", "MoMESection", "OpenAIConfig", "RunConfig", "ScenarioConfig", "conf_dir",
+]

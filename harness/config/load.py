@@ -1,0 +1,182 @@
+"""Loading conf/ YAML into the schema's dataclasses: type checks per key, named
+lookups under conf/, and a run YAML resolved with everything it references."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+from harness.config.schema import (SCENARIOS, ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig,
+                                   RunConfig, ScenarioConfig, conf_dir)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, file, key):
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, file, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(file, key, f"{value!r} is not allowed; allowed: {_type_name(tp)[7:]}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, file, f"{key}.")
+    expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}[tp]
+    if isinstance(value, bool) and tp is not bool or not isinstance(value, expected):
+        raise ConfigError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def build(cls, data, file=None, prefix: str = ""):
+    """Build dataclass `cls` from a mapping; unknown, missing or ill-typed keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(file, prefix or None, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(file, f"{prefix}{unknown[0]}", f"unknown key; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(file, key, "missing required key")
+            continue
+        kwargs[name] = _convert(data[name], hints[name], file, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        key = f"{prefix}{e.key}" if isinstance(e, FieldError) else prefix.rstrip(".") or None
+        raise ConfigError(file, key, str(e)) from None
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(path, None, "file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, f"not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, None, "expected a mapping at the top level")
+    return data
+
+
+def available(kind: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / kind).glob("*.yaml"))
+
+
+def _load_named(kind: str, name: str, cls, file=None, key=None):
+    path = conf_dir() / kind / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(available(kind)) or "none"
+        what = {"models": "model", "datasets": "dataset", "hardware": "hardware",
+                "scenarios": "scenario"}[kind]
+        raise ConfigError(file, key, f"unknown {what} {name!r} (no {path}); available: {names}")
+    return build(cls, read_yaml(path), path)
+
+
+def load_model_config(name: str, file=None, key=None) -> ModelConfig:
+    return _load_named("models", name, ModelConfig, file, key)
+
+
+def load_dataset_config(name: str, file=None, key=None) -> DatasetConfig:
+    return _load_named("datasets", name, DatasetConfig, file, key)
+
+
+def load_hardware_config(name: str, file=None, key=None) -> HardwareConfig:
+    return _load_named("hardware", name, HardwareConfig, file, key)
+
+
+def load_scenario_config(name: str, file=None, key=None) -> ScenarioConfig:
+    if name not in SCENARIOS:
+        raise ConfigError(file, key, f"unknown scenario {name!r}; allowed: {', '.join(SCENARIOS)}")
+    return _load_named("scenarios", name.lower(), ScenarioConfig, file, key)
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run YAML with every name it references loaded and validated."""
+
+    path: Path
+    run: RunConfig
+    model: ModelConfig
+    hardware: HardwareConfig
+    dataset: DatasetConfig
+    scenarios: tuple
+
+    def to_dict(self) -> dict:
+        return {
+            "file": str(self.path),
+            "run": dataclasses.asdict(self.run),
+            "model": dataclasses.asdict(self.model),
+            "hardware": dataclasses.asdict(self.hardware),
+            "dataset": dataclasses.asdict(self.dataset),
+            "scenarios": [dataclasses.asdict(s) for s in self.scenarios],
+        }
+
+
+def _check_tp(run: RunConfig, model: ModelConfig, file) -> None:
+    """What tensor parallelism needs of the model (sut/tp.py); a checkpoint without a
+    shape in conf/ is checked again once loaded."""
+    if run.tp == 1:
+        return
+    if model.family != "llama":
+        raise ConfigError(file, "tp", f"tp {run.tp}: tensor parallelism shards the dense Llama decoder; "
+                          f"model {model.name} is family {model.family} (use tp 1)")
+    if model.shape is not None:
+        from sut.tp import check_shardable
+
+        try:
+            check_shardable(model.shape, run.tp)
+        except ValueError as e:
+            raise ConfigError(file, "tp", f"tp {run.tp} does not fit model {model.name}: {e}") from None
+
+
+def load_run(path: Path | None = None, overrides: dict | None = None,
+             scenario_overrides: dict | None = None, dataset_overrides: dict | None = None) -> ResolvedRun:
+    """Load a run YAML (default conf/runs/default.yaml) and everything it names.
+
+    `overrides` replace run keys, `scenario_overrides` keys of every scenario and
+    `dataset_overrides` dataset keys; they are validated like the YAML itself.
+    """
+    path = Path(path) if path else conf_dir() / "runs" / "default.yaml"
+    data = {**read_yaml(path), **(overrides or {})}
+    run = build(RunConfig, data, path)
+    model = load_model_config(run.model, path, "model")
+    _check_tp(run, model, path)
+    hardware = load_hardware_config(run.hardware, path, "hardware")
+    dataset = load_dataset_config(run.dataset, path, "dataset")
+    if dataset_overrides:
+        dataset = build(DatasetConfig, {**_shallow(dataset), **dataset_overrides}, "command line")
+    scenarios = []
+    for i, name in enumerate(run.scenarios):
+        sc = load_scenario_config(name, path, f"scenarios[{i}]")
+        if scenario_overrides:
+            sc = build(ScenarioConfig, {**_shallow(sc), **scenario_overrides}, "command line")
+        scenarios.append(sc)
+    return ResolvedRun(path, run, model, hardware, dataset, tuple(scenarios))
+
+
+def _shallow(obj) -> dict:
+    """A dataclass as a mapping of its fields, nested dataclasses kept as mappings."""
+    return {f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v)
+            for f in dataclasses.fields(obj)}

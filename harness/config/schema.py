@@ -1,0 +1,279 @@
+"""Configuration: YAML files under conf/ validated into frozen dataclasses.
+
+Every error names the file, the key and what is allowed, so a user can fix the
+file without reading this code. A run YAML names a model, hardware, dataset,
+backend and scenarios by name; those names resolve to files under conf/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+
+SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
+MODES = ("performance", "accuracy")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
+BACKENDS = ("native", "openai", "hf", "llamacpp")
+# The GGUF the llamacpp backend runs: the model's own file, or its BF16 export.
+GGUF_CHOICES = ("source", "bf16")
+
+
+class FieldError(ValueError):
+    """Raised in a dataclass's __post_init__ to blame one of its keys."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(message)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, located by file and key."""
+
+    def __init__(self, file: str | Path | None, key: str | None, message: str):
+        self.file, self.key, self.message = (str(file) if file else None), key, message
+        where = ": ".join(x for x in (self.file, f"key '{key}'" if key else None) if x)
+        super().__init__(f"{where}: {message}" if where else message)
+
+    def __reduce__(self):
+        # Rebuilt from its three parts when a tensor-parallel rank sends it to the parent.
+        return type(self), (self.file, self.key, self.message)
+
+
+def conf_dir() -> Path:
+    """conf/ beside the packages (a source checkout), or $WALLPERF_CONF."""
+    return Path(os.environ.get("WALLPERF_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+@dataclass(frozen=True)
+class ArtifactSource:
+    """Where a file comes from: a member of a pinned PyPI wheel, or a local path."""
+
+    kind: Literal["pypi_wheel", "path"]
+    sha256: Optional[str] = None
+    package: Optional[str] = None
+    version: Optional[str] = None
+    wheel_sha256: Optional[str] = None
+    member: Optional[str] = None
+    path: Optional[str] = None
+
+    def __post_init__(self):
+        if self.kind == "pypi_wheel":
+            missing = [k for k in ("package", "version", "member") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"a pypi_wheel source needs {', '.join(missing)}")
+        elif not self.path:
+            raise ValueError("a path source needs 'path'")
+        for key in ("sha256", "wheel_sha256"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+                raise ValueError(f"{key} must be 64 lowercase hex digits, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Published shapes, for synthetic weights and for the roofline without a download."""
+
+    n_layers: int
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_size: int
+    vocab_size: int
+    tie_embeddings: bool = False
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    max_position: int = 8192
+    # Mixture of experts: experts per MoE layer and how many each token uses.
+    n_experts: int = 1
+    experts_per_token: int = 1
+
+    def __post_init__(self):
+        if min(self.n_layers, self.hidden_size, self.n_heads, self.n_kv_heads, self.ffn_size,
+               self.vocab_size) < 1:
+            raise ValueError("every shape figure must be >= 1")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if not 1 <= self.experts_per_token <= self.n_experts:
+            raise ValueError("need 1 <= experts_per_token <= n_experts")
+
+
+@dataclass(frozen=True)
+class MoMESection:
+    """A mixture of memory experts over the dense base (sut/models/mome.py)."""
+
+    n_experts: int
+    layers: list
+    topk: int = 32
+    query_dim: int = 256
+    cache_experts: int = 65536
+    bank_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: Literal["llama", "mixtral", "mome"]
+    format: Literal["gguf", "safetensors", "synthetic"]
+    source: Optional[ArtifactSource] = None
+    shape: Optional[ModelShape] = None
+    published_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # MLPerf's model name, whose latency limits and settings apply (e.g. llama3_1-8b).
+    mlperf_name: Optional[str] = None
+    # Synthetic weights borrow this model's tokenizer (its vocab must fit the shape's).
+    tokenizer_from: Optional[str] = None
+    mome: Optional[MoMESection] = None
+
+    def __post_init__(self):
+        if (self.family == "mome") != (self.mome is not None):
+            raise ValueError("a 'mome' section is needed exactly when family is mome")
+        if self.mome is not None:
+            from sut.models.mome import MemoryConfig
+
+            MemoryConfig(**dataclasses.asdict(self.mome))
+        if self.format == "synthetic" and (self.shape is None or self.tokenizer_from is None):
+            raise ValueError("synthetic weights need 'shape' and 'tokenizer_from'")
+        if self.format != "synthetic" and self.source is None:
+            raise ValueError(f"format {self.format!r} needs 'source'")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    format: Literal["mmlu_jsonl"]
+    source: ArtifactSource
+    per_subject: Optional[int] = None
+    # At most this many samples (after per_subject), for quick runs; null: all.
+    max_samples: Optional[int] = None
+    max_new_tokens: int = 48
+    performance_output_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if self.per_subject is not None and self.per_subject < 1:
+            raise ValueError("per_subject must be >= 1 or null")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError("max_samples must be >= 1 or null")
+        if self.max_new_tokens < 2:
+            raise ValueError("max_new_tokens must be >= 2 (LoadGen needs n_tokens > 1)")
+        if self.performance_output_tokens is not None and self.performance_output_tokens < 2:
+            raise ValueError("performance_output_tokens must be >= 2 or null")
+
+
+PEAK_DTYPES = ("float32", "bfloat16", "float16", "fp8")
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    name: str
+    description: str
+    memory_gb: float
+    bandwidth_gbps: float
+    # Dense peak TFLOP/s per dtype; null where the hardware has no such math (fp8 on MI250).
+    peak_tflops: dict
+    vendor: Literal["nvidia", "amd", "cpu"] = "cpu"
+    # The fp8 e4m3 variant the hardware computes in: e4m3fn (NVIDIA) or e4m3fnuz (MI300X).
+    fp8_format: Optional[Literal["e4m3fn", "e4m3fnuz"]] = None
+    sources: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.memory_gb <= 0 or self.bandwidth_gbps <= 0:
+            raise ValueError("memory_gb and bandwidth_gbps must be > 0")
+        for key, value in self.peak_tflops.items():
+            if key not in PEAK_DTYPES:
+                raise ValueError(f"peak_tflops: unknown dtype {key!r}; allowed: {', '.join(PEAK_DTYPES)}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"peak_tflops.{key} must be a positive number or null, got {value!r}")
+        if (self.peak_tflops.get("fp8") is not None) != (self.fp8_format is not None):
+            raise ValueError("fp8_format must be set exactly when peak_tflops.fp8 is")
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    name: Literal["SingleStream", "MultiStream", "Server", "Offline", "Interactive"]
+    min_duration_s: float = 60.0
+    min_query_count: int = 1
+    max_batch: int = 1
+    target_qps: Optional[float] = None
+    ttft_ms: Optional[float] = None
+    tpot_ms: Optional[float] = None
+    offline_expected_qps: Optional[float] = None
+    expected_latency_ms: Optional[float] = None
+    samples_per_query: Optional[int] = None
+
+    def __post_init__(self):
+        if self.min_duration_s <= 0 or self.min_query_count < 1 or self.max_batch < 1:
+            raise ValueError("min_duration_s must be > 0, min_query_count and max_batch >= 1")
+        server_like = self.name in ("Server", "Interactive")
+        if server_like and (self.target_qps is None or self.ttft_ms is None or self.tpot_ms is None):
+            raise ValueError(f"{self.name} needs target_qps, ttft_ms and tpot_ms")
+        if self.target_qps is not None and self.target_qps <= 0:
+            raise ValueError("target_qps must be > 0")
+        if self.name == "MultiStream" and (self.samples_per_query or 0) < 1:
+            raise ValueError("MultiStream needs samples_per_query >= 1")
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    """OpenAI-compatible endpoints as the SUT (sut/backends/openai.py)."""
+
+    endpoints: list
+    model: str
+    timeout_s: float = 60.0
+    retries: int = 2
+    routing: Literal["round_robin", "least_outstanding"] = "round_robin"
+    # The API key is read from this environment variable; never from a file.
+    api_key_env: str = "OPENAI_API_KEY"
+
+    def __post_init__(self):
+        if not self.endpoints or not all(isinstance(e, str) and e.startswith(("http://", "https://"))
+                                         for e in self.endpoints):
+            raise ValueError("endpoints must be a non-empty list of http(s):// URLs")
+        if self.timeout_s <= 0 or self.retries < 0:
+            raise ValueError("timeout_s must be > 0 and retries >= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    hardware: str
+    dataset: str
+    scenarios: list
+    system: str = "cpu-native"
+    backend: Literal["native", "openai", "hf", "llamacpp"] = "native"
+    openai: Optional[OpenAIConfig] = None
+    # llamacpp only: run the model's own GGUF (source) or its BF16 export (bf16).
+    gguf: Literal["source", "bf16"] = "source"
+    # auto: fp8 weights where the hardware has fp8 math, else the published format.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp8"] = "auto"
+    # auto: the GPU when torch sees one, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    modes: list = field(default_factory=lambda: list(MODES))
+    seed: int = 0
+    # Tensor parallelism: the native engine's model sharded over this many processes.
+    tp: int = 1
+
+    def __post_init__(self):
+        for i, s in enumerate(self.scenarios):
+            if s not in SCENARIOS:
+                raise FieldError(f"scenarios[{i}]", f"unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)}")
+        for i, m in enumerate(self.modes):
+            if m not in MODES:
+                raise FieldError(f"modes[{i}]", f"unknown mode {m!r}; allowed: {', '.join(MODES)}")
+        if not self.scenarios or not self.modes:
+            raise ValueError("scenarios and modes must not be empty")
+        if (self.backend == "openai") != (self.openai is not None):
+            raise ValueError("an 'openai' section (endpoints, model) is needed exactly when backend is openai")
+        if self.gguf != "source" and self.backend != "llamacpp":
+            raise FieldError("gguf", f"{self.gguf!r} applies to the llamacpp backend only (backend is "
+                             f"{self.backend!r}); leave it at 'source'")
+        if self.tp < 1:
+            raise FieldError("tp", f"must be an integer >= 1, got {self.tp}")
+        if self.tp > 1 and self.backend != "native":
+            raise FieldError("tp", f"tp {self.tp} shards the native engine's model; backend {self.backend!r} "
+                             "runs its own (use tp 1)")
+        if self.tp > 1 and self.dtype == "fp8":
+            raise FieldError("tp", f"tp {self.tp} with fp8 weights is not supported yet; use dtype bfloat16 "
+                             "or float32")

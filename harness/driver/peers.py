@@ -1,0 +1,84 @@
+"""Peer engines in a run (`--backend hf`, `--backend llamacpp`): what they can
+run, the format they run it in, and how their weights are counted for the
+memory wall.
+
+hf runs the native engine's loaded weights in the run's dtype (float32,
+bfloat16 or float16; HF has no fp8 path here). llamacpp runs a GGUF as stored:
+the model's own file, or its BF16 export (`gguf: bf16`), so the run's dtype
+does not apply to its weights; its bytes per token are the GGUF tensors' bytes
+and its KV cache is float16.
+"""
+from __future__ import annotations
+
+from harness.config import ConfigError, ResolvedRun
+from sut.backends import MissingPackage, check_available
+from sut.quant import FormatChoice
+
+PEERS = ("hf", "llamacpp")
+
+
+def check_peer(resolved: ResolvedRun) -> None:
+    """ConfigError unless the run's peer backend is installed and can run its model."""
+    run, model = resolved.run, resolved.model
+    if run.backend not in PEERS:
+        return
+    try:
+        check_available(run.backend)
+    except MissingPackage as e:
+        raise ConfigError(resolved.path, "backend", str(e)) from None
+    if model.family != "llama":
+        raise ConfigError(resolved.path, "backend", f"the {run.backend} backend runs dense Llama-family "
+                          f"models; {model.name} is {model.family}")
+    if run.backend == "llamacpp" and model.format != "gguf":
+        raise ConfigError(resolved.path, "backend", f"the llamacpp backend runs GGUF files; {model.name} is "
+                          f"{model.format} (choose a GGUF model, e.g. smollm2-135m)")
+    if run.backend == "hf" and run.dtype == "fp8":
+        raise ConfigError(resolved.path, "dtype", "the hf backend runs float32, bfloat16 or float16 weights, "
+                          "not fp8; use --dtype bfloat16 or auto")
+
+
+def peer_format(resolved: ResolvedRun, choice: FormatChoice) -> FormatChoice:
+    """The format a peer runs: auto never means fp8 for hf; llamacpp's weights are its GGUF's."""
+    run, published = resolved.run, resolved.model.published_dtype
+    if run.backend == "hf" and choice.fp8_dtype is not None:
+        return FormatChoice(published, None, False, f"auto: the hf backend runs the published format {published} "
+                            "(no fp8 path)")
+    if run.backend == "llamacpp":
+        which = "its BF16 export" if run.gguf == "bf16" else "the model's own GGUF"
+        return FormatChoice(published, None, False, f"llama.cpp runs {which} as stored (its weight types in "
+                            f"weight_format); {published} is the math dtype of the compute roof")
+    return choice
+
+
+def load_llamacpp_model(resolved: ResolvedRun):
+    """The GGUF the llamacpp backend runs: the model's own, or its cached BF16 export."""
+    from harness.artifacts import resolve_model_file
+    from harness.tools.gguf_export import bf16_gguf
+    from sut.backends.llamacpp import load_gguf_model
+
+    path = resolve_model_file(resolved.model)
+    if resolved.run.gguf == "bf16":
+        path = bf16_gguf(path)
+    return load_gguf_model(path)
+
+
+def weight_format(loaded, choice: FormatChoice) -> str:
+    """What results.json records as the weights' format: the GGUF's types for llamacpp."""
+    return getattr(loaded, "weight_format", None) or choice.weight_format
+
+
+def roofline_counts(loaded) -> dict:
+    """run_roofline's byte overrides for an engine that stores weights in its own format."""
+    weight_bytes = getattr(loaded, "weight_bytes", None)
+    if weight_bytes is None:
+        return {}
+    from sut.backends.llamacpp import KV_BYTES_PER_ELEMENT
+
+    return {"weight_bytes": weight_bytes, "kv_bytes_per_element": KV_BYTES_PER_ELEMENT}
+
+
+def format_dict(loaded, choice: FormatChoice) -> dict:
+    """results.json's "format" entry."""
+    return {**choice.to_dict(), "weight_format": weight_format(loaded, choice),
+            "quantization": getattr(loaded, "quantization", None),
+            **({"gguf": str(loaded.path)} if getattr(loaded, "weight_bytes", None) is not None else {})}

@@ -1,0 +1,253 @@
+"""`wallperf run`: every (scenario, mode) of a run config under LoadGen.
+
+Data flow: artifacts -> model and tokenizer -> MMLU prompts -> per scenario and
+mode, a backend, a scenario queue, the LoadGen SUT and QSL -> LoadGen's logs ->
+result records. results.json is rewritten atomically after each LoadGen test,
+so an interrupted run keeps every finished result ("complete": false).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+from pathlib import Path
+
+import mlperf_loadgen as lg
+
+from audit.compliance import check_test06
+from audit.report import write_run_reports
+from harness.artifacts import resolve_dataset_file
+from harness.config import ResolvedRun, ScenarioConfig
+from harness.driver.find_peak import find_peak, format_curve, try_log_dir
+from harness.driver.model import choose_device, load_for_run, model_shape
+from harness.driver.options import RunOptions
+from harness.driver.peers import check_peer, format_dict, peer_format, roofline_counts, weight_format
+from harness.driver.progress import Progress, say
+from harness.hardware.energy import EnergyMeter
+from harness.hardware.profiles import hardware_profile, system_hardware
+from harness.hardware.roofline import run_roofline
+from harness.loadgen.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
+from harness.loadgen.results import (accuracy_record, counter_delta, decode_roofline, performance_record,
+                                     submission_notes, summary_line, wallperf_version, write_json_atomic)
+from harness.loadgen.settings import build_test_settings, log_settings
+from sut.adapter import LoadGenSUT
+from sut.backends import create
+from sut.engine import SamplingParams
+from sut.quant import choose_format
+from sut.queues import queue_for
+
+log = logging.getLogger(__name__)
+
+
+def sampling_params(mode: str, dataset) -> SamplingParams:
+    """Accuracy runs stop at EOS; performance runs may decode a fixed length (ignore_eos)."""
+    fixed = dataset.performance_output_tokens
+    if mode == "performance" and fixed is not None:
+        return SamplingParams(max_new_tokens=fixed, min_new_tokens=fixed, ignore_eos=True)
+    return SamplingParams(max_new_tokens=dataset.max_new_tokens, min_new_tokens=2)
+
+
+def log_dir_for(out_dir: Path, resolved: ResolvedRun, scenario: str, mode: str) -> Path:
+    base = out_dir / resolved.run.system / resolved.model.name / scenario
+    return base / "performance" / "run_1" if mode == "performance" else base / "accuracy"
+
+
+def _max_batch(sc: ScenarioConfig) -> int:
+    if sc.name == "SingleStream":
+        return 1
+    if sc.name == "MultiStream":
+        return max(sc.max_batch, sc.samples_per_query)
+    return sc.max_batch
+
+
+def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) -> dict:
+    """Every test of the run; results.json's content. A tensor-parallel run
+    (harness.driver.tp_run) comes here on rank 0 with `tp_session_for`, which
+    turns the loaded model into the session that leads the other ranks."""
+    run, dataset = resolved.run, resolved.dataset
+    started = time.time()
+    device = choose_device(run.device)
+    hardware, _ = hardware_profile(resolved.hardware)
+    check_peer(resolved)
+    choice = peer_format(resolved, choose_format(hardware, run.dtype, resolved.model.published_dtype))
+    say(f"format: {choice.reason}")
+    dataset_path = resolve_dataset_file(dataset)
+    loaded = load_for_run(resolved, device, choice)
+    tp_session = tp_session_for(loaded) if tp_session_for is not None else None
+    questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)[: dataset.max_samples]
+    prompts = build_prompts(questions, loaded.tokenizer)
+    if resolved.model.format == "synthetic":
+        # A borrowed tokenizer may know more ids than the shape's vocab: fold them in
+        # (random weights: the ids only need to be valid, not meaningful).
+        prompts = [p % resolved.model.shape.vocab_size for p in prompts]
+    lengths = [len(p) for p in prompts]
+    longest_output = max(dataset.max_new_tokens, dataset.performance_output_tokens or 0)
+    max_seq_len = max(lengths) + longest_output
+    say(f"{len(prompts)} MMLU prompts, {min(lengths)}-{max(lengths)} tokens; output dir {opts.out_dir}")
+    _freeze_heap()
+
+    results = {
+        "wallperf_version": wallperf_version(),
+        "device": device,
+        "tp": run.tp,
+        "format": format_dict(loaded, choice),
+        "config": {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
+                   "performance_output_tokens": dataset.performance_output_tokens,
+                   "ignore_eos_in_performance": dataset.performance_output_tokens is not None},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "complete": False,
+        "runs": [],
+    }
+    results_path = opts.out_dir / "results.json"
+
+    def test(sc, mode, log_dir=None):
+        record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir,
+                           tp_session)
+        results["runs"].append(record)
+        write_json_atomic(results_path, results)
+        return record
+
+    for sc in resolved.scenarios:
+        for mode in run.modes:
+            if opts.find_peak and mode == "performance" and sc.name in ("Server", "Interactive"):
+                results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
+                write_json_atomic(results_path, results)
+            else:
+                test(sc, mode)
+    if tp_session is not None:
+        tp_session.end()
+    results["complete"] = True
+    results["wall_time_s"] = round(time.time() - started, 1)
+    write_json_atomic(results_path, results)
+    html, md = write_run_reports(opts.out_dir)
+    say(f"reports: {html}, {md}")
+    return results
+
+
+def _find_peak(resolved, sc, opts, test) -> dict:
+    """Bisect the Server target QPS; every try is a LoadGen test with its own logs."""
+    perf_dir = log_dir_for(opts.out_dir, resolved, sc.name, "performance").parent
+
+    def run_one(qps: float) -> dict:
+        record = test(dataclasses.replace(sc, target_qps=qps), "performance", try_log_dir(perf_dir, qps))
+        record["find_peak_try"] = True
+        return record
+
+    peak = find_peak(run_one, *opts.peak_range, opts.peak_tolerance, opts.peak_max_runs)
+    say(f"{sc.name} peak search:\n{format_curve(peak)}")
+    return peak.to_dict()
+
+
+def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir=None,
+              tp_session=None) -> dict:
+    run = resolved.run
+    log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    model_name = resolved.model.mlperf_name or resolved.model.name
+    settings = build_test_settings(sc, mode, model_name, len(prompts), opts.user_conf)
+    if tp_session is not None:
+        backend = tp_session.engine(max_batch=_max_batch(sc),
+                                    max_seq_len=min(max_seq_len, loaded.config.max_position))
+    else:
+        backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len,
+                         openai=run.openai)
+    params = sampling_params(mode, resolved.dataset)
+    queue = queue_for(sc.name, [len(p) for p in prompts])
+    expected = len(prompts) if mode == "accuracy" else None
+    expert_stats = getattr(loaded.model, "expert_stats", None)
+    experts_before = expert_stats() if expert_stats else None
+    t0 = time.monotonic()
+    with LoadGenQSL(len(prompts), len(prompts)) as qsl, \
+            LoadGenSUT(backend, queue, prompts, params, report_first_token=sc.name != "Offline") as sut, \
+            Progress(f"{sc.name} {mode}", sut.stats, expected, enabled=opts.progress), \
+            EnergyMeter(getattr(loaded, "device", "cpu")) as meter:
+        sut.run_test(lambda: lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(log_dir)))
+    elapsed = time.monotonic() - t0
+
+    client = engine = stats = None
+    if run.backend == "openai":
+        client = backend.stats()
+        backend.close()
+    else:
+        stats = backend.stats
+        if hasattr(backend, "close"):
+            backend.close()
+        engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
+                  "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size}
+    if mode == "performance":
+        body = performance_record(log_dir)
+        body["roofline"] = (None if stats is None else
+                            _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats,
+                                      choice, body["metrics"]["tpot_ms"]))
+    else:
+        body = accuracy_record(log_dir, questions, loaded.tokenizer)
+        body["roofline"] = None
+        body["compliance"] = {"test06": check_test06(
+            log_dir / "mlperf_log_accuracy.json", loaded.tokenizer.eos_token_id,
+            scenario="Server" if sc.name == "Interactive" else sc.name).to_dict()}
+    if sut.stats.error:
+        body["valid"] = False
+        body["invalid_reasons"].insert(0, f"the SUT failed: {sut.stats.error}")
+    if client and client["failures"]:
+        body["valid"] = False
+        body["invalid_reasons"].insert(0, f"{client['failures']} of {client['requests']} requests failed: " +
+                                       "; ".join(f"{r} (x{n})" for r, n in client["failure_reasons"].items()))
+    record = {
+        "scenario": sc.name,
+        "mode": mode,
+        "model": resolved.model.name,
+        "backend": run.backend,
+        "tp": run.tp,
+        "dtype": choice.dtype,
+        "weight_format": weight_format(loaded, choice),
+        "fp8_emulated": choice.emulated,
+        "hardware": resolved.hardware.name,
+        "system": run.system,
+        **{k: body[k] for k in ("valid", "invalid_reasons")},
+        "submission_notes": submission_notes(sc, opts.user_conf, body["valid"]),
+        "log_dir": str(log_dir),
+        "max_new_tokens": params.max_new_tokens,
+        "ignore_eos": params.ignore_eos,
+        "elapsed_s": round(elapsed, 1),
+        "engine": engine,
+        "client": client,
+        # The whole test, idle time included, as the hardware's own counters report it.
+        "energy": meter.result(sut.stats.tokens),
+        "expert_cache": counter_delta(experts_before, expert_stats()) if expert_stats else None,
+        **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
+    }
+    if client and client["token_count_mismatches"]:
+        record["submission_notes"].append(f"{client['token_count_mismatches']} responses' usage token counts "
+                                          "differ from the streamed tokens")
+    record["submission_valid"] = not record["submission_notes"]
+    say(summary_line(record))
+    return record
+
+
+def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice, tpot_ms=None) -> dict | None:
+    """The run against the memory wall, at the decode batch and context it held.
+    Emulated fp8 upcasts each weight before use, so it is counted at the math dtype.
+    Where LoadGen measured TPOT, the decode phase alone is set against the wall too."""
+    if not tokens_per_second or not stats.decode_tokens:
+        return None
+    hardware, source = hardware_profile(resolved.hardware)
+    tp_note = None
+    if resolved.run.tp > 1:
+        hardware, tp_note = system_hardware(hardware, resolved.run.tp, loaded.device)
+    dtype = "fp8" if choice.fp8_dtype is not None and not choice.emulated else choice.dtype
+    record = run_roofline(model_shape(resolved, loaded), hardware, dtype, tokens_per_second,
+                          batch=max(1, round(stats.mean_decode_batch)),
+                          context=round(stats.mean_decode_context), scenario=scenario, **roofline_counts(loaded))
+    record.update(decode_roofline(record["bytes_per_step"], hardware.bandwidth_gbps, tpot_ms))
+    return {**record, "hardware": hardware.name, "hardware_source": source,
+            "peak_bandwidth_gbps": hardware.bandwidth_gbps, **({"tp_note": tp_note} if tp_note else {})}
+
+
+def _freeze_heap() -> None:
+    """Move everything loaded so far (tokenizer tables, GGUF metadata, modules:
+    ~300k objects) out of the garbage collector's reach. A full collection of
+    them took ~190 ms here, and one landing mid-test is a latency outlier that
+    has nothing to do with the engine; what the tests allocate is still collected."""
+    gc.collect()
+    gc.freeze()

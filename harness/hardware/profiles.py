@@ -1,0 +1,38 @@
+"""The hardware figures a run is set against: the profile `wallperf probe`
+measured on this machine when there is one, else conf/hardware's; and the
+system a tensor-parallel run spans."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from harness.config import HardwareConfig, build, read_yaml
+from harness.hardware.probe import measured_profile_path
+
+
+def hardware_profile(configured: HardwareConfig) -> tuple[HardwareConfig, str]:
+    """The profile `wallperf probe` measured on this machine, if any, else conf/'s."""
+    measured = measured_profile_path(configured.name)
+    if measured.is_file():
+        return build(HardwareConfig, read_yaml(measured), measured), f"measured ({measured})"
+    return configured, f"conf/hardware/{configured.name}.yaml"
+
+
+def system_hardware(hardware: HardwareConfig, tp: int, device: str) -> tuple[HardwareConfig, str]:
+    """The roofline's view of a tensor-parallel run, and a note that says so.
+
+    Each rank reads 1/tp of the sharded weights per step, in parallel; counted here
+    as the whole model's bytes per step against the whole system's bandwidth: tp
+    times one GPU's, or one CPU's memory that all ranks share."""
+    if torch.device(device).type == "cuda":
+        system = dataclasses.replace(
+            hardware, memory_gb=hardware.memory_gb * tp, bandwidth_gbps=hardware.bandwidth_gbps * tp,
+            peak_tflops={k: None if v is None else v * tp for k, v in hardware.peak_tflops.items()})
+        where = f"{tp} x {hardware.name} ({system.bandwidth_gbps:g} GB/s, {tp} x the peak FLOP/s)"
+    else:
+        system = hardware
+        where = f"the one {hardware.name} memory all {tp} ranks share ({hardware.bandwidth_gbps:g} GB/s)"
+    note = (f"tensor parallel over {tp} ranks: the whole model's bytes per step against {where}; "
+            "the all-reduces' traffic and time are not counted as bytes")
+    return system, note

@@ -1,0 +1,162 @@
+"""Result records: one per (scenario, mode), built from LoadGen's own logs.
+
+results.json is a public contract that scripts read. Every figure in it is
+parsed from mlperf_log_detail.txt or scored from mlperf_log_accuracy.json;
+a figure LoadGen did not log is null, never estimated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from harness.loadgen.logs import read_accuracy_log, read_detail_log, scenario_metrics
+from harness.loadgen.qsl import parse_answer_letter
+
+# MLPerf's minimum duration for a submission run.
+SUBMISSION_MIN_DURATION_S = 600
+
+
+def wallperf_version() -> str:
+    try:
+        return metadata.version("wallperf")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def score_mmlu(accuracy_log: Path, questions, tokenizer) -> dict:
+    """Accuracy of the answer letters in an accuracy log, with the parsed answers."""
+    entries = read_accuracy_log(accuracy_log)
+    correct = unparsed = 0
+    for entry in entries:
+        letter = parse_answer_letter(tokenizer.decode(entry.tokens().tolist()))
+        unparsed += letter is None
+        correct += letter == questions[entry.qsl_idx].answer
+    total = len(entries)
+    return {"accuracy": correct / total if total else None, "correct": correct, "total": total,
+            "unparsed": unparsed}
+
+
+def submission_notes(scenario_cfg, user_conf: Path | None, valid: bool | None) -> list[str]:
+    """Why a run cannot stand as an MLPerf submission result (empty when it can)."""
+    notes = []
+    if user_conf is None:
+        notes.append("settings are wallperf's own, not mlperf.conf + user.conf (--user-conf)")
+    if scenario_cfg.min_duration_s < SUBMISSION_MIN_DURATION_S:
+        notes.append(f"min_duration {scenario_cfg.min_duration_s:g} s is below MLPerf's "
+                     f"{SUBMISSION_MIN_DURATION_S} s")
+    if valid is False:
+        notes.append("LoadGen judged the run INVALID")
+    return notes
+
+
+def performance_record(log_dir: Path) -> dict:
+    m = scenario_metrics(read_detail_log(log_dir / "mlperf_log_detail.txt"))
+    return {
+        "valid": m.valid,
+        "invalid_reasons": list(m.invalid_reasons),
+        "metrics": {
+            "samples_per_second": m.samples_per_second,
+            "tokens_per_second": m.tokens_per_second,
+            "ttft_ms": m.ttft_ms,
+            "tpot_ms": m.tpot_ms,
+            "latency_ms": m.latency_ms,
+            "sample_count": m.sample_count,
+            "mmlu_accuracy": None,
+        },
+    }
+
+
+def accuracy_record(log_dir: Path, questions, tokenizer) -> dict:
+    detail = read_detail_log(log_dir / "mlperf_log_detail.txt")
+    mmlu = score_mmlu(log_dir / "mlperf_log_accuracy.json", questions, tokenizer)
+    return {
+        # LoadGen does not judge accuracy runs; errors it logged still count.
+        "valid": None if not detail.errors else False,
+        "invalid_reasons": [f"LoadGen error: {e}" for e in detail.errors],
+        "metrics": {
+            "samples_per_second": None, "tokens_per_second": None, "ttft_ms": None, "tpot_ms": None,
+            "latency_ms": None, "sample_count": mmlu["total"], "mmlu_accuracy": mmlu["accuracy"],
+        },
+        "mmlu": mmlu,
+    }
+
+
+def counter_delta(before: dict, after: dict) -> dict:
+    """This test's share of cumulative counters: counts subtract, the hit rate is
+    recomputed from them, configuration figures are kept."""
+    out = {}
+    for k, v in after.items():
+        if isinstance(v, dict):
+            out[k] = counter_delta(before.get(k, {}), v)
+        elif k in EXPERT_COUNTERS:
+            out[k] = v - before.get(k, 0)
+        else:
+            out[k] = v
+    if "hits" in out and "lookups" in out:
+        out["hit_rate"] = out["hits"] / out["lookups"] if out["lookups"] else None
+    return out
+
+
+EXPERT_COUNTERS = ("steps", "selections", "lookups", "hits", "misses", "evictions", "bytes_loaded",
+                    "load_seconds")
+
+
+def decode_roofline(bytes_per_step: float, bandwidth_gbps: float, tpot_ms: dict | None) -> dict:
+    """Decode alone against the wall: one step (bytes_per_step, at the run's
+    decode batch) per time per output token, at LoadGen's TPOT median and p99.
+    Unlike the run-level MBU, prefill time is not in it."""
+    out = {"decode_achieved_bandwidth_gbps": None, "decode_mbu": None, "decode_mbu_at_p99": None}
+    p50 = (tpot_ms or {}).get("p50")
+    if not p50 or p50 <= 0:
+        return out
+    achieved = bytes_per_step / (p50 / 1e3)
+    out["decode_achieved_bandwidth_gbps"] = achieved / 1e9
+    out["decode_mbu"] = achieved / (bandwidth_gbps * 1e9)
+    p99 = tpot_ms.get("p99")
+    if p99 and p99 > 0:
+        out["decode_mbu_at_p99"] = bytes_per_step / (p99 / 1e3) / (bandwidth_gbps * 1e9)
+    return out
+
+
+def summary_line(r: dict) -> str:
+    m = r["metrics"]
+    parts = [f"{r['scenario']} {r['mode']}:"]
+    if r["mode"] == "performance":
+        parts.append("VALID" if r["valid"] else f"INVALID ({'; '.join(r['invalid_reasons'])})")
+        if m["tokens_per_second"] is not None:
+            parts.append(f"{m['tokens_per_second']:.1f} tokens/s ({r['scenario']})")
+        if m["samples_per_second"] is not None:
+            parts.append(f"{m['samples_per_second']:.2f} samples/s")
+        for name in ("ttft_ms", "tpot_ms"):
+            if m[name] and m[name]["p99"] is not None:
+                parts.append(f"{name[:4].upper()} p99 {m[name]['p99']:.0f} ms")
+        if r.get("roofline"):
+            rf = r["roofline"]
+            parts.append(f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
+                         f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
+            if rf.get("decode_mbu") is not None:
+                parts.append(f"decode MBU {100 * rf['decode_mbu']:.0f}% at TPOT p50")
+    else:
+        mm = r["mmlu"]
+        parts.append(f"MMLU {mm['correct']}/{mm['total']}" +
+                     (f" = {100 * mm['accuracy']:.1f}%" if mm["accuracy"] is not None else ""))
+        parts.append("TEST06 " + ("passed" if r["compliance"]["test06"]["passed"] else "FAILED"))
+    parts.append("[not valid for submission]" if not r["submission_valid"] else "[submission-valid]")
+    return " ".join(parts)

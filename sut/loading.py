@@ -1,0 +1,94 @@
+"""Model loading, in one place for every backend: a checkpoint (GGUF or HF
+folder), seeded synthetic weights of a published shape, or a dense base with
+memory experts, each in the dtype asked for and, with `fp8_dtype`, with its
+projections quantized. The route of a dtype from the command line to the
+weights starts and ends here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sut.models.llama import LlamaConfig, LlamaModel, synthetic_state_dict
+from sut.models.mixtral import MixtralConfig, synthetic_state_dict as mixtral_synthetic
+from sut.tokenizer import Tokenizer
+from sut.weights import build_model, load_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """Weights and tokenizer of one checkpoint, shared by every engine built on it."""
+
+    path: Path
+    config: LlamaConfig
+    model: LlamaModel
+    tokenizer: Tokenizer
+    dtype: str
+    device: str = "cpu"
+    # What quantization did (sut.quant.QuantReport.to_dict()), when weights are fp8.
+    quantization: dict | None = None
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    path = Path(path)
+    return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
+
+
+def config_for_shape(family: str, shape) -> LlamaConfig:
+    """The model config of a published shape (anything with harness.config.ModelShape's fields)."""
+    if family == "mixtral":
+        return MixtralConfig.from_shape(shape)
+    return LlamaConfig(n_layers=shape.n_layers, hidden_size=shape.hidden_size, n_heads=shape.n_heads,
+                       n_kv_heads=shape.n_kv_heads, ffn_size=shape.ffn_size, vocab_size=shape.vocab_size,
+                       rope_theta=shape.rope_theta, head_dim=shape.head_dim, tie_embeddings=shape.tie_embeddings,
+                       max_position=shape.max_position)
+
+
+def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dtype | None = None) -> LoadedModel:
+    """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`;
+    with `fp8_dtype`, its projection weights quantized to that fp8 format."""
+    path = Path(path)
+    cfg, sd, _ = load_checkpoint(path)
+    model = build_model(cfg, sd, torch_dtype(dtype), device)
+    return LoadedModel(path, cfg, model, load_tokenizer(path), dtype, device, _quantize(model, fp8_dtype))
+
+
+def _quantize(model, fp8_dtype) -> dict | None:
+    if fp8_dtype is None:
+        return None
+    from sut.quant import quantize_model_
+
+    return quantize_model_(model, fp8_dtype, per_channel=True).to_dict()
+
+
+def load_synthetic(cfg: LlamaConfig, tokenizer: Tokenizer, dtype: str, device: str = "cpu",
+                   seed: int = 0, fp8_dtype: torch.dtype | None = None) -> LoadedModel:
+    """Seeded random weights of a published shape, with a borrowed tokenizer, for
+    timing shapes whose checkpoints are not at hand. Its outputs mean nothing."""
+    make = mixtral_synthetic if isinstance(cfg, MixtralConfig) else synthetic_state_dict
+    sd = make(cfg, seed, torch_dtype(dtype), device)
+    model = build_model(cfg, sd, torch_dtype(dtype), device)
+    return LoadedModel(Path("synthetic"), cfg, model, tokenizer, dtype, device, _quantize(model, fp8_dtype))
+
+
+def load_mome(cfg: LlamaConfig, sd: dict, tokenizer: Tokenizer, memory, bank_dir: Path, dtype: str,
+              device: str = "cpu", path: Path = Path("synthetic")) -> LoadedModel:
+    """A dense base (`cfg`, `sd`: a checkpoint's or synthetic weights) with a mixture
+    of memory experts (`memory`, a sut.models.mome.MemoryConfig): a seeded synthetic
+    router, and an expert bank memory-mapped from `bank_dir` (created there once)."""
+    from sut.models.mome import build_mome_model, synthetic_bank, synthetic_memory_state_dict
+
+    dt = torch_dtype(dtype)
+    sd = {**sd, **synthetic_memory_state_dict(cfg, memory, memory.seed, dt)}
+    model = build_mome_model(cfg, memory, sd, synthetic_bank(bank_dir, cfg, memory), dt, device)
+    return LoadedModel(path, cfg, model, tokenizer, dtype, device)

@@ -1,0 +1,84 @@
+"""`wallperf probe --quick` on this machine: figures exist and the profile it
+writes is one the config loader accepts. No timing is asserted beyond being
+positive: figures belong to the probe's own output, not to pytest."""
+import argparse
+
+import pytest
+import torch
+
+from harness.hardware import probe as probe_module
+from harness.config import ConfigError, HardwareConfig, build, load_model_config, read_yaml
+from harness.hardware.probe import add_probe_parser, cmd_probe, measured_profile_path, probe, write_profile
+from harness.hardware.roofline import memory_wall
+
+
+@pytest.fixture(scope="module")
+def cpu_result():
+    return probe("cpu", quick=True)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("WALLPERF_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_quick_probe_gives_positive_figures(cpu_result):
+    assert cpu_result.name == "cpu" and cpu_result.vendor == "cpu"
+    assert cpu_result.copy_gbps > 0 and cpu_result.triad_gbps > 0
+    assert cpu_result.bandwidth_gbps == max(cpu_result.copy_gbps, cpu_result.triad_gbps)
+    assert set(cpu_result.peak_tflops) == {"float32", "bfloat16"}
+    assert all(v > 0 for v in cpu_result.peak_tflops.values())
+    assert cpu_result.memory_gb > 0 and cpu_result.threads >= 1
+
+
+def test_profile_path_follows_wallperf_cache(cache):
+    assert measured_profile_path("cpu") == cache / "hardware" / "cpu.yaml"
+    assert measured_profile_path("local-gpu") == cache / "hardware" / "local-gpu.yaml"
+
+
+def test_written_profile_is_a_valid_hardware_config(cpu_result, cache):
+    path = write_profile(cpu_result)
+    assert path == cache / "hardware" / "cpu.yaml"
+    hardware = build(HardwareConfig, read_yaml(path), path)
+    assert hardware.name == "cpu" and hardware.fp8_format is None
+    assert hardware.peak_tflops["fp8"] is None and hardware.peak_tflops["bfloat16"] > 0
+    assert hardware.bandwidth_gbps == pytest.approx(cpu_result.bandwidth_gbps, abs=0.05)
+    assert memory_wall(load_model_config("smollm2-135m").shape, hardware, "bfloat16") > 0
+
+
+def test_write_is_atomic(cpu_result, cache, monkeypatch):
+    path = cache / "hardware" / "cpu.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text("previous profile\n")
+
+    def interrupted(src, dst):
+        raise OSError("interrupted before the rename")
+
+    monkeypatch.setattr(probe_module.os, "replace", interrupted)
+    with pytest.raises(OSError):
+        write_profile(cpu_result)
+    assert path.read_text() == "previous profile\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cpu.yaml"]
+
+
+def test_cmd_probe_prints_writes_and_warns_when_busy(cache, capsys, monkeypatch):
+    monkeypatch.setattr(probe_module.os, "getloadavg", lambda: (3.5, 1.0, 0.5))
+    parser = argparse.ArgumentParser(prog="wallperf")
+    add_probe_parser(parser.add_subparsers())
+    assert cmd_probe(parser.parse_args(["probe", "--quick", "--device", "cpu"])) == 0
+    out = capsys.readouterr()
+    assert "copy" in out.out and "triad" in out.out and "bfloat16" in out.out
+    assert str(cache / "hardware" / "cpu.yaml") in out.err
+    assert "load average was 3.5" in out.err
+    hardware = build(HardwareConfig, read_yaml(cache / "hardware" / "cpu.yaml"))
+    assert "load average 3.5" in hardware.sources[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_a_config_error(cache):
+    parser = argparse.ArgumentParser(prog="wallperf")
+    add_probe_parser(parser.add_subparsers())
+    with pytest.raises(ConfigError) as e:
+        cmd_probe(parser.parse_args(["probe", "--device", "cuda"]))
+    assert e.value.key == "--device" and "cpu" in str(e.value)
