@@ -1,8 +1,14 @@
 """The requests `wallperf serve` takes: an OpenAI /v1/completions body checked
 field by field into a CompletionRequest, or a RequestError naming the field
-(HTTP 400), the model (404) or the engine's state (503)."""
+(HTTP 400), the model (404) or the engine's state (503).
+
+Any body gives one or the other: JSON nested too deep for the parser is a 400,
+and a text prompt too long to fit the context whatever it tokenizes to is
+refused by its length in characters, before the tokenizer spends time on it.
+"""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from sut.engine import SamplingParams
@@ -12,7 +18,9 @@ DEFAULT_MAX_TOKENS = 16
 MAX_BODY_BYTES = 16 << 20
 # Fields that would change what greedy decoding returns: each with the only value served.
 _FIXED_FIELDS = {"n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (None,), "suffix": (None, ""),
-                 "stop": (None, [], ""), "stop_token_ids": (None, [])}
+                 "stop": (None, [], ""), "stop_token_ids": (None, []), "top_p": (None, 1), "top_k": (None, -1, 0),
+                 "min_p": (None, 0), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+                 "frequency_penalty": (None, 0), "repetition_penalty": (None, 1), "seed": (None,)}
 
 
 class RequestError(Exception):
@@ -21,8 +29,24 @@ class RequestError(Exception):
         self.status, self.message, self.param = status, message, param
 
     def body(self) -> dict:
-        kind = {404: "not_found_error", 503: "server_error"}.get(self.status, "invalid_request_error")
+        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for (its longest vocabulary entry): a
+    text of more than max_seq_len times this many characters cannot fit the context."""
+    return max(map(len, tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+
+
+def decode_json_body(data: bytes):
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "the body is not valid JSON: nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -33,21 +57,21 @@ class CompletionRequest:
     include_usage: bool
 
 
-def parse_completion_request(body, tokenizer, vocab_size: int, max_seq_len: int,
-                             model_name: str) -> CompletionRequest:
+def parse_completion_request(body, tokenizer, vocab_size: int, max_seq_len: int, model_name: str,
+                             max_prompt_chars: int | None = None) -> CompletionRequest:
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
     if body.get("model") not in (None, model_name):
-        raise RequestError(404, f"the model {body['model']!r} does not exist; served: {model_name!r}", "model")
+        raise RequestError(404, f"the model {_short(body['model'])} does not exist; served: {model_name!r}", "model")
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or temperature != 0):
         raise RequestError(400, f"only greedy decoding is served: temperature must be 0 or absent, "
-                                f"got {temperature!r}", "temperature")
+                                f"got {_short(temperature)}", "temperature")
     for name, allowed in _FIXED_FIELDS.items():
         if body.get(name, allowed[0]) not in allowed:
-            raise RequestError(400, f"{name}={body[name]!r} is not supported (greedy decoding, one "
+            raise RequestError(400, f"{name}={_short(body[name])} is not supported (greedy decoding, one "
                                     f"completion per request)", name)
-    prompt_ids = _prompt_ids(body.get("prompt"), tokenizer, vocab_size)
+    prompt_ids = _prompt_ids(body.get("prompt"), tokenizer, vocab_size, max_prompt_chars)
     max_tokens = _int_field(body, "max_tokens", DEFAULT_MAX_TOKENS, minimum=1)
     min_tokens = _int_field(body, "min_tokens", 0, minimum=0)
     if min_tokens > max_tokens:
@@ -64,11 +88,14 @@ def parse_completion_request(body, tokenizer, vocab_size: int, max_seq_len: int,
     return CompletionRequest(tuple(prompt_ids), params, stream, include_usage)
 
 
-def _prompt_ids(prompt, tokenizer, vocab_size: int) -> list[int]:
+def _prompt_ids(prompt, tokenizer, vocab_size: int, max_chars: int | None) -> list[int]:
     # OpenAI's batch forms are accepted only with one prompt in them.
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
+        if max_chars is not None and len(prompt) > max_chars:
+            raise RequestError(400, f"the prompt has {len(prompt)} characters; at most {max_chars} can fit this "
+                                    "model's context", "prompt")
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = prompt
@@ -87,12 +114,21 @@ def _int_field(body: dict, name: str, default: int, minimum: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RequestError(400, f"{name} must be an integer >= {minimum}, got {value!r}", name)
+        raise RequestError(400, f"{name} must be an integer >= {minimum}, got {_short(value)}", name)
     return value
 
 
 def _bool_field(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
-        raise RequestError(400, f"{name} must be true or false, got {value!r}", name)
+        raise RequestError(400, f"{name} must be true or false, got {_short(value)}", name)
     return value
+
+
+def _short(value, limit: int = 100) -> str:
+    """A client's value quoted in an error: cut short, since the client sent it and may have sent a lot."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(a value nested too deeply to show)"
+    return text if len(text) <= limit else text[:limit] + "..."

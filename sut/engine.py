@@ -154,6 +154,18 @@ class Engine:
         prompt = checked_prompt(request_id, prompt_ids, params, self.max_seq_len)
         self.waiting.append(Sequence(request_id, prompt, params))
 
+    def abort(self, request_id: int) -> int | None:
+        """End a request that has not finished (its client went away): it leaves the
+        queues and its blocks are freed. The number of blocks freed, or None when
+        no such request is unfinished."""
+        for seq in [*self.running, *self.waiting]:
+            if seq.request_id == request_id:
+                (self.running if seq in self.running else self.waiting).remove(seq)
+                freed = len(seq.block_table)
+                self.blocks.free(seq.block_table)
+                return freed
+        return None
+
     def generate(self, prompt_ids, params: SamplingParams) -> list[int]:
         """Greedy tokens for one prompt (the engine must be idle)."""
         if self.has_unfinished():

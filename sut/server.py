@@ -1,7 +1,7 @@
 """`wallperf serve`: an OpenAI-compatible completions server over the native engine.
 
-One loop owns the engine and does continuous batching (in `wallperf serve` on
-the main thread, whose OpenMP pool the CPU kernels use; see sut/adapter.py);
+One loop owns the engine and does continuous batching (sut/engine_loop.py; in
+`wallperf serve` on the main thread, whose OpenMP pool the CPU kernels use);
 HTTP requests are handled on threads (the standard library's
 ThreadingHTTPServer, HTTP/1.1 keep-alive) that hand their request to the loop
 and read their tokens back from a queue. Request bodies are checked in
@@ -13,137 +13,48 @@ Served: POST /v1/completions (prompt as text or token ids; `max_tokens`,
 events, each chunk carrying its token's text and, like vLLM's
 `return_token_ids`, its id in `choices[0].token_ids`; the usage chunk when
 `stream_options.include_usage`) and GET /v1/models. Decoding is greedy only, so
-anything that would sample or change the output (temperature > 0, n > 1,
-logprobs, stop strings, echo) is refused with a 400 rather than ignored.
+anything that would sample or change the output (temperature > 0, top_p < 1,
+top_k, penalties, logit_bias, seed, n > 1, logprobs, stop strings, echo) is
+refused with a 400 rather than ignored. Text prompts are tokenized without
+added special tokens, as `wallperf run` tokenizes its prompts.
 
-Text prompts are tokenized without added special tokens, as `wallperf run`
-tokenizes its prompts. The engine cannot abort a sequence: a client that
-disconnects leaves its request decoding to its limit.
+Under abuse: a connection that sends nothing for `read_timeout_s` (a half-sent
+request, an idle keep-alive connection) is closed; beyond `max_connections`
+open connections a new one is answered 503 and closed; a client that goes away
+has its request aborted in the engine (its KV blocks freed, one log line);
+every error, http.server's own included, is an OpenAI-shaped JSON body. With
+an API key (WALLPERF_API_KEY in `wallperf serve`'s environment) every request
+must carry it as a bearer token, compared in constant time.
 """
 from __future__ import annotations
 
-import itertools
+import hmac
 import json
 import logging
 import queue
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from sut.loading import LoadedModel
 from sut.backends.native import NativeBackend
-from sut.completion_request import MAX_BODY_BYTES, CompletionRequest, RequestError, parse_completion_request
+from sut.completion_request import (MAX_BODY_BYTES, CompletionRequest, RequestError, decode_json_body,
+                                    max_token_chars, parse_completion_request)
 from sut.engine import SamplingParams, TokenEvent
+from sut.engine_loop import EngineLoop
+from sut.http_limits import BoundedHTTPServer, ServerLimits, is_loopback
+from sut.text_stream import TextStream
+from sut.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
-
-class EngineLoop:
-    """The loop that owns the engine, on its own thread or the caller's. `submit`
-    returns the queue its TokenEvents arrive on;
-    a RequestError on that queue means the engine failed or stopped."""
-
-    def __init__(self, engine, own_thread: bool = True):
-        """With own_thread=False the caller runs `run()` on its own thread (the
-        main one, for the CPU kernels' OpenMP pool: see sut/adapter.py)."""
-        self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[int, queue.SimpleQueue] = {}
-        self._ids = itertools.count()
-        # Taken by submit and by the final drain, so no request slips in after the drain.
-        self._lock = threading.Lock()
-        self._closed = False
-        self._stop = threading.Event()
-        self.error: str | None = None
-        self._thread = None
-        if own_thread:
-            self._thread = threading.Thread(target=self.run, name="wallperf-engine", daemon=True)
-            self._thread.start()
-
-    def submit(self, prompt_ids, params: SamplingParams) -> queue.SimpleQueue:
-        events: queue.SimpleQueue = queue.SimpleQueue()
-        with self._lock:
-            if self._closed:
-                raise RequestError(503, f"the engine is not running: {self.error or 'server stopped'}")
-            self._inbox.put((next(self._ids), list(prompt_ids), params, events))
-        return events
-
-    def request_stop(self) -> None:
-        """Ask the loop to end (safe from a signal handler); `stop` also waits for it."""
-        self._stop.set()
-        self._inbox.put(None)
-
-    def stop(self) -> None:
-        self.request_stop()
-        if self._thread is not None:
-            self._thread.join()
-
-    def run(self) -> None:
-        """The loop, until request_stop: on its own thread, or (own_thread=False) the caller's."""
-        try:
-            while not self._stop.is_set():
-                self._admit(block=not self.engine.has_unfinished())
-                if self.engine.has_unfinished():
-                    for ev in self.engine.step():
-                        self._streams[ev.request_id].put(ev)
-                        if ev.finished:
-                            del self._streams[ev.request_id]
-        except Exception as e:  # noqa: BLE001 - every waiting client must hear of it
-            self.error = f"{type(e).__name__}: {e}"
-            log.exception("the engine failed")
-        failure = RequestError(503, f"the engine stopped: {self.error or 'server shutting down'}")
-        with self._lock:
-            self._closed = True
-        for events in self._streams.values():
-            events.put(failure)
-        while not self._inbox.empty():
-            item = self._inbox.get_nowait()
-            if item is not None:
-                item[3].put(failure)
-
-    def _admit(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-            while True:
-                if item is not None:
-                    rid, prompt, params, events = item
-                    try:
-                        self.engine.add_request(rid, prompt, params)
-                        self._streams[rid] = events
-                    except ValueError as e:
-                        events.put(RequestError(400, str(e)))
-                item = self._inbox.get_nowait()
-        except queue.Empty:
-            pass
-
-
-class TextStream:
-    """Incremental detokenization over a sliding window (as TGI and vLLM do), so each
-    token costs a short decode. Byte-level BPE may split a character over tokens:
-    text ending in U+FFFD is held back until the character is whole."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids = tokenizer, []
-        # ids[prefix:read] is text already sent, decoded again for context.
-        self.prefix = self.read = 0
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        sent = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        if len(text) <= len(sent) or text.endswith("\ufffd"):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(sent):]
-
-    def flush(self) -> str:
-        sent = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(sent):]
+# How often a request waiting for tokens checks that its client is still there.
+CLIENT_CHECK_S = 0.2
+ALLOWED_METHODS = "GET, POST"
 
 
 @dataclass(frozen=True)
@@ -154,9 +65,11 @@ class CompletionService:
     vocab_size: int
     max_seq_len: int
     created: int
+    max_prompt_chars: int
 
     def parse(self, body) -> CompletionRequest:
-        return parse_completion_request(body, self.tokenizer, self.vocab_size, self.max_seq_len, self.model_name)
+        return parse_completion_request(body, self.tokenizer, self.vocab_size, self.max_seq_len, self.model_name,
+                                        self.max_prompt_chars)
 
     def finish_reason(self, ev: TokenEvent, params: SamplingParams) -> str:
         return "stop" if not params.ignore_eos and ev.token_id in self.tokenizer.eos_token_ids else "length"
@@ -173,6 +86,8 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
 
     def setup(self) -> None:
+        # Every read and write on the connection: a client silent this long is closed.
+        self.timeout = self.server.limits.read_timeout_s
         super().setup()
         self.server.connections.add(self.connection)
 
@@ -183,7 +98,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args) -> None:
         log.debug("%s " + fmt, self.address_string(), *args)
 
+    def send_error(self, code, message=None, explain=None) -> None:
+        """http.server's own errors (a malformed request line or headers, a method
+        without a do_ handler) as OpenAI-shaped JSON, then the connection closes."""
+        self.close_connection = True
+        headers = {"Connection": "close"}
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} is not allowed"
+            headers["Allow"] = ALLOWED_METHODS
+        send_json(self, int(code), RequestError(int(code), message or HTTPStatus(code).phrase).body(), headers)
+
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         if self.path.rstrip("/") == "/v1/models":
             send_json(self, 200, self.server.service.models())
         elif self.path == "/health":
@@ -192,6 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
             send_json(self, 404, RequestError(404, f"no route {self.path}").body())
 
     def do_POST(self) -> None:
+        if not self._authorized():
+            return
         service = self.server.service
         try:
             if self.path != "/v1/completions":
@@ -199,14 +128,28 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise RequestError(404, f"no route {self.path}; served: /v1/completions")
             request = service.parse(self._read_json())
-            events = service.loop.submit(request.prompt_ids, request.params)
+            request_id, events = service.loop.submit(request.prompt_ids, request.params)
         except RequestError as e:
             send_json(self, e.status, e.body())
             return
         if request.stream:
-            self._stream(service, request, events)
+            self._stream(service, request, request_id, events)
         else:
-            self._complete(service, request, events)
+            self._complete(service, request, request_id, events)
+
+    def _authorized(self) -> bool:
+        key = self.server.limits.api_key
+        if key is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        if hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape")):
+            return True
+        # A body, if any, is left unread: the connection cannot carry another request.
+        self.close_connection = True
+        send_json(self, 401, RequestError(401, "a valid API key is required: send 'Authorization: Bearer "
+                                               "<key>' with the server's WALLPERF_API_KEY").body())
+        return False
 
     def _read_json(self):
         length = self.headers.get("Content-Length", "")
@@ -215,16 +158,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(413 if length.isdigit() and int(length) else 400,
                                f"a JSON body with Content-Length is required (at most {MAX_BODY_BYTES} bytes)")
-        length = int(length)
-        try:
-            return json.loads(self.rfile.read(length))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the body is not valid JSON: {e}") from None
+        return decode_json_body(self.rfile.read(int(length)))
 
-    def _complete(self, service: CompletionService, request: CompletionRequest, events) -> None:
+    def _client_gone(self) -> bool:
+        """The client closed or reset its end: the socket is readable with nothing to read."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+    def _next_event(self, request_id: int, events):
+        """The request's next event, or None once its client is gone (the request is then aborted)."""
+        while True:
+            try:
+                return events.get(timeout=CLIENT_CHECK_S)
+            except queue.Empty:
+                if self._client_gone():
+                    self._abort(request_id, "client disconnected")
+                    return None
+
+    def _abort(self, request_id: int, reason: str) -> None:
+        self.close_connection = True
+        self.server.service.loop.abort(request_id, reason)
+
+    def _complete(self, service: CompletionService, request: CompletionRequest, request_id: int, events) -> None:
         ids, ev = [], None
         while ev is None or not ev.finished:
-            ev = events.get()
+            ev = self._next_event(request_id, events)
+            if ev is None:
+                return
             if isinstance(ev, RequestError):
                 send_json(self, ev.status, ev.body())
                 return
@@ -233,7 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
                   "finish_reason": service.finish_reason(ev, request.params)}
         send_json(self, 200, {**_envelope(service), "choices": [choice], "usage": _usage(request, len(ids))})
 
-    def _stream(self, service: CompletionService, request: CompletionRequest, events) -> None:
+    def _stream(self, service: CompletionService, request: CompletionRequest, request_id: int, events) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -242,7 +205,9 @@ class _Handler(BaseHTTPRequestHandler):
         envelope, text, n, ev = _envelope(service), TextStream(service.tokenizer), 0, None
         try:
             while ev is None or not ev.finished:
-                ev = events.get()
+                ev = self._next_event(request_id, events)
+                if ev is None:
+                    return
                 if isinstance(ev, RequestError):
                     self._event(ev.body())
                     break
@@ -257,7 +222,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(b"data: [DONE]\n\n")
             self._chunk(b"")
         except OSError:
-            # The client went away; its request decodes on (the engine cannot abort one).
+            # The client went away (or stopped reading for read_timeout_s) mid-stream.
+            if ev is None or not ev.finished:
+                self._abort(request_id, "client disconnected mid-stream")
             self.close_connection = True
 
     def _event(self, obj: dict) -> None:
@@ -268,13 +235,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
-
-def send_json(handler: BaseHTTPRequestHandler, status: int, obj: dict) -> None:
+def send_json(handler: BaseHTTPRequestHandler, status: int, obj: dict, headers: dict | None = None) -> None:
     """A whole JSON response, with its length (keep-alive clients read by it)."""
     data = json.dumps(obj).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
     handler.end_headers()
     handler.wfile.write(data)
 
@@ -290,26 +258,24 @@ def _usage(request: CompletionRequest, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # Many clients connect at once under a benchmark's load.
-    request_queue_size = 1024
-
-    def __init__(self, address, service: CompletionService):
-        super().__init__(address, _Handler)
-        self.service, self.connections = service, set()
-
-
 def start_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16,
-                 max_seq_len: int = 2048, model_name: str | None = None, engine_thread: bool = True):
+                 max_seq_len: int = 2048, model_name: str | None = None, engine_thread: bool = True,
+                 limits: ServerLimits = ServerLimits()):
     """Serve `loaded` in background threads: (server, base url, stop function). Stopping
     closes every open connection at once, as a killed server would. With
     engine_thread=False the caller runs the engine: `server.service.loop.run()`."""
     engine = NativeBackend(loaded, max_batch=max_batch, max_seq_len=max_seq_len)
     service = CompletionService(EngineLoop(engine, own_thread=engine_thread), loaded.tokenizer,
                                 model_name or Path(loaded.path).stem, loaded.config.vocab_size, engine.max_seq_len,
-                                int(time.time()))
-    server = _Server((host, port), service)
+                                int(time.time()), engine.max_seq_len * max_token_chars(loaded.tokenizer))
+    try:
+        server = BoundedHTTPServer((host, port), _Handler, service, limits)
+    except BaseException:
+        service.loop.stop()
+        raise
+    if limits.api_key is None and not is_loopback(host):
+        log.warning("serving on %s without an API key: anyone who can reach this address can use it "
+                    "(set WALLPERF_API_KEY in the server's environment to require one)", host)
     thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="wallperf-http", daemon=True)
     thread.start()
     url = f"http://{host}:{server.server_address[1]}"

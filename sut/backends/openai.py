@@ -30,7 +30,9 @@ can complete the sample; any failure makes
 the run INVALID (see `stats()["failures"]`).
 
 The API key is read from the environment variable named by `api_key_env` and
-sent as a bearer token; it never appears in repr, stats or failure reasons.
+sent as a bearer token; it never appears in repr, stats or failure reasons:
+every reason and URL passes through sut/redact.py. The stream itself is parsed
+in sut/backends/sse.py.
 """
 from __future__ import annotations
 
@@ -43,9 +45,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from sut.backends.openai_endpoint import Endpoint
+from sut.backends.sse import (DONE, MAX_REASON_CHARS, RequestFailed, choice_content, choices, error_message,
+                             parse_event, usage)
 from sut.engine import SamplingParams, TokenEvent
+from sut.redact import redact, register_secret
 
 ROUTINGS = ("round_robin", "least_outstanding")
 # How long step() waits for the first event: short, so new samples are admitted promptly.
@@ -53,14 +58,6 @@ STEP_WAIT_S = 0.002
 # Failure and mismatch examples kept in stats (the counts are complete).
 MAX_EXAMPLES = 10
 MAX_ERROR_BODY = 2000
-# What sending on a keep-alive connection the server has since closed looks like.
-_STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
-
-
-class RequestFailed(Exception):
-    def __init__(self, reason: str, retryable: bool):
-        super().__init__(reason)
-        self.reason, self.retryable = reason, retryable
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,42 +80,6 @@ class _Stream:
     finish_reason: str | None = None
 
 
-class _Endpoint:
-    """One server: where to post, its idle keep-alive connections, and whether it takes token-id prompts."""
-
-    def __init__(self, url: str, timeout_s: float):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"endpoint {url!r} must be an http(s)://host[:port][/v1] URL")
-        self.url, self.timeout_s = url, timeout_s
-        self._conn_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        self._host, self._port = parts.hostname, parts.port
-        base = parts.path.rstrip("/")
-        self.path = f"{base}/completions" if base.endswith("/v1") else f"{base}/v1/completions"
-        self._idle: list = []
-        self._lock = threading.Lock()
-        self.outstanding = 0
-        self.text_prompts = False
-
-    def connection(self, reuse: bool = True):
-        """(connection, whether it was idle in the pool)."""
-        with self._lock:
-            if reuse and self._idle:
-                return self._idle.pop(), True
-        # The timeout bounds the connect and every read: no byte for timeout_s fails the request.
-        return self._conn_class(self._host, self._port, timeout=self.timeout_s), False
-
-    def release(self, conn) -> None:
-        with self._lock:
-            self._idle.append(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
 class OpenAIBackend:
     name = "openai"
 
@@ -135,7 +96,10 @@ class OpenAIBackend:
         self.retries, self.routing, self.tokenizer = retries, routing, tokenizer
         self.api_key_env = api_key_env
         self._api_key = os.environ.get(api_key_env) or None
-        self._endpoints = [_Endpoint(url, timeout_s) for url in endpoints]
+        register_secret(self._api_key)
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                         **({"Authorization": f"Bearer {self._api_key}"} if self._api_key else {})}
+        self._endpoints = [Endpoint(url, timeout_s) for url in endpoints]
         self._rotation = itertools.cycle(range(len(self._endpoints)))
         eos = getattr(tokenizer, "eos_token_id", None)
         self._placeholder_token = eos if eos is not None else 0
@@ -240,7 +204,8 @@ class OpenAIBackend:
                 except (OSError, http.client.HTTPException) as e:
                     failure = RequestFailed(self._transport_reason(e), retryable=True)
                 except Exception as e:  # noqa: BLE001 - e.g. a chunk of the wrong shape; the request must end
-                    failure = RequestFailed(self._redact(f"{type(e).__name__}: {e}"), retryable=False)
+                    failure = RequestFailed(redact(f"{type(e).__name__}: {e}", MAX_REASON_CHARS),
+                                            retryable=False)
                 finally:
                     with self._lock:
                         endpoint.outstanding -= 1
@@ -252,7 +217,7 @@ class OpenAIBackend:
                     self._counts["retries"] += 1
                 time.sleep(min(0.05 * 2 ** attempt, 1.0))
 
-    def _pick(self) -> _Endpoint:
+    def _pick(self) -> Endpoint:
         with self._lock:
             if self.routing == "round_robin":
                 endpoint = self._endpoints[next(self._rotation)]
@@ -264,24 +229,24 @@ class OpenAIBackend:
             self._counts[f"sent:{endpoint.url}"] += 1
             return endpoint
 
-    def _attempt(self, job: _Job, endpoint: _Endpoint, stream: _Stream) -> None:
+    def _attempt(self, job: _Job, endpoint: Endpoint, stream: _Stream) -> None:
         as_text = endpoint.text_prompts
-        resp, conn = self._post(endpoint, self._body(job, as_text))
+        resp, conn = endpoint.post(self._headers, self._body(job, as_text))
         if resp.status in (400, 422, 500) and not as_text and self.tokenizer is not None:
             # Some servers take text prompts only and reject ids as a bad request, or
             # (llama-cpp-python's server) as a 500 from their request validation:
             # try text; keep to it once it works.
             resp.read()
             endpoint.release(conn)
-            resp, conn = self._post(endpoint, self._body(job, as_text=True))
+            resp, conn = endpoint.post(self._headers, self._body(job, as_text=True))
             if resp.status == 200:
                 endpoint.text_prompts = True
                 with self._lock:
                     self._counts["text_prompt_fallbacks"] += 1
         if resp.status != 200:
-            detail = self._redact(resp.read(MAX_ERROR_BODY).decode(errors="replace"))
+            detail = error_message(resp.read(MAX_ERROR_BODY))
             conn.close()
-            raise RequestFailed(f"HTTP {resp.status}: {_error_message(detail)}",
+            raise RequestFailed(f"HTTP {resp.status}: {detail}",
                                 retryable=resp.status >= 500 or resp.status == 429)
         try:
             self._read_stream(job, resp, stream)
@@ -291,25 +256,6 @@ class OpenAIBackend:
             raise
         endpoint.release(conn)
         self._finish(job, stream)
-
-    def _post(self, endpoint: _Endpoint, body: bytes):
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        conn, reused = endpoint.connection()
-        while True:
-            try:
-                conn.request("POST", endpoint.path, body, headers)
-                return conn.getresponse(), conn
-            except _STALE_CONNECTION:
-                conn.close()
-                if not reused:
-                    raise
-                # The server closed an idle keep-alive connection: not a failure of this request.
-                conn, reused = endpoint.connection(reuse=False)
-            except BaseException:
-                conn.close()
-                raise
 
     def _body(self, job: _Job, as_text: bool) -> bytes:
         p = job.params
@@ -330,31 +276,18 @@ class OpenAIBackend:
             line = resp.readline()
             if not line:
                 raise RequestFailed("the stream ended without [DONE]", retryable=True)
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
+            chunk = parse_event(line)
+            if chunk is DONE:
                 return
-            try:
-                chunk = json.loads(payload)
-            except ValueError:
-                raise RequestFailed(f"malformed stream chunk: {payload[:200]!r}", retryable=False) from None
-            if "error" in chunk:
-                raise RequestFailed(f"error in stream: {_error_message(json.dumps(chunk['error']))}",
-                                    retryable=not stream.first_sent)
-            if chunk.get("usage"):
-                stream.usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
+            if chunk is None:
+                continue
+            stream.usage = usage(chunk) or stream.usage
+            for choice in choices(chunk):
                 self._take_choice(job, choice, stream)
 
     def _take_choice(self, job: _Job, choice: dict, stream: _Stream) -> None:
-        delta = choice.get("delta") or {}
-        text = "".join(t for t in (choice.get("reasoning_content"), delta.get("reasoning_content"),
-                                   delta.get("reasoning"), choice.get("text"), delta.get("content"))
-                       if isinstance(t, str))
-        ids = choice.get("token_ids") or []
-        stream.finish_reason = choice.get("finish_reason") or stream.finish_reason
+        text, ids, reason = choice_content(choice)
+        stream.finish_reason = reason or stream.finish_reason
         if stream.mode is None and (ids or text):
             stream.mode = "ids" if ids else "text"
             if stream.mode == "text" and self.tokenizer is None:
@@ -394,7 +327,7 @@ class OpenAIBackend:
         for i, token in enumerate(rest):
             self._events.put(TokenEvent(job.request_id, token, start + i, i == len(rest) - 1))
 
-    def _fail(self, job: _Job, stream: _Stream, endpoint: _Endpoint, reason: str) -> None:
+    def _fail(self, job: _Job, stream: _Stream, endpoint: Endpoint, reason: str) -> None:
         with self._lock:
             self._counts["failures"] += 1
             self._failure_reasons[reason] += 1
@@ -410,17 +343,5 @@ class OpenAIBackend:
     def _transport_reason(self, e: BaseException) -> str:
         if isinstance(e, TimeoutError):
             return f"timeout: no data within {self.timeout_s:g} s"
-        return self._redact(f"{type(e).__name__}: {e}")
+        return redact(f"{type(e).__name__}: {e}", MAX_REASON_CHARS)
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-
-def _error_message(body: str) -> str:
-    """The message of an OpenAI-style error body, else the body itself."""
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return body.strip()[:500]
-    err = obj.get("error", obj) if isinstance(obj, dict) else obj
-    return str(err.get("message", err) if isinstance(err, dict) else err)[:500]
