@@ -16,9 +16,7 @@ import argparse
 import base64
 import io
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from markupsafe import Markup
 
 from audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
 from harness.config import ConfigError
+from harness.loadgen.results import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MISSING = "n/a"
@@ -326,29 +325,22 @@ def _environment(markdown: bool) -> jinja2.Environment:
     return jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file beside `path`, then rename: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a report meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_report(run_dirs: list[Path], html: Path | None, md: Path | None) -> None:
     """Render one results folder, or a comparison of several, to HTML and/or Markdown."""
     if not run_dirs:
         raise ConfigError("command line", "RUN_DIR", "give at least one results folder")
-    context = report_context(load_folders(run_dirs))
-    if html is not None:
-        write_text_atomic(Path(html), _environment(False).get_template("report.html.j2").render(context))
-    if md is not None:
-        write_text_atomic(Path(md), _environment(True).get_template("report.md.j2").render(context))
+    folders = load_folders(run_dirs)
+    try:
+        context = report_context(folders)
+        pages = {path: _environment(markdown).get_template(name).render(context)
+                 for path, markdown, name in ((html, False, "report.html.j2"), (md, True, "report.md.j2"))
+                 if path is not None}
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, jinja2.TemplateError) as e:
+        # results.json is the user's file: one edited by hand, or cut short, is bad input.
+        raise ConfigError(", ".join(str(f.path / "results.json") for f in folders), None,
+                          f"a record is not in the shape `wallperf run` writes ({type(e).__name__}: {e})") from None
+    for path, text in pages.items():
+        write_text_atomic(Path(path), text)
 
 
 def write_run_reports(out_dir: Path) -> tuple[Path, Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,8 +40,8 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
         return value
     return parse
 
@@ -157,12 +158,11 @@ def cmd_run(args) -> int:
         from harness.loadgen.settings import check_user_conf
         check_user_conf(args.user_conf)
     out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(None, "--out", f"{out} is a file; --out names a folder to create")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(None, "--out", f"{out} exists and is not empty; choose a new folder")
-    try:
-        lo, hi = (float(x) for x in args.peak_range.split(","))
-    except ValueError:
-        raise ConfigError(None, "--peak-range", f"{args.peak_range!r}: expected LO,HI, e.g. 0.1,10") from None
+    lo, hi = _peak_range(args.peak_range)
     if args.find_peak and args.user_conf:
         raise ConfigError(None, "--find-peak", "cannot be combined with --user-conf: each try would load "
                           "mlperf.conf again, which LoadGen marks as not valid for submission")
@@ -171,6 +171,16 @@ def cmd_run(args) -> int:
     results = (run_tp_benchmark if resolved.run.tp > 1 else run_benchmark)(resolved, opts)
     print(json.dumps({"results": str(out / "results.json"), "wall_time_s": results["wall_time_s"]}))
     return 0
+
+
+def _peak_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(None, "--peak-range", f"{text!r}: expected LO,HI, e.g. 0.1,10") from None
+    if not 0 < lo < hi < math.inf:
+        raise ConfigError(None, "--peak-range", f"{text!r}: need finite 0 < LO < HI target QPS, e.g. 0.1,10")
+    return lo, hi
 
 
 def cmd_generate(args) -> int:
@@ -204,7 +214,11 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    from sut import redact
+
     logging.basicConfig(level=logging.WARNING, format="wallperf: %(levelname)s: %(message)s")
+    # Keys never reach stderr: every log record and uncaught traceback is redacted.
+    redact.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -212,6 +226,8 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
     from harness.artifacts import ArtifactError
     from harness.loadgen.qsl import DatasetError
+    from harness.loadgen.results import OutputError
+    from sut.loading import CheckpointError
 
     from audit.gate import cmd_audit
     from audit.report import cmd_report
@@ -227,9 +243,13 @@ def main(argv=None) -> int:
                "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf}[args.command]
     try:
         return handler(args)
-    except (ConfigError, ArtifactError, DatasetError) as e:
-        print(f"wallperf: error: {e}", file=sys.stderr)
+    except (ConfigError, ArtifactError, DatasetError, CheckpointError) as e:
+        print(f"wallperf: error: {redact.redact(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OutputError as e:
+        # Not the input's fault: a full disk or a folder without write permission.
+        print(f"wallperf: error: {redact.redact(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("wallperf: interrupted", file=sys.stderr)
         return 130

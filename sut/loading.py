@@ -6,6 +6,7 @@ weights starts and ends here.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,25 @@ from sut.tokenizer import Tokenizer
 from sut.weights import build_model, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (truncated, corrupt, not what its name says): one line naming it."""
+
+
+@contextmanager
+def _reading(path: Path):
+    """Whatever a reader of an untrusted file raises (struct, numpy, safetensors, JSON,
+    tokenizers errors, a shape that does not fit) becomes one CheckpointError naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the file is the user's; every reader failure is a bad file
+        kind = ("a GGUF file" if path.is_file()
+                else "an HF checkpoint folder (config.json, *.safetensors, tokenizer.json)")
+        raise CheckpointError(f"{path}: cannot load it as {kind}: {type(e).__name__}: {e}; the file may be "
+                              "truncated or corrupt: download or export it again") from e
 
 
 @dataclass(frozen=True)
@@ -41,7 +61,8 @@ def torch_dtype(dtype: str) -> torch.dtype:
 
 def load_tokenizer(path: Path) -> Tokenizer:
     path = Path(path)
-    return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
+    with _reading(path):
+        return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
 
 
 def config_for_shape(family: str, shape) -> LlamaConfig:
@@ -58,8 +79,9 @@ def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dty
     """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`;
     with `fp8_dtype`, its projection weights quantized to that fp8 format."""
     path = Path(path)
-    cfg, sd, _ = load_checkpoint(path)
-    model = build_model(cfg, sd, torch_dtype(dtype), device)
+    with _reading(path):
+        cfg, sd, _ = load_checkpoint(path)
+        model = build_model(cfg, sd, torch_dtype(dtype), device)
     return LoadedModel(path, cfg, model, load_tokenizer(path), dtype, device, _quantize(model, fp8_dtype))
 
 

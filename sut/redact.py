@@ -23,7 +23,7 @@ MASK = "***"
 # Shorter values would blank ordinary words out of every message.
 MIN_SECRET_CHARS = 6
 # user:password@ in a URL, and a bearer token in an echoed header.
-_USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+_USERINFO = re.compile(r"(?<=://)[^/?#@\s\"]+@")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
 
 _registered: set[str] = set()

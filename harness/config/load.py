@@ -3,6 +3,7 @@ lookups under conf/, and a run YAML resolved with everything it references."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -12,7 +13,11 @@ from typing import Literal, Union
 import yaml
 
 from harness.config.schema import (SCENARIOS, ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig,
-                                   RunConfig, ScenarioConfig, conf_dir)
+                                   RunConfig, ScenarioConfig, conf_dir, plain_name_problem)
+
+# Numbers beyond these are no one's setting, and overflow the C++ types LoadGen takes.
+MAX_FLOAT = 1e12
+MAX_INT = 2**63 - 1
 
 
 def _type_name(tp) -> str:
@@ -39,6 +44,10 @@ def _convert(value, tp, file, key):
     expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}[tp]
     if isinstance(value, bool) and tp is not bool or not isinstance(value, expected):
         raise ConfigError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float and not (math.isfinite(value) and abs(value) <= MAX_FLOAT):
+        raise ConfigError(file, key, f"expected a finite number of magnitude at most {MAX_FLOAT:g}, got {value!r}")
+    if tp is int and abs(value) > MAX_INT:
+        raise ConfigError(file, key, f"expected an integer of magnitude at most 2**63 - 1, got {value!r}")
     return float(value) if tp is float else value
 
 
@@ -72,8 +81,13 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(path, None, "file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                          "save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read it: {e.strerror or e}") from None
+    except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(path, None, f"not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(path, None, "expected a mapping at the top level")
@@ -85,6 +99,8 @@ def available(kind: str) -> list[str]:
 
 
 def _load_named(kind: str, name: str, cls, file=None, key=None):
+    if problem := plain_name_problem(name):
+        raise ConfigError(file, key, problem)
     path = conf_dir() / kind / f"{name}.yaml"
     if not path.is_file():
         names = ", ".join(available(kind)) or "none"

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import urlsplit
+
+from sut.redact import redact
 
 
 SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
@@ -40,6 +44,35 @@ class ConfigError(ValueError):
     def __reduce__(self):
         # Rebuilt from its three parts when a tensor-parallel rank sends it to the parent.
         return type(self), (self.file, self.key, self.message)
+
+
+# Names that become parts of paths (output folders, files under conf/ and the cache):
+# letters, digits, '.', '_', '-', not starting with '.', so none can climb out of its folder.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def plain_name_problem(value) -> str | None:
+    """Why `value` cannot be a name that becomes a path, or None when it can."""
+    if isinstance(value, str) and PLAIN_NAME.fullmatch(value):
+        return None
+    return (f"{value!r} is not a plain name: use letters, digits, '.', '_' and '-' (at most 128, not starting "
+            "with '.'); it becomes part of a path")
+
+
+def _check_plain_names(obj, *keys: str) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if value is not None and (problem := plain_name_problem(value)):
+            raise FieldError(key, problem)
+
+
+def folder_inside(root: Path, folder: Path) -> Path:
+    """`folder`, created, after checking that it resolves inside `root` (the run's --out)."""
+    if not folder.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(None, "--out", f"{folder} resolves outside {root}: check the run's 'system' and the "
+                          "model's 'name' (plain names only)")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def conf_dir() -> Path:
@@ -128,6 +161,7 @@ class ModelConfig:
     mome: Optional[MoMESection] = None
 
     def __post_init__(self):
+        _check_plain_names(self, "name", "tokenizer_from")
         if (self.family == "mome") != (self.mome is not None):
             raise ValueError("a 'mome' section is needed exactly when family is mome")
         if self.mome is not None:
@@ -152,6 +186,7 @@ class DatasetConfig:
     performance_output_tokens: Optional[int] = None
 
     def __post_init__(self):
+        _check_plain_names(self, "name")
         if self.per_subject is not None and self.per_subject < 1:
             raise ValueError("per_subject must be >= 1 or null")
         if self.max_samples is not None and self.max_samples < 1:
@@ -179,12 +214,14 @@ class HardwareConfig:
     sources: list = field(default_factory=list)
 
     def __post_init__(self):
+        _check_plain_names(self, "name")
         if self.memory_gb <= 0 or self.bandwidth_gbps <= 0:
             raise ValueError("memory_gb and bandwidth_gbps must be > 0")
         for key, value in self.peak_tflops.items():
             if key not in PEAK_DTYPES:
                 raise ValueError(f"peak_tflops: unknown dtype {key!r}; allowed: {', '.join(PEAK_DTYPES)}")
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < float("inf")):
                 raise ValueError(f"peak_tflops.{key} must be a positive number or null, got {value!r}")
         if (self.peak_tflops.get("fp8") is not None) != (self.fp8_format is not None):
             raise ValueError("fp8_format must be set exactly when peak_tflops.fp8 is")
@@ -215,6 +252,17 @@ class ScenarioConfig:
             raise ValueError("MultiStream needs samples_per_query >= 1")
 
 
+def endpoint_problem(url) -> str | None:
+    """Why `url` is not an http(s)://host[:port][/path] URL, or None. User-info in it is masked."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+        ok = ok and (parts.port is None or parts.port > 0)
+    except ValueError:
+        ok = False
+    return None if ok else f"{redact(url)!r} is not an http(s)://host[:port] URL"
+
+
 @dataclass(frozen=True)
 class OpenAIConfig:
     """OpenAI-compatible endpoints as the SUT (sut/backends/openai.py)."""
@@ -228,9 +276,11 @@ class OpenAIConfig:
     api_key_env: str = "OPENAI_API_KEY"
 
     def __post_init__(self):
-        if not self.endpoints or not all(isinstance(e, str) and e.startswith(("http://", "https://"))
-                                         for e in self.endpoints):
+        if not self.endpoints:
             raise ValueError("endpoints must be a non-empty list of http(s):// URLs")
+        for i, url in enumerate(self.endpoints):
+            if problem := endpoint_problem(url):
+                raise FieldError(f"endpoints[{i}]", problem)
         if self.timeout_s <= 0 or self.retries < 0:
             raise ValueError("timeout_s must be > 0 and retries >= 0")
 
@@ -256,6 +306,7 @@ class RunConfig:
     tp: int = 1
 
     def __post_init__(self):
+        _check_plain_names(self, "system", "model", "hardware", "dataset")
         for i, s in enumerate(self.scenarios):
             if s not in SCENARIOS:
                 raise FieldError(f"scenarios[{i}]", f"unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)}")

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+from sut.redact import redact
+
 
 class Progress:
     def __init__(self, label: str, stats, expected: int | None = None, stream=None,
@@ -53,4 +55,4 @@ class Progress:
 
 
 def say(msg: str) -> None:
-    print(f"wallperf: {msg}", file=sys.stderr, flush=True)
+    print(f"wallperf: {redact(msg)}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ import mlperf_loadgen as lg
 from audit.compliance import check_test06
 from audit.report import write_run_reports
 from harness.artifacts import resolve_dataset_file
-from harness.config import ResolvedRun, ScenarioConfig
+from harness.config import ResolvedRun, ScenarioConfig, folder_inside
 from harness.driver.find_peak import find_peak, format_curve, try_log_dir
 from harness.driver.model import choose_device, load_for_run, model_shape
 from harness.driver.options import RunOptions
@@ -142,8 +142,7 @@ def _find_peak(resolved, sc, opts, test) -> dict:
 def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir=None,
               tp_session=None) -> dict:
     run = resolved.run
-    log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = folder_inside(opts.out_dir, log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode))
     model_name = resolved.model.mlperf_name or resolved.model.name
     settings = build_test_settings(sc, mode, model_name, len(prompts), opts.user_conf)
     if tp_session is not None:

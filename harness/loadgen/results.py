@@ -14,6 +14,7 @@ from pathlib import Path
 
 from harness.loadgen.logs import read_accuracy_log, read_detail_log, scenario_metrics
 from harness.loadgen.qsl import parse_answer_letter
+from sut.redact import redact, redact_obj
 
 # MLPerf's minimum duration for a submission run.
 SUBMISSION_MIN_DURATION_S = 600
@@ -26,18 +27,43 @@ def wallperf_version() -> str:
         return "unknown"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+class OutputError(OSError):
+    """A result or report could not be written (a full disk, no permission): names the file."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Redacted text into a temp file beside `path`, flushed to disk, then renamed over
+    it: a reader (or a crash) never sees half a file, and the rename is itself synced.
+    0644: results and reports hold no secret once redacted, and are meant to be shared."""
+    path = Path(path)
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(redact(text))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise OutputError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(redact_obj(obj), indent=2) + "\n")
 
 
 def score_mmlu(accuracy_log: Path, questions, tokenizer) -> dict:

@@ -5,6 +5,7 @@ Interactive is not a LoadGen scenario: it runs as Server under the model name
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -43,7 +44,13 @@ def check_user_conf(path: Path) -> None:
     """Fail with file, line and key for anything LoadGen would misread or ignore."""
     if not path.is_file():
         raise ConfigError(path, None, "user.conf not found")
-    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read it: {e.strerror or e}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -58,9 +65,11 @@ def check_user_conf(path: Path) -> None:
         if key not in USER_CONF_KEYS:
             raise ConfigError(f"{path}:{lineno}", key, f"unknown LoadGen key; allowed: {', '.join(sorted(USER_CONF_KEYS))}")
         try:
-            float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{path}:{lineno}", key, f"value {value!r} is not a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}:{lineno}", key, f"value {value!r} is not a finite number")
 
 
 def build_test_settings(sc: ScenarioConfig, mode: str, model_name: str, sample_count: int,

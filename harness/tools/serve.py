@@ -6,14 +6,19 @@ this is the command around it: arguments, model lookup in conf/, signals.
 from __future__ import annotations
 
 import gc
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from harness.artifacts import resolve_model_file
-from harness.config import load_model_config
+from harness.config import ConfigError, load_model_config
+from sut.http_limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, ServerLimits
 from sut.loading import DTYPES, load_model
 from sut.server import start_server
+
+API_KEY_ENV = "WALLPERF_API_KEY"
 
 
 def add_serve_parser(subparsers):
@@ -23,23 +28,51 @@ def add_serve_parser(subparsers):
     p.add_argument("--model", default="smollm2-135m", help="model name from conf/models, or a .gguf file or "
                    "HF checkpoint folder")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only). "
+                   f"Set {API_KEY_ENV} in the environment to require that key as a bearer token on every "
+                   "request; without one, a non-loopback address gets a warning")
+    p.add_argument("--port", type=int, default=8000, help="0-65535 (0: any free port)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request "
                    "(capped at the model's context)")
+    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, help="seconds a connection "
+                   "may stay silent (a half-sent request, an idle keep-alive connection) before it is closed")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="open connections "
+                   "served at once; beyond them a new one gets 503")
     return p
 
 
+def check_serve_args(args) -> ServerLimits:
+    """Every argument checked before the model loads: one line naming the flag, exit 2."""
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("command line", "--port", f"{args.port} is not a port (0-65535)")
+    for flag, value in (("--max-batch", args.max_batch), ("--max-seq-len", args.max_seq_len),
+                        ("--max-connections", args.max_connections)):
+        if value < 1:
+            raise ConfigError("command line", flag, f"must be an integer >= 1, got {value}")
+    if not 0 < args.read_timeout < float("inf"):
+        raise ConfigError("command line", "--read-timeout", f"must be a number of seconds > 0, got {args.read_timeout}")
+    try:
+        socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError("command line", "--host", f"{args.host!r} is not an address to listen on: {e}") from None
+    return ServerLimits(args.read_timeout, args.max_connections, os.environ.get(API_KEY_ENV) or None)
+
+
 def cmd_serve(args) -> int:
+    limits = check_serve_args(args)
     path, name = Path(args.model), args.model
     if not path.exists():
         path = resolve_model_file(load_model_config(args.model, "command line", "--model"))
     else:
         name = path.stem
     loaded = load_model(path, args.dtype)
-    server, url, stop = start_server(loaded, args.host, args.port, args.max_batch, args.max_seq_len, name,
-                                     engine_thread=False)
+    try:
+        server, url, stop = start_server(loaded, args.host, args.port, args.max_batch, args.max_seq_len, name,
+                                         engine_thread=False, limits=limits)
+    except OSError as e:
+        raise ConfigError("command line", "--host/--port", f"cannot listen on {args.host}:{args.port}: "
+                          f"{e.strerror or e}") from None
     loop = server.service.loop
     # SIGTERM too: what container runtimes and service managers send to stop a server.
     for sig in (signal.SIGINT, signal.SIGTERM):
