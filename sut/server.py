@@ -132,6 +132,7 @@ class _Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             send_json(self, e.status, e.body())
             return
+        self._next_client_check = time.monotonic() + CLIENT_CHECK_S
         if request.stream:
             self._stream(service, request, request_id, events)
         else:
@@ -169,14 +170,19 @@ class _Handler(BaseHTTPRequestHandler):
             return True
 
     def _next_event(self, request_id: int, events):
-        """The request's next event, or None once its client is gone (the request is then aborted)."""
+        """The request's next event, or None once its client is gone (the request is then aborted).
+        The client is looked at every CLIENT_CHECK_S, however fast the tokens come."""
         while True:
-            try:
-                return events.get(timeout=CLIENT_CHECK_S)
-            except queue.Empty:
+            now = time.monotonic()
+            if now >= self._next_client_check:
+                self._next_client_check = now + CLIENT_CHECK_S
                 if self._client_gone():
                     self._abort(request_id, "client disconnected")
                     return None
+            try:
+                return events.get(timeout=CLIENT_CHECK_S)
+            except queue.Empty:
+                pass
 
     def _abort(self, request_id: int, reason: str) -> None:
         self.close_connection = True

@@ -84,25 +84,32 @@ def read_detail_log(path: Path | str) -> DetailLog:
     values: dict[str, Any] = {}
     errors: list[Any] = []
     warnings: list[Any] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            if not line.startswith(_MLLOG_PREFIX):
-                raise LogParseError(path, line_no, "not a ':::MLLOG' line; is this the detail log?")
-            try:
-                entry = json.loads(line[len(_MLLOG_PREFIX):])
-            except json.JSONDecodeError as exc:
-                raise LogParseError(path, line_no, f"malformed MLLOG JSON ({exc.msg})") from None
-            if not isinstance(entry, dict) or "key" not in entry or "value" not in entry:
-                raise LogParseError(path, line_no, "MLLOG entry lacks 'key' or 'value'")
-            values[entry["key"]] = entry["value"]
-            metadata = entry.get("metadata") or {}
-            if metadata.get("is_error"):
-                errors.append(entry["value"])
-            if metadata.get("is_warning"):
-                warnings.append(entry["value"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise LogParseError(path, None, f"not UTF-8 text (byte {exc.start}); is this the detail log?") from None
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if not line.startswith(_MLLOG_PREFIX):
+            raise LogParseError(path, line_no, "not a ':::MLLOG' line; is this the detail log?")
+        try:
+            entry = json.loads(line[len(_MLLOG_PREFIX):])
+        except json.JSONDecodeError as exc:
+            raise LogParseError(path, line_no, f"malformed MLLOG JSON ({exc.msg})") from None
+        except RecursionError:
+            raise LogParseError(path, line_no, "malformed MLLOG JSON (nested too deeply)") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or "value" not in entry:
+            raise LogParseError(path, line_no, "MLLOG entry lacks a string 'key' or a 'value'")
+        values[entry["key"]] = entry["value"]
+        metadata = entry.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise LogParseError(path, line_no, "MLLOG entry's 'metadata' is not an object")
+        if metadata.get("is_error"):
+            errors.append(entry["value"])
+        if metadata.get("is_warning"):
+            warnings.append(entry["value"])
     if not values:
         raise LogParseError(path, None, "no MLLOG entries")
     return DetailLog(path=path, values=values, errors=tuple(errors), warnings=tuple(warnings))
@@ -142,7 +149,7 @@ class RunMetrics:
 def scenario_metrics(log: DetailLog) -> RunMetrics:
     scenario = log.get("effective_scenario")
     mode = log.get("effective_test_mode")
-    if scenario is None or mode is None:
+    if not isinstance(scenario, str) or not isinstance(mode, str):
         raise LogParseError(log.path, None, "no effective_scenario/effective_test_mode: not a LoadGen detail log")
     if mode == "AccuracyOnly":
         raise ValueError(f"{log.path}: an AccuracyOnly run has no performance results")
@@ -180,18 +187,22 @@ def _invalid_reasons(log: DetailLog) -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def _one_line(text: str) -> str:
+def _one_line(text) -> str:
     # LoadGen turns its multi-line recommendations into " * a.  * b." on one line.
-    return " ".join(text.replace("*", " ").split())
+    return " ".join(str(text).replace("*", " ").split())
 
 
 def _number(log: DetailLog, key: str | None) -> float | None:
     value = log.get(key) if key else None
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LogParseError(log.path, None, f"{key} is {value!r}, not a number")
+    return float(value)
 
 
 def _percentiles_ms(log: DetailLog, key_format: str) -> dict[str, float | None] | None:
-    found = {name: log.get(key_format.format(pct)) for name, pct in _PERCENTILES.items()}
+    found = {name: _number(log, key_format.format(pct)) for name, pct in _PERCENTILES.items()}
     if all(v is None for v in found.values()):
         return None
     return {name: None if ns is None else ns / 1e6 for name, ns in found.items()}

@@ -1,0 +1,193 @@
+"""Fuzzing every parser that reads what a user or a server sends (hypothesis).
+
+The property is the same for each: any input gives a result or the project's
+own error type for that input (ConfigError, LogParseError, RequestError,
+RequestFailed), never another exception, so a bad input is one clear line and
+never a traceback. Inputs mix arbitrary values with near-valid ones (real key
+names, real MLLOG keys, real stream chunks) so the parsers get past their first
+check. EXAMPLES per target keeps CI time small; WALLPERF_FUZZ_EXAMPLES=5000 fuzzes
+deeper, and `--hypothesis-seed` replays a run.
+"""
+import json
+import os
+import string
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.config import ConfigError, ModelConfig, RunConfig, ScenarioConfig, build, read_yaml
+from harness.loadgen.logs import LogParseError, read_detail_log, scenario_metrics
+from harness.loadgen.settings import check_user_conf
+from sut.backends.sse import DONE, RequestFailed, choice_content, choices, error_message, parse_event, usage
+from sut.completion_request import RequestError, decode_json_body, parse_completion_request
+
+EXAMPLES = int(os.environ.get("WALLPERF_FUZZ_EXAMPLES", 150))
+fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# JSON-like values: what YAML and JSON parsers hand over.
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20))
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
+                           st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+def near(keys) -> st.SearchStrategy:
+    """Mappings whose keys are mostly the real ones, with values of any type."""
+    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=6), json_values, max_size=len(keys) + 2)
+
+
+# -- the config loader ----------------------------------------------------------
+
+RUN_KEYS = ["model", "hardware", "dataset", "scenarios", "system", "backend", "openai", "gguf", "dtype",
+            "device", "modes", "seed", "tp"]
+SCENARIO_KEYS = ["name", "min_duration_s", "min_query_count", "max_batch", "target_qps", "ttft_ms", "tpot_ms",
+                 "offline_expected_qps", "expected_latency_ms", "samples_per_query"]
+MODEL_KEYS = ["name", "family", "format", "source", "shape", "published_dtype", "mlperf_name", "tokenizer_from",
+              "mome"]
+
+
+@fuzz
+@given(cls_keys=st.sampled_from([(RunConfig, RUN_KEYS), (ScenarioConfig, SCENARIO_KEYS),
+                                 (ModelConfig, MODEL_KEYS)]), data=st.data())
+def test_config_build_gives_a_config_or_config_error(cls_keys, data):
+    cls, keys = cls_keys
+    mapping = data.draw(near(keys) | json_values)
+    try:
+        built = build(cls, mapping, "fuzz.yaml")
+    except ConfigError:
+        return
+    assert isinstance(built, cls)
+
+
+@fuzz
+@given(raw=st.binary(max_size=300) | st.text(alphabet=string.printable + "é\u2028[]{}:-&*!|>", max_size=300)
+       .map(str.encode))
+def test_read_yaml_gives_a_mapping_or_config_error(raw, tmp_path):
+    path = tmp_path / "fuzz.yaml"
+    path.write_bytes(raw)
+    try:
+        assert isinstance(read_yaml(path), dict)
+    except ConfigError:
+        pass
+
+
+# -- the user.conf checker ------------------------------------------------------
+
+conf_lines = st.one_of(
+    st.text(max_size=60),
+    st.builds(lambda m, s, k, v: f"{m}.{s}.{k} = {v}",
+              st.sampled_from(["*", "llama3_1-8b", "m.x"]) | st.text(max_size=6),
+              st.sampled_from(["*", "Server", "Offline", "SingleStream"]) | st.text(max_size=6),
+              st.sampled_from(["target_qps", "min_duration", "min_query_count"]) | st.text(max_size=6),
+              st.sampled_from(["1", "nan", "inf", "-0", "1e400", "0x10"]) | st.text(max_size=6)))
+
+
+@fuzz
+@given(lines=st.lists(conf_lines, max_size=6), junk=st.binary(max_size=8))
+def test_user_conf_check_passes_or_gives_config_error(lines, junk, tmp_path):
+    path = tmp_path / "user.conf"
+    path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + junk)
+    try:
+        check_user_conf(path)
+    except ConfigError:
+        pass
+
+
+# -- the detail-log parser --------------------------------------------------------
+
+MLLOG_KEYS = ["effective_scenario", "effective_test_mode", "result_validity", "result_samples_per_second",
+              "result_completed_samples_per_sec", "result_50.00_percentile_latency_ns", "early_stopping_met",
+              "result_min_duration_met", "early_stopping_result", "result_query_count",
+              "generated_samples_per_query", "result_first_token_99.00_percentile_latency_ns"]
+mllog_entries = st.fixed_dictionaries(
+    {"key": st.sampled_from(MLLOG_KEYS) | json_values, "value": json_values},
+    optional={"metadata": json_values | st.fixed_dictionaries({"is_error": st.booleans(),
+                                                                "is_warning": st.booleans()})})
+log_lines = st.one_of(mllog_entries.map(lambda e: ":::MLLOG " + json.dumps(e)),
+                      json_values.map(lambda v: ":::MLLOG " + json.dumps(v)),
+                      st.text(max_size=40).map(lambda t: ":::MLLOG " + t), st.text(max_size=40))
+
+
+@fuzz
+@given(lines=st.lists(log_lines, max_size=8), junk=st.binary(max_size=6))
+def test_detail_log_gives_metrics_or_log_parse_error(lines, junk, tmp_path):
+    path = tmp_path / "mlperf_log_detail.txt"
+    path.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + junk)
+    try:
+        log = read_detail_log(path)
+        scenario_metrics(log)
+    except LogParseError:
+        pass
+
+
+# -- the completion-request parser --------------------------------------------------
+
+REQUEST_KEYS = ["model", "prompt", "max_tokens", "min_tokens", "temperature", "stream", "stream_options",
+                "ignore_eos", "n", "stop", "top_p", "logit_bias", "seed", "echo", "logprobs"]
+prompts = st.one_of(st.text(max_size=40), st.lists(st.integers(-5, 70000), max_size=8),
+                    st.lists(st.text(max_size=10) | st.lists(st.integers(0, 100), max_size=3), max_size=2))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_gguf_path):
+    from sut.loading import load_tokenizer
+
+    return load_tokenizer(smollm2_gguf_path)
+
+
+@fuzz
+@given(body=near(REQUEST_KEYS) | json_values, prompt=prompts, with_prompt=st.booleans())
+def test_completion_request_gives_a_request_or_request_error(tokenizer, body, prompt, with_prompt):
+    if with_prompt and isinstance(body, dict):
+        body = {**body, "prompt": prompt}
+    try:
+        parse_completion_request(body, tokenizer, tokenizer.vocab_size, 64, "tiny", max_prompt_chars=64 * 16)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and json.dumps(e.body())
+
+
+@fuzz
+@given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
+       | st.integers(1, 3000).map(lambda depth: b"[" * depth + b"]" * depth))
+def test_json_body_gives_a_value_or_request_error(raw):
+    try:
+        decode_json_body(raw)
+    except RequestError as e:
+        assert e.status == 400
+
+
+# -- the SSE client parser -----------------------------------------------------------
+
+stream_choices = st.fixed_dictionaries({}, optional={
+    "text": json_values, "token_ids": st.lists(st.integers(-2, 10**20), max_size=4) | json_values,
+    "finish_reason": st.sampled_from(["stop", "length", None]) | json_values,
+    "delta": json_values | st.fixed_dictionaries({}, optional={"content": json_values}),
+    "reasoning_content": json_values})
+chunks = st.fixed_dictionaries({}, optional={"choices": st.lists(stream_choices, max_size=2) | json_values,
+                                             "usage": json_values, "error": json_values})
+sse_lines = st.one_of(chunks.map(lambda c: b"data: " + json.dumps(c).encode()),
+                      json_values.map(lambda v: b"data: " + json.dumps(v).encode()),
+                      st.binary(max_size=60).map(lambda b: b"data: " + b), st.binary(max_size=60),
+                      st.just(b"data: [DONE]"))
+
+
+@fuzz
+@given(line=sse_lines)
+def test_sse_line_gives_a_chunk_or_request_failed(line):
+    try:
+        chunk = parse_event(line)
+        if chunk is None or chunk is DONE:
+            return
+        usage(chunk)
+        for choice in choices(chunk):
+            text, ids, reason = choice_content(choice)
+            assert isinstance(text, str) and all(isinstance(t, int) for t in ids)
+    except RequestFailed as e:
+        assert isinstance(e.reason, str)
+
+
+@fuzz
+@given(body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()) | json_values)
+def test_error_message_is_always_a_string(body):
+    assert isinstance(error_message(body), str)
