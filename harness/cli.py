@@ -225,6 +225,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     from harness.artifacts import ArtifactError
+    from harness.loadgen.logs import LogParseError
     from harness.loadgen.qsl import DatasetError
     from harness.loadgen.results import OutputError
     from sut.loading import CheckpointError
@@ -249,6 +250,11 @@ def main(argv=None) -> int:
     except OutputError as e:
         # Not the input's fault: a full disk or a folder without write permission.
         print(f"wallperf: error: {redact.redact(e)}", file=sys.stderr)
+        return 1
+    except LogParseError as e:
+        # LoadGen writes its logs without reporting a failed write: a cut-off log is how a full disk shows.
+        print(f"wallperf: error: cannot read what LoadGen wrote: {redact.redact(e)}; was the disk holding "
+              "--out full, or did LoadGen stop early?", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("wallperf: interrupted", file=sys.stderr)
