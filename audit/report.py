@@ -329,16 +329,17 @@ def render_report(run_dirs: list[Path], html: Path | None, md: Path | None) -> N
     """Render one results folder, or a comparison of several, to HTML and/or Markdown."""
     if not run_dirs:
         raise ConfigError("command line", "RUN_DIR", "give at least one results folder")
-    folders = load_folders(run_dirs)
     try:
-        context = report_context(folders)
+        context = report_context(load_folders(run_dirs))
         pages = {path: _environment(markdown).get_template(name).render(context)
                  for path, markdown, name in ((html, False, "report.html.j2"), (md, True, "report.md.j2"))
                  if path is not None}
+    except ConfigError:
+        raise
     except (KeyError, IndexError, TypeError, AttributeError, ValueError, jinja2.TemplateError) as e:
         # results.json is the user's file: one edited by hand, or cut short, is bad input.
-        raise ConfigError(", ".join(str(f.path / "results.json") for f in folders), None,
-                          f"a record is not in the shape `wallperf run` writes ({type(e).__name__}: {e})") from None
+        raise ConfigError(", ".join(str(d) for d in run_dirs), None, "a record is not in the shape `wallperf "
+                          f"run` writes ({type(e).__name__}: {e})") from None
     for path, text in pages.items():
         write_text_atomic(Path(path), text)
 

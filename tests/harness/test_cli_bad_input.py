@@ -1,0 +1,161 @@
+"""Bad input from a hostile but fair user: each case is one line on stderr that
+names the file, key or flag, exit code 2, no traceback, nothing written, and
+no model loaded (the checks come first). The run itself is replaced by a spy, so
+reaching it counts as a failure to refuse."""
+import shutil
+from pathlib import Path
+
+import pytest
+
+import harness.driver.run
+import harness.tools.serve
+from harness.cli import main
+
+REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """The run and the model loading of serve, which no refused input may reach."""
+    reached = []
+    monkeypatch.setattr(harness.driver.run, "run_benchmark", lambda *a: reached.append("run"))
+    monkeypatch.setattr(harness.tools.serve, "load_model", lambda *a: reached.append("load_model"))
+    return reached
+
+
+def refused(argv, capsys, *expected) -> str:
+    with pytest.raises(SystemExit) as e:
+        rc = main(argv)
+        raise SystemExit(rc)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("wallperf")]
+    assert e.value.code == 2, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    for text in expected:
+        assert text in lines[0], err
+    return lines[0]
+
+
+def run_yaml(tmp_path: Path, **changes) -> Path:
+    text = (REPO_CONF / "runs" / "default.yaml").read_text()
+    path = tmp_path / "bad.yaml"
+    path.write_text(text + "".join(f"\n{k}: {v}" for k, v in changes.items()))
+    return path
+
+
+@pytest.mark.parametrize("flag,value", [("--duration", "nan"), ("--target-qps", "nan"), ("--duration", "inf"),
+                                        ("--target-qps", "-inf"), ("--peak-tolerance", "nan")])
+def test_non_finite_numbers_on_the_command_line(flag, value, tmp_path, capsys, no_run):
+    refused(["run", f"{flag}={value}", "--out", str(tmp_path / "out")], capsys, flag, "finite")
+    assert not no_run and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line,key", [("min_duration_s: .nan", "min_duration_s"),
+                                      ("target_qps: 1.0e+400", "target_qps"), ("ttft_ms: -.inf", "ttft_ms")])
+def test_non_finite_numbers_in_yaml(line, key, tmp_path, capsys, no_run, monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO_CONF, conf)
+    offline = conf / "scenarios" / "offline.yaml"
+    offline.write_text(f"name: Offline\n{line}\n")
+    monkeypatch.setenv("WALLPERF_CONF", str(conf))
+    refused(["run", "--scenario", "Offline", "--out", str(tmp_path / "out")], capsys, str(offline),
+            f"key '{key}'", "finite")
+    assert not no_run and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes,key", [({"system": "../../../escape-sys"}, "system"),
+                                         ({"system": ".."}, "system"),
+                                         ({"hardware": "../runs/default"}, "hardware"),
+                                         ({"model": "/etc/passwd"}, "model")])
+def test_names_that_become_paths_are_plain(changes, key, tmp_path, capsys, no_run):
+    refused(["run", "--config", str(run_yaml(tmp_path, **changes)), "--out", str(tmp_path / "out")], capsys,
+            f"key '{key}'", "not a plain name")
+    assert not no_run and not (tmp_path / "out").exists()
+
+
+def test_model_yaml_name_is_plain(tmp_path, capsys, no_run, monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO_CONF, conf)
+    model = conf / "models" / "smollm2-135m.yaml"
+    model.write_text(model.read_text().replace("name: smollm2-135m", "name: ../../outside"))
+    monkeypatch.setenv("WALLPERF_CONF", str(conf))
+    refused(["run", "--out", str(tmp_path / "out")], capsys, str(model), "key 'name'", "not a plain name")
+
+
+def test_hardware_flag_cannot_climb_out_of_conf(tmp_path, capsys, no_run):
+    refused(["run", "--hardware", "../runs/default", "--out", str(tmp_path / "out")], capsys, "hardware",
+            "not a plain name")
+
+
+def test_files_that_are_not_utf8(tmp_path, capsys, no_run):
+    bad = run_yaml(tmp_path)
+    bad.write_bytes(bad.read_bytes() + b"\nsystem: caf\xe9\n")
+    refused(["run", "--config", str(bad), "--out", str(tmp_path / "out")], capsys, str(bad), "not UTF-8")
+    conf = tmp_path / "user.conf"
+    conf.write_bytes(b"*.Server.target_qps = 1 # \xff\n")
+    refused(["run", "--user-conf", str(conf), "--out", str(tmp_path / "out")], capsys, str(conf), "not UTF-8")
+    assert not no_run
+
+
+def test_out_naming_a_file(tmp_path, capsys, no_run):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    refused(["run", "--out", str(afile)], capsys, "--out", "is a file")
+    assert afile.read_text() == "keep me" and not no_run
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://host:99999", "ftp://host", "http://"])
+def test_endpoint_urls(url, tmp_path, capsys, no_run):
+    refused(["run", "--endpoint", url, "--out", str(tmp_path / "out")], capsys, "endpoints[0]", "URL")
+    assert not no_run
+
+
+@pytest.mark.parametrize("peak_range", ["5,1", "nan,2", "0,1", "1", "1,inf"])
+def test_peak_range_is_checked_before_anything_loads(peak_range, tmp_path, capsys, no_run):
+    refused(["run", "--scenario", "Server", "--find-peak", "--peak-range", peak_range,
+             "--out", str(tmp_path / "out")], capsys, "--peak-range")
+    assert not no_run
+
+
+@pytest.mark.parametrize("args,flag", [(["--port", "99999"], "--port"), (["--port", "-1"], "--port"),
+                                       (["--host", "256.1.1.1"], "--host"), (["--max-batch", "0"], "--max-batch"),
+                                       (["--max-seq-len", "-1"], "--max-seq-len"),
+                                       (["--read-timeout", "nan"], "--read-timeout"),
+                                       (["--max-connections", "0"], "--max-connections")])
+def test_serve_arguments_are_checked_before_the_model_loads(args, flag, capsys, no_run):
+    refused(["serve", *args], capsys, flag)
+    assert not no_run
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoints(smollm2_gguf_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("broken")
+    with open(smollm2_gguf_path, "rb") as f:
+        (folder / "truncated.gguf").write_bytes(f.read(3_000_000))
+    (folder / "random.gguf").write_bytes(bytes(range(256)) * 400)
+    (folder / "header-only.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    hf = folder / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, '
+                                    '"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, '
+                                    '"vocab_size": 100}')
+    (hf / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    bad_config = folder / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["truncated.gguf", "random.gguf", "header-only.gguf", "hf", "bad-config"])
+def test_corrupt_checkpoints(name, broken_checkpoints, capsys):
+    path = broken_checkpoints / name
+    refused(["generate", "--model", str(path), "--prompt", "hi"], capsys, str(path), "cannot load it as",
+            "download or export it again")
+
+
+@pytest.mark.parametrize("record", ['{"runs": [{"mode": "performance", "metrics": 5}]}',
+                                    '{"runs": [{}], "config": 3}', '{"runs": "x"}', '{"runs": [', "\xff"])
+def test_report_on_a_malformed_record(record, tmp_path, capsys):
+    (tmp_path / "results.json").write_text(record, encoding="latin-1")
+    refused(["report", str(tmp_path)], capsys, str(tmp_path))
+    assert not (tmp_path / "report.html").exists() and not (tmp_path / "report.md").exists()
