@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.config import BACKENDS, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError
+from harness.config import BACKENDS, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError, canonical_dtype
 
 EXIT_BAD_INPUT = 2
 
@@ -58,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--mode", choices=(*MODES, "both"), help="performance, accuracy or both (default: config)")
     r.add_argument("--model", help="model name from conf/models")
     r.add_argument("--hardware", help="hardware profile from conf/hardware (the memory wall's figures)")
-    r.add_argument("--dtype", choices=DTYPES, help="auto (default: fp8 weights where the hardware has fp8 "
-                   "math, else the published format), or force one; fp8 without fp8 math is emulated")
+    r.add_argument("--dtype", type=canonical_dtype, choices=DTYPES, help="auto (default: fp8 weights where the "
+                   "hardware has fp8 math, else the published format), or force one (bf16, fp16 and fp32 name "
+                   "bfloat16, float16 and float32); fp8 without fp8 math is emulated")
+    r.add_argument("--wall-from-profile", action="store_true", help="set every figure against the hardware "
+                   "profile's bandwidth and peaks as written, instead of measuring this machine (a CPU) or "
+                   "reusing its measurement from the last hour")
     r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
     r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
     r.add_argument("--min-queries", type=_positive(int), help="LoadGen min_query_count: e.g. ~480 lets a "
@@ -104,16 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="user message (the chat template is applied)")
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     g.add_argument("--max-new-tokens", type=_positive(int), default=64)
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--dtype", type=canonical_dtype, choices=("float32", "bfloat16"), default="float32",
+                   help="float32 (fp32) or bfloat16 (bf16)")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
     from audit.gate import add_audit_parser
     from audit.report import add_report_parser
     from harness.tools.gguf_export import add_export_parser
     from harness.tools.quant_check import add_quant_check_parser
-    from harness.hardware.probe import add_probe_parser
+    from harness.hardware.probe_cmd import add_probe_parser
     from audit.compare import add_compare_parser
-    from harness.hardware.roofline import add_roofline_parser
+    from harness.hardware.roofline_cmd import add_roofline_parser
     from harness.tools.serve import add_serve_parser
 
     add_roofline_parser(sub)
@@ -167,7 +172,8 @@ def cmd_run(args) -> int:
         raise ConfigError(None, "--find-peak", "cannot be combined with --user-conf: each try would load "
                           "mlperf.conf again, which LoadGen marks as not valid for submission")
     opts = RunOptions(out, args.user_conf, progress=not args.no_progress, find_peak=args.find_peak,
-                      peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs)
+                      peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs,
+                      wall_from_profile=args.wall_from_profile)
     results = (run_tp_benchmark if resolved.run.tp > 1 else run_benchmark)(resolved, opts)
     print(json.dumps({"results": str(out / "results.json"), "wall_time_s": results["wall_time_s"]}))
     return 0
@@ -234,9 +240,9 @@ def main(argv=None) -> int:
     from audit.report import cmd_report
     from harness.tools.gguf_export import cmd_export_gguf
     from harness.tools.quant_check import cmd_quant_check
-    from harness.hardware.probe import cmd_probe
+    from harness.hardware.probe_cmd import cmd_probe
     from audit.compare import cmd_compare
-    from harness.hardware.roofline import cmd_roofline
+    from harness.hardware.roofline_cmd import cmd_roofline
     from harness.tools.serve import cmd_serve
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,

@@ -14,14 +14,17 @@ The LM head is excluded because its error lands on the logits unsmoothed (and
 a tied head is the embedding table, which is no Linear); MoE routers because
 a small error flips which experts a token goes to. Embeddings and norms are
 not Linear and so are never touched.
+
+Mixture-of-experts weights are stacked Parameters, not Linears (sut.models.mixtral:
+w13 (E, 2F, hidden), w2 (E, hidden, F)): they are quantized too, one scale per
+expert row, as most of such a model's bytes are theirs (Mixtral 8x7B: 11.3B of
+its 12.9B active parameters). `dequantize_experts` widens only the experts a
+batch routes to. The saved form is in sut.quant_store.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +37,6 @@ FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
 EXCLUDED_NAMES = ("lm_head.", "router", "gate.")
 FORCED_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}
 REQUESTS = ("auto", "fp8", *FORCED_DTYPES)
-MANIFEST = "quant_manifest.json"
-WEIGHTS = "model.safetensors"
-QUANT_VERSION = 1
 
 
 def format_name(fp8_dtype: torch.dtype) -> str:
@@ -147,10 +147,13 @@ class QuantReport:
     # Everything in the state dict (a tied embedding counted once).
     model_bytes_before: int
     model_bytes_after: int
+    # Modules whose stacked MoE experts were quantized (their weights are in the counts above).
+    quantized_experts: tuple = ()
 
     def to_dict(self) -> dict:
         """For results.json."""
-        return {**dataclasses.asdict(self), "quantized_modules": list(self.quantized_modules)}
+        return {**dataclasses.asdict(self), "quantized_modules": list(self.quantized_modules),
+                "quantized_experts": list(self.quantized_experts)}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -160,12 +163,15 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize_model_(model: nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                     per_channel: bool = True) -> QuantReport:
-    """Replace every non-excluded nn.Linear of `model` by an FP8Linear, in place."""
+    """Replace every non-excluded nn.Linear of `model` by an FP8Linear, and turn its
+    stacked MoE experts into fp8 with per-row scales, in place."""
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not is_excluded(name)]
+    expert_modules = [(name, m) for name, m in model.named_modules() if is_expert_module(m)]
     if not targets:
         raise ValueError("no nn.Linear modules to quantize (already quantized?)")
-    dtypes = {str(m.weight.dtype).removeprefix("torch.") for _, m in targets}
+    weights = [m.weight for _, m in targets] + [getattr(m, w) for _, m in expert_modules for w in EXPERT_WEIGHTS]
+    dtypes = {str(w.dtype).removeprefix("torch.") for w in weights}
     if len(dtypes) != 1:
         raise ValueError(f"projections in mixed dtypes {sorted(dtypes)}: quantize from one source dtype")
     bytes_before = _state_bytes(model)
@@ -176,8 +182,59 @@ def quantize_model_(model: nn.Module, fp8_dtype: torch.dtype = torch.float8_e4m3
         q_before += linear.weight.numel() * linear.weight.element_size()
         q_after += fp8.weight.numel() + fp8.weight_scale.numel() * fp8.weight_scale.element_size()
         _replace(model, name, fp8)
+    for _, module in expert_modules:
+        for w in EXPERT_WEIGHTS:
+            stacked = getattr(module, w)
+            params += stacked.numel()
+            q_before += stacked.numel() * stacked.element_size()
+        q_after += quantize_experts_(module, fp8_dtype)
     return QuantReport(format_name(fp8_dtype), per_channel, dtypes.pop(), tuple(n for n, _ in targets),
-                       params, q_before, q_after, bytes_before, _state_bytes(model))
+                       params, q_before, q_after, bytes_before, _state_bytes(model),
+                       tuple(n for n, _ in expert_modules))
+
+
+EXPERT_WEIGHTS = ("w13", "w2")
+
+
+def is_expert_module(module: nn.Module) -> bool:
+    """A module holding stacked MoE experts as Parameters (not yet quantized)."""
+    return all(isinstance(getattr(module, w, None), nn.Parameter) for w in EXPERT_WEIGHTS)
+
+
+def quantize_experts_(module: nn.Module, fp8_dtype: torch.dtype) -> int:
+    """Turn `module`'s stacked experts into fp8 buffers with one fp32 scale per expert
+    row (`w13_scale` (E, 2F), `w2_scale` (E, hidden)); returns their bytes."""
+    nbytes = 0
+    for w in EXPERT_WEIGHTS:
+        stacked = getattr(module, w).detach()
+        q, scale = _quantize(stacked, fp8_dtype, per_row=True)
+        delattr(module, w)
+        module.register_buffer(w, q)
+        module.register_buffer(f"{w}_scale", scale)
+        nbytes += q.numel() + scale.numel() * scale.element_size()
+    return nbytes
+
+
+def mark_experts_quantized_(module: nn.Module, fp8_dtype: torch.dtype) -> None:
+    """Give a skeleton's expert module fp8 buffers of the right shapes to load into."""
+    for w in EXPERT_WEIGHTS:
+        shape = getattr(module, w).shape
+        delattr(module, w)
+        module.register_buffer(w, torch.empty(shape, dtype=fp8_dtype, device="meta"))
+        module.register_buffer(f"{w}_scale", torch.empty(shape[:2], dtype=torch.float32, device="meta"))
+
+
+def dequantize_experts(module: nn.Module, expert_ids: torch.Tensor,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w13, w2, ids) for a batch routed to `expert_ids` (N, k): the experts it touches,
+    widened to `dtype`, and the ids renumbered into them. Unquantized experts come back
+    as they are, ids unchanged."""
+    if getattr(module, "w13_scale", None) is None:
+        return module.w13, module.w2, expert_ids
+    used, ids = expert_ids.unique(return_inverse=True)
+    w13 = dequantize(module.w13[used], module.w13_scale[used], dtype)
+    w2 = dequantize(module.w2[used], module.w2_scale[used], dtype)
+    return w13, w2, ids
 
 
 def quantize_kv(t: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
@@ -198,74 +255,6 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> t
     if scale.dim() != 0:
         raise ValueError(f"a KV scale is one value per tensor, got shape {tuple(scale.shape)}")
     return dequantize(q, scale, dtype)
-
-
-def _fp8_modules(model: nn.Module) -> dict:
-    return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file beside `path`, then rename: a reader sees the
-    old file or the whole new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_quantized(model: nn.Module, folder: Path) -> dict:
-    """Write `model.safetensors` (the model's own state dict: fp8 weights, scales and
-    unquantized tensors) and then `quant_manifest.json`; returns the manifest."""
-    from safetensors.torch import save_file
-
-    modules = _fp8_modules(model)
-    if not modules:
-        raise ValueError("the model holds no FP8Linear modules: quantize it first")
-    formats = {format_name(m.weight.dtype) for m in modules.values()}
-    per_channel = {m.per_channel for m in modules.values()}
-    source = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
-    if len(formats) != 1 or len(per_channel) != 1 or len(source) != 1:
-        raise ValueError(f"mixed quantization: formats {sorted(formats)}, per_channel {sorted(per_channel)}, "
-                         f"unquantized dtypes {sorted(source)}")
-    manifest = {"format": formats.pop(), "per_channel": per_channel.pop(), "quantized_modules": sorted(modules),
-                "source_dtype": source.pop(), "wallperf_quant_version": QUANT_VERSION}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
-    return manifest
-
-
-def load_quantized(model_skeleton: nn.Module, folder: Path, device="cpu") -> dict:
-    """Turn the manifest's modules of `model_skeleton` (built on any device, `meta`
-    included) into FP8Linear and assign the saved tensors; returns the manifest.
-    Non-persistent buffers (a RoPE table) are not saved: a meta skeleton must
-    compute them, as sut.weights.build_model does."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("wallperf_quant_version") != QUANT_VERSION:
-        raise ValueError(f"{folder / MANIFEST}: wallperf_quant_version {manifest.get('wallperf_quant_version')!r}"
-                         f" is not {QUANT_VERSION}")
-    fp8_dtype = FP8_DTYPES[manifest["format"].removeprefix("fp8_")]
-    for name in manifest["quantized_modules"]:
-        linear = model_skeleton.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{folder}: {name} is a {type(linear).__name__} in the skeleton, not an nn.Linear")
-        _replace(model_skeleton, name, FP8Linear(linear.in_features, linear.out_features, fp8_dtype,
-                                                 manifest["per_channel"], device="meta"))
-    tensors = load_file(str(folder / WEIGHTS), device=str(device))
-    wrong = [k for k in (f"{n}.weight" for n in manifest["quantized_modules"])
-             if k in tensors and tensors[k].dtype != fp8_dtype]
-    if wrong:
-        raise ValueError(f"{folder / WEIGHTS}: {wrong[0]} is {tensors[wrong[0]].dtype}, "
-                         f"the manifest says {manifest['format']}")
-    model_skeleton.load_state_dict(tensors, strict=True, assign=True)
-    return manifest
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,15 @@ checking of files and the resolution of a run YAML. Callers import from here.
 """
 from harness.config.load import (ResolvedRun, available, build, load_dataset_config, load_hardware_config,
                                  load_model_config, load_run, load_scenario_config, read_yaml)
-from harness.config.schema import (BACKENDS, DTYPES, GGUF_CHOICES, MODES, PEAK_DTYPES, SCENARIOS, ArtifactSource,
-                                   ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig, ModelShape,
-                                   MoMESection, OpenAIConfig, RunConfig, ScenarioConfig, conf_dir, folder_inside,
-                                   plain_name_problem)
+from harness.config.schema import (BACKENDS, DTYPE_ALIASES, DTYPES, GGUF_CHOICES, MODES, PEAK_DTYPES, SCENARIOS,
+                                   ArtifactSource, ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig,
+                                   ModelShape, MoMESection, OpenAIConfig, RunConfig, ScenarioConfig, canonical_dtype,
+                                   conf_dir, folder_inside, plain_name_problem)
 
 __all__ = [
     "ResolvedRun", "available", "build", "load_dataset_config", "load_hardware_config", "load_model_config",
-    "load_run", "load_scenario_config", "read_yaml", "BACKENDS", "DTYPES", "GGUF_CHOICES", "MODES", "PEAK_DTYPES",
+    "load_run", "load_scenario_config", "read_yaml", "BACKENDS", "DTYPE_ALIASES", "DTYPES", "GGUF_CHOICES", "MODES", "PEAK_DTYPES",
     "SCENARIOS", "ArtifactSource", "ConfigError", "DatasetConfig", "FieldError", "HardwareConfig", "ModelConfig",
-    "ModelShape", "MoMESection", "OpenAIConfig", "RunConfig", "ScenarioConfig", "conf_dir", "folder_inside",
-    "plain_name_problem",
+    "ModelShape", "MoMESection", "OpenAIConfig", "RunConfig", "ScenarioConfig", "canonical_dtype", "conf_dir",
+    "folder_inside", "plain_name_problem",
 ]

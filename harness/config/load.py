@@ -13,7 +13,7 @@ from typing import Literal, Union
 import yaml
 
 from harness.config.schema import (SCENARIOS, ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig,
-                                   RunConfig, ScenarioConfig, conf_dir, plain_name_problem)
+                                   RunConfig, ScenarioConfig, canonical_dtype, conf_dir, plain_name_problem)
 
 # Numbers beyond these are no one's setting, and overflow the C++ types LoadGen takes.
 MAX_FLOAT = 1e12
@@ -36,6 +36,8 @@ def _convert(value, tp, file, key):
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(value, inner, file, key)
     if origin is Literal:
+        if isinstance(value, str) and canonical_dtype(value) in typing.get_args(tp):
+            return canonical_dtype(value)
         if value not in typing.get_args(tp):
             raise ConfigError(file, key, f"{value!r} is not allowed; allowed: {_type_name(tp)[7:]}")
         return value

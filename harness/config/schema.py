@@ -20,6 +20,13 @@ from sut.redact import redact
 SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
 MODES = ("performance", "accuracy")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
+# The usual short names, accepted wherever a dtype is named (YAML and command line).
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def canonical_dtype(name: str) -> str:
+    """The dtype a name means: a short name's full one, any other name as it is."""
+    return DTYPE_ALIASES.get(name, name)
 BACKENDS = ("native", "openai", "hf", "llamacpp")
 # The GGUF the llamacpp backend runs: the model's own file, or its BF16 export.
 GGUF_CHOICES = ("source", "bf16")

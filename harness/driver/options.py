@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.hardware.wall import Wall
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -15,3 +17,7 @@ class RunOptions:
     peak_range: tuple = (0.1, 10.0)
     peak_tolerance: float = 0.1
     peak_max_runs: int = 8
+    # Take the hardware profile's figures as written instead of measuring this machine.
+    wall_from_profile: bool = False
+    # The figures the run is set against, once the run has resolved them (harness.hardware.wall).
+    wall: Wall | None = None

@@ -11,6 +11,7 @@ and its KV cache is float16.
 from __future__ import annotations
 
 from harness.config import ConfigError, ResolvedRun
+from harness.hardware.counts import WeightBytes, held_weight_bytes
 from sut.backends import MissingPackage, check_available
 from sut.quant import FormatChoice
 
@@ -67,14 +68,26 @@ def weight_format(loaded, choice: FormatChoice) -> str:
     return getattr(loaded, "weight_format", None) or choice.weight_format
 
 
-def roofline_counts(loaded) -> dict:
-    """run_roofline's byte overrides for an engine that stores weights in its own format."""
+def roofline_counts(loaded, expert_cache: dict | None = None) -> dict:
+    """run_roofline's byte counts from what the run's engine really holds: a GGUF's
+    tensors as stored (read whole each step; float16 KV cache) for llama.cpp, else the
+    loaded model's own tensors, plus the memory-expert rows MoME loaded per step."""
     weight_bytes = getattr(loaded, "weight_bytes", None)
-    if weight_bytes is None:
-        return {}
-    from sut.backends.llamacpp import KV_BYTES_PER_ELEMENT
+    if weight_bytes is not None:
+        from sut.backends.llamacpp import KV_BYTES_PER_ELEMENT
 
-    return {"weight_bytes": weight_bytes, "kv_bytes_per_element": KV_BYTES_PER_ELEMENT}
+        return {"weights": WeightBytes(table=0, dense=weight_bytes), "kv_bytes_per_element": KV_BYTES_PER_ELEMENT}
+    return {"weights": held_weight_bytes(loaded.model, extra=memory_expert_bytes_per_step(expert_cache))}
+
+
+def memory_expert_bytes_per_step(expert_cache: dict | None) -> float:
+    """MoME: the distinct memory experts each layer read per step (hits and misses alike;
+    a hit is read from the cache instead of the bank), times an expert's bytes."""
+    if not expert_cache:
+        return 0.0
+    per_expert = expert_cache["bytes_per_expert"]
+    return sum(layer["lookups"] / layer["steps"] * per_expert
+               for layer in expert_cache["layers"].values() if layer.get("steps"))
 
 
 def format_dict(loaded, choice: FormatChoice) -> dict:

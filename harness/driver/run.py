@@ -16,6 +16,7 @@ from pathlib import Path
 import mlperf_loadgen as lg
 
 from audit.compliance import check_test06
+from audit.perf_audit import roofline_trust
 from audit.report import write_run_reports
 from harness.artifacts import resolve_dataset_file
 from harness.config import ResolvedRun, ScenarioConfig, folder_inside
@@ -25,8 +26,9 @@ from harness.driver.options import RunOptions
 from harness.driver.peers import check_peer, format_dict, peer_format, roofline_counts, weight_format
 from harness.driver.progress import Progress, say
 from harness.hardware.energy import EnergyMeter
-from harness.hardware.profiles import hardware_profile, system_hardware
+from harness.hardware.profiles import system_hardware
 from harness.hardware.roofline import run_roofline
+from harness.hardware.wall import run_wall
 from harness.loadgen.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
 from harness.loadgen.results import (accuracy_record, counter_delta, decode_roofline, performance_record,
                                      submission_notes, summary_line, wallperf_version, write_json_atomic)
@@ -68,9 +70,10 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) 
     run, dataset = resolved.run, resolved.dataset
     started = time.time()
     device = choose_device(run.device)
-    hardware, _ = hardware_profile(resolved.hardware)
+    opts = dataclasses.replace(opts, wall=opts.wall or run_wall(resolved.hardware, opts.wall_from_profile))
+    say(f"memory wall: {opts.wall.hardware.bandwidth_gbps:g} GB/s ({opts.wall.source}: {opts.wall.how})")
     check_peer(resolved)
-    choice = peer_format(resolved, choose_format(hardware, run.dtype, resolved.model.published_dtype))
+    choice = peer_format(resolved, choose_format(resolved.hardware, run.dtype, resolved.model.published_dtype))
     say(f"format: {choice.reason}")
     dataset_path = resolve_dataset_file(dataset)
     loaded = load_for_run(resolved, device, choice)
@@ -96,6 +99,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) 
                    "performance_output_tokens": dataset.performance_output_tokens,
                    "ignore_eos_in_performance": dataset.performance_output_tokens is not None},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "hardware_wall": opts.wall.to_dict(),
         "complete": False,
         "runs": [],
     }
@@ -174,11 +178,12 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
             backend.close()
         engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
                   "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size}
+    experts = counter_delta(experts_before, expert_stats()) if expert_stats else None
     if mode == "performance":
         body = performance_record(log_dir)
         body["roofline"] = (None if stats is None else
-                            _roofline(resolved, loaded, sc.name, body["metrics"]["tokens_per_second"], stats,
-                                      choice, body["metrics"]["tpot_ms"]))
+                            _roofline(resolved, loaded, choice.dtype, body["metrics"], stats, opts.wall, prompts,
+                                      params, experts))
     else:
         body = accuracy_record(log_dir, questions, loaded.tokenizer)
         body["roofline"] = None
@@ -213,7 +218,7 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         "client": client,
         # The whole test, idle time included, as the hardware's own counters report it.
         "energy": meter.result(sut.stats.tokens),
-        "expert_cache": counter_delta(experts_before, expert_stats()) if expert_stats else None,
+        "expert_cache": experts,
         **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
     }
     if client and client["token_count_mismatches"]:
@@ -224,23 +229,26 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
     return record
 
 
-def _roofline(resolved, loaded, scenario, tokens_per_second, stats, choice, tpot_ms=None) -> dict | None:
-    """The run against the memory wall, at the decode batch and context it held.
-    Emulated fp8 upcasts each weight before use, so it is counted at the math dtype.
+def _roofline(resolved, loaded, dtype, metrics, stats, wall, prompts, params, expert_cache=None) -> dict | None:
+    """The run against its real bound, at the decode batch and context it held, with the
+    bytes the engine's tensors really hold and the prompts' prefill work counted.
     Where LoadGen measured TPOT, the decode phase alone is set against the wall too."""
+    tokens_per_second = metrics["tokens_per_second"]
     if not tokens_per_second or not stats.decode_tokens:
         return None
-    hardware, source = hardware_profile(resolved.hardware)
-    tp_note = None
+    hardware, tp_note = wall.hardware, None
     if resolved.run.tp > 1:
         hardware, tp_note = system_hardware(hardware, resolved.run.tp, loaded.device)
-    dtype = "fp8" if choice.fp8_dtype is not None and not choice.emulated else choice.dtype
+    samples_per_second = metrics["samples_per_second"]
+    output_tokens = tokens_per_second / samples_per_second if samples_per_second else params.max_new_tokens
     record = run_roofline(model_shape(resolved, loaded), hardware, dtype, tokens_per_second,
-                          batch=max(1, round(stats.mean_decode_batch)),
-                          context=round(stats.mean_decode_context), scenario=scenario, **roofline_counts(loaded))
-    record.update(decode_roofline(record["bytes_per_step"], hardware.bandwidth_gbps, tpot_ms))
-    return {**record, "hardware": hardware.name, "hardware_source": source,
-            "peak_bandwidth_gbps": hardware.bandwidth_gbps, **({"tp_note": tp_note} if tp_note else {})}
+                          batch=max(1, round(stats.mean_decode_batch)), context=round(stats.mean_decode_context),
+                          prompt_tokens=sum(map(len, prompts)) / len(prompts), output_tokens=output_tokens,
+                          **roofline_counts(loaded, expert_cache))
+    record.update(decode_roofline(record["bytes_per_step"], hardware.bandwidth_gbps, metrics["tpot_ms"]))
+    record = {**record, "hardware": hardware.name, "hardware_source": wall.source, "hardware_how": wall.how,
+              "peak_bandwidth_gbps": hardware.bandwidth_gbps, **({"tp_note": tp_note} if tp_note else {})}
+    return {**record, **roofline_trust(record)}
 
 
 def _freeze_heap() -> None:

@@ -26,7 +26,6 @@ from harness.driver.model import choose_device, load_for_run
 from harness.driver.options import RunOptions
 from harness.driver.progress import say
 from harness.driver.run import run_benchmark
-from harness.hardware.profiles import hardware_profile
 from harness.driver.tp_launch import TPContext, TPSession, default_backend, follow_session, launch
 from sut.quant import choose_format
 from sut.tp import shard_model_
@@ -41,7 +40,7 @@ def run_tp_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     if device == "cuda" and torch.cuda.device_count() < run.tp:
         raise ConfigError(resolved.path, "tp", f"tp {run.tp} needs {run.tp} GPUs (one per rank); torch sees "
                           f"{torch.cuda.device_count()}")
-    hardware, _ = hardware_profile(resolved.hardware)
+    hardware = resolved.hardware
     if choose_format(hardware, run.dtype, resolved.model.published_dtype).fp8_dtype is not None:
         raise ConfigError(resolved.path, "tp", f"tp {run.tp} with fp8 weights is not supported yet (dtype "
                           f"{run.dtype!r} on {hardware.name} means fp8); pass --dtype bfloat16 or float32")
@@ -54,8 +53,7 @@ def _rank_main(ctx: TPContext, resolved: ResolvedRun, opts: RunOptions) -> dict 
     if ctx.rank == 0:
         return run_benchmark(resolved, opts, tp_session_for=lambda loaded: leader_session(loaded, ctx, resolved))
     run = resolved.run
-    hardware, _ = hardware_profile(resolved.hardware)
-    choice = choose_format(hardware, run.dtype, resolved.model.published_dtype)
+    choice = choose_format(resolved.hardware, run.dtype, resolved.model.published_dtype)
     # Rank 0 says what is loaded; N copies of it would only be noise.
     with contextlib.redirect_stderr(io.StringIO()):
         loaded = load_for_run(resolved, choose_device(run.device), choice)

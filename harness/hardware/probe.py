@@ -1,15 +1,19 @@
 """`wallperf probe`: measure this machine's memory bandwidth and GEMM peak.
 
 A CPU's memory wall is its measured bandwidth, not a datasheet figure, so the
-probe measures what the roofline needs and writes it as a hardware profile
-(the schema of conf/hardware) under $WALLPERF_CACHE/hardware/: cpu.yaml, or
-local-gpu.yaml when torch sees a GPU.
+probe measures what the roofline needs. `wallperf run` measures the same at
+its start (harness.hardware.wall), reusing a measurement of this host from the
+last hour. `wallperf probe --measured-wall` writes the figures as a hardware
+profile (the schema of conf/hardware) under $WALLPERF_CACHE/hardware/, which
+then replaces the named profile's figures for runs on this machine (a GPU's
+vendor figure included).
 
-- Bandwidth: STREAM's copy (a = b) and triad (a = b + s*c) kernels on arrays
-  far larger than the last-level cache, best of N as STREAM reports it, bytes
-  counted as STREAM does (2 and 3 arrays moved; write-allocate traffic not
-  counted). torch runs them on all its threads (numpy's copy is one thread).
-  The profile's bandwidth is the better of the two.
+- Bandwidth: a read-only streaming kernel (the sum of one array: decode reads
+  its weights and writes next to nothing), and for reference STREAM's copy
+  (a = b) and triad (a = b + s*c), on arrays far larger than the last-level
+  cache, best of N as STREAM reports it, bytes counted as STREAM does (1, 2
+  and 3 arrays moved; write-allocate traffic not counted). torch runs them on
+  all its threads (numpy's copy is one thread). The wall is the read figure.
 - Compute: torch.matmul on square matrices per dtype, after warm-up, median
   of N, at 2*n^3 FLOPs per product. fp8 is left null: measuring it needs
   scaled-matmul kernels per vendor, and the CPU has no fp8 math.
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -63,6 +66,7 @@ class ProbeResult:
     description: str
     vendor: str
     memory_gb: float
+    read_gbps: float
     copy_gbps: float
     triad_gbps: float
     peak_tflops: dict
@@ -71,29 +75,36 @@ class ProbeResult:
     # The 1-minute load average before measuring: other work on the machine
     # lowers every figure (on a CPU, OpenMP threads then wait on each other).
     load_average: float
+    # When it was measured (seconds since the epoch).
+    measured_at: float = 0.0
 
     @property
     def bandwidth_gbps(self) -> float:
-        return max(self.copy_gbps, self.triad_gbps)
+        """The wall: decode streams weights in, so the read-only figure."""
+        return self.read_gbps
 
-    def profile(self) -> dict:
-        """The measured figures as a conf/hardware mapping (HardwareConfig's keys)."""
+    @property
+    def method(self) -> str:
+        """How the figures were measured, in one line."""
         s = self.settings
         threads = f", {self.threads} threads" if self.threads else ""
-        method = (f"wallperf probe {time.strftime('%Y-%m-%d')}, torch {torch.__version__}{threads}: "
-                  f"STREAM copy {self.copy_gbps:.1f} GB/s and triad {self.triad_gbps:.1f} GB/s over "
-                  f"{s.array_mib} MiB arrays (best of "
-                  f"{s.bandwidth_repeats}); torch.matmul n={s.gemm_n}, median of {s.gemm_repeats}; "
-                  f"load average {self.load_average:.1f} before")
+        return (f"wallperf probe, torch {torch.__version__}{threads}: read-only sum {self.read_gbps:.1f} GB/s, "
+                f"STREAM copy {self.copy_gbps:.1f} GB/s and triad {self.triad_gbps:.1f} GB/s over "
+                f"{s.array_mib} MiB arrays (best of {s.bandwidth_repeats}); torch.matmul n={s.gemm_n}, "
+                f"median of {s.gemm_repeats}; load average {self.load_average:.1f} before")
+
+    def profile(self, name: str | None = None) -> dict:
+        """The measured figures as a conf/hardware mapping (HardwareConfig's keys), named `name`."""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.measured_at))
         return {
-            "name": self.name,
+            "name": name or self.name,
             "description": self.description,
             "vendor": self.vendor,
             "memory_gb": round(self.memory_gb, 1),
             "bandwidth_gbps": round(self.bandwidth_gbps, 1),
             "peak_tflops": {**{k: float(f"{v:.4g}") for k, v in self.peak_tflops.items()}, "fp8": None},
             "fp8_format": None,
-            "sources": [method],
+            "sources": [f"{self.method}; measured {when}"],
         }
 
 
@@ -113,6 +124,12 @@ def _timings(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[fl
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def read_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
+    """GB/s of a read-only pass (torch.sum) over a float32 array of `array_mib` MiB, best of `repeats`."""
+    a = torch.full((array_mib * MIB // 4,), 1.0, device=device)
+    return a.numel() * 4 / min(_timings(lambda: torch.sum(a), device, repeats)) / 1e9
 
 
 def stream_bandwidth(device: torch.device, array_mib: int, repeats: int) -> tuple[float, float]:
@@ -151,29 +168,33 @@ def _physical_memory_gb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
-def probe(device: str = "auto", quick: bool = False) -> ProbeResult:
-    """Measure `device` ("cpu", "cuda", or "auto": the GPU when torch sees one)."""
+def probe(device: str = "auto", quick: bool = False, settings: ProbeSettings | None = None) -> ProbeResult:
+    """Measure `device` ("cpu", "cuda", or "auto": the GPU when torch sees one), with
+    `settings`, or the full (or `quick`) ones of the device."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     load_average = os.getloadavg()[0]
     dev = torch.device(device)
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        settings = GPU_QUICK_SETTINGS if quick else GPU_SETTINGS
+        settings = settings or (GPU_QUICK_SETTINGS if quick else GPU_SETTINGS)
         name, description, dtypes = "local-gpu", f"{props.name} (measured)", GPU_DTYPES
         vendor = "amd" if torch.version.hip else "nvidia"
         memory_gb = props.total_memory / 1e9
     else:
-        settings = CPU_QUICK_SETTINGS if quick else CPU_SETTINGS
+        settings = settings or (CPU_QUICK_SETTINGS if quick else CPU_SETTINGS)
         name, dtypes, vendor = "cpu", CPU_DTYPES, "cpu"
         description = f"{_cpu_name()}, {os.cpu_count()} CPUs (measured)"
         memory_gb = _physical_memory_gb()
+    measured_at = time.time()
+    read = read_bandwidth(dev, settings.array_mib, settings.bandwidth_repeats)
     copy, triad = stream_bandwidth(dev, settings.array_mib, settings.bandwidth_repeats)
     peaks = {dt: gemm_tflops(dev, dt, settings.gemm_n, settings.gemm_repeats, settings.gemm_warmup)
              for dt in dtypes}
     return ProbeResult(name=name, description=description, vendor=vendor, memory_gb=memory_gb,
-                       copy_gbps=copy, triad_gbps=triad, peak_tflops=peaks,
-                       threads=torch.get_num_threads() if dev.type == "cpu" else None, settings=settings, load_average=load_average)
+                       read_gbps=read, copy_gbps=copy, triad_gbps=triad, peak_tflops=peaks,
+                       threads=torch.get_num_threads() if dev.type == "cpu" else None, settings=settings,
+                       load_average=load_average, measured_at=measured_at)
 
 
 def measured_profile_path(name: str) -> Path:
@@ -183,13 +204,19 @@ def measured_profile_path(name: str) -> Path:
     return cache_dir() / "hardware" / f"{name}.yaml"
 
 
-def write_profile(result: ProbeResult, path: Path | None = None) -> Path:
-    """Write the profile atomically (temp file beside it, then rename): a reader, or a
-    probe interrupted half-way, never leaves a half-written profile behind."""
-    path = path or measured_profile_path(result.name)
+def write_profile(result: ProbeResult, path: Path | None = None, name: str | None = None) -> Path:
+    """Write the profile, named `name` (default: the result's), atomically (temp file
+    beside it, then rename): a reader, or a probe interrupted half-way, never leaves a
+    half-written profile behind."""
+    path = path or measured_profile_path(name or result.name)
+    text = ("# Written by `wallperf probe --measured-wall`; run it again to refresh. Edits are overwritten.\n"
+            + yaml.safe_dump(result.profile(name), sort_keys=False, width=120))
+    write_text_atomic(path, text)
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = ("# Written by `wallperf probe`; run it again to refresh. Edits are overwritten.\n"
-            + yaml.safe_dump(result.profile(), sort_keys=False, width=120))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "w") as f:
@@ -198,44 +225,3 @@ def write_profile(result: ProbeResult, path: Path | None = None) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
-
-
-def format_result(result: ProbeResult) -> str:
-    s = result.settings
-    gemm = "  ".join(f"{dt} {tf:.3g} TFLOP/s" for dt, tf in result.peak_tflops.items())
-    return "\n".join((
-        f"{result.name}: {result.description}, {result.memory_gb:.1f} GB"
-        + (f", {result.threads} threads" if result.threads else ""),
-        f"  bandwidth  copy {result.copy_gbps:.1f} GB/s  triad {result.triad_gbps:.1f} GB/s  "
-        f"({s.array_mib} MiB arrays, best of {s.bandwidth_repeats})",
-        f"  GEMM       {gemm}  (n={s.gemm_n}, median of {s.gemm_repeats})",
-    ))
-
-
-def add_probe_parser(subparsers):
-    p = subparsers.add_parser(
-        "probe", help="measure this machine's bandwidth and GEMM peak into a hardware profile",
-        description="Measure STREAM copy/triad bandwidth and torch.matmul peak per dtype, and write "
-                    "them as the hardware profile cpu (or local-gpu) under $WALLPERF_CACHE/hardware/.")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="what to measure (default: the GPU when torch sees one, else the CPU)")
-    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test, "
-                   "not figures to rely on")
-    return p
-
-
-def cmd_probe(args) -> int:
-    from harness.config import ConfigError
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("command line", "--device", "torch sees no GPU here; allowed: auto, cpu")
-    result = probe(args.device, args.quick)
-    path = write_profile(result)
-    print(format_result(result))
-    if result.load_average >= BUSY_LOAD_AVERAGE:
-        print(f"wallperf: warning: the load average was {result.load_average:.1f} before probing: other "
-              f"work shared the machine and the figures are likely low; probe again when it is idle",
-              file=sys.stderr)
-    print(f"wallperf: wrote {path}", file=sys.stderr)
-    return 0

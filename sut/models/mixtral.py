@@ -11,8 +11,9 @@ Experts are stored stacked, as `kernels.dispatch.fused_moe` reads them: w13 (E, 
 hidden) holds each expert's gate rows (HF's w1) above its up rows (w3), w2 (E, hidden,
 F) its down projection. The router is an nn.Linear named `router`, so the fp8 pass's
 name rule (sut.quant.EXCLUDED_NAMES) leaves it unquantized: a small error there flips
-which experts a token goes to. The stacked experts are Parameters, not Linears, so the
-fp8 pass leaves them in the model's dtype too.
+which experts a token goes to. The fp8 pass turns the stacked experts into fp8 buffers
+with per-row scales (sut.quant.quantize_experts_); the forward widens the experts a
+batch routes to (sut.quant.dequantize_experts).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import nn
 from kernels.dispatch import fused_moe
 from sut.models.llama import Block, LlamaConfig, LlamaModel
 from sut.models.llama import synthetic_state_dict as dense_synthetic
+from sut.quant import dequantize_experts
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ class SparseMoeBlock(nn.Module):
         B, T, hidden = x.shape
         flat = x.reshape(B * T, hidden).contiguous()
         weights, ids = self.route(flat)
-        return fused_moe(flat, self.w13, self.w2, weights, ids).view(B, T, hidden)
+        w13, w2, ids = dequantize_experts(self, ids, flat.dtype)
+        return fused_moe(flat, w13, w2, weights, ids).view(B, T, hidden)
 
 
 class MixtralBlock(Block):

@@ -21,7 +21,7 @@ LIMITS = {"ttft_ms": 2000.0, "tpot_ms": 100.0}
 
 def roofline(tokens_per_second: float, batch: int, scenario: str) -> dict:
     record = run_roofline(load_model_config("llama3.1-8b").shape, load_hardware_config("h100-sxm"), "bfloat16",
-                          tokens_per_second, batch=batch, context=0, scenario=scenario)
+                          tokens_per_second, batch=batch, context=0)
     return {**record, "hardware": "h100-sxm", "hardware_source": "conf/hardware/h100-sxm.yaml",
             "peak_bandwidth_gbps": 3350.0}
 

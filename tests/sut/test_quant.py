@@ -13,8 +13,9 @@ from torch import nn
 from harness.config import HardwareConfig, build
 from sut.kv_cache import SlotKVCache
 from sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
-from sut.quant import (FP8Linear, choose_format, dequantize_kv, is_excluded, load_quantized, quantize_kv,
-                       quantize_model_, quantize_weight, save_quantized)
+from sut.quant import (FP8Linear, choose_format, dequantize_kv, is_excluded, quantize_kv, quantize_model_,
+                       quantize_weight)
+from sut.quant_store import load_quantized, save_quantized
 from sut.weights import build_model
 from sut.models.llama import synthetic_state_dict
 

@@ -8,7 +8,8 @@ import torch
 
 from harness.hardware import probe as probe_module
 from harness.config import ConfigError, HardwareConfig, build, load_model_config, read_yaml
-from harness.hardware.probe import add_probe_parser, cmd_probe, measured_profile_path, probe, write_profile
+from harness.hardware.probe import measured_profile_path, probe, write_profile
+from harness.hardware.probe_cmd import add_probe_parser, cmd_probe
 from harness.hardware.roofline import memory_wall
 
 
@@ -25,8 +26,9 @@ def cache(tmp_path, monkeypatch):
 
 def test_quick_probe_gives_positive_figures(cpu_result):
     assert cpu_result.name == "cpu" and cpu_result.vendor == "cpu"
-    assert cpu_result.copy_gbps > 0 and cpu_result.triad_gbps > 0
-    assert cpu_result.bandwidth_gbps == max(cpu_result.copy_gbps, cpu_result.triad_gbps)
+    assert cpu_result.read_gbps > 0 and cpu_result.copy_gbps > 0 and cpu_result.triad_gbps > 0
+    # The wall is the read-only figure: decode streams weights in and writes next to nothing.
+    assert cpu_result.bandwidth_gbps == cpu_result.read_gbps
     assert set(cpu_result.peak_tflops) == {"float32", "bfloat16"}
     assert all(v > 0 for v in cpu_result.peak_tflops.values())
     assert cpu_result.memory_gb > 0 and cpu_result.threads >= 1
@@ -67,8 +69,11 @@ def test_cmd_probe_prints_writes_and_warns_when_busy(cache, capsys, monkeypatch)
     parser = argparse.ArgumentParser(prog="wallperf")
     add_probe_parser(parser.add_subparsers())
     assert cmd_probe(parser.parse_args(["probe", "--quick", "--device", "cpu"])) == 0
+    assert not (cache / "hardware" / "cpu.yaml").exists()  # a profile only with --measured-wall
+    capsys.readouterr()
+    assert cmd_probe(parser.parse_args(["probe", "--quick", "--device", "cpu", "--measured-wall"])) == 0
     out = capsys.readouterr()
-    assert "copy" in out.out and "triad" in out.out and "bfloat16" in out.out
+    assert "read" in out.out and "copy" in out.out and "triad" in out.out and "bfloat16" in out.out
     assert str(cache / "hardware" / "cpu.yaml") in out.err
     assert "load average was 3.5" in out.err
     hardware = build(HardwareConfig, read_yaml(cache / "hardware" / "cpu.yaml"))
@@ -82,3 +87,14 @@ def test_cuda_without_a_gpu_is_a_config_error(cache):
     with pytest.raises(ConfigError) as e:
         cmd_probe(parser.parse_args(["probe", "--device", "cuda"]))
     assert e.value.key == "--device" and "cpu" in str(e.value)
+
+
+def test_hardware_needs_measured_wall_and_a_known_profile(cache):
+    parser = argparse.ArgumentParser(prog="wallperf")
+    add_probe_parser(parser.add_subparsers())
+    with pytest.raises(ConfigError) as e:
+        cmd_probe(parser.parse_args(["probe", "--hardware", "h100-sxm"]))
+    assert e.value.key == "--hardware" and "--measured-wall" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        cmd_probe(parser.parse_args(["probe", "--measured-wall", "--hardware", "no-such-gpu"]))
+    assert e.value.key == "--hardware" and "h100-sxm" in str(e.value)

@@ -6,14 +6,15 @@ walls (Llama 3.1 8B bf16 = 16.06e9 bytes: ~331 tok/s MI300X, ~209 H100), and
 Llama 3 8B's well-known KV cache of 128 KiB per token in bf16.
 """
 import argparse
+import dataclasses
 import json
 
 import pytest
 
 from harness.config import ConfigError, ModelShape, load_hardware_config, load_model_config
-from harness.hardware.roofline import (active_parameters, add_roofline_parser, bytes_per_step, cmd_roofline,
-                              count_parameters, flops_per_token, memory_wall, roofline_row, roofline_rows,
-                              run_roofline, weight_parameters)
+from harness.hardware.counts import active_parameters, count_parameters, flops_per_token, weight_parameters
+from harness.hardware.roofline import bytes_per_step, memory_wall, roofline_row, roofline_rows, run_roofline
+from harness.hardware.roofline_cmd import add_roofline_parser, cmd_roofline
 
 ROW_KEYS = {"batch", "bytes_per_step", "memory_bound_tokens_per_second", "compute_bound_tokens_per_second",
             "bound", "ridge_point", "active_parameters"}
@@ -72,7 +73,10 @@ def test_memory_wall_is_bandwidth_over_16_06_gb(hardware, tb_per_s):
 def test_dtype_sizes_scale_weight_bytes():
     s = shape("llama3.1-8b")
     assert bytes_per_step(s, "float32") == 4 * LLAMA_8B_PARAMS
-    assert bytes_per_step(s, "fp8") == LLAMA_8B_PARAMS
+    # fp8: projections at 1 byte plus an fp32 scale per output row; table, head and norms bf16.
+    projections = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    rows = 32 * (4096 + 2 * 1024 + 4096 + 2 * 14336 + 4096)
+    assert bytes_per_step(s, "fp8") == projections + 4 * rows + 2 * (LLAMA_8B_PARAMS - projections)
 
 
 def test_embedding_rows_counts_only_gathered_rows():
@@ -135,27 +139,44 @@ def test_memory_bound_scales_with_batch_until_kv_dominates():
     assert long_context.memory_bound_tokens_per_second < eight.memory_bound_tokens_per_second / 2
 
 
-def test_fp8_uses_fp8_peak_or_emulates_in_bf16():
+def test_fp8_weights_compute_at_the_bf16_peak():
+    # w8a16: the fp8 weights are widened for bf16 math, on fp8 hardware too.
     s = shape("llama3.1-8b")
-    assert roofline_row(s, hw("h100-sxm"), "fp8", 1).ridge_point == pytest.approx(1978.9e12 / 3.35e12)
+    assert roofline_row(s, hw("h100-sxm"), "fp8", 1).ridge_point == pytest.approx(989.4e12 / 3.35e12)
     assert roofline_row(s, hw("mi250"), "fp8", 1).ridge_point == pytest.approx(362.1e12 / 3.2768e12)
+    assert run_roofline(s, hw("h100-sxm"), "fp8", 10.0, 1, 0)["compute_dtype"] == "bfloat16"
 
 
 def test_run_roofline_by_hand():
     s, h100 = shape("llama3.1-8b"), hw("h100-sxm")
-    single = run_roofline(s, h100, "bfloat16", tokens_per_second=100.0, batch=1, context=0,
-                          scenario="SingleStream")
+    single = run_roofline(s, h100, "bfloat16", tokens_per_second=100.0, batch=1, context=0)
     # steps/s = 100 / 1; bytes/step = 16.06 GB
     assert single["achieved_bandwidth_gbps"] == pytest.approx(100 * 2 * LLAMA_8B_PARAMS / 1e9)
     assert single["mbu"] == pytest.approx(100 * 2 * LLAMA_8B_PARAMS / 3.35e12)
     assert single["memory_wall_tokens_per_second"] == pytest.approx(3.35e12 / (2 * LLAMA_8B_PARAMS))
-    assert "mfu" not in single and "compute_bound_tokens_per_second" not in single
+    assert single["bound"] == "memory" and single["utilization"] == single["mbu"]
 
-    offline = run_roofline(s, h100, "bfloat16", tokens_per_second=1000.0, batch=8, context=0,
-                           scenario="Offline")
+    offline = run_roofline(s, h100, "bfloat16", tokens_per_second=1000.0, batch=8, context=0)
     assert offline["achieved_bandwidth_gbps"] == pytest.approx(1000 / 8 * 2 * LLAMA_8B_PARAMS / 1e9)
     assert offline["mfu"] == pytest.approx(1000 * 2 * LLAMA_8B_ACTIVE / 989.4e12)
     assert offline["compute_bound_tokens_per_second"] == pytest.approx(989.4e12 / (2 * LLAMA_8B_ACTIVE))
+
+
+def test_offline_bound_counts_prefill_flops():
+    # 0.874 TFLOP/s bf16, 2.5 prompt tokens per output token: the compute bound counts the prompts'
+    # FLOPs too (context 0 keeps attention out of the sums: by hand, 2 * active per token).
+    s = shape("smollm2-135m")
+    cpu = dataclasses.replace(hw("cpu"), bandwidth_gbps=40.0, peak_tflops={"bfloat16": 0.874, "float32": 0.4,
+                                                                           "fp8": None})
+    active = active_parameters(s)
+    decode_only = run_roofline(s, cpu, "bfloat16", 364.7, batch=32, context=0)
+    assert decode_only["compute_bound_tokens_per_second"] == pytest.approx(0.874e12 / (2 * active))
+    with_prompts = run_roofline(s, cpu, "bfloat16", 364.7, batch=32, context=0, prompt_tokens=160,
+                                output_tokens=64)
+    per_token = 2 * active + 160 * flops_per_token(s, 80) / 64
+    assert with_prompts["compute_bound_tokens_per_second"] == pytest.approx(0.874e12 / per_token)
+    assert with_prompts["mfu"] == pytest.approx(364.7 * per_token / 0.874e12)
+    assert with_prompts["bound"] == "compute" and with_prompts["utilization"] == pytest.approx(with_prompts["mfu"])
 
 
 def _run_cli(argv, capsys):
@@ -177,8 +198,9 @@ def test_cli_json_has_exactly_the_row_keys(capsys):
 
 def test_cli_table_and_emulated_fp8_note(capsys):
     rc, out = _run_cli(["--model", "llama3.1-8b", "--hardware", "mi250", "--dtype", "fp8"], capsys)
-    assert rc == 0 and "emulated" in out.err
-    assert "memory-bound tok/s" in out.out and "408.1" in out.out  # 3276.8 GB/s / 8.03 GB
+    assert rc == 0 and "emulated" in out.err and "w8a16" in out.err
+    # 3276.8 GB/s / 9.087 GB: 6.98 GB of fp8 projections and their scales, 2.1 GB of bf16 table and head
+    assert "memory-bound tok/s" in out.out and "360.6" in out.out
     rc, out = _run_cli(["--model", "llama3.1-8b", "--hardware", "h100-sxm", "--dtype", "fp8"], capsys)
     assert "emulated" not in out.err
 
@@ -205,7 +227,7 @@ def test_cli_bad_input_names_key_and_allowed_values(argv, key, allowed, capsys):
 def test_cli_plot_draws_measured_points(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     s, h100 = shape("llama3.1-8b"), hw("h100-sxm")
-    measured = run_roofline(s, h100, "bfloat16", 3000.0, 32, 512, "Offline")
+    measured = run_roofline(s, h100, "bfloat16", 3000.0, 32, 512)
     (tmp_path / "results.json").write_text(json.dumps(
         {"runs": [{"scenario": "Offline", "mode": "performance", "roofline": measured},
                   {"scenario": "Offline", "mode": "accuracy"}]}))

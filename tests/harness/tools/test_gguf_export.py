@@ -14,6 +14,7 @@ from gguf.quants import dequantize, quantize
 from harness.cli import main
 from harness.config import load_hardware_config, load_model_config
 from harness.tools.gguf_export import bf16_gguf, cached_export_path, export_gguf
+from harness.hardware.counts import WeightBytes
 from harness.hardware.roofline import memory_wall, run_roofline
 
 MOSTLY_BF16 = 32
@@ -118,14 +119,14 @@ def test_cli_export(tiny_gguf, tmp_path, capsys):
 def test_roofline_counts_an_engines_own_weight_bytes():
     s, cpu = load_model_config("smollm2-135m").shape, load_hardware_config("cpu")
     kv_per_token = 2 * s.n_layers * s.n_kv_heads * s.head_dim * 2  # float16 K and V
-    wall = memory_wall(s, cpu, "bfloat16", context=100, weight_bytes=96e6, kv_bytes_per_element=2)
+    gguf = WeightBytes(table=0, dense=96e6)
+    wall = memory_wall(s, cpu, "bfloat16", context=100, weights=gguf, kv_bytes_per_element=2)
     assert wall == pytest.approx(32e9 / (96e6 + 100 * kv_per_token))
-    r = run_roofline(s, cpu, "bfloat16", 50.0, batch=4, context=100, scenario="Offline", weight_bytes=96e6,
-                     kv_bytes_per_element=2)
+    r = run_roofline(s, cpu, "bfloat16", 50.0, batch=4, context=100, weights=gguf, kv_bytes_per_element=2)
     assert r["bytes_per_step"] == pytest.approx(96e6 + 4 * 100 * kv_per_token)
     assert r["mbu"] == pytest.approx(50 / 4 * r["bytes_per_step"] / 32e9)
     # Without the overrides, the parameter count at the dtype's size, as before.
-    assert run_roofline(s, cpu, "bfloat16", 50.0, 4, 100, "Offline")["bytes_per_step"] > 2 * 134e6
+    assert run_roofline(s, cpu, "bfloat16", 50.0, 4, 100)["bytes_per_step"] > 2 * 134e6
 
 
 # -- the real SmolLM2 GGUF (slow) ---------------------------------------------

@@ -1,0 +1,67 @@
+"""`wallperf probe`: measure this machine (harness.hardware.probe), keep the
+measurement for runs on this host (harness.hardware.wall), and with
+--measured-wall write it as the hardware profile that runs then use."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from harness.hardware.probe import BUSY_LOAD_AVERAGE, ProbeResult, probe, write_profile
+from harness.hardware.wall import store_host_measurement
+
+
+def format_result(result: ProbeResult) -> str:
+    s = result.settings
+    gemm = "  ".join(f"{dt} {tf:.3g} TFLOP/s" for dt, tf in result.peak_tflops.items())
+    return "\n".join((
+        f"{result.name}: {result.description}, {result.memory_gb:.1f} GB"
+        + (f", {result.threads} threads" if result.threads else ""),
+        f"  bandwidth  read {result.read_gbps:.1f} GB/s (the wall)  copy {result.copy_gbps:.1f} GB/s  "
+        f"triad {result.triad_gbps:.1f} GB/s  "
+        f"({s.array_mib} MiB arrays, best of {s.bandwidth_repeats})",
+        f"  GEMM       {gemm}  (n={s.gemm_n}, median of {s.gemm_repeats})",
+    ))
+
+
+def add_probe_parser(subparsers):
+    p = subparsers.add_parser(
+        "probe", help="measure this machine's bandwidth and GEMM peak",
+        description="Measure read-only and STREAM copy/triad bandwidth and torch.matmul peak per dtype. "
+                    "The measurement is kept for this host: `wallperf run` reuses it for an hour instead of "
+                    "measuring at its start. With --measured-wall it is also written as a hardware profile "
+                    "under $WALLPERF_CACHE/hardware/ that replaces the named profile's figures (a GPU's "
+                    "vendor figures too) for runs on this machine.")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="what to measure (default: the GPU when torch sees one, else the CPU)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats: a smoke test, "
+                   "not figures to rely on")
+    p.add_argument("--measured-wall", action="store_true", help="write the figures as the hardware profile "
+                   "--hardware names, so runs on this machine use them instead of conf/hardware's")
+    p.add_argument("--hardware", help="with --measured-wall: the profile to replace (default: cpu, or "
+                   "local-gpu on a GPU)")
+    return p
+
+
+def cmd_probe(args) -> int:
+    from harness.config import ConfigError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("command line", "--device", "torch sees no GPU here; allowed: auto, cpu")
+    if args.hardware is not None and not args.measured_wall:
+        raise ConfigError("command line", "--hardware", "only used with --measured-wall")
+    if args.hardware is not None:
+        from harness.config import load_hardware_config
+
+        load_hardware_config(args.hardware, "command line", "--hardware")
+    result = probe(args.device, args.quick)
+    if not args.quick:
+        store_host_measurement(result)
+    print(format_result(result))
+    if result.load_average >= BUSY_LOAD_AVERAGE:
+        print(f"wallperf: warning: the load average was {result.load_average:.1f} before probing: other "
+              f"work shared the machine and the figures are likely low; probe again when it is idle",
+              file=sys.stderr)
+    if args.measured_wall:
+        print(f"wallperf: wrote {write_profile(result, name=args.hardware)}", file=sys.stderr)
+    return 0
