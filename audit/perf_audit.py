@@ -9,9 +9,14 @@ reader can see exactly why a figure was flagged. What is flagged:
   such a figure was mismeasured, or the weights never came from memory (a
   model small enough for the caches), or the batch or hardware profile is wrong.
 - error `above_compute_roof`: tokens/s above the compute-bound figure (MFU > 1).
-- error `mbu_above_one`: achieved bandwidth above the profile's peak. It agrees
-  with `above_memory_wall` for records the harness wrote; it is checked on its
-  own because the two figures come from different fields and a hand-edited or
+- error `mbu_above_one`, `decode_mbu_above_one`, `mfu_above_one`: a utilization
+  above 1, over the whole run, over decode alone (one step's bytes per TPOT), or
+  of the compute peak. No figure can pass its roof, so the bandwidth (or peak)
+  figure, its source or the byte count is wrong, and every figure read against
+  them with it: the message names all three, and `wallperf run` marks the
+  record's roofline untrusted (`roofline_trust`). `mbu_above_one` agrees with
+  `above_memory_wall` for records the harness wrote; it is checked on its own
+  because the two figures come from different fields and a hand-edited or
   foreign record can break one and not the other.
 - error `no_scenario`: tokens/s without the scenario that produced it. Offline
   and SingleStream tokens/s differ by the batch, so such a figure means nothing.
@@ -100,13 +105,38 @@ def check_roofline(run: dict) -> list[tuple[Severity, str, str]]:
         found.append(("error", "above_compute_roof",
                       f"{tps:.4g} tokens/s is above the compute roof, {compute:.4g} tokens/s "
                       f"(MFU {_figure(rf.get('mfu'), '.2f')}): impossible at the profile's peak FLOP/s"))
-    mbu = rf.get("mbu")
-    if mbu is not None and mbu > 1:
-        found.append(("error", "mbu_above_one",
-                      f"MBU {mbu:.2f}: achieved {_figure(rf.get('achieved_bandwidth_gbps'))} GB/s "
-                      f"exceeds the peak {_figure(rf.get('peak_bandwidth_gbps'))} GB/s of "
-                      f"{rf.get('hardware', '?')} ({rf.get('hardware_source', 'unknown source')})"))
+    found += [("error", code, message) for code, message in impossible_figures(rf)]
     return found
+
+
+def impossible_figures(rf: dict) -> list[tuple[str, str]]:
+    """(code, message) for each utilization above 1 in a roofline record."""
+    source = rf.get("hardware_source", "unknown source")
+    how = f"; {rf['hardware_how']}" if rf.get("hardware_how") else ""
+    bandwidth = (f"the peak {_figure(rf.get('peak_bandwidth_gbps'))} GB/s of {rf.get('hardware', '?')} "
+                 f"({source}{how}), for {_figure(rf.get('bytes_per_step'), '.4g')} bytes per step at batch "
+                 f"{rf.get('batch', '?')}")
+    found = []
+    for key, code, what, achieved in (("mbu", "mbu_above_one", "MBU", "achieved_bandwidth_gbps"),
+                                      ("decode_mbu", "decode_mbu_above_one", "decode MBU (at TPOT p50)",
+                                       "decode_achieved_bandwidth_gbps")):
+        value = rf.get(key)
+        if value is not None and value > 1:
+            found.append((code, f"{what} {value:.2f}: achieved {_figure(rf.get(achieved))} GB/s exceeds "
+                                f"{bandwidth}: the bandwidth figure or the byte count is wrong"))
+    mfu = rf.get("mfu")
+    if mfu is not None and mfu > 1:
+        found.append(("mfu_above_one", f"MFU {mfu:.2f}: achieved {_figure(rf.get('achieved_tflops'))} TFLOP/s "
+                                       f"exceeds the {rf.get('compute_dtype', '?')} peak of "
+                                       f"{rf.get('hardware', '?')} ({source}{how}): the peak or the FLOP count "
+                                       "is wrong"))
+    return found
+
+
+def roofline_trust(rf: dict) -> dict:
+    """What a run record says of its own roofline: untrusted when any figure is impossible."""
+    reasons = [message for _, message in impossible_figures(rf)]
+    return {"trusted": not reasons, "untrusted_reasons": reasons}
 
 
 def check_scenario(run: dict) -> list[tuple[Severity, str, str]]:

@@ -16,6 +16,7 @@ import argparse
 import base64
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,13 @@ from harness.loadgen.results import write_text_atomic
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MISSING = "n/a"
 PERCENTILES = ("p50", "p90", "p99")
-# Markdown has no escaping for `<`, `>` and `&` but entities, which keep raw HTML out of the rendering;
-# backslash escapes keep table cells whole (`|`) and text free of emphasis and links.
+# Backslash escapes keep table cells whole (`|`) and text free of emphasis and links. Raw HTML can
+# only open at a `<` before a letter, `/`, `!` or `?`, and an entity at `&name;`: those get a backslash
+# too (CommonMark renders `\<` and `\&` as the characters), and every other `<`, `>` and `&` stays as
+# written, so "p99 > limit" reads the same in the file and rendered.
 _MD_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", "`": "\\`", "*": "\\*", "_": "\\_", "~": "\\~",
-                             "[": "\\[", "]": "\\]", "<": "&lt;", ">": "&gt;", "&": "&amp;",
-                             "\n": " ", "\r": " "})
+                             "[": "\\[", "]": "\\]", "\n": " ", "\r": " "})
+_MD_HTML = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?[A-Za-z0-9]+;)")
 # JSON escapes for characters that could end a code block or open a tag; the text still parses the same.
 _JSON_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "`": "\\u0060"})
 
@@ -314,7 +317,9 @@ def report_context(folders: list[RunFolder]) -> dict:
 
 def markdown_text(value) -> str:
     """Every Markdown expression's text: inert in a table cell or a paragraph. `|safe` opts out."""
-    return str(value) if isinstance(value, Markup) else str(value).translate(_MD_ESCAPES)
+    if isinstance(value, Markup):
+        return str(value)
+    return _MD_HTML.sub(lambda m: "\\" + m.group(0), str(value).translate(_MD_ESCAPES))
 
 
 def _environment(markdown: bool) -> jinja2.Environment:

@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded SmolLM2 GGUF and the MMLU file, resolved through
 the project's own artifact cache (downloaded once per cache)."""
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,16 @@ if not torch.cuda.is_available():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: uses the real SmolLM2 model or the full MMLU set")
+    config.addinivalue_line("markers", "triton: runs Triton kernels (skipped when Triton is not installed)")
+
+
+def pytest_unconfigure(config):
+    """Triton's nanobind bindings list hundreds of "leaked" objects when the interpreter
+    exits (its own module state, freed by the exit anyway), burying pytest's summary.
+    The summary is written by then, so the exit's stderr goes to /dev/null."""
+    if "triton" in sys.modules:
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 @pytest.fixture(scope="session")

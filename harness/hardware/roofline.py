@@ -150,6 +150,7 @@ def run_roofline(shape: ModelShape, hardware: HardwareConfig, dtype: str, tokens
         "flops_per_output_token": flops_per_output,
         "achieved_tflops": tokens_per_second * flops_per_output / 1e12,
         "compute_bound_tokens_per_second": compute_bound,
+        "peak_tflops": peak / 1e12,
         "mfu": tokens_per_second * flops_per_output / peak,
         "bound": bound,
         "bound_tokens_per_second": min(memory_bound, compute_bound),

@@ -89,12 +89,16 @@ def build_prompts(questions: list[MMLUQuestion], tokenizer) -> list[np.ndarray]:
     return prompts
 
 
-_LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z'])")
+# "Answer: B", "the answer is (B)", "Correct answer - B.": an explicit statement wins wherever it is.
+_EXPLICIT = re.compile(r"\b(?i:answer)\s*(?:is\s*)?[:\-]?\s*[(\[*]*([ABCD])(?![A-Za-z'])")
+# "B", "B.", "(B)", "B) ...", "**B:** ...": a letter standing alone where the answer starts, followed by
+# ".", ")", ":" or the end of the line. "A whale is ..." is the article, not an answer.
+_LEADING = re.compile(r"\s*[(\[*]*([ABCD])\**(?:[.):\]]|\s*$|\s*\n)")
 
 
 def parse_answer_letter(text: str) -> str | None:
-    """The first standalone A-D in a generated answer ("B", "B.", "(B)", "Answer: B")."""
-    m = _LETTER.search(text)
+    """The answer letter of a generated answer, or None (see _EXPLICIT and _LEADING)."""
+    m = _EXPLICIT.search(text) or _LEADING.match(text)
     return m.group(1) if m else None
 
 

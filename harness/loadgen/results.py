@@ -161,6 +161,22 @@ def decode_roofline(bytes_per_step: float, bandwidth_gbps: float, tpot_ms: dict 
     return out
 
 
+def roofline_summary(rf: dict) -> str:
+    """The bound that applies at the run's batch, and the run's share of it."""
+    mbu = (f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
+           f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
+    mfu = f"MFU {100 * rf['mfu']:.0f}% of {rf['peak_tflops']:.3g} TFLOP/s {rf['compute_dtype']}, prefill counted"
+    if rf.get("bound") == "compute":
+        text = f"compute-bound at batch {rf['batch']}: {mfu}; {mbu}"
+    else:
+        text = f"memory-bound at batch {rf['batch']}: {mbu}"
+    if rf.get("decode_mbu") is not None:
+        text += f"; decode MBU {100 * rf['decode_mbu']:.0f}% at TPOT p50"
+    if rf.get("trusted") is False:
+        text += " ROOFLINE NOT TRUSTED: " + "; ".join(rf["untrusted_reasons"])
+    return text
+
+
 def summary_line(r: dict) -> str:
     m = r["metrics"]
     parts = [f"{r['scenario']} {r['mode']}:"]
@@ -174,11 +190,7 @@ def summary_line(r: dict) -> str:
             if m[name] and m[name]["p99"] is not None:
                 parts.append(f"{name[:4].upper()} p99 {m[name]['p99']:.0f} ms")
         if r.get("roofline"):
-            rf = r["roofline"]
-            parts.append(f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
-                         f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
-            if rf.get("decode_mbu") is not None:
-                parts.append(f"decode MBU {100 * rf['decode_mbu']:.0f}% at TPOT p50")
+            parts.append(roofline_summary(r["roofline"]))
     else:
         mm = r["mmlu"]
         parts.append(f"MMLU {mm['correct']}/{mm['total']}" +

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 
-from audit.perf_audit import Finding, audit_results
+from audit.perf_audit import Finding, audit_results, roofline_trust
 from harness.config import load_hardware_config, load_model_config
 from harness.hardware.roofline import run_roofline
 
@@ -184,3 +184,23 @@ def test_errors_come_first_and_the_input_is_not_changed():
 def test_finding_rejects_an_unknown_severity():
     with pytest.raises(ValueError, match="severity"):
         Finding("fatal", "Server performance", "x", "y")
+
+
+def test_decode_mbu_above_one_names_bandwidth_source_and_bytes():
+    run = performance_run("SingleStream", tokens_per_second=150.0)
+    run["roofline"].update(decode_mbu=1.33, decode_achieved_bandwidth_gbps=4455.0)
+    findings = audit_results(results(run))
+    assert codes(findings) == ["decode_mbu_above_one"] and findings[0].severity == "error"
+    message = findings[0].message
+    assert "decode MBU (at TPOT p50) 1.33" in message and "4455 GB/s" in message
+    assert "3350 GB/s" in message and "conf/hardware/h100-sxm.yaml" in message
+    assert f"{run['roofline']['bytes_per_step']:.4g} bytes per step" in message
+
+
+def test_mfu_above_one_is_an_error_and_the_roofline_untrusted():
+    run = performance_run("Offline", tokens_per_second=1000.0, batch=8)
+    assert roofline_trust(run["roofline"]) == {"trusted": True, "untrusted_reasons": []}
+    run["roofline"]["mfu"] = 1.2
+    assert codes(audit_results(results(run))) == ["mfu_above_one"]
+    trust = roofline_trust(run["roofline"])
+    assert trust["trusted"] is False and "MFU 1.20" in trust["untrusted_reasons"][0]

@@ -4,16 +4,23 @@ visible, otherwise on the CPU under Triton's interpreter (TRITON_INTERPRET=1).
 TRITON_INTERPRET must be set before anything imports triton or a kernel file, because
 `kernels._triton` decides once, at import, whether Triton is loaded; the root
 conftest does that for the whole session.
+
+Modules that run Triton kernels say so with `pytestmark = pytest.mark.triton`; without
+Triton only they are skipped, and the compiled CPU kernels' tests still run.
 """
 import pytest
 import torch
 
 from kernels import _triton
 
-# tests/conftest.py sets TRITON_INTERPRET=1 on a CPU-only machine before anything
-# imports `kernels`, so the kernels are loaded and run under the interpreter here.
-if not _triton.AVAILABLE:
-    pytest.skip("Triton is not installed: pip install -e '.[test]'", allow_module_level=True)
+
+def pytest_collection_modifyitems(config, items):
+    if _triton.AVAILABLE:
+        return
+    skip = pytest.mark.skip(reason="Triton is not installed: pip install -e '.[test]'")
+    for item in items:
+        if item.get_closest_marker("triton"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ ROUTES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name, module, launcher, reference, num_args", ROUTES)
 @pytest.mark.parametrize("mode, expected", [("triton", "triton"), ("auto", "reference")])
 def test_routes_cpu_tensors(name, module, launcher, reference, num_args, mode, expected, monkeypatch):
@@ -69,6 +70,7 @@ def test_routes_cpu_tensors(name, module, launcher, reference, num_args, mode, e
     assert getattr(dispatch, name)(*[torch.zeros(2, 2)] * num_args) == expected
 
 
+@pytest.mark.triton
 def test_w8a8_route(monkeypatch):
     monkeypatch.setattr(_triton, "MODE", "triton")
     monkeypatch.setattr(fp8_gemm, "fp8_gemm_w8a8", lambda *args: "w8a8")

@@ -18,7 +18,7 @@ import torch
 
 from kernels._triton import INTERPRETED, tl, triton
 
-pytestmark = pytest.mark.skipif(not INTERPRETED, reason="checks Triton's CPU interpreter")
+pytestmark = [pytest.mark.triton, pytest.mark.skipif(not INTERPRETED, reason="checks Triton's CPU interpreter")]
 
 
 @triton.jit

@@ -5,6 +5,8 @@ import torch
 
 from kernels.moe import fused_moe, fused_moe_ref, moe_align_block_size
 
+pytestmark = pytest.mark.triton
+
 # Under the interpreter, bf16 tiles go through tl.dot as fp32 (Triton 3.9's interpreter
 # returns garbage for a bf16 dot; see test_interpreter_gaps.py): the bf16 cases check
 # loads, masks and indexing, not the bf16 dot itself, which only a GPU run checks.

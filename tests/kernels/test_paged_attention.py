@@ -7,6 +7,8 @@ import torch
 
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
+pytestmark = pytest.mark.triton
+
 # Under the interpreter, bf16 tiles go through tl.dot as fp32 (Triton 3.9's interpreter
 # returns garbage for a bf16 dot; see test_interpreter_gaps.py): the bf16 cases check
 # loads, masks and indexing, not the bf16 dot itself, which only a GPU run checks.

@@ -4,6 +4,8 @@ import torch
 
 from kernels.rmsnorm import rms_norm, rms_norm_ref
 
+pytestmark = pytest.mark.triton
+
 # bf16: the interpreter truncates fp32 -> bf16 casts where a GPU rounds to nearest, so
 # each of the two roundings may be one bf16 ulp (2^-7 relative) off the reference's.
 TOL = {

@@ -4,6 +4,8 @@ import torch
 
 from kernels.rope import rope, rope_ref
 
+pytestmark = pytest.mark.triton
+
 # bf16: the interpreter truncates the final fp32 -> bf16 cast (a GPU rounds to nearest).
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
