@@ -8,6 +8,12 @@ LoadGen's verdict. Every figure is read from results.json as `wallperf run`
 wrote it; only the ratio is computed here. Accuracy runs get a second, small
 table (MMLU).
 
+A ratio says little about the faster system when its baseline runs far below
+its own wall: every ratio whose reference run is memory-bound with decode MBU
+under 50% (whole-run MBU where LoadGen measured no TPOT), or compute-bound with
+MFU under 30%, is marked as measured against an unoptimized baseline (`*` in
+the tables, `weak_baseline` and `baseline_note` in the JSON).
+
 Records of a `--find-peak` search are tries at different loads, not results of
 their own: each search's peak (its highest VALID try) is shown, marked with its
 QPS, and the other tries are left out and counted.
@@ -24,6 +30,9 @@ from harness.config import ConfigError
 MISSING = "–"
 SCENARIO_ORDER = ("Offline", "Server", "Interactive", "SingleStream", "MultiStream")
 VS = ("best", "first")
+# Below these a baseline is far from its own wall (see the module docstring).
+WEAK_DECODE_MBU = 0.5
+WEAK_MFU = 0.3
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,11 @@ def record_row(run_dir: RunDir, record: dict, find_peak_qps=None) -> dict:
         "tpot_p99_ms": _p99(m, "tpot_ms"),
         "mbu": _number(rf.get("mbu")),
         "decode_mbu": _number(rf.get("decode_mbu")),
+        "mfu": _number(rf.get("mfu")),
+        "bound": "compute" if rf.get("bound") == "compute" else "memory",
         "memory_wall_tokens_per_second": _number(rf.get("memory_wall_tokens_per_second")),
+        "weak_baseline": False,
+        "baseline_note": None,
         "valid": valid if isinstance(valid, bool) else None,
         "invalid_reasons": [str(r) for r in reasons] if isinstance(reasons, list) else [],
         "find_peak_qps": find_peak_qps,
@@ -161,15 +174,34 @@ def compare(run_dirs: list[RunDir], vs: str = "best") -> tuple[list[dict], list[
         rows = groups[scenario]
         figures = [r["tokens_per_second"] for r in rows if r["tokens_per_second"] is not None]
         reference = max(figures, default=None) if vs == "best" else rows[0]["tokens_per_second"]
+        reference_row = next((r for r in rows if r["tokens_per_second"] == reference), None)
+        weakness = None if reference_row is None else baseline_weakness(reference_row)
         for r in rows:
             r["ratio_to"] = vs
             if r["tokens_per_second"] is not None and reference:
                 r["ratio"] = r["tokens_per_second"] / reference
+                if weakness and r is not reference_row:
+                    r["weak_baseline"] = True
+                    r["baseline_note"] = (f"measured against an unoptimized baseline: {_run(reference_row)} "
+                                          f"{weakness}")
         if vs == "best":
             rows = sorted(rows, key=lambda r: (r["tokens_per_second"] is None, -(r["tokens_per_second"] or 0)))
         ordered += rows
     accuracy.sort(key=lambda r: _scenario_key(r["scenario"]))
     return ordered, accuracy, left_out
+
+
+def baseline_weakness(row: dict) -> str | None:
+    """Why a run is too far from its own wall to be a baseline worth beating, or None."""
+    if row["bound"] == "compute":
+        mfu = row["mfu"]
+        if mfu is not None and mfu < WEAK_MFU:
+            return f"is compute-bound at MFU {100 * mfu:.0f}% (< {100 * WEAK_MFU:.0f}%)"
+        return None
+    mbu, what = (row["decode_mbu"], "decode MBU") if row["decode_mbu"] is not None else (row["mbu"], "MBU")
+    if mbu is not None and mbu < WEAK_DECODE_MBU:
+        return f"runs at {what} {100 * mbu:.0f}% of its memory wall (< {100 * WEAK_DECODE_MBU:.0f}%)"
+    return None
 
 
 # -- rendering ---------------------------------------------------------------
@@ -184,8 +216,9 @@ def _percent(fraction) -> str:
     return MISSING if fraction is None else f"{100 * fraction:.1f}%"
 
 
-def _ratio(value) -> str:
-    return MISSING if value is None else f"{value:.2f}x"
+def _ratio(row: dict) -> str:
+    value = row["ratio"]
+    return MISSING if value is None else f"{value:.2f}x" + ("*" if row["weak_baseline"] else "")
 
 
 def _format(row: dict) -> str:
@@ -213,7 +246,7 @@ def _performance_columns(vs: str, with_model: bool) -> list:
             *([("model", lambda r: _cell(r, "model"), False)] if with_model else []),
             ("backend", lambda r: _cell(r, "backend"), False), ("hardware", lambda r: _cell(r, "hardware"), False),
             ("format", _format, False), ("tokens/s", lambda r: _figure(r["tokens_per_second"]), True),
-            (f"x {vs}", lambda r: _ratio(r["ratio"]), True),
+            (f"x {vs}", _ratio, True),
             ("samples/s", lambda r: _figure(r["samples_per_second"]), True),
             ("TTFT p99 ms", lambda r: _figure(r["ttft_p99_ms"]), True),
             ("TPOT p99 ms", lambda r: _figure(r["tpot_p99_ms"]), True),
@@ -244,7 +277,7 @@ def format_text(rows: list[dict], columns: list) -> str:
     return "\n".join([line([h for h, _, _ in columns]), rule, *(line(c) for c in cells)])
 
 
-_MD_ESCAPES = str.maketrans({"|": "\\|", "\\": "\\\\", "\n": " ", "\r": " "})
+_MD_ESCAPES = str.maketrans({"|": "\\|", "\\": "\\\\", "*": "\\*", "\n": " ", "\r": " "})
 
 
 def format_markdown(rows: list[dict], columns: list) -> str:
@@ -265,6 +298,8 @@ def render(performance: list[dict], accuracy: list[dict], left_out: int, vs: str
              "", f"x {vs}: tokens/s over {reference}. MBU: achieved memory bandwidth over the hardware's "
              f"peak (closest to the memory wall = highest), over the whole run (prefill included); decode MBU: "
              f"one decode step's bytes per TPOT p50, decode alone."]
+    notes = sorted({r["baseline_note"] for r in performance if r["weak_baseline"]})
+    parts += [f"* {note}: the ratio says little about the faster system." for note in notes]
     if left_out:
         parts.append(f"{left_out} find-peak tries left out; each search's peak is shown, marked with its QPS.")
     if accuracy:

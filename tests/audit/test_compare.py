@@ -207,3 +207,43 @@ def test_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", "x", "--json", "--markdown"])
     assert e.value.code == 2
+
+
+def test_ratios_against_a_weak_baseline_are_marked(tmp_path, capsys):
+    # Baseline: memory-bound at decode MBU 2 x 0.1 = 20% (< 50%); the other one at 2 x 0.4 = 80%.
+    weak = write(tmp_path, "weak", [perf("SingleStream", 50.0, tpot=10.0, mbu=0.1)])
+    strong = write(tmp_path, "strong", [perf("SingleStream", 150.0, tpot=10.0, mbu=0.4)])
+    assert main(["compare", str(weak), str(strong), "--vs", "first", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["run"].rsplit("/", 1)[-1], r["ratio"], r["weak_baseline"]) for r in rows] == [
+        ("weak", 1.0, False), ("strong", 3.0, True)]
+    assert "decode MBU 20% of its memory wall" in rows[1]["baseline_note"]
+    assert main(["compare", str(weak), str(strong), "--vs", "first"]) == 0
+    text = capsys.readouterr().out
+    assert "3.00x*" in text and "* measured against an unoptimized baseline" in text
+    assert main(["compare", str(weak), str(strong), "--vs", "first", "--markdown"]) == 0
+    markdown = capsys.readouterr().out
+    assert "| 3.00x\\* |" in markdown and "\n* measured against an unoptimized baseline" in markdown
+
+
+def test_a_baseline_near_its_wall_is_not_marked(tmp_path, capsys):
+    strong = write(tmp_path, "strong", [perf("SingleStream", 150.0, tpot=10.0, mbu=0.4)])
+    weak = write(tmp_path, "weak", [perf("SingleStream", 50.0, tpot=10.0, mbu=0.1)])
+    assert main(["compare", str(strong), str(weak), "--vs", "first", "--json"]) == 0
+    assert [r["weak_baseline"] for r in json.loads(capsys.readouterr().out)] == [False, False]
+
+
+def test_a_compute_bound_baseline_is_judged_by_mfu(tmp_path, capsys):
+    def offline(tps, mfu):
+        run = perf("Offline", tps, mbu=0.05)
+        run["roofline"].update(bound="compute", mfu=mfu)
+        return run
+
+    base = write(tmp_path, "base", [offline(100.0, 0.2)])
+    other = write(tmp_path, "other", [offline(200.0, 0.4)])
+    assert main(["compare", str(base), str(other), "--vs", "first", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[1]["weak_baseline"] and "compute-bound at MFU 20%" in rows[1]["baseline_note"]
+    good = write(tmp_path, "good", [offline(100.0, 0.35)])
+    assert main(["compare", str(good), str(other), "--vs", "first", "--json"]) == 0
+    assert not any(r["weak_baseline"] for r in json.loads(capsys.readouterr().out))
