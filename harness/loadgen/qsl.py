@@ -91,15 +91,15 @@ def build_prompts(questions: list[MMLUQuestion], tokenizer) -> list[np.ndarray]:
 
 # "Answer: B", "the answer is (B)", "Correct answer - B.": an explicit statement wins wherever it is.
 _EXPLICIT = re.compile(r"\b(?i:answer)\s*(?:is\s*)?[:\-]?\s*[(\[*]*([ABCD])(?![A-Za-z'])")
-# "B", "B.", "(B)", "B) ...", "**B:** ...": a letter standing alone where the answer starts, followed by
-# ".", ")", ":" or the end of the line. "A whale is ..." is the article, not an answer.
-_LEADING = re.compile(r"\s*[(\[*]*([ABCD])\**(?:[.):\]]|\s*$|\s*\n)")
+# "B", "B.", "(B)", "B) ...", "**B:** ...", "**B** ...": a letter standing alone where the answer starts,
+# followed by ".", ")", ":" or the end of the line, or set in bold. "A whale is ..." is the article.
+_LEADING = re.compile(r"\s*(?:\*\*([ABCD])\*\*|[(\[*]*([ABCD])\**(?:[.):\]]|\s*$|\s*\n))")
 
 
 def parse_answer_letter(text: str) -> str | None:
     """The answer letter of a generated answer, or None (see _EXPLICIT and _LEADING)."""
     m = _EXPLICIT.search(text) or _LEADING.match(text)
-    return m.group(1) if m else None
+    return m.group(m.lastindex) if m else None
 
 
 class LoadGenQSL:
