@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", type=canonical_dtype, choices=DTYPES, help="auto (default: fp8 weights where the "
                    "hardware has fp8 math, else the published format), or force one (bf16, fp16 and fp32 name "
                    "bfloat16, float16 and float32); fp8 without fp8 math is emulated")
+    r.add_argument("--no-calibrate", action="store_true", help="keep the YAML's load settings (Offline's "
+                   "expected QPS, Server's target QPS, SingleStream's expected latency, query counts) instead "
+                   "of choosing them from a short calibration on this machine; --duration, --target-qps, "
+                   "--min-queries, --user-conf and --find-peak keep them too")
     r.add_argument("--wall-from-profile", action="store_true", help="set every figure against the hardware "
                    "profile's bandwidth and peaks as written, instead of measuring this machine (a CPU) or "
                    "reusing its measurement from the last hour")
@@ -173,7 +177,9 @@ def cmd_run(args) -> int:
                           "mlperf.conf again, which LoadGen marks as not valid for submission")
     opts = RunOptions(out, args.user_conf, progress=not args.no_progress, find_peak=args.find_peak,
                       peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs,
-                      wall_from_profile=args.wall_from_profile)
+                      wall_from_profile=args.wall_from_profile,
+                      calibrate=not (args.no_calibrate or args.find_peak or args.user_conf or any(
+                          v is not None for v in (args.duration, args.target_qps, args.min_queries))))
     results = (run_tp_benchmark if resolved.run.tp > 1 else run_benchmark)(resolved, opts)
     print(json.dumps({"results": str(out / "results.json"), "wall_time_s": results["wall_time_s"]}))
     return 0

@@ -17,6 +17,8 @@ class RunOptions:
     peak_range: tuple = (0.1, 10.0)
     peak_tolerance: float = 0.1
     peak_max_runs: int = 8
+    # Choose the performance tests' load settings from a short run on this machine (harness.driver.calibrate).
+    calibrate: bool = False
     # Take the hardware profile's figures as written instead of measuring this machine.
     wall_from_profile: bool = False
     # The figures the run is set against, once the run has resolved them (harness.hardware.wall).

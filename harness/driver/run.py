@@ -20,6 +20,7 @@ from audit.perf_audit import roofline_trust
 from audit.report import write_run_reports
 from harness.artifacts import resolve_dataset_file
 from harness.config import ResolvedRun, ScenarioConfig, folder_inside
+from harness.driver.calibrate import calibrated_run
 from harness.driver.find_peak import find_peak, format_curve, try_log_dir
 from harness.driver.model import choose_device, load_for_run, model_shape
 from harness.driver.options import RunOptions
@@ -89,6 +90,9 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) 
     max_seq_len = max(lengths) + longest_output
     say(f"{len(prompts)} MMLU prompts, {min(lengths)}-{max(lengths)} tokens; output dir {opts.out_dir}")
     _freeze_heap()
+    resolved, calibration = calibrated_run(
+        resolved, opts, lambda batch: create(run.backend, loaded, max_batch=batch, max_seq_len=max_seq_len,
+                                             openai=run.openai), prompts, sampling_params("performance", dataset))
 
     results = {
         "wallperf_version": wallperf_version(),
@@ -100,6 +104,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) 
                    "ignore_eos_in_performance": dataset.performance_output_tokens is not None},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "hardware_wall": opts.wall.to_dict(),
+        "calibration": calibration.to_dict() if calibration else None,
         "complete": False,
         "runs": [],
     }

@@ -1,0 +1,142 @@
+"""The calibration on machines from half to four times as fast as the one its constants
+were chosen on, played by a fake backend slowed down or sped up.
+
+The fake decodes one token per running request per step; a step over a batch of b
+takes (STEP_S + PER_ROW_S * b) / speed, so at speed 1 one request decodes at ~5.3 ms
+per token like SmolLM2 on a 2-core VM. First with a virtual clock, against
+LoadGen's rules restated here (Offline must outlast min_duration, SingleStream needs
+64 queries and Server ~460 for early stopping) and the 10-minute budget; then under
+real LoadGen at 1/40 of the time scale (steps and min_duration), where every
+performance test must come out VALID. The latency limits keep their real values
+there: scaled down too, a 100 ms stall of a shared machine would decide the verdict.
+"""
+import dataclasses
+import json
+
+import mlperf_loadgen as lg
+import numpy as np
+import pytest
+
+from harness.config import load_scenario_config
+from harness.driver import calibrate as calibrate_module
+from harness.driver.calibrate import calibrate
+from harness.loadgen.qsl import LoadGenQSL
+from harness.loadgen.settings import build_test_settings, log_settings
+from sut.adapter import LoadGenSUT
+from sut.engine import SamplingParams, TokenEvent
+from sut.queues import queue_for
+
+STEP_S, PER_ROW_S = 0.0048, 0.0005
+TOKENS = 64
+PARAMS = SamplingParams(max_new_tokens=TOKENS, min_new_tokens=TOKENS, ignore_eos=True)
+PROMPTS = [np.arange(1, 120 + i, dtype=np.int32) for i in range(57)]
+# What early stopping needs, at the least (LoadGen's messages: 64 queries for SingleStream's 90th
+# percentile; about 460 with none over the limits for Server's 99th).
+EARLY_STOPPING = {"SingleStream": 64, "Server": 460}
+# The default run's 57 accuracy samples, the model load and the wall measurement come on top.
+OTHER_WORK_S = 120.0
+
+
+class FakeBackend:
+    """One token per running request per step; `clock` advances by the step's time (or sleeps)."""
+
+    def __init__(self, max_batch, speed, clock=None, scale=1.0):
+        self.max_batch, self.speed, self.clock, self.scale = max_batch, speed, clock, scale
+        self.running = {}
+
+    @property
+    def free_slots(self):
+        return self.max_batch - len(self.running)
+
+    def has_unfinished(self):
+        return bool(self.running)
+
+    def add_request(self, request_id, prompt_ids, params):
+        self.running[request_id] = [params.max_new_tokens, 0]
+
+    def step(self):
+        seconds = (STEP_S + PER_ROW_S * len(self.running)) / self.speed * self.scale
+        if self.clock is not None:
+            self.clock[0] += seconds
+        else:
+            import time
+
+            time.sleep(seconds)
+        events = []
+        for rid, state in list(self.running.items()):
+            state[1] += 1
+            events.append(TokenEvent(rid, 7, state[1], state[1] == state[0]))
+            if state[1] == state[0]:
+                del self.running[rid]
+        return events
+
+
+def default_scenarios():
+    return [load_scenario_config(name) for name in ("Offline", "Server", "SingleStream")]
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.0, 2.0, 4.0])
+def test_settings_meet_loadgens_rules_within_the_budget(speed, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(calibrate_module.time, "perf_counter", lambda: clock[0])
+    cal = calibrate(default_scenarios(), lambda b: FakeBackend(b, speed, clock), PROMPTS, PARAMS)
+    by_name = {sc.name: sc for sc in cal.scenarios}
+    m = cal.measurement
+    # The fake's own speeds, by hand: one request takes 64 steps of (STEP_S + PER_ROW_S) / speed.
+    assert m.single_stream_latency_s == pytest.approx(TOKENS * (STEP_S + PER_ROW_S) / speed)
+    offline_rate = 32 / (TOKENS * (STEP_S + 32 * PER_ROW_S) / speed)
+    server_rate = 16 / (TOKENS * (STEP_S + 16 * PER_ROW_S) / speed)
+    assert m.throughput == {16: pytest.approx(server_rate), 32: pytest.approx(offline_rate)}
+
+    offline = by_name["Offline"]
+    # LoadGen issues expected QPS x min_duration samples: a machine 30% faster than measured still
+    # takes longer than min_duration to finish them.
+    assert offline.offline_expected_qps * offline.min_duration_s / (1.3 * offline_rate) > offline.min_duration_s
+    single = by_name["SingleStream"]
+    assert single.min_query_count >= EARLY_STOPPING["SingleStream"]
+    assert single.expected_latency_ms == pytest.approx(1e3 * m.single_stream_latency_s, rel=1e-3)
+    server = by_name["Server"]
+    assert server.min_query_count >= EARLY_STOPPING["Server"]
+    assert server.target_qps <= 0.85 * server_rate  # load the latency limits can bear
+    durations = {
+        "Offline": 1.1 * offline.offline_expected_qps * offline.min_duration_s / offline_rate,
+        "SingleStream": max(single.min_duration_s, single.min_query_count * m.single_stream_latency_s),
+        "Server": max(server.min_duration_s, server.min_query_count / server.target_qps),
+    }
+    assert cal.predicted_s == pytest.approx(durations, rel=1e-2)
+    assert sum(durations.values()) + m.seconds + OTHER_WORK_S <= 600
+
+
+def _detail(log_dir) -> dict:
+    values = {}
+    for line in (log_dir / "mlperf_log_detail.txt").read_text().splitlines():
+        if line.startswith(":::MLLOG "):
+            entry = json.loads(line[len(":::MLLOG "):])
+            values[entry["key"]] = entry["value"]
+    return values
+
+
+@pytest.mark.parametrize("speed", [0.5, 4.0])
+def test_calibrated_tests_are_valid_under_loadgen(speed, tmp_path):
+    scale = 1 / 40  # the fake's steps and the tests' min_duration
+
+    def scaled(sc):
+        return dataclasses.replace(sc, min_duration_s=sc.min_duration_s * scale)
+
+    def make(batch):
+        return FakeBackend(batch, speed, scale=scale)
+
+    cal = calibrate([scaled(sc) for sc in default_scenarios()], make, PROMPTS, PARAMS)
+    for sc in cal.scenarios:
+        log_dir = tmp_path / sc.name
+        log_dir.mkdir()
+        settings = build_test_settings(sc, "performance", "llama3_1-8b", len(PROMPTS))
+        backend = make(1 if sc.name == "SingleStream" else sc.max_batch)
+        with LoadGenQSL(len(PROMPTS), len(PROMPTS)) as qsl, \
+                LoadGenSUT(backend, queue_for(sc.name, [len(p) for p in PROMPTS]), PROMPTS, PARAMS,
+                           report_first_token=sc.name != "Offline") as sut:
+            sut.run_test(lambda: lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings,
+                                                             log_settings(log_dir)))
+        detail = _detail(log_dir)
+        assert detail["result_validity"] == "VALID", (sc.name, speed, {k: v for k, v in detail.items()
+                                                                        if "met" in k or "early" in k})
