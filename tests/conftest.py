@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded SmolLM2 GGUF and the MMLU file, resolved through
 the project's own artifact cache (downloaded once per cache)."""
+import atexit
 import os
 import sys
 
@@ -22,10 +23,15 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     """Triton's nanobind bindings list hundreds of "leaked" objects when the interpreter
     exits (its own module state, freed by the exit anyway), burying pytest's summary.
-    The summary is written by then, so the exit's stderr goes to /dev/null."""
+    They are written after every atexit handler, so the last one sends stderr to
+    /dev/null; pytest has written everything by then and restored its descriptors."""
     if "triton" in sys.modules:
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        atexit.register(_silence_stderr)
+
+
+def _silence_stderr() -> None:
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 @pytest.fixture(scope="session")

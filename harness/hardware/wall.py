@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from harness.config import HardwareConfig, build, read_yaml
 from harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe, write_text_atomic
 
@@ -74,7 +76,7 @@ def host_measurement_path() -> Path:
 def store_host_measurement(result: ProbeResult) -> Path:
     """Keep a CPU measurement for runs on this host in the next hour."""
     path = host_measurement_path()
-    record = {"host": host_id(), "measured_at": result.measured_at, "how": result.method,
+    record = {"host": host_id(), "threads": result.threads, "measured_at": result.measured_at, "how": result.method,
               "read_gbps": result.read_gbps, "copy_gbps": result.copy_gbps, "triad_gbps": result.triad_gbps,
               "peak_tflops": result.peak_tflops, "load_average": result.load_average}
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
@@ -82,11 +84,14 @@ def store_host_measurement(result: ProbeResult) -> Path:
 
 
 def recent_host_measurement(max_age_s: float = MAX_AGE_S) -> dict | None:
-    """This host's stored measurement, if it is under `max_age_s` old."""
+    """This host's stored measurement, if it is under `max_age_s` old and was taken on as
+    many torch threads as this process runs (a measurement on one thread halves a 2-core
+    machine's figures)."""
     path = host_measurement_path()
     try:
         record = json.loads(path.read_text())
-        fresh = record["host"] == host_id() and 0 <= time.time() - float(record["measured_at"]) < max_age_s
+        fresh = (record["host"] == host_id() and record["threads"] == torch.get_num_threads()
+                 and 0 <= time.time() - float(record["measured_at"]) < max_age_s)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record if fresh else None

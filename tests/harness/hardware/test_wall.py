@@ -55,12 +55,15 @@ def test_cpu_is_measured_then_reused_for_an_hour(probes):
     assert len(probes) == 2
 
 
-def test_another_host_measures_again(probes, monkeypatch):
+def test_another_host_or_thread_count_measures_again(probes, monkeypatch):
     cpu = load_hardware_config("cpu")
     run_wall(cpu)
     monkeypatch.setattr(wall_module, "host_id", lambda: "another-host")
     run_wall(cpu)
     assert len(probes) == 2
+    monkeypatch.setattr(wall_module.torch, "get_num_threads", lambda: 1)  # the fake measured on 2
+    run_wall(cpu)
+    assert len(probes) == 3
 
 
 def test_wall_from_profile_does_not_measure(probes):
