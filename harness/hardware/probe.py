@@ -8,8 +8,10 @@ profile (the schema of conf/hardware) under $WALLPERF_CACHE/hardware/, which
 then replaces the named profile's figures for runs on this machine (a GPU's
 vendor figure included).
 
-- Bandwidth: a read-only streaming kernel (the sum of one array: decode reads
-  its weights and writes next to nothing), and for reference STREAM's copy
+- Bandwidth: read-only streaming kernels, as decode reads its weights and
+  writes next to nothing: the sum of one array, and on a CPU the compiled bf16
+  GEMV the engine decodes with (kernels/cpu_linear.py) at batch 1 over a
+  matrix of that size; the better of the two. For reference, STREAM's copy
   (a = b) and triad (a = b + s*c), on arrays far larger than the last-level
   cache, best of N as STREAM reports it, bytes counted as STREAM does (1, 2
   and 3 arrays moved; write-allocate traffic not counted). torch runs them on
@@ -88,7 +90,7 @@ class ProbeResult:
         """How the figures were measured, in one line."""
         s = self.settings
         threads = f", {self.threads} threads" if self.threads else ""
-        return (f"wallperf probe, torch {torch.__version__}{threads}: read-only sum {self.read_gbps:.1f} GB/s, "
+        return (f"wallperf probe, torch {torch.__version__}{threads}: read-only {self.read_gbps:.1f} GB/s, "
                 f"STREAM copy {self.copy_gbps:.1f} GB/s and triad {self.triad_gbps:.1f} GB/s over "
                 f"{s.array_mib} MiB arrays (best of {s.bandwidth_repeats}); torch.matmul n={s.gemm_n}, "
                 f"median of {s.gemm_repeats}; load average {self.load_average:.1f} before")
@@ -127,9 +129,19 @@ def _timings(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[fl
 
 
 def read_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
-    """GB/s of a read-only pass (torch.sum) over a float32 array of `array_mib` MiB, best of `repeats`."""
+    """GB/s of the faster read-only pass over `array_mib` MiB, best of `repeats` each:
+    torch.sum of a float32 array, and on a CPU with the compiled kernel a bf16 GEMV."""
     a = torch.full((array_mib * MIB // 4,), 1.0, device=device)
-    return a.numel() * 4 / min(_timings(lambda: torch.sum(a), device, repeats)) / 1e9
+    best = a.numel() * 4 / min(_timings(lambda: torch.sum(a), device, repeats)) / 1e9
+    del a
+    from kernels.cpu_linear import cpu_linear, cpu_linear_available
+
+    if device.type == "cpu" and cpu_linear_available():
+        cols = 4096
+        w = torch.full((array_mib * MIB // 2 // cols, cols), 0.5, dtype=torch.bfloat16)
+        x = torch.ones(1, cols, dtype=torch.bfloat16)
+        best = max(best, w.numel() * 2 / min(_timings(lambda: cpu_linear(x, w), device, repeats)) / 1e9)
+    return best
 
 
 def stream_bandwidth(device: torch.device, array_mib: int, repeats: int) -> tuple[float, float]:
