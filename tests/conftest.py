@@ -3,6 +3,7 @@ the project's own artifact cache (downloaded once per cache)."""
 import atexit
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -59,3 +60,52 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class StepBackend:
+    """A stand-in for an engine behind the LoadGen adapter: each step emits one token
+    for every running request and takes `step_seconds(batch)` (slept, or added to
+    `clock[0]` when a clock is given). A request's length and tokens come from
+    `length(prompt, params)` and `token(prompt, index)`; `emitted` counts what each
+    request has had so far."""
+
+    def __init__(self, max_batch, step_seconds=lambda batch: 0.0, clock=None,
+                 length=lambda prompt, params: params.max_new_tokens, token=lambda prompt, index: 100 + index):
+        self.max_batch, self.step_seconds, self.clock = max_batch, step_seconds, clock
+        self.length, self.token = length, token
+        self.running: dict[int, tuple] = {}
+        self.emitted: dict[int, int] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    def add_request(self, request_id, prompt_ids, params) -> None:
+        self.running[request_id] = (prompt_ids, self.length(prompt_ids, params))
+        self.emitted[request_id] = 0
+
+    def step(self):
+        from sut.engine import TokenEvent
+
+        seconds = self.step_seconds(len(self.running))
+        if self.clock is not None:
+            self.clock[0] += seconds
+        elif seconds:
+            time.sleep(seconds)
+        events = []
+        for rid, (prompt, n) in list(self.running.items()):
+            self.emitted[rid] += 1
+            k = self.emitted[rid]
+            events.append(TokenEvent(rid, self.token(prompt, k), k, k == n))
+            if k == n:
+                del self.running[rid]
+        return events
+
+
+@pytest.fixture(scope="session")
+def step_backend():
+    """The StepBackend class (tests may not import conftest)."""
+    return StepBackend

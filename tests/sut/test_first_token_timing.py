@@ -2,9 +2,9 @@
 step that produced the first token, long before the request finishes, and LoadGen's
 own detail log then shows a TTFT median below the latency median.
 
-A spy backend takes STEP_S per step and emits one token per running request, so a
-request of N tokens takes N steps; it records what each request has emitted, and the
-LoadGen calls are wrapped to note when each was made. An adapter that reported the
+A spy backend (conftest's StepBackend) takes STEP_S per step and emits one token per
+running request, so a request of N tokens takes N steps; it records what each request
+has emitted, and the LoadGen calls are wrapped to note when each was made. An adapter that reported the
 first token only at completion (TTFT = the whole latency) fails both tests.
 """
 import json
@@ -17,47 +17,17 @@ import pytest
 from harness.loadgen.qsl import LoadGenQSL
 from harness.loadgen.settings import log_settings
 from sut.adapter import LoadGenSUT
-from sut.engine import SamplingParams, TokenEvent
+from sut.engine import SamplingParams
 from sut.queues import queue_for
 
 STEP_S = 0.01
 TOKENS = 8
 
 
-class SpyBackend:
-    """One token per running request per step, STEP_S per step; counts what it emitted."""
-
-    def __init__(self, max_batch: int):
-        self.max_batch, self.running = max_batch, {}
-        self.emitted: dict[int, int] = {}
-
-    @property
-    def free_slots(self):
-        return self.max_batch - len(self.running)
-
-    def has_unfinished(self):
-        return bool(self.running)
-
-    def add_request(self, request_id, prompt_ids, params):
-        self.running[request_id] = params.max_new_tokens
-        self.emitted[request_id] = 0
-
-    def step(self):
-        time.sleep(STEP_S)
-        events = []
-        for rid, n in list(self.running.items()):
-            self.emitted[rid] += 1
-            done = self.emitted[rid] >= n
-            events.append(TokenEvent(rid, 100 + self.emitted[rid], self.emitted[rid], done))
-            if done:
-                del self.running[rid]
-        return events
-
-
 class Calls(list):
     """(kind, time, query id, tokens the backend had emitted for it) of every response sent."""
 
-    backend: SpyBackend | None = None
+    backend = None
 
 
 @pytest.fixture
@@ -77,9 +47,9 @@ def calls(monkeypatch) -> Calls:
     return log
 
 
-def run_server(tmp_path, calls: Calls, n: int = 16) -> None:
+def run_server(tmp_path, calls: Calls, step_backend, n: int = 16) -> None:
     """A real LoadGen Server test (token latencies) over the spy backend."""
-    calls.backend = SpyBackend(max_batch=4)
+    calls.backend = step_backend(max_batch=4, step_seconds=lambda batch: STEP_S)
     prompts = [np.array([i + 1], dtype=np.int32) for i in range(n)]
     settings = lg.TestSettings()
     settings.scenario = lg.TestScenario.Server
@@ -106,8 +76,8 @@ def _detail(tmp_path) -> dict:
     return values
 
 
-def test_first_token_is_sent_at_the_first_token(tmp_path, calls):
-    run_server(tmp_path, calls)
+def test_first_token_is_sent_at_the_first_token(tmp_path, calls, step_backend):
+    run_server(tmp_path, calls, step_backend)
     first = {qid: (t, emitted) for kind, t, qid, emitted in calls if kind == "first"}
     complete = {qid: (t, emitted) for kind, t, qid, emitted in calls if kind == "complete"}
     assert complete and first.keys() == complete.keys()
@@ -120,8 +90,8 @@ def test_first_token_is_sent_at_the_first_token(tmp_path, calls):
         assert t_done - t_first >= (TOKENS - 1) * STEP_S * 0.9
 
 
-def test_detail_log_ttft_median_is_below_the_latency_median(tmp_path, calls):
-    run_server(tmp_path, calls)
+def test_detail_log_ttft_median_is_below_the_latency_median(tmp_path, calls, step_backend):
+    run_server(tmp_path, calls, step_backend)
     detail = _detail(tmp_path)
     ttft_p50 = detail["result_first_token_50.00_percentile_latency_ns"]
     latency_p50 = detail["result_50.00_percentile_latency_ns"]

@@ -12,7 +12,7 @@ from harness.loadgen.qsl import LoadGenQSL, MMLUQuestion, parse_answer_letter
 from harness.loadgen.results import score_mmlu
 from harness.loadgen.settings import log_settings
 from sut.adapter import LoadGenSUT
-from sut.engine import SamplingParams, TokenEvent
+from sut.engine import SamplingParams
 from sut.queues import queue_for
 
 # (generated text, the letter a reader takes it to answer; None: no answer given)
@@ -57,35 +57,14 @@ class ByteTokenizer:
         return bytes(ids).decode()
 
 
-class AnsweringBackend:
-    """Answers the sample whose prompt is [i] with answer i, one byte per step."""
-
-    def __init__(self, answers: list[str]):
-        self.answers = [ByteTokenizer.encode(a) for a in answers]
-        self.running: dict[int, list] = {}
-
-    @property
-    def free_slots(self):
-        return 4 - len(self.running)
-
-    def has_unfinished(self):
-        return bool(self.running)
-
-    def add_request(self, request_id, prompt_ids, params):
-        self.running[request_id] = [self.answers[int(prompt_ids[0])], 0]
-
-    def step(self):
-        events = []
-        for rid, state in list(self.running.items()):
-            tokens, done = state
-            events.append(TokenEvent(rid, tokens[done], done + 1, done + 1 == len(tokens)))
-            state[1] += 1
-            if state[1] == len(tokens):
-                del self.running[rid]
-        return events
+def answering(step_backend, texts):
+    """A backend that answers the sample whose prompt is [i] with texts[i], one byte per step."""
+    answers = [ByteTokenizer.encode(t) for t in texts]
+    return step_backend(4, length=lambda prompt, params: len(answers[int(prompt[0])]),
+                        token=lambda prompt, k: answers[int(prompt[0])][k - 1])
 
 
-def test_scored_end_to_end_from_loadgens_accuracy_log(tmp_path):
+def test_scored_end_to_end_from_loadgens_accuracy_log(tmp_path, step_backend):
     # Each text answered with at least two tokens (LoadGen needs n_tokens > 1).
     texts = [t if len(t) > 1 else t + "." for t, _ in LABELLED]
     labels = [letter for _, letter in LABELLED]
@@ -100,7 +79,7 @@ def test_scored_end_to_end_from_loadgens_accuracy_log(tmp_path):
     settings.offline_expected_qps = 100
     params = SamplingParams(max_new_tokens=64, min_new_tokens=2)
     with LoadGenQSL(n, n) as qsl, \
-            LoadGenSUT(AnsweringBackend(texts), queue_for("Offline", [1] * n), prompts, params,
+            LoadGenSUT(answering(step_backend, texts), queue_for("Offline", [1] * n), prompts, params,
                        report_first_token=False) as sut:
         sut.run_test(lambda: lg.StartTestWithLogSettings(sut.handle, qsl.handle, settings, log_settings(tmp_path)))
     score = score_mmlu(tmp_path / "mlperf_log_accuracy.json", questions, ByteTokenizer())
