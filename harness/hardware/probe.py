@@ -131,9 +131,7 @@ def _timings(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[fl
 def read_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
     """GB/s of the faster read-only pass over `array_mib` MiB, best of `repeats` each:
     torch.sum of a float32 array, and on a CPU with the compiled kernel a bf16 GEMV."""
-    a = torch.full((array_mib * MIB // 4,), 1.0, device=device)
-    best = a.numel() * 4 / min(_timings(lambda: torch.sum(a), device, repeats)) / 1e9
-    del a
+    best = _sum_bandwidth(device, array_mib, repeats)
     from kernels.cpu_linear import cpu_linear, cpu_linear_available
 
     if device.type == "cpu" and cpu_linear_available():
@@ -142,6 +140,11 @@ def read_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
         x = torch.ones(1, cols, dtype=torch.bfloat16)
         best = max(best, w.numel() * 2 / min(_timings(lambda: cpu_linear(x, w), device, repeats)) / 1e9)
     return best
+
+
+def _sum_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
+    a = torch.full((array_mib * MIB // 4,), 1.0, device=device)
+    return a.numel() * 4 / min(_timings(lambda: torch.sum(a), device, repeats)) / 1e9
 
 
 def stream_bandwidth(device: torch.device, array_mib: int, repeats: int) -> tuple[float, float]:
