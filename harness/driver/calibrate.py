@@ -159,8 +159,10 @@ def calibrate(scenarios, make_backend, prompts, params) -> Calibration:
 
 def calibrated_run(resolved, opts, make_backend, prompts, params):
     """(the run with calibrated scenarios, the Calibration), or (the run as it is, None)
-    when the run asked for none (opts.calibrate), measures nothing, or leads other ranks."""
-    if not opts.calibrate or "performance" not in resolved.run.modes or resolved.run.tp > 1:
+    when the run asked for none (opts.calibrate), measures nothing, leads other ranks, or
+    drives a remote server (whose load is its operator's to set)."""
+    run = resolved.run
+    if not opts.calibrate or "performance" not in run.modes or run.tp > 1 or run.backend == "openai":
         return resolved, None
     scenarios = [sc for sc in resolved.scenarios if not (opts.find_peak and sc.name in SERVER_LIKE)]
     say("calibrating the performance tests' load on this machine (--no-calibrate keeps the YAML's)")
