@@ -18,9 +18,10 @@ import mlperf_loadgen as lg
 import numpy as np
 import pytest
 
-from harness.config import load_scenario_config
+from harness.config import load_run, load_scenario_config
 from harness.driver import calibrate as calibrate_module
-from harness.driver.calibrate import calibrate
+from harness.driver.calibrate import calibrate, calibrated_run
+from harness.driver.options import RunOptions
 from harness.loadgen.qsl import LoadGenQSL
 from harness.loadgen.settings import build_test_settings, log_settings
 from sut.adapter import LoadGenSUT
@@ -113,3 +114,24 @@ def test_calibrated_tests_are_valid_under_loadgen(speed, tmp_path, step_backend)
         detail = _detail(log_dir)
         assert detail["result_validity"] == "VALID", (sc.name, speed, {k: v for k, v in detail.items()
                                                                         if "met" in k or "early" in k})
+
+
+def test_the_run_is_calibrated_unless_it_keeps_its_settings(tmp_path, monkeypatch, step_backend):
+    clock = [0.0]
+    monkeypatch.setattr(calibrate_module.time, "perf_counter", lambda: clock[0])
+    resolved = load_run()  # conf/runs/default.yaml
+
+    def run_with(**options):
+        return calibrated_run(resolved, RunOptions(tmp_path, **options), lambda b: fake(step_backend, b, 1.0, clock),
+                              PROMPTS, PARAMS)
+
+    assert run_with() == (resolved, None)  # calibrate defaults to off for callers other than the CLI
+    calibrated, cal = run_with(calibrate=True)
+    assert [sc.name for sc in calibrated.scenarios] == [sc.name for sc in resolved.scenarios]
+    assert {sc.name: sc for sc in calibrated.scenarios}["Server"].min_query_count == 480
+    assert cal.to_dict()["settings"]["Server"]["min_query_count"] == 480
+    # A peak search sets Server's QPS itself: Server keeps the YAML's settings, the others are calibrated.
+    searched, cal = run_with(calibrate=True, find_peak=True)
+    by_name = {sc.name: sc for sc in searched.scenarios}
+    assert by_name["Server"] == {sc.name: sc for sc in resolved.scenarios}["Server"]
+    assert by_name["SingleStream"].min_query_count == 80 and "Server" not in cal.to_dict()["settings"]
