@@ -13,8 +13,6 @@ drawn with matplotlib's Agg canvas, styles are inline, nothing is fetched.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import re
 import sys
@@ -24,13 +22,14 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
+from audit.charts import PERCENTILES, latency_chart, png, roofline_chart
+from audit.pareto import pareto_figure, series_of
 from audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
 from harness.config import ConfigError
 from harness.loadgen.results import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MISSING = "n/a"
-PERCENTILES = ("p50", "p90", "p99")
 # Backslash escapes keep table cells whole (`|`) and text free of emphasis and links. Raw HTML can
 # only open at a `<` before a letter, `/`, `!` or `?`, and an entity at `&name;`: those get a backslash
 # too (CommonMark renders `\<` and `\&` as the characters), and every other `<`, `>` and `&` stays as
@@ -164,6 +163,48 @@ def accuracy_rows(folders: list[RunFolder]) -> list[dict]:
     return rows
 
 
+def length_rows(folders: list[RunFolder]) -> list[dict]:
+    """The prompt and output token counts each performance run issued (min / mean / p50 / p90 / max)."""
+    def dist(d) -> str:
+        return " / ".join(figure(d.get(k)) for k in ("min", "mean", "p50", "p90", "max")) if d else MISSING
+    def test(run) -> str:
+        qps = run.get("sweep_target_qps")
+        return run_label(0, run) + (f" at {qps:g} QPS" if qps is not None else "")
+    return [{"run": folder.label, "test": test(run), "input": dist(lengths.get("input")),
+             "output": dist(lengths.get("output")), "output_target": dist(lengths.get("output_target")),
+             "count": figure((lengths.get("input") or {}).get("count"))}
+            for folder in folders for run in folder.results["runs"]
+            if run.get("mode") == "performance" and isinstance(lengths := run.get("lengths"), dict)]
+
+
+def pareto_section(sweeps: list[dict]) -> dict | None:
+    """The report's Pareto section: the chart and one table row per point of every sweep,
+    figures formatted (templates only lay them out)."""
+    if not sweeps:
+        return None
+    rows = []
+    for sweep in sweeps:
+        label = series_of(sweep)["label"]
+        for p in sweep.get("points") or []:
+            rows.append({"series": label, "qps": f"{p['target_qps']:g}",
+                         "tokens_per_second": figure(p.get("tokens_per_second")),
+                         "per_user": figure(p.get("tokens_per_second_per_user")),
+                         "ttft": " / ".join(figure(p.get(f"ttft_ms_{q}")) for q in ("p50", "p90", "p99")),
+                         "tpot": " / ".join(figure(p.get(f"tpot_ms_{q}")) for q in ("p50", "p90", "p99")),
+                         "goodput": percent(p.get("goodput_share")),
+                         "goodput_tps": figure(p.get("goodput_tokens_per_second")),
+                         "batch": figure(p.get("mean_decode_batch")), "context": figure(p.get("mean_decode_context")),
+                         "mbu": percent(p.get("decode_mbu")), "mfu": percent(p.get("decode_mfu")),
+                         "front_share": percent(p.get("front_share")), "front_batch": figure(p.get("front_batch"))})
+    fronts = [f"{series_of(s)['label']}: memory floor meets compute floor at batch "
+              f"{figure(s['front'].get('crossing_batch'))} (context {figure(s['front'].get('context'))})"
+              for s in sweeps if s.get("front")]
+    limits = sorted({f"{_setting((s.get('limits_ms') or {}).get('ttft'))} / "
+                     f"{_setting((s.get('limits_ms') or {}).get('tpot'))}" for s in sweeps})
+    return {"chart": png(pareto_figure([series_of(s) for s in sweeps])), "rows": rows, "fronts": fronts,
+            "limits": ", ".join(limits)}
+
+
 def finding_rows(folders: list[RunFolder]) -> list[dict]:
     """Every folder's findings, errors of all folders first."""
     rows = [{"run": folder.label, "test": f.run, "severity": f.severity, "code": f.code, "message": f.message}
@@ -199,107 +240,6 @@ def source_rows(folder: RunFolder) -> dict:
             "audit": audit_rows(folder.audit) if folder.audit is not None else None}
 
 
-def roof_of(run: dict, results: dict) -> tuple[str, float, float | None]:
-    """(hardware, GB/s, peak TFLOP/s) a run's roofline was drawn against. The peak is
-    achieved TFLOP/s / MFU where the record has MFU, else the config's profile peak."""
-    rf = run["roofline"]
-    if rf.get("mfu"):
-        # To 3 digits, so the runs of one profile share one roof despite rounding in the quotient.
-        peak = float(f"{rf['achieved_tflops'] / rf['mfu']:.3g}")
-    else:
-        peaks = ((results.get("config") or {}).get("hardware") or {}).get("peak_tflops") or {}
-        peak = peaks.get(rf.get("compute_dtype") or run.get("dtype"))
-    return str(rf.get("hardware", "?")), rf["peak_bandwidth_gbps"], peak
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _new_figure(width: float, height: float):
-    # The Agg canvas without pyplot: no global state, no display, safe in any process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _chart_text(text: str, limit: int = 90) -> str:
-    text = text if len(text) <= limit else text[: limit - 1] + "\u2026"
-    return text.replace("$", r"\$")  # `$` would start mathtext, and a model name is not a formula
-
-
-def _legend(fig, handles, labels) -> None:
-    # One entry a line below the axes: labels are long, and a comparison has many.
-    fig.legend(handles, labels, fontsize=7, loc="outside lower left", ncols=1, frameon=False)
-
-
-ROOF_STYLES = ("-", "--", "-.", ":")
-FOLDER_MARKERS = ("x", "+", "^", "s", "D", "v", "o")
-
-
-def roofline_chart(folders: list[RunFolder]) -> str | None:
-    """Log-log roofline: each profile's memory-bound line and compute ceiling, runs at their
-    arithmetic intensity and achieved TFLOP/s (one marker shape per folder)."""
-    import numpy as np
-
-    points = [(i, f, run) for i, f in enumerate(folders) for run in f.results["runs"]
-              if isinstance(run.get("roofline"), dict) and run["roofline"].get("arithmetic_intensity")
-              and run["roofline"].get("achieved_tflops") and run["roofline"].get("peak_bandwidth_gbps")]
-    if not points:
-        return None
-    roofs = sorted({roof_of(run, f.results) for _, f, run in points}, key=lambda r: (r[0], r[1], r[2] or 0))
-    xs = [run["roofline"]["arithmetic_intensity"] for _, _, run in points]
-    xs += [peak * 1e3 / bw for _, bw, peak in roofs if peak]
-    grid = np.geomspace(min(xs) / 10, max(xs) * 10, 256)
-    fig = _new_figure(8, 3.8 + 0.14 * (len(roofs) + len(points)))
-    ax = fig.add_subplot()
-    for (name, bw, peak), style in zip(roofs, ROOF_STYLES * len(roofs)):
-        roof = bw / 1e3 * grid if peak is None else np.minimum(peak, bw / 1e3 * grid)
-        ceiling = "no compute peak known" if peak is None else f"{peak:g} TFLOP/s"
-        ax.loglog(grid, roof, color="0.2", linestyle=style, linewidth=1.5,
-                  label=_chart_text(f"roof of {name}: {bw:g} GB/s, {ceiling}"))
-    for i, f, run in points:
-        rf = run["roofline"]
-        ax.scatter([rf["arithmetic_intensity"]], [rf["achieved_tflops"]], marker=FOLDER_MARKERS[i % 7], s=60,
-                   zorder=3, label=_chart_text(f"{f.label}: {run_label(0, run)}, batch {rf.get('batch', '?')}"))
-    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
-    ax.set_ylabel("TFLOP/s")
-    ax.set_title("measured runs under the roofline")
-    ax.grid(True, which="major", alpha=0.3)
-    _legend(fig, *ax.get_legend_handles_labels())
-    return _png(fig)
-
-
-def latency_chart(folders: list[RunFolder]) -> str | None:
-    """TTFT and TPOT at p50/p90/p99 per run, with the Server/Interactive limits as dashed lines."""
-    series = [(i, f, run) for i, f in enumerate(folders) for run in f.results["runs"]
-              if isinstance((run.get("metrics") or {}).get("ttft_ms"), dict)]
-    if not series:
-        return None
-    fig = _new_figure(8, 3.2 + 0.14 * len(series))
-    axes = fig.subplots(1, 2)
-    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms"), ("TTFT", "TPOT")):
-        for i, f, run in series:
-            values = [(p, (run["metrics"].get(key) or {}).get(p)) for p in PERCENTILES]
-            values = [(p, v) for p, v in values if isinstance(v, (int, float))]
-            label = _chart_text(f"{f.label}: {run.get('scenario') or '?'}")
-            line, = ax.plot([p for p, _ in values], [v for _, v in values], marker=FOLDER_MARKERS[i % 7],
-                            label=label)
-            limit = scenario_config(f.results, run.get("scenario")).get(key)
-            if run.get("scenario") in LATENCY_SCENARIOS and isinstance(limit, (int, float)):
-                ax.axhline(limit, color=line.get_color(), linestyle="--", linewidth=1)
-        ax.set_title(f"{title} ms (dashed: the scenario's limit)", fontsize=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-    _legend(fig, *axes[0].get_legend_handles_labels())
-    return _png(fig)
-
-
 def _count(n: int, severity: str) -> str:
     return f"{n} {severity}" + ("s" if n != 1 and severity != "info" else "")
 
@@ -312,7 +252,9 @@ def report_context(folders: list[RunFolder]) -> dict:
             "accuracy": accuracy_rows(folders), "findings": findings,
             "finding_counts": ", ".join(_count(sum(r["severity"] == s for r in findings), s)
                                         for s in ("error", "warning", "info")),
-            "roofline_chart": roofline_chart(folders), "latency_chart": latency_chart(folders)}
+            "roofline_chart": roofline_chart(folders), "latency_chart": latency_chart(folders),
+            "lengths": length_rows(folders),
+            "pareto": pareto_section([f.results["sweep"] for f in folders if isinstance(f.results.get("sweep"), dict)])}
 
 
 def markdown_text(value) -> str:

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes on this host, one GPU each (nccl), or sharing the CPU (gloo); rank 0 drives "
                    "LoadGen. Native backend, dense Llama models whose heads, KV heads and FFN width divide "
                    "by N, no fp8 (default 1)")
+    r.add_argument("--dataset", help="data set from conf/datasets: mmlu (default) or sharegpt (conversations, "
+                   "each request decoding its reply's length; performance mode only)")
     r.add_argument("--per-subject", type=_positive(int), help="MMLU questions per subject")
     r.add_argument("--max-samples", type=_positive(int), help="use at most N samples (quick runs)")
     r.add_argument("--output-tokens", type=_positive(int),
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     from audit.compare import add_compare_parser
     from harness.hardware.roofline_cmd import add_roofline_parser
     from harness.tools.serve import add_serve_parser
+    from harness.driver.sweep import add_sweep_parser
 
+    add_sweep_parser(sub)
     add_roofline_parser(sub)
     add_compare_parser(sub)
     add_probe_parser(sub)
@@ -143,7 +147,8 @@ def cmd_run(args) -> int:
     from harness.driver.tp_run import run_tp_benchmark
 
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
-                                   ("scenarios", args.scenario), ("tp", args.tp)) if v is not None}
+                                   ("scenarios", args.scenario), ("tp", args.tp), ("dataset", args.dataset))
+                 if v is not None}
     if args.endpoint or args.backend == "openai":
         if not args.endpoint:
             raise ConfigError(None, "--endpoint", "--backend openai needs at least one --endpoint URL")
@@ -195,6 +200,14 @@ def _peak_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def cmd_sweep(args, run_args: list[str]) -> int:
+    from harness.driver.sweep import run_sweep
+
+    # The options passed through to each point, checked as `wallperf run` checks them (exit 2 when bad).
+    build_parser().parse_args(["run", *run_args])
+    return run_sweep(args, run_args)
+
+
 def cmd_generate(args) -> int:
     from harness.artifacts import resolve_model_file
     from harness.config import load_model_config
@@ -232,7 +245,10 @@ def main(argv=None) -> int:
     # Keys never reach stderr: every log record and uncaught traceback is redacted.
     redact.install()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `sweep` passes the options it does not know to each point's `wallperf run`.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "sweep":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
@@ -253,7 +269,8 @@ def main(argv=None) -> int:
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
                "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,
-               "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf}[args.command]
+               "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf,
+               "sweep": lambda a: cmd_sweep(a, unknown)}[args.command]
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError, CheckpointError) as e:

@@ -13,6 +13,10 @@ Token reporting follows LoadGen's contract for LLMs: outside Offline, the first
 token goes out with FirstTokenComplete before the whole answer goes out with
 QuerySamplesComplete; token ids are int32; `data` holds every token, the first
 included; n_tokens > 1 (the sampling params' min_new_tokens sees to that).
+
+Each query's own timing is kept (`QueryTiming`): when issue_query saw it, its
+first token and its completion, by this process's monotonic clock. LoadGen
+logs only percentiles, and goodput needs each query's TTFT and TPOT.
 """
 from __future__ import annotations
 
@@ -38,16 +42,40 @@ class SUTStats:
     error: str | None = None
 
 
+@dataclass(slots=True)
+class QueryTiming:
+    """One query as the SUT saw it (time.monotonic seconds); TTFT is measured from
+    issue_query, which LoadGen calls slightly after the query's scheduled time."""
+
+    sample_index: int
+    issued: float
+    first_token: float | None = None
+    done: float | None = None
+    n_tokens: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.issued
+
+    @property
+    def tpot_s(self) -> float | None:
+        """(latency - TTFT) / (n_tokens - 1), LoadGen's definition."""
+        if self.done is None or self.first_token is None or self.n_tokens < 2:
+            return None
+        return (self.done - self.first_token) / (self.n_tokens - 1)
+
+
 def _response(query_id: int, tokens: np.ndarray) -> lg.QuerySampleResponse:
     return lg.QuerySampleResponse(query_id, tokens.ctypes.data, tokens.nbytes, len(tokens))
 
 
 class LoadGenSUT:
-    def __init__(self, backend, queue: ScenarioQueue, prompts: list, params: SamplingParams,
-                 report_first_token: bool):
+    def __init__(self, backend, queue: ScenarioQueue, prompts: list, params, report_first_token: bool):
+        """`params`: one SamplingParams for every sample, or a list with one per sample."""
         self.backend, self.queue, self.prompts = backend, queue, prompts
         self.params, self.report_first_token = params, report_first_token
         self.stats = SUTStats()
+        self.queries: dict[int, QueryTiming] = {}
         self._outputs: dict[int, list[int]] = {}
         self._stop = threading.Event()
         self._loadgen: threading.Thread | None = None
@@ -56,6 +84,9 @@ class LoadGenSUT:
     def issue_query(self, query_samples) -> None:
         # Runs on LoadGen's thread under the GIL: a queue put and nothing more.
         items = [WorkItem(qs.id, qs.index) for qs in query_samples]
+        now = time.monotonic()
+        for it in items:
+            self.queries[it.query_id] = QueryTiming(it.sample_index, now)
         self.stats.issued += len(items)
         self.queue.put(items)
 
@@ -111,16 +142,22 @@ class LoadGenSUT:
         if free > 0:
             for item in self.queue.take(free):
                 self._outputs[item.query_id] = []
-                self.backend.add_request(item.query_id, self.prompts[item.sample_index], self.params)
+                params = self.params if isinstance(self.params, SamplingParams) else self.params[item.sample_index]
+                self.backend.add_request(item.query_id, self.prompts[item.sample_index], params)
 
     def _report(self, events) -> None:
         first, done = [], []
+        now = time.monotonic()
         for ev in events:
             out = self._outputs[ev.request_id]
             out.append(ev.token_id)
-            if ev.index == 1 and self.report_first_token:
-                first.append((ev.request_id, np.array(out[:1], dtype=np.int32)))
+            timing = self.queries[ev.request_id]
+            if ev.index == 1:
+                timing.first_token = now
+                if self.report_first_token:
+                    first.append((ev.request_id, np.array(out[:1], dtype=np.int32)))
             if ev.finished:
+                timing.done, timing.n_tokens = now, len(out)
                 done.append((ev.request_id, np.array(self._outputs.pop(ev.request_id), dtype=np.int32)))
         # The arrays live in these lists until LoadGen has copied them.
         if first:

@@ -51,6 +51,28 @@ def mmlu_path():
     return resolve_dataset_file(load_dataset_config("mmlu"))
 
 
+@pytest.fixture(scope="session")
+def sharegpt_path():
+    from harness.artifacts import resolve_dataset_file
+    from harness.config import load_dataset_config
+
+    return resolve_dataset_file(load_dataset_config("sharegpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_yaml():
+    """A 2-layer Llama with seeded random weights and SmolLM2's tokenizer: a model
+    YAML for runs that only need the machinery to work, fast."""
+    return """\
+name: tiny-synthetic
+family: llama
+format: synthetic
+tokenizer_from: smollm2-135m
+shape: {n_layers: 2, hidden_size: 64, n_heads: 4, n_kv_heads: 2, ffn_size: 128,
+        vocab_size: 49152, tie_embeddings: true, max_position: 2048}
+"""
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (`pytest.mark.usefixtures("one_torch_thread")`):

@@ -185,6 +185,9 @@ def load_run(path: Path | None = None, overrides: dict | None = None,
     dataset = load_dataset_config(run.dataset, path, "dataset")
     if dataset_overrides:
         dataset = build(DatasetConfig, {**_shallow(dataset), **dataset_overrides}, "command line")
+    if dataset.format != "mmlu_jsonl" and "accuracy" in run.modes:
+        raise ConfigError(path, "modes", f"dataset {dataset.name} has no reference answers to score: "
+                          "run it in performance mode only (--mode performance)")
     scenarios = []
     for i, name in enumerate(run.scenarios):
         sc = load_scenario_config(name, path, f"scenarios[{i}]")

@@ -184,7 +184,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str
-    format: Literal["mmlu_jsonl"]
+    # mmlu_jsonl: questions with answers; sharegpt_json: conversations, each with its own output length.
+    format: Literal["mmlu_jsonl", "sharegpt_json"]
     source: ArtifactSource
     per_subject: Optional[int] = None
     # At most this many samples (after per_subject), for quick runs; null: all.
@@ -196,6 +197,8 @@ class DatasetConfig:
         _check_plain_names(self, "name")
         if self.per_subject is not None and self.per_subject < 1:
             raise ValueError("per_subject must be >= 1 or null")
+        if self.per_subject is not None and self.format != "mmlu_jsonl":
+            raise FieldError("per_subject", f"applies to MMLU only (format {self.format}); leave it null")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError("max_samples must be >= 1 or null")
         if self.max_new_tokens < 2:

@@ -1,6 +1,6 @@
 """`wallperf run`: every (scenario, mode) of a run config under LoadGen.
 
-Data flow: artifacts -> model and tokenizer -> MMLU prompts -> per scenario and
+Data flow: artifacts -> model and tokenizer -> the data set's prompts -> per scenario and
 mode, a backend, a scenario queue, the LoadGen SUT and QSL -> LoadGen's logs ->
 result records. results.json is rewritten atomically after each LoadGen test,
 so an interrupted run keeps every finished result ("complete": false).
@@ -27,13 +27,16 @@ from harness.driver.options import RunOptions
 from harness.driver.peers import check_peer, format_dict, peer_format, roofline_counts, weight_format
 from harness.driver.progress import Progress, say
 from harness.hardware.energy import EnergyMeter
+from harness.hardware.front import step_cost
 from harness.hardware.profiles import system_hardware
 from harness.hardware.roofline import run_roofline
 from harness.hardware.wall import run_wall
-from harness.loadgen.qsl import LoadGenQSL, build_prompts, load_mmlu, select_per_subject
+from harness.loadgen.queries import goodput, issued_lengths
+from harness.loadgen.qsl import LoadGenQSL
 from harness.loadgen.results import (accuracy_record, counter_delta, decode_roofline, performance_record,
                                      submission_notes, summary_line, wallperf_version, write_json_atomic)
 from harness.loadgen.settings import build_test_settings, log_settings
+from harness.loadgen.workload import Workload, load_workload
 from sut.adapter import LoadGenSUT
 from sut.backends import create
 from sut.engine import SamplingParams
@@ -43,11 +46,15 @@ from sut.queues import queue_for
 log = logging.getLogger(__name__)
 
 
-def sampling_params(mode: str, dataset) -> SamplingParams:
-    """Accuracy runs stop at EOS; performance runs may decode a fixed length (ignore_eos)."""
+def sampling_params(mode: str, dataset, output_lengths=None) -> SamplingParams | list[SamplingParams]:
+    """Accuracy runs stop at EOS; performance runs may decode a fixed length (ignore_eos),
+    or, for a data set with its own output lengths (ShareGPT), each sample's length with
+    EOS ignored, as vLLM's benchmark does: a list with one SamplingParams per sample."""
     fixed = dataset.performance_output_tokens
     if mode == "performance" and fixed is not None:
         return SamplingParams(max_new_tokens=fixed, min_new_tokens=fixed, ignore_eos=True)
+    if mode == "performance" and output_lengths is not None:
+        return [SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True) for n in output_lengths]
     return SamplingParams(max_new_tokens=dataset.max_new_tokens, min_new_tokens=2)
 
 
@@ -79,20 +86,23 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) 
     dataset_path = resolve_dataset_file(dataset)
     loaded = load_for_run(resolved, device, choice)
     tp_session = tp_session_for(loaded) if tp_session_for is not None else None
-    questions = select_per_subject(load_mmlu(dataset_path), dataset.per_subject)[: dataset.max_samples]
-    prompts = build_prompts(questions, loaded.tokenizer)
+    workload = load_workload(dataset, dataset_path, loaded.tokenizer, run.seed)
     if resolved.model.format == "synthetic":
         # A borrowed tokenizer may know more ids than the shape's vocab: fold them in
         # (random weights: the ids only need to be valid, not meaningful).
-        prompts = [p % resolved.model.shape.vocab_size for p in prompts]
+        workload = dataclasses.replace(workload, prompts=[p % resolved.model.shape.vocab_size
+                                                          for p in workload.prompts])
+    prompts = workload.prompts
     lengths = [len(p) for p in prompts]
     longest_output = max(dataset.max_new_tokens, dataset.performance_output_tokens or 0)
     max_seq_len = max(lengths) + longest_output
-    say(f"{len(prompts)} MMLU prompts, {min(lengths)}-{max(lengths)} tokens; output dir {opts.out_dir}")
+    if workload.output_lengths is not None:
+        max_seq_len = max(max_seq_len, max(map(sum, zip(lengths, workload.output_lengths))))
+    say(f"{len(prompts)} {dataset.name} prompts, {min(lengths)}-{max(lengths)} tokens; output dir {opts.out_dir}")
     _freeze_heap()
     resolved, calibration = calibrated_run(
         resolved, opts, lambda batch: create(run.backend, loaded, max_batch=batch, max_seq_len=max_seq_len,
-                                             openai=run.openai), prompts, sampling_params("performance", dataset))
+                                             openai=run.openai), prompts, _calibration_params(dataset, workload))
 
     results = {
         "wallperf_version": wallperf_version(),
@@ -101,7 +111,9 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) 
         "format": format_dict(loaded, choice),
         "config": {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
                    "performance_output_tokens": dataset.performance_output_tokens,
-                   "ignore_eos_in_performance": dataset.performance_output_tokens is not None},
+                   "ignore_eos_in_performance": (dataset.performance_output_tokens is not None
+                                                 or workload.output_lengths is not None)},
+        "dataset": workload.description,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "hardware_wall": opts.wall.to_dict(),
         "calibration": calibration.to_dict() if calibration else None,
@@ -111,8 +123,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) 
     results_path = opts.out_dir / "results.json"
 
     def test(sc, mode, log_dir=None):
-        record = _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir,
-                           tp_session)
+        record = _one_test(resolved, sc, mode, loaded, workload, max_seq_len, opts, choice, log_dir, tp_session)
         results["runs"].append(record)
         write_json_atomic(results_path, results)
         return record
@@ -148,9 +159,9 @@ def _find_peak(resolved, sc, opts, test) -> dict:
     return peak.to_dict()
 
 
-def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts, choice, log_dir=None,
+def _one_test(resolved, sc, mode, loaded, workload: Workload, max_seq_len, opts, choice, log_dir=None,
               tp_session=None) -> dict:
-    run = resolved.run
+    run, prompts = resolved.run, workload.prompts
     log_dir = folder_inside(opts.out_dir, log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode))
     model_name = resolved.model.mlperf_name or resolved.model.name
     settings = build_test_settings(sc, mode, model_name, len(prompts), opts.user_conf)
@@ -160,7 +171,7 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
     else:
         backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len,
                          openai=run.openai)
-    params = sampling_params(mode, resolved.dataset)
+    params = sampling_params(mode, resolved.dataset, workload.output_lengths)
     queue = queue_for(sc.name, [len(p) for p in prompts])
     expected = len(prompts) if mode == "accuracy" else None
     expert_stats = getattr(loaded.model, "expert_stats", None)
@@ -186,11 +197,12 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
     experts = counter_delta(experts_before, expert_stats()) if expert_stats else None
     if mode == "performance":
         body = performance_record(log_dir)
+        body["goodput"] = goodput(sut.queries.values(), sc.ttft_ms, sc.tpot_ms, body["metrics"]["tokens_per_second"])
         body["roofline"] = (None if stats is None else
                             _roofline(resolved, loaded, choice.dtype, body["metrics"], stats, opts.wall, prompts,
                                       params, experts))
     else:
-        body = accuracy_record(log_dir, questions, loaded.tokenizer)
+        body = accuracy_record(log_dir, workload.questions, loaded.tokenizer)
         body["roofline"] = None
         body["compliance"] = {"test06": check_test06(
             log_dir / "mlperf_log_accuracy.json", loaded.tokenizer.eos_token_id,
@@ -216,8 +228,8 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
         **{k: body[k] for k in ("valid", "invalid_reasons")},
         "submission_notes": submission_notes(sc, opts.user_conf, body["valid"]),
         "log_dir": str(log_dir),
-        "max_new_tokens": params.max_new_tokens,
-        "ignore_eos": params.ignore_eos,
+        **_output_policy(params),
+        "lengths": issued_lengths(sut.queries.values(), prompts, workload.output_lengths),
         "elapsed_s": round(elapsed, 1),
         "engine": engine,
         "client": client,
@@ -234,6 +246,24 @@ def _one_test(resolved, sc, mode, loaded, prompts, questions, max_seq_len, opts,
     return record
 
 
+def _calibration_params(dataset, workload: Workload) -> SamplingParams:
+    """What a calibration decodes per request: the run's performance setting, or with the
+    data set's own lengths, their mean (one setting for every request it times)."""
+    params = sampling_params("performance", dataset, workload.output_lengths)
+    if isinstance(params, SamplingParams):
+        return params
+    n = max(2, round(sum(workload.output_lengths) / len(workload.output_lengths)))
+    return SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True)
+
+
+def _output_policy(params) -> dict:
+    """How long answers were allowed to be: one max_new_tokens, or the data set's own per sample."""
+    if isinstance(params, SamplingParams):
+        return {"max_new_tokens": params.max_new_tokens, "ignore_eos": params.ignore_eos, "output_lengths": "run"}
+    return {"max_new_tokens": max(p.max_new_tokens for p in params), "ignore_eos": all(p.ignore_eos for p in params),
+            "output_lengths": "dataset"}
+
+
 def _roofline(resolved, loaded, dtype, metrics, stats, wall, prompts, params, expert_cache=None) -> dict | None:
     """The run against its real bound, at the decode batch and context it held, with the
     bytes the engine's tensors really hold and the prompts' prefill work counted.
@@ -245,12 +275,15 @@ def _roofline(resolved, loaded, dtype, metrics, stats, wall, prompts, params, ex
     if resolved.run.tp > 1:
         hardware, tp_note = system_hardware(hardware, resolved.run.tp, loaded.device)
     samples_per_second = metrics["samples_per_second"]
-    output_tokens = tokens_per_second / samples_per_second if samples_per_second else params.max_new_tokens
-    record = run_roofline(model_shape(resolved, loaded), hardware, dtype, tokens_per_second,
+    output_tokens = (tokens_per_second / samples_per_second if samples_per_second
+                     else _output_policy(params)["max_new_tokens"])
+    shape, counts = model_shape(resolved, loaded), roofline_counts(loaded, expert_cache)
+    record = run_roofline(shape, hardware, dtype, tokens_per_second,
                           batch=max(1, round(stats.mean_decode_batch)), context=round(stats.mean_decode_context),
-                          prompt_tokens=sum(map(len, prompts)) / len(prompts), output_tokens=output_tokens,
-                          **roofline_counts(loaded, expert_cache))
+                          prompt_tokens=sum(map(len, prompts)) / len(prompts), output_tokens=output_tokens, **counts)
     record.update(decode_roofline(record["bytes_per_step"], hardware.bandwidth_gbps, metrics["tpot_ms"]))
+    # What it takes to redraw the roofline's Pareto front at any batch and context.
+    record["step_cost"] = step_cost(shape, hardware, dtype, **counts).to_dict()
     record = {**record, "hardware": hardware.name, "hardware_source": wall.source, "hardware_how": wall.how,
               "peak_bandwidth_gbps": hardware.bandwidth_gbps, **({"tp_note": tp_note} if tp_note else {})}
     return {**record, **roofline_trust(record)}

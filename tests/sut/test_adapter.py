@@ -49,7 +49,7 @@ class ScriptedBackend:
         return events
 
 
-def run_loadgen(tmp_path, scenario, backend, n_samples=8, max_new_tokens=4):
+def run_loadgen(tmp_path, scenario, backend, n_samples=8, max_new_tokens=4, params=None):
     prompts = [np.array([i], dtype=np.int32) for i in range(n_samples)]
     settings = lg.TestSettings()
     settings.scenario = {"Server": lg.TestScenario.Server, "Offline": lg.TestScenario.Offline,
@@ -58,7 +58,7 @@ def run_loadgen(tmp_path, scenario, backend, n_samples=8, max_new_tokens=4):
     settings.use_token_latencies = True
     settings.server_target_qps = 200
     settings.offline_expected_qps = 100
-    params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=2)
+    params = params or SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=2)
     with LoadGenQSL(n_samples, n_samples) as qsl, \
             LoadGenSUT(backend, queue_for(scenario, [1] * n_samples), prompts, params,
                        report_first_token=scenario != "Offline") as sut:
@@ -95,3 +95,16 @@ def test_backend_failure_ends_the_test_and_is_reported(tmp_path):
     assert sut.stats.error == "RuntimeError: device lost"
     # LoadGen still got an answer for every sample, so the test could end.
     assert sorted(e["qsl_idx"] for e in entries) == list(range(8))
+
+
+@pytest.mark.parametrize("scenario", ["Server", "Offline"])
+def test_per_sample_lengths_and_each_querys_timing(tmp_path, scenario):
+    lengths = [2, 3, 4, 5, 6, 7, 8, 9]
+    params = [SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True) for n in lengths]
+    sut, entries = run_loadgen(tmp_path, scenario, ScriptedBackend(max_batch=3), params=params)
+    assert {e["qsl_idx"]: e["token_count"] for e in entries} == dict(enumerate(lengths))
+    assert sorted(q.sample_index for q in sut.queries.values()) == list(range(8))
+    for q in sut.queries.values():
+        assert q.n_tokens == lengths[q.sample_index]
+        assert q.issued <= q.first_token <= q.done
+        assert q.tpot_s == pytest.approx((q.done - q.first_token) / (q.n_tokens - 1))

@@ -10,15 +10,6 @@ from harness.cli import main
 
 CONF = Path(__file__).resolve().parents[3] / "conf"
 
-TINY = """\
-name: tiny-synthetic
-family: llama
-format: synthetic
-tokenizer_from: smollm2-135m
-shape: {n_layers: 2, hidden_size: 64, n_heads: 4, n_kv_heads: 2, ffn_size: 128,
-        vocab_size: 49152, tie_embeddings: true, max_position: 2048}
-"""
-
 TINY_MIXTRAL = """\
 name: tiny-mixtral
 family: mixtral
@@ -30,10 +21,10 @@ shape: {n_layers: 2, hidden_size: 64, n_heads: 4, n_kv_heads: 2, ffn_size: 96,
 
 
 @pytest.fixture
-def conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path):
+def conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path, tiny_synthetic_yaml):
     root = tmp_path / "conf"
     shutil.copytree(CONF, root)
-    (root / "models" / "tiny-synthetic.yaml").write_text(TINY)
+    (root / "models" / "tiny-synthetic.yaml").write_text(tiny_synthetic_yaml)
     (root / "models" / "tiny-mixtral.yaml").write_text(TINY_MIXTRAL)
     monkeypatch.setenv("WALLPERF_CONF", str(root))
     return root

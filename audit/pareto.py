@@ -1,0 +1,135 @@
+"""The Pareto view of serving: tokens/s per user against tokens/s of the system,
+each measured point beside the roofline's front (harness.hardware.front).
+
+`sweep_point` turns one Server run record into the sweep table's row; the
+chart draws one series per backend (a sweep is one backend) and each series'
+predicted front at its mean decode context, with the batch where the memory
+floor gives way to the compute floor marked on it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.config import ConfigError
+from harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front
+
+# Batches the predicted front is drawn through.
+FRONT_BATCHES = tuple(range(1, 17)) + (20, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def _p(metrics: dict, key: str, p: str):
+    return (metrics.get(key) or {}).get(p)
+
+
+def sweep_point(target_qps: float, record: dict) -> dict:
+    """One point of a sweep: LoadGen's throughput and latencies, goodput, the engine's
+    decode batch and context, decode MBU/MFU and the distance to the front."""
+    m = record.get("metrics") or {}
+    rf = record.get("roofline") or {}
+    engine = record.get("engine") or {}
+    good = record.get("goodput") or {}
+    tps, tpot_p50 = m.get("tokens_per_second"), _p(m, "tpot_ms", "p50")
+    per_user = 1e3 / tpot_p50 if tpot_p50 else None
+    batch, context = engine.get("mean_decode_batch"), engine.get("mean_decode_context")
+    point = {
+        "target_qps": target_qps,
+        "samples_per_second": m.get("samples_per_second"),
+        "tokens_per_second": tps,
+        "tokens_per_second_per_user": per_user,
+        **{f"{name}_ms_{p}": _p(m, f"{name}_ms", p) for name in ("ttft", "tpot") for p in ("p50", "p90", "p99")},
+        "goodput_share": good.get("share"),
+        "goodput_tokens_per_second": good.get("tokens_per_second"),
+        "queries": good.get("queries"),
+        "mean_decode_batch": batch,
+        "mean_decode_context": context,
+        "decode_mbu": rf.get("decode_mbu"),
+        "decode_mfu": None,
+        "front_batch": None, "front_system_tokens_per_second": None, "front_share": None,
+        "valid": record.get("valid"),
+        "log_dir": record.get("log_dir"),
+    }
+    cost = step_cost_of(record)
+    if cost is not None and batch and context is not None and tpot_p50:
+        point["decode_mfu"] = decode_mfu(cost, batch, context, tpot_p50 / 1e3)
+        if tps and per_user:
+            point.update(place_on_front(cost, context, tps, per_user))
+    return point
+
+
+def step_cost_of(record: dict) -> StepCost | None:
+    data = (record.get("roofline") or {}).get("step_cost")
+    return StepCost(**data) if isinstance(data, dict) else None
+
+
+def series_front(points: list[dict], cost: StepCost) -> dict:
+    """The front at the series' mean decode context (its points' average)."""
+    contexts = [p["mean_decode_context"] for p in points if p.get("mean_decode_context") is not None]
+    context = sum(contexts) / len(contexts) if contexts else 0.0
+    return {"context": context, "crossing_batch": cost.crossing_batch(context),
+            "rows": front_rows(cost, context, FRONT_BATCHES)}
+
+
+def series_of(sweep: dict) -> dict:
+    """A sweep as one series of the chart, labelled by backend, weight format and model."""
+    label = sweep.get("backend") or "?"
+    if sweep.get("weight_format"):
+        label += f" ({sweep['weight_format']})"
+    return {"label": f"{label}, {sweep.get('model', '?')}", "points": sweep.get("points") or [],
+            "front": sweep.get("front")}
+
+
+def read_sweep(path: Path) -> dict:
+    """A sweep.json (or the folder holding it), checked for shape."""
+    path = path / "sweep.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(path, None, "sweep.json not found; give a folder written by `wallperf sweep`")
+    try:
+        sweep = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(path, None, f"not a sweep.json: {e}") from None
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("points"), list):
+        raise ConfigError(path, "points", "not a wallperf sweep.json: expected an object with a 'points' list")
+    return sweep
+
+
+def pareto_figure(series: list[dict]):
+    """Per-user tokens/s (y) against system tokens/s (x), log-log: each series' points
+    (labelled with their target QPS) and its predicted front, dashed."""
+    from audit.charts import chart_text, legend, new_figure
+
+    fig = new_figure(8, 4.2 + 0.14 * 2 * len(series))
+    ax = fig.add_subplot()
+    for i, s in enumerate(series):
+        pts = [p for p in s["points"] if p.get("tokens_per_second") and p.get("tokens_per_second_per_user")]
+        line, = ax.plot([p["tokens_per_second"] for p in pts], [p["tokens_per_second_per_user"] for p in pts],
+                        marker="o", label=chart_text(f"measured: {s['label']}"))
+        for p in pts:
+            ax.annotate(f"{p['target_qps']:g} QPS", (p["tokens_per_second"], p["tokens_per_second_per_user"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+        front = s.get("front")
+        if front:
+            rows = front["rows"]
+            ax.plot([r["system_tokens_per_second"] for r in rows], [r["per_user_tokens_per_second"] for r in rows],
+                    linestyle="--", color=line.get_color(), alpha=0.8,
+                    label=chart_text(f"roofline front: {s['label']}, context {front['context']:.0f}"))
+            crossing = front.get("crossing_batch")
+            if crossing:
+                cross = min(rows, key=lambda r: abs(r["batch"] - crossing))
+                ax.scatter([cross["system_tokens_per_second"]], [cross["per_user_tokens_per_second"]], marker="D",
+                           color=line.get_color(), zorder=3,
+                           label=chart_text(f"memory floor meets compute floor: batch {crossing:.0f}"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("system tokens/s")
+    ax.set_ylabel("tokens/s per user (1 / TPOT p50)")
+    ax.set_title("Pareto front: measured against the roofline", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    legend(fig, *ax.get_legend_handles_labels())
+    return fig
+
+
+def write_pareto_png(path: Path, series: list[dict]) -> None:
+    fig = pareto_figure(series)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})

@@ -1,0 +1,57 @@
+"""The sweep table's row from a run record, and the Pareto chart."""
+import json
+
+import pytest
+
+from audit.pareto import read_sweep, series_front, sweep_point, write_pareto_png
+from harness.config import ConfigError
+from harness.hardware.front import StepCost
+
+COST = StepCost(weight_bytes=2.7e8, kv_bytes_per_position=23040.0, flops_per_token=2.7e8,
+                flops_per_position=34560.0, bandwidth_bytes_per_s=32e9, peak_flops_per_s=4e11)
+
+
+def record(tps=400.0, tpot_p50=25.0, batch=10.0, context=300.0):
+    return {"scenario": "Server", "mode": "performance", "valid": False, "log_dir": "x",
+            "metrics": {"tokens_per_second": tps, "samples_per_second": 1.5,
+                        "ttft_ms": {"p50": 100.0, "p90": 200.0, "p99": 300.0},
+                        "tpot_ms": {"p50": tpot_p50, "p90": 30.0, "p99": 40.0}},
+            "roofline": {"decode_mbu": 0.4, "step_cost": COST.to_dict()},
+            "engine": {"mean_decode_batch": batch, "mean_decode_context": context},
+            "goodput": {"share": 0.75, "tokens_per_second": 300.0, "queries": 40}}
+
+
+def test_sweep_point_from_a_record():
+    p = sweep_point(2.0, record())
+    assert p["target_qps"] == 2.0 and p["tokens_per_second"] == 400.0
+    assert p["tokens_per_second_per_user"] == pytest.approx(40.0)  # 1 / 25 ms
+    assert p["ttft_ms_p99"] == 300.0 and p["tpot_ms_p90"] == 30.0
+    assert p["goodput_share"] == 0.75 and p["goodput_tokens_per_second"] == 300.0
+    # 10 rows x (2.7e8 + 34560 x 300) FLOPs per 25 ms step, over 0.4 TFLOP/s.
+    assert p["decode_mfu"] == pytest.approx(10 * (2.7e8 + 34560 * 300) / 0.025 / 4e11)
+    # The front at 40 tokens/s per user: the batch whose step takes 25 ms.
+    assert COST.step_s(p["front_batch"], 300) == pytest.approx(0.025)
+    assert p["front_share"] == pytest.approx(400.0 / (p["front_batch"] * 40.0))
+
+
+def test_a_record_without_figures_gives_nulls_not_errors():
+    p = sweep_point(1.0, {"scenario": "Server", "metrics": {}, "roofline": None, "engine": None})
+    assert p["tokens_per_second_per_user"] is None and p["decode_mfu"] is None and p["front_share"] is None
+
+
+def test_pareto_png(tmp_path):
+    points = [sweep_point(q, record(tps=100 * q, tpot_p50=10 * q)) for q in (1, 2, 4)]
+    series = [{"label": "native", "points": points, "front": series_front(points, COST)},
+              {"label": "llamacpp", "points": points[:2], "front": None}]
+    path = tmp_path / "pareto.png"
+    write_pareto_png(path, series)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert series[0]["front"]["context"] == pytest.approx(300.0)
+
+
+def test_read_sweep_errors(tmp_path):
+    with pytest.raises(ConfigError, match="sweep.json not found"):
+        read_sweep(tmp_path)
+    (tmp_path / "sweep.json").write_text(json.dumps({"points": 3}))
+    with pytest.raises(ConfigError, match="'points' list"):
+        read_sweep(tmp_path)
