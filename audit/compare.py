@@ -323,12 +323,22 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     output.add_argument("--json", action="store_true", help="print the rows as a JSON list of objects "
                         "(performance rows, then accuracy rows; missing figures are null)")
     output.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument("--pareto", type=Path, metavar="FILE.png", help="draw the RUN_DIRs written by `wallperf "
+                   "sweep` on one Pareto chart: tokens/s per user against system tokens/s, one series per "
+                   "sweep (backend), each beside its roofline front")
     return p
 
 
 def cmd_compare(args) -> int:
     run_dirs = [read_run_dir(Path(d)) for d in args.run_dirs]
     performance, accuracy, left_out = compare(run_dirs, args.vs)
+    if args.pareto is not None:
+        from audit.pareto import series_of, write_pareto_png
+
+        sweeps = [d.results["sweep"] for d in run_dirs if isinstance(d.results.get("sweep"), dict)]
+        if not sweeps:
+            raise ConfigError("command line", "--pareto", "none of the RUN_DIRs was written by `wallperf sweep`")
+        write_pareto_png(args.pareto, [series_of(s) for s in sweeps])
     if args.json:
         print(json.dumps(performance + accuracy, indent=2))
     else:

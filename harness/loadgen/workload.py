@@ -31,13 +31,19 @@ class Workload:
 
 
 def load_workload(dataset: DatasetConfig, path: Path, tokenizer, seed: int) -> Workload:
+    """The samples of `dataset`; `description` holds how they were chosen and the length
+    distributions of the whole set (what LoadGen draws from)."""
     if dataset.format == "sharegpt_json":
         chosen = sample_sharegpt(path, tokenizer, dataset.max_samples, seed)
+        lengths = {"input": length_distribution(map(len, chosen.prompts)),
+                   "output": length_distribution(chosen.output_lengths)}
         return Workload(chosen.prompts, output_lengths=chosen.output_lengths,
-                        description={"name": dataset.name, **chosen.stats})
+                        description={"name": dataset.name, **chosen.stats, "lengths": lengths})
     questions = select_per_subject(load_mmlu(path), dataset.per_subject)[: dataset.max_samples]
-    return Workload(build_prompts(questions, tokenizer), questions=questions,
-                    description={"name": dataset.name, "sampled": len(questions)})
+    prompts = build_prompts(questions, tokenizer)
+    return Workload(prompts, questions=questions,
+                    description={"name": dataset.name, "sampled": len(questions),
+                                 "lengths": {"input": length_distribution(map(len, prompts))}})
 
 
 def length_distribution(lengths) -> dict | None:

@@ -55,3 +55,26 @@ def test_read_sweep_errors(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({"points": 3}))
     with pytest.raises(ConfigError, match="'points' list"):
         read_sweep(tmp_path)
+
+
+def test_compare_draws_several_sweeps_on_one_chart(tmp_path, capsys):
+    from harness.cli import main
+
+    dirs = []
+    for backend, scale in (("native", 1.0), ("llamacpp", 0.5)):
+        points = [sweep_point(q, record(tps=100 * q * scale, tpot_p50=10 * q)) for q in (1, 2, 4)]
+        sweep = {"backend": backend, "model": "smollm2-135m", "points": points, "front": series_front(points, COST)}
+        d = tmp_path / backend
+        d.mkdir()
+        runs = [{**record(tps=100 * q * scale), "backend": backend, "sweep_target_qps": q} for q in (1, 2, 4)]
+        (d / "results.json").write_text(json.dumps({"runs": runs, "sweep": sweep}))
+        dirs.append(str(d))
+    png = tmp_path / "both.png"
+    assert main(["compare", *dirs, "--pareto", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "results.json").write_text(json.dumps({"runs": [record()]}))
+    assert main(["compare", str(plain), "--pareto", str(tmp_path / "x.png")]) == 2
+    assert "none of the RUN_DIRs was written by `wallperf sweep`" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -1,5 +1,6 @@
 """ShareGPT: the truncated-array reader against cuts at every byte, the warning,
 vLLM's length filters and seeded order, and (slow) the real file's counts."""
+import dataclasses
 import json
 import logging
 import random
@@ -162,3 +163,41 @@ def test_real_sharegpt_file_counts(sharegpt_path):
     assert len(readout.records) == len(expected) == 17671
     assert readout.records[-1] == expected[-1]
     assert readout.cut_at == len(raw) == 125509632
+
+
+@pytest.mark.slow
+def test_real_sample_lengths_match_an_independent_count(sharegpt_path, smollm2_gguf_path):
+    """The set a run draws from, against the same records and filters applied here from scratch:
+    json.loads on the complete part, the pair search, vLLM's shuffle, the statistics module."""
+    from harness.config import load_dataset_config
+    from harness.loadgen.workload import load_workload
+    from sut.loading import load_tokenizer
+
+    tok = load_tokenizer(smollm2_gguf_path)
+    raw = sharegpt_path.read_bytes()
+    records = json.loads(raw[:raw.rindex(b"\n  },\n  {") + len(b"\n  }")] + b"\n]")
+    pairs = []
+    for r in records:
+        turns = r.get("conversations") or []
+        for a, b in zip(turns, turns[1:]):
+            if a.get("from") == "human" and b.get("from") == "gpt":
+                pairs.append((a["value"], b["value"]))
+                break
+    random.seed(0)
+    random.shuffle(pairs)
+    inputs, outputs = [], []
+    for prompt, reply in pairs:
+        p = len(tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}])))
+        o = len(tok.encode(reply))
+        if 4 <= p <= 1024 and o >= 4 and p + o <= 2048:
+            inputs.append(p)
+            outputs.append(o)
+        if len(inputs) == 60:
+            break
+    dataset = dataclasses.replace(load_dataset_config("sharegpt"), max_samples=60)
+    lengths = load_workload(dataset, sharegpt_path, tok, seed=0).description["lengths"]
+    for got, values in ((lengths["input"], inputs), (lengths["output"], outputs)):
+        assert (got["count"], got["min"], got["max"]) == (len(values), min(values), max(values))
+        assert got["mean"] == pytest.approx(statistics.fmean(values))
+        assert got["p50"] == pytest.approx(statistics.median(values))
+        assert got["p90"] == pytest.approx(statistics.quantiles(values, n=10, method="inclusive")[8])
