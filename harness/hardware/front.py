@@ -29,7 +29,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from harness.config import HardwareConfig, ModelShape
-from harness.hardware.roofline import bytes_per_step, flops_per_token, peak_flops
+from harness.hardware.counts import flops_per_token
+from harness.hardware.roofline import bytes_per_step, peak_flops
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,12 @@ class StepCost:
         return max(1.0, min(memory_batch, compute_batch))
 
 
-def step_cost(shape: ModelShape, hardware: HardwareConfig, dtype: str, weight_bytes: float | None = None,
-              kv_bytes_per_element: int | None = None) -> StepCost:
-    """The roofline's counts for one model, dtype and hardware (engine formats as in run_roofline)."""
-    own = {"weight_bytes": weight_bytes, "kv_bytes_per_element": kv_bytes_per_element}
-    weights = bytes_per_step(shape, dtype, 1, 0, **own)
+def step_cost(shape: ModelShape, hardware: HardwareConfig, dtype: str, **counts) -> StepCost:
+    """The roofline's counts for one model, dtype and hardware; `counts` (the engine's own
+    weights and KV storage, as for run_roofline) go to bytes_per_step."""
+    weights = bytes_per_step(shape, dtype, 1, 0, **counts)
     return StepCost(weight_bytes=weights,
-                    kv_bytes_per_position=bytes_per_step(shape, dtype, 1, 1, **own) - weights,
+                    kv_bytes_per_position=bytes_per_step(shape, dtype, 1, 1, **counts) - weights,
                     flops_per_token=flops_per_token(shape, 0),
                     flops_per_position=flops_per_token(shape, 1) - flops_per_token(shape, 0),
                     bandwidth_bytes_per_s=hardware.bandwidth_gbps * 1e9,

@@ -4,7 +4,8 @@ import pytest
 
 from harness.config import load_hardware_config, load_model_config
 from harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front, step_cost
-from harness.hardware.roofline import bytes_per_step, flops_per_token, peak_flops
+from harness.hardware.counts import WeightBytes, flops_per_token
+from harness.hardware.roofline import bytes_per_step, peak_flops
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,13 @@ def test_floors_are_the_rooflines_counts(setup, batch, context):
         batch * flops_per_token(shape, context) / peak_flops(hardware, "bfloat16"))
 
 
-def test_llamacpp_style_byte_counts_pass_through(setup):
+def test_an_engines_own_byte_counts_pass_through(setup):
     shape, hardware, _ = setup
-    cost = step_cost(shape, hardware, "bfloat16", weight_bytes=96.6e6, kv_bytes_per_element=2)
-    assert cost.weight_bytes == 96.6e6
+    own = {"weights": WeightBytes(table=28.3e6, dense=68.3e6), "kv_bytes_per_element": 2}
+    cost = step_cost(shape, hardware, "bfloat16", **own)
+    assert cost.weight_bytes == pytest.approx(96.6e6)
     assert cost.memory_floor_s(4, 100) == pytest.approx(
-        bytes_per_step(shape, "bfloat16", 4, 100, weight_bytes=96.6e6, kv_bytes_per_element=2)
-        / (hardware.bandwidth_gbps * 1e9))
+        bytes_per_step(shape, "bfloat16", 4, 100, **own) / (hardware.bandwidth_gbps * 1e9))
 
 
 def test_crossing_batch_is_where_the_floors_meet(setup):
