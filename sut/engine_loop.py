@@ -12,11 +12,18 @@ import itertools
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 
 from sut.completion_request import RequestError
 from sut.engine import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: int
+    reason: str
 
 
 class EngineLoop:
@@ -51,7 +58,7 @@ class EngineLoop:
 
     def abort(self, request_id: int, reason: str) -> None:
         """End a request whose client is gone (safe from any thread; a finished one is left alone)."""
-        self._inbox.put(("abort", request_id, reason))
+        self._inbox.put(_Abort(request_id, reason))
 
     def request_stop(self) -> None:
         """Ask the loop to end (safe from a signal handler); `stop` also waits for it."""
@@ -83,15 +90,15 @@ class EngineLoop:
             events.put(failure)
         while not self._inbox.empty():
             item = self._inbox.get_nowait()
-            if item is not None and item[0] != "abort":
+            if isinstance(item, tuple):
                 item[3].put(failure)
 
     def _admit(self, block: bool) -> None:
         try:
             item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
             while True:
-                if item is not None and item[0] == "abort":
-                    self._abort(*item[1:])
+                if isinstance(item, _Abort):
+                    self._abort(item)
                 elif item is not None:
                     rid, prompt, params, events = item
                     try:
@@ -103,9 +110,9 @@ class EngineLoop:
         except queue.Empty:
             pass
 
-    def _abort(self, request_id: int, reason: str) -> None:
-        freed = self.engine.abort(request_id)
+    def _abort(self, abort: _Abort) -> None:
+        freed = self.engine.abort(abort.request_id)
         if freed is not None:
-            del self._streams[request_id]
+            del self._streams[abort.request_id]
             log.warning("request %d aborted (%s): its sequence stopped, %d KV blocks freed",
-                        request_id, reason, freed)
+                        abort.request_id, abort.reason, freed)
