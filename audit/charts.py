@@ -112,3 +112,35 @@ def latency_chart(folders: list) -> str | None:
         ax.grid(True, alpha=0.3)
     legend(fig, *axes[0].get_legend_handles_labels())
     return png(fig)
+
+
+AUDIT_MARKERS = {"reference": "o", "candidate": "s", "baseline": "^"}
+
+
+def accuracy_wall_chart(audit: dict) -> str | None:
+    """Accuracy (with its 95% CI) against memory-wall tokens/s, one point per model of an
+    audit (`wallperf audit --json`'s `models`): what each format or model size buys."""
+    models = audit.get("models")
+    if not isinstance(models, dict):
+        return None
+    points = [(role, m) for role, m in models.items() if isinstance(m, dict)
+              and all(isinstance(m.get(k), (int, float)) for k in ("accuracy", "memory_wall_tokens_per_second"))]
+    if not points:
+        return None
+    fig = new_figure(6.5, 3.6 + 0.14 * len(points))
+    ax = fig.add_subplot()
+    for role, m in points:
+        ci = m.get("accuracy_ci95") or [m["accuracy"]] * 2
+        acc = 100 * m["accuracy"]
+        ax.errorbar([m["memory_wall_tokens_per_second"]], [acc], yerr=[[acc - 100 * ci[0]], [100 * ci[1] - acc]],
+                    marker=AUDIT_MARKERS.get(role, "x"), capsize=4, linestyle="none",
+                    label=chart_text(f"{role}: {m.get('spec', '?')}, {acc:.1f}%"))
+    chance = audit.get("chance")
+    if isinstance(chance, (int, float)):
+        ax.axhline(100 * chance, color="0.5", linestyle=":", linewidth=1, label="chance")
+    ax.set_xlabel(f"memory-wall tokens/s at batch 1 ({audit.get('hardware', '?')})")
+    ax.set_ylabel("MMLU accuracy (%), 95% CI")
+    ax.set_title("accuracy against the memory wall")
+    ax.grid(True, alpha=0.3)
+    legend(fig, *ax.get_legend_handles_labels())
+    return png(fig)

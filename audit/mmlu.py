@@ -13,9 +13,8 @@ Two prompt formats:
   (29.3% against the letter format's 23.5% on 570 questions, FACTS.md).
 
 k-shot prompts put k solved questions of the same subject before the question,
-as lm-eval does. The prompt up to "Answer:" is shared by the four answers: it
-is run once, its KV cache is copied to four slots, and the four continuations
-run as one right-padded batch.
+as lm-eval does. audit.scoring runs the questions through the model by packed
+prefill, the prompt up to "Answer:" once for its four answers.
 """
 from __future__ import annotations
 
@@ -25,11 +24,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-
 from audit.stats import binomial_sf, log_softmax, wilson_interval
+from audit.scoring import DEFAULT_MAX_TOKENS, encode_request, score_requests
 from harness.loadgen.qsl import LETTERS, MMLUQuestion
-from sut.kv_cache import SlotKVCache
 
 FORMATS = ("letter", "cloze")
 CHANCE = 0.25
@@ -174,65 +171,7 @@ def choose_exemplars(questions, pool, k_shot: int) -> list:
     return chosen
 
 
-def encode_request(tokenizer, context: str, continuations) -> tuple[list, list]:
-    """Token ids of the context and of each continuation as it tokenizes after it.
-
-    As lm-eval does: the continuation's tokens are those of context+continuation
-    past the context's tokens, so the answer is scored as the model would read it.
-    """
-    ctx = tokenizer.encode(context, add_special_tokens=True)
-    plain_len = len(tokenizer.encode(context))
-    conts = []
-    for text in continuations:
-        ids = tokenizer.encode(context + text)[plain_len:]
-        if not ids:
-            raise ValueError(f"continuation {text!r} adds no tokens after the context")
-        conts.append(ids)
-    return ctx, conts
-
-
 # -- scoring -----------------------------------------------------------------
-
-class ChoiceScorer:
-    """Log-likelihoods of N_CHOICES continuations of one context, sharing its prefill."""
-
-    def __init__(self, model, max_len: int):
-        cfg = model.cfg
-        if max_len > cfg.max_position:
-            raise ValueError(f"a prompt of {max_len} tokens exceeds the model's {cfg.max_position} positions; "
-                             "use fewer shots (--k-shot)")
-        weight = model.embed_tokens.weight
-        self.model, self.device = model, weight.device
-        self.cache = SlotKVCache(cfg.n_layers, N_CHOICES, cfg.n_kv_heads, max_len, cfg.head_dim,
-                                 weight.dtype, weight.device)
-
-    def loglikelihoods(self, context: list, continuations: list) -> tuple:
-        n = len(context)
-        ids = torch.tensor([context], device=self.device)
-        positions = torch.arange(n, device=self.device).unsqueeze(0)
-        self.cache.bind([0], positions)
-        last = self.model(ids, positions, self.cache, logits_at=torch.tensor([[n - 1]], device=self.device))
-        first = torch.log_softmax(last[0, -1], dim=-1)  # (V,)
-        totals = [float(first[c[0]]) for c in continuations]
-        # Only the continuations' own tokens but the last need a forward pass:
-        # each predicts the next one. Single-token answers (letters) need none.
-        width = max(len(c) for c in continuations) - 1
-        if width == 0:
-            return tuple(totals)
-        for cache in (self.cache.k, self.cache.v):  # (L, slots, H_kv, S, D)
-            cache[:, 1:, :, :n] = cache[:, :1, :, :n]
-        ids = torch.zeros(N_CHOICES, width, dtype=torch.long)
-        for row, c in enumerate(continuations):
-            ids[row, : len(c) - 1] = torch.tensor(c[:-1])
-        # Right padding: pad positions lie past each row's tokens, so no real token attends to them.
-        positions = (n + torch.arange(width)).expand(N_CHOICES, -1).to(self.device)
-        self.cache.bind(list(range(N_CHOICES)), positions)
-        logp = torch.log_softmax(self.model(ids.to(self.device), positions, self.cache), dim=-1)  # (4, W, V)
-        for row, c in enumerate(continuations):
-            targets = torch.tensor(c[1:], dtype=torch.long, device=self.device)
-            totals[row] += float(logp[row, torch.arange(len(c) - 1, device=self.device), targets].double().sum())
-        return tuple(totals)
-
 
 def decision_scores(loglikelihoods, q: MMLUQuestion, fmt: str) -> tuple:
     """Letter: the log-likelihoods. Cloze: divided by each answer's length in characters
@@ -242,7 +181,7 @@ def decision_scores(loglikelihoods, q: MMLUQuestion, fmt: str) -> tuple:
     return tuple(ll / max(1, len(text)) for ll, text in zip(loglikelihoods, q.choices))
 
 
-class _Progress:
+class Progress:
     """Questions done / total and rate on stderr: redrawn on a terminal, a line every 10 s otherwise."""
 
     def __init__(self, label: str, total: int, enabled: bool):
@@ -265,29 +204,43 @@ class _Progress:
         sys.stderr.flush()
 
 
-def evaluate(loaded_model, questions, fmt: str = "cloze", k_shot: int = 0, exemplar_pool=None,
-             progress: bool = True, label: str = "mmlu") -> MMLUResult:
-    """Score every question of `questions` with `loaded_model` (a sut.loading.LoadedModel).
-
-    Exemplars for k-shot prompts come from `exemplar_pool` (default: `questions`).
-    """
+def prepare(tokenizer, questions, fmt: str, k_shot: int = 0, exemplar_pool=None, max_position=None) -> list:
+    """Each question's request for audit.scoring: context ids and the four answers' ids.
+    Exemplars for k-shot prompts come from `exemplar_pool` (default: `questions`)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     if k_shot < 0:
         raise ValueError(f"k_shot must be >= 0, got {k_shot}")
+    exemplars = choose_exemplars(questions, questions if exemplar_pool is None else exemplar_pool, k_shot)
+    requests = [encode_request(tokenizer, build_context(q, fmt, shots), answer_texts(q, fmt))
+                for q, shots in zip(questions, exemplars)]
+    for ctx, conts in requests:
+        if max_position is not None and len(ctx) + max(map(len, conts)) > max_position:
+            raise ValueError(f"a prompt of {len(ctx) + max(map(len, conts))} tokens exceeds the model's "
+                             f"{max_position} positions; use fewer shots (--k-shot)")
+    return requests
+
+
+def score(loaded_model, questions, requests, fmt: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> list:
+    """QuestionScores of `questions` from their prepared requests, by packed prefill."""
+    lls = score_requests(loaded_model.model, requests, max_tokens)
+    return [QuestionScore(q.subject, LETTERS.index(q.answer), ll, decision_scores(ll, q, fmt))
+            for q, ll in zip(questions, lls)]
+
+
+def evaluate(loaded_model, questions, fmt: str = "cloze", k_shot: int = 0, exemplar_pool=None,
+             progress: bool = True, label: str = "mmlu", chunk: int = 64) -> MMLUResult:
+    """Score every question of `questions` with `loaded_model` (a sut.loading.LoadedModel),
+    `chunk` questions per progress update."""
     if not questions:
         raise ValueError("no questions to evaluate")
     started = time.monotonic()
-    tokenizer = loaded_model.tokenizer
-    exemplars = choose_exemplars(questions, questions if exemplar_pool is None else exemplar_pool, k_shot)
-    requests = []
-    for q, shots in zip(questions, exemplars):
-        requests.append(encode_request(tokenizer, build_context(q, fmt, shots), answer_texts(q, fmt)))
-    scorer = ChoiceScorer(loaded_model.model, max(len(ctx) + max(map(len, conts)) for ctx, conts in requests))
-    shown = _Progress(f"{label} {fmt} {k_shot}-shot", len(questions), progress)
+    requests = prepare(loaded_model.tokenizer, questions, fmt, k_shot, exemplar_pool,
+                       loaded_model.model.cfg.max_position)
+    shown = Progress(f"{label} {fmt} {k_shot}-shot", len(questions), progress)
     scored = []
-    for done, (q, (ctx, conts)) in enumerate(zip(questions, requests), 1):
-        ll = scorer.loglikelihoods(ctx, conts)
-        scored.append(QuestionScore(q.subject, LETTERS.index(q.answer), ll, decision_scores(ll, q, fmt)))
-        shown.update(done)
+    for start in range(0, len(questions), chunk):
+        part = slice(start, start + chunk)
+        scored += score(loaded_model, questions[part], requests[part], fmt)
+        shown.update(len(scored))
     return MMLUResult(fmt, k_shot, tuple(scored), seconds=time.monotonic() - started)

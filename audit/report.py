@@ -22,7 +22,7 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from audit.charts import PERCENTILES, latency_chart, png, roofline_chart
+from audit.charts import PERCENTILES, accuracy_wall_chart, latency_chart, png, roofline_chart
 from audit.pareto import pareto_figure, series_of
 from audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
 from harness.config import ConfigError
@@ -221,6 +221,8 @@ def audit_rows(audit: dict) -> list[tuple[str, str]]:
             ("candidate accuracy", percent(audit.get("candidate_accuracy"))),
             ("baseline accuracy", percent(audit.get("baseline_accuracy"))),
             ("drop", f"{figure(audit.get('drop_points'))} points (95% CI {ci_text})"),
+            ("point estimate alone (MLPerf's rule)", str(audit.get("point_estimate_verdict", MISSING))),
+            ("quantize or run the baseline", str((audit.get("baseline_comparison") or {}).get("reason", MISSING))),
             ("agreement", percent(audit.get("agreement"))), ("mean KL", f"{figure(audit.get('kl'))} nats"),
             ("questions", figure(audit.get("questions"))), ("format", str(audit.get("format", MISSING))),
             ("chance", percent(audit.get("chance")))]
@@ -237,7 +239,8 @@ def source_rows(folder: RunFolder) -> dict:
             "started": str(r.get("started", MISSING)),
             "complete": {True: "yes", False: "no (interrupted)"}.get(r.get("complete"), MISSING),
             "wall_time": f"{figure(r.get('wall_time_s'))} s", "config_json": config,
-            "audit": audit_rows(folder.audit) if folder.audit is not None else None}
+            "audit": audit_rows(folder.audit) if folder.audit is not None else None,
+            "audit_chart": accuracy_wall_chart(folder.audit) if folder.audit is not None else None}
 
 
 def _count(n: int, severity: str) -> str:

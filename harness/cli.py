@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="micro-benchmarks: gemv (CPU bf16 GEMV vs PyTorch), decode (the "
                        "engine's batch-1 decode step, fused C++ vs eager, against the memory wall), mome "
-                       "(memory experts), client (the OpenAI client against a local mock)")
-    b.add_argument("what", choices=("gemv", "decode", "mome", "client"))
+                       "(memory experts), client (the OpenAI client against a local mock), mmlu (the "
+                       "audit's MMLU scoring against HF transformers)")
+    b.add_argument("what", choices=("gemv", "decode", "mome", "client", "mmlu"))
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (see its --help)")
 
     g = sub.add_parser("generate", help="greedy generation with the native engine")

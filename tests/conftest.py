@@ -131,3 +131,37 @@ class StepBackend:
 def step_backend():
     """The StepBackend class (tests may not import conftest)."""
     return StepBackend
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory):
+    """A seeded random 2-layer Llama saved by HF transformers, with a byte-level BPE tokenizer.json:
+    an HF checkpoint folder any model spec can name."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sut.tokenizer import Tokenizer
+
+    merges = [f"Ġ {c}" for c in "ABCDt"] + ["h e", "t he"]
+    tokens = sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.2)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    Tokenizer.from_vocab(tokens, merges).backend.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_mmlu_path(tmp_path_factory):
+    """An MMLU-format file of 3 subjects x 20 made-up questions (answers cycle A-D)."""
+    import json
+
+    path = tmp_path_factory.mktemp("tiny_mmlu") / "mmlu.jsonl"
+    rows = [{"question": f"Question {i} about {topic}?", "answer_a": f"one {i}", "answer_b": f"two {i}",
+             "answer_c": f"three {i}", "answer_d": f"four {i}", "correct_answer": "ABCD"[i % 4], "topic": topic}
+            for topic in ("astronomy", "anatomy", "virology") for i in range(20)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -139,6 +139,14 @@ class ModelShape:
         if not 1 <= self.experts_per_token <= self.n_experts:
             raise ValueError("need 1 <= experts_per_token <= n_experts")
 
+    @classmethod
+    def of(cls, config) -> "ModelShape":
+        """The shape of a loaded model's config (sut.models.llama.LlamaConfig)."""
+        return cls(n_layers=config.n_layers, hidden_size=config.hidden_size, n_heads=config.n_heads,
+                   n_kv_heads=config.n_kv_heads, ffn_size=config.ffn_size, vocab_size=config.vocab_size,
+                   tie_embeddings=config.tie_embeddings, head_dim=config.head_dim, rope_theta=config.rope_theta,
+                   max_position=config.max_position)
+
 
 @dataclass(frozen=True)
 class MoMESection:

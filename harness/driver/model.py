@@ -30,11 +30,7 @@ def model_shape(resolved: ResolvedRun, loaded) -> ModelShape:
     """The published shape from conf/, or the loaded checkpoint's own."""
     if resolved.model.shape is not None:
         return resolved.model.shape
-    c = loaded.config
-    return ModelShape(n_layers=c.n_layers, hidden_size=c.hidden_size, n_heads=c.n_heads,
-                      n_kv_heads=c.n_kv_heads, ffn_size=c.ffn_size, vocab_size=c.vocab_size,
-                      tie_embeddings=c.tie_embeddings, head_dim=c.head_dim, rope_theta=c.rope_theta,
-                      max_position=c.max_position)
+    return ModelShape.of(loaded.config)
 
 
 def choose_device(requested: str) -> str:

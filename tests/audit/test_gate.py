@@ -1,180 +1,69 @@
-"""The quantization gate: verdicts on synthetic per-question results, the paired
-bootstrap against a naive resampling and McNemar's normal interval, input
-errors, and (slow) SmolLM2 against a damaged and an upcast copy of itself."""
+"""`wallperf audit` end to end: the seeded draw order, stopping at the first decided look,
+the baseline's costs, input errors; (slow) SmolLM2 against a damaged and an upcast copy."""
 import json
-import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from audit.gate import AuditInputError, AuditResult, ModelSpec, audit, cmd_audit, parse_spec, resolve_spec
-from audit.mmlu import MMLUResult, QuestionScore
-from audit.stats import Z95, kl_divergence, paired_bootstrap_ci
+import audit.gate as gate
+from audit.gate import audit, cmd_audit, draw_order
+from audit.specs import AuditInputError
+from harness.loadgen.qsl import load_mmlu
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _result(correct, answers=None, subjects=None, fmt="cloze"):
-    """Per-question scores whose argmax is the answer where `correct`, the next choice elsewhere."""
-    n = len(correct)
-    answers = [i % 4 for i in range(n)] if answers is None else answers
-    subjects = [f"subject {i % 3}" for i in range(n)] if subjects is None else subjects
-    questions = []
-    for ok, answer, subject in zip(correct, answers, subjects):
-        pick = answer if ok else (answer + 1) % 4
-        scores = tuple(-1.0 if i == pick else -2.0 - 0.1 * i for i in range(4))
-        questions.append(QuestionScore(subject, answer, scores, scores))
-    return MMLUResult(fmt, 0, tuple(questions))
+def test_draw_order_is_a_seeded_permutation():
+    order = draw_order(14042)
+    assert sorted(order) == list(range(14042))
+    assert list(order[:50]) == list(draw_order(14042)[:50]) != list(draw_order(14042, seed=1)[:50])
 
 
-def _flags(n, n_correct, flip=()):
-    flags = [i < n_correct for i in range(n)]
-    for i in flip:
-        flags[i] = not flags[i]
-    return flags
-
-
-def test_pass_when_the_drop_is_small_and_the_reference_informative():
-    ref = _result(_flags(400, 240))
-    cand = _result(_flags(400, 240, flip=[0, 1, 300]))  # -2 +1: 0.25 points
-    r = AuditResult(ref, cand, max_drop=1.0)
-    assert r.verdict == "PASS"
-    assert r.drop_points == pytest.approx(0.25)
-    assert r.agreement == pytest.approx(397 / 400)
-    assert r.drop_ci95[0] <= 0.25 <= r.drop_ci95[1]
-    assert r.to_json()["verdict"] == "PASS"
-
-
-def test_fail_when_the_drop_exceeds_max_drop():
-    ref = _result(_flags(400, 240))
-    cand = _result(_flags(400, 240, flip=range(8)))  # 2 points
-    r = AuditResult(ref, cand, max_drop=1.5)
-    assert r.verdict == "FAIL" and r.drop_points == pytest.approx(2.0)
-    assert "more than the 1.5 allowed" in r.reason
-
-
-def test_inconclusive_when_the_reference_is_at_chance():
-    ref = _result(_flags(100, 27))
-    r = AuditResult(ref, _result(_flags(100, 27)), max_drop=1.0)
-    assert not ref.significantly_above_chance
-    assert r.verdict == "INCONCLUSIVE"
-    assert "cannot detect damage" in r.reason and "--per-subject" in r.reason and "--format (letter)" in r.reason
-    assert "cannot detect damage" in r.summary()
-
-
-def test_a_large_drop_fails_even_from_a_reference_at_chance():
-    r = AuditResult(_result(_flags(100, 27)), _result(_flags(100, 27, flip=range(10))), max_drop=1.0)
-    assert r.verdict == "FAIL"
-
-
-def test_baseline_must_still_be_beaten():
-    ref = _result(_flags(400, 240))
-    cand = _result(_flags(400, 240, flip=[0]))
-    below = AuditResult(ref, cand, 1.0, baseline=_result(_flags(400, 239)))
-    assert below.verdict == "FAIL" and below.beats_baseline is False and "baseline" in below.reason
-    above = AuditResult(ref, cand, 1.0, baseline=_result(_flags(400, 200)))
-    assert above.verdict == "PASS" and above.beats_baseline is True
-    assert above.to_json()["baseline_accuracy"] == pytest.approx(0.5)
-
-
-def test_json_has_the_contracted_keys():
-    j = AuditResult(_result(_flags(40, 20)), _result(_flags(40, 19)), 1.0).to_json()
-    for key in ("reference_accuracy", "candidate_accuracy", "drop_points", "drop_ci95", "agreement", "kl",
-                "questions", "format", "chance", "verdict", "baseline_accuracy"):
-        assert key in j
-    assert j["questions"] == 40 and j["format"] == "cloze" and j["chance"] == 0.25
-    assert j["baseline_accuracy"] is None and len(j["drop_ci95"]) == 2
-    assert set(j["per_subject"]) == {"subject 0", "subject 1", "subject 2"}
+def test_runs_to_the_pool_when_undecided(tiny_llama_folder, tiny_mmlu_path):
+    """A random model is at chance: no PASS, so every question of the pool is drawn, in the seeded order."""
+    r = audit(str(tiny_llama_folder), f"{tiny_llama_folder}@bf16", max_drop=2.0,
+              baseline_spec=f"{tiny_llama_folder}+noise1", mmlu_path=tiny_mmlu_path, progress=False,
+              look_every=16, max_questions=None)
+    pool = load_mmlu(tiny_mmlu_path)
+    assert r.verdict.verdict == "INCONCLUSIVE" and r.verdict.questions == r.verdict.population == 60
+    expected = [pool[i] for i in draw_order(60)]
+    assert [(q.subject, "ABCD"[q.answer]) for q in r.verdict.reference.questions] == [
+        (q.subject, q.answer) for q in expected]
+    j = r.to_json()
+    assert set(j["models"]) == {"reference", "candidate", "baseline"}
+    assert j["models"]["reference"]["weight_dtype"] == "float32"
+    assert j["models"]["candidate"]["bytes_per_token"] == j["models"]["reference"]["bytes_per_token"] / 2
+    assert j["baseline_comparison"]["verdict"] in ("quantized", "small", "undecided")
+    assert j["hardware"] == "cpu" and j["max_questions"] is None
     json.dumps(j)
 
 
-def test_per_subject_drops_and_kl():
-    subjects = ["a"] * 4 + ["b"] * 4
-    ref = _result([True] * 8, subjects=subjects)
-    cand = _result([False, True, True, True] + [True] * 4, subjects=subjects)
-    r = AuditResult(ref, cand, 2.0)
-    drops = {s.subject: s.drop_points for s in r.per_subject}
-    assert drops == pytest.approx({"a": 25.0, "b": 0.0})
-    # KL by hand over the one question that differs (the others are identical distributions).
-    p = np.exp(ref.questions[0].scores) / np.sum(np.exp(ref.questions[0].scores))
-    q = np.exp(cand.questions[0].scores) / np.sum(np.exp(cand.questions[0].scores))
-    assert r.kl == pytest.approx(float(np.sum(p * np.log(p / q))) / 8)
-    assert kl_divergence([[0.0, 0.0]], [[0.0, 0.0]]) == pytest.approx([0.0])
+def test_stops_at_the_first_decided_look(tiny_llama_folder, tiny_mmlu_path, monkeypatch):
+    looks = []
+
+    def decided_at_32(reference, candidate, max_drop, population):
+        looks.append(len(reference))
+        return "PASS" if len(reference) >= 32 else None
+
+    monkeypatch.setattr(gate, "decide", decided_at_32)
+    r = audit(str(tiny_llama_folder), str(tiny_llama_folder), mmlu_path=tiny_mmlu_path, progress=False,
+              look_every=16)
+    assert looks == [16, 32] and r.verdict.questions == 32
 
 
-def test_results_on_different_questions_are_refused():
-    with pytest.raises(AuditInputError, match="not scored on the reference's questions"):
-        AuditResult(_result(_flags(40, 20)), _result(_flags(40, 20), answers=[0] * 40), 1.0)
-
-
-def _paired_sample(rng, n, p_ref_only, p_cand_only, p_both):
-    u = rng.random(n)
-    ref = (u < p_ref_only) | ((u >= p_ref_only + p_cand_only) & (u < p_ref_only + p_cand_only + p_both))
-    cand = ((u >= p_ref_only) & (u < p_ref_only + p_cand_only + p_both))
-    return ref, cand
-
-
-def test_bootstrap_ci_agrees_with_naive_resampling_and_mcnemar():
-    rng = np.random.default_rng(1)
-    ref, cand = _paired_sample(rng, 1500, 0.08, 0.03, 0.3)
-    lo, hi = paired_bootstrap_ci(ref, cand)
-    # Naive bootstrap: resample question indices.
-    idx = rng.integers(0, ref.size, size=(4000, ref.size))
-    naive = np.quantile((ref[idx].astype(int) - cand[idx].astype(int)).mean(axis=1), [0.025, 0.975])
-    assert (lo, hi) == pytest.approx(tuple(naive), abs=0.003)
-    # McNemar's normal interval for a paired difference of proportions.
-    n, b, c = ref.size, np.sum(ref & ~cand), np.sum(~ref & cand)
-    d = (b - c) / n
-    half = Z95 * math.sqrt((b + c) / n - d * d) / math.sqrt(n)
-    assert (lo, hi) == pytest.approx((d - half, d + half), abs=0.003)
-
-
-def test_bootstrap_ci_covers_the_true_drop():
-    rng = np.random.default_rng(2)
-    true_drop = 0.05 - 0.02
-    covered = 0
-    for trial in range(200):
-        ref, cand = _paired_sample(rng, 800, 0.05, 0.02, 0.3)
-        lo, hi = paired_bootstrap_ci(ref, cand, n_resamples=2000, seed=trial)
-        covered += lo <= true_drop <= hi
-    assert 0.90 <= covered / 200 <= 0.99
-
-
-@pytest.mark.parametrize("bad", [0, -0.5, 2.01, 5, math.nan, "1", True])
-def test_bad_max_drop_is_refused_before_any_work(bad):
-    with pytest.raises(AuditInputError, match=r"max_drop must be .* in \(0, 2.0\]"):
-        audit("no-such-model", "no-such-model", max_drop=bad)
-
-
-@pytest.mark.parametrize("spec,message", [
-    ("", "empty"),
-    ("smollm2-135m@int4", "dtype 'int4' is not one of"),
-    ("smollm2-135m+noise0", "must be a number > 0"),
-    ("smollm2-135m@bfloat16+noisex", "must be a number > 0"),
-])
-def test_bad_spec_syntax(spec, message):
-    with pytest.raises(AuditInputError, match=message):
-        parse_spec(spec)
-
-
-def test_spec_grammar():
-    assert parse_spec("smollm2-135m") == ModelSpec("smollm2-135m", None, 0.0)
-    s = parse_spec("/tmp/a@b/model.gguf@fp8+noise0.05")
-    assert (s.target, s.dtype, s.noise) == ("/tmp/a@b/model.gguf", "fp8", 0.05)
-    assert str(parse_spec("m@float32+noise0.2")) == "m@float32+noise0.2"
-
-
-@pytest.mark.parametrize("target,message", [
-    ("no-such-model", "neither a model name from conf/models"),
-    ("llama3.1-8b", "cannot be audited: .*synthetic weights"),
-])
-def test_unresolvable_spec(target, message):
-    with pytest.raises(AuditInputError, match=message):
-        resolve_spec(parse_spec(target))
+def test_max_questions_caps_the_draw(tiny_llama_folder, tiny_mmlu_path):
+    r = audit(str(tiny_llama_folder), str(tiny_llama_folder), mmlu_path=tiny_mmlu_path, progress=False,
+              look_every=8, max_questions=20, subjects=["virology", "anatomy"])
+    assert r.verdict.questions == 20 and r.verdict.population == 40 and r.max_questions == 20
+    assert {q.subject for q in r.verdict.reference.questions} <= {"virology", "anatomy"}
+    assert r.verdict.verdict == "INCONCLUSIVE" and "--max-questions" in r.verdict.reason
 
 
 def _args(**kw):
     base = dict(reference="smollm2-135m", candidate="smollm2-135m", max_drop=1.0, baseline=None, per_subject=1,
-                fmt="cloze", k_shot=0, json=True, no_progress=True, subjects=None)
+                fmt="cloze", k_shot=0, json=True, no_progress=True, subjects=None, hardware="cpu",
+                max_questions=None, seed=0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -182,56 +71,34 @@ def test_cli_bad_input_exits_2(capsys):
     assert cmd_audit(_args(max_drop=3.0)) == 2
     assert cmd_audit(_args(reference="no-such-model")) == 2
     assert "neither a model name" in capsys.readouterr().err
+    assert cmd_audit(_args(hardware="no-such-gpu")) == 2
+    assert "no-such-gpu" in capsys.readouterr().err
+    assert cmd_audit(_args(max_questions=0)) == 2
 
 
-# First questions of subjects that bf16 SmolLM2 answers right in the cloze format with a clear
-# margin (>= 0.23 nats/char between its two best answers; float32 moves margins by < 0.03),
-# measured: rounding cannot flip them, scrambled weights can. Elsewhere the model is at chance
-# and no damage could be seen on a handful of questions.
-CLEAR_SUBJECTS = ["high school geography", "human aging", "human sexuality", "marketing", "moral scenarios",
-                  "nutrition"]
+def test_bad_input_is_refused_before_any_work():
+    with pytest.raises(AuditInputError, match="format 'essay'"):
+        audit("no-such-model", "no-such-model", fmt="essay")
 
 
-@pytest.fixture
-def one_thread():
-    """The test machine's cores are shared: one thread avoids OpenMP threads waiting on each other."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Questions bf16 SmolLM2 answers right in the cloze format with a clear margin (>= 0.23 nats/char
+# between its two best answers; float32 moves margins by < 0.03), measured over the first five
+# questions of every subject: rounding cannot flip them, scrambled weights can. Elsewhere the
+# model is at chance and no damage could be seen on a handful of questions.
+CLEAR_QUESTIONS = []
 
 
 @pytest.mark.slow
-def test_smollm2_with_noisy_weights_fails(mmlu_path, one_thread):
-    r = audit("smollm2-135m", "smollm2-135m@bfloat16+noise0.5", per_subject=1, subjects=CLEAR_SUBJECTS,
-              mmlu_path=mmlu_path, progress=False)
-    assert r.reference.overall.correct == len(CLEAR_SUBJECTS) and r.reference.significantly_above_chance
-    assert r.verdict == "FAIL" and r.drop_points > 1.0 and r.agreement < 1.0
+def test_smollm2_with_noisy_weights_fails(mmlu_path):
+    pool = [q for q in load_mmlu(mmlu_path) if q.question.strip() in CLEAR_QUESTIONS]
+    r = audit("smollm2-135m", "smollm2-135m@bf16+noise0.5", fmt="cloze", questions=pool, progress=False)
+    assert r.verdict.reference.overall.correct == len(pool)
+    assert r.verdict.verdict == "FAIL" and r.verdict.drop_ci95[0] > 1.0
 
 
 @pytest.mark.slow
-def test_smollm2_float32_does_not_fail(mmlu_path, one_thread, capsys):
-    code = cmd_audit(_args(candidate="smollm2-135m@float32", subjects=CLEAR_SUBJECTS))
+def test_smollm2_float32_is_not_failed(mmlu_path, capsys):
+    code = cmd_audit(_args(candidate="smollm2-135m@fp32", per_subject=None, max_questions=64))
     out = json.loads(capsys.readouterr().out)
-    assert code in (0, 3) and out["verdict"] in ("PASS", "INCONCLUSIVE")
-    assert out["questions"] == len(CLEAR_SUBJECTS) and out["drop_points"] <= 1.0
-
-
-def test_fp8_without_sut_quant_is_a_clear_error(monkeypatch, smollm2_gguf_path):
-    import sys
-
-    from audit.gate import load_spec
-
-    monkeypatch.setitem(sys.modules, "sut.quant", None)  # as if sut/quant.py did not exist
-    with pytest.raises(AuditInputError, match="fp8 is unavailable"):
-        load_spec(parse_spec(f"{smollm2_gguf_path}@fp8"))
-
-
-def test_reasons_say_when_the_ci_straddles_the_limit():
-    ref = _result(_flags(200, 120))
-    weak_fail = AuditResult(ref, _result(_flags(200, 120, flip=range(3))), max_drop=1.0)  # 1.5 points
-    assert weak_fail.verdict == "FAIL" and "do not prove a drop above the limit" in weak_fail.reason
-    weak_pass = AuditResult(ref, _result(_flags(200, 120, flip=[0])), max_drop=1.0)  # 0.5 points
-    assert weak_pass.verdict == "PASS" and "cannot rule out a drop above the limit" in weak_pass.reason
+    assert code == 3 and out["verdict"] == "INCONCLUSIVE" and out["questions"] == 64
+    assert out["agreement"] > 0.9 and np.isfinite(out["drop_ci95"]).all()

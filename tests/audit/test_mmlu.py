@@ -50,28 +50,15 @@ def _reference_scores(hf_model, encode, q, fmt):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """A random 2-layer Llama saved by HF, loaded by our loader, with a byte-level tokenizer."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_models(tiny_llama_folder):
+    """The tiny random Llama as HF transformers reads it and as our loader does."""
+    from transformers import LlamaForCausalLM
 
-    from sut.loading import LoadedModel
-    from sut.tokenizer import Tokenizer
-    from sut.weights import build_model, load_hf_checkpoint
+    from sut.loading import load_model
 
-    merges = [f"Ġ {c}" for c in "ABCDt"] + ["h e", "t he"]
-    tokens = sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]
-    tokenizer = Tokenizer.from_vocab(tokens, merges)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.2)
-    hf = LlamaForCausalLM(cfg).eval()
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    hf.save_pretrained(folder)
-    our_cfg, sd, _ = load_hf_checkpoint(folder)
-    ours = LoadedModel(folder, our_cfg, build_model(our_cfg, sd, torch.float32), tokenizer, "float32")
-    return hf, ours, tokenizer
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32).eval()
+    ours = load_model(tiny_llama_folder, "float32")
+    return hf, ours, ours.tokenizer
 
 
 @pytest.mark.parametrize("fmt", ["letter", "cloze"])
@@ -88,6 +75,21 @@ def test_loglikelihoods_match_hf(tiny_models, fmt):
         assert scored.probs == pytest.approx(expected, abs=1e-5)
     assert result.overall.correct == sum(q.correct for q in result.questions)
     assert set(result.per_subject) == {"high school biology", "astronomy"}
+
+
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+def test_packing_does_not_change_the_scores(tiny_models, fmt):
+    """One question per row, padded rows side by side in one pass, and one row for all: the same
+    log-likelihoods as one question per forward pass."""
+    from audit.mmlu import prepare
+    from audit.scoring import score_requests
+
+    _, ours, tokenizer = tiny_models
+    requests = prepare(tokenizer, QUESTIONS * 3, fmt)
+    alone = [score_requests(ours.model, [r])[0] for r in requests]
+    for row_tokens, max_tokens in [(1, 10_000), (1, 1), (10_000, 10_000)]:
+        packed = score_requests(ours.model, requests, max_tokens=max_tokens, row_tokens=row_tokens)
+        assert packed == [pytest.approx(lls, abs=1e-4) for lls in alone]
 
 
 def test_k_shot_letter_prompt_is_lm_evals():

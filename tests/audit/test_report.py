@@ -224,6 +224,22 @@ def test_the_accuracy_audit_verdict_is_rendered_when_present(one_folder, tmp_pat
     assert "Accuracy audit" not in md and "Accuracy audit" not in page
 
 
+def test_the_audit_chart_puts_each_model_at_its_memory_wall(tmp_path):
+    models = {role: {"spec": spec, "accuracy": acc, "accuracy_ci95": [acc - 0.02, acc + 0.02],
+                     "memory_wall_tokens_per_second": wall, "bytes_per_token": 1e9, "weight_dtype": "bfloat16"}
+              for role, spec, acc, wall in [("reference", "big@bf16", 0.51, 20.0), ("candidate", "big@fp8", 0.5, 38.0),
+                                            ("baseline", "small", 0.27, 60.0)]}
+    audit = {**AUDIT, "models": models, "hardware": "cpu", "point_estimate_verdict": "FAIL",
+             "baseline_comparison": {"verdict": "quantized", "reason": "quantizing beats the small one"}}
+    page, md = render([write_folder(tmp_path, "run", audit=audit)], tmp_path)
+    rows = dict(md_table(md, "### Accuracy audit: cpu / native / bfloat16")[1:])
+    assert rows["point estimate alone (MLPerf's rule)"] == "FAIL"
+    assert rows["quantize or run the baseline"] == "quantizing beats the small one"
+    assert 'alt="MMLU accuracy against memory-wall tokens/s' in page
+    page, _ = render([write_folder(tmp_path, "old", audit=AUDIT)], tmp_path)
+    assert "memory-wall tokens/s" not in page
+
+
 @pytest.mark.parametrize("content,match", [
     (None, "results.json not found"),
     ("{not json", "malformed JSON at line 1"),

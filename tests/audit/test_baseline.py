@@ -1,0 +1,72 @@
+"""Quantize or run the small model: costs at the memory wall and the plain verdict."""
+import numpy as np
+import pytest
+
+from audit.baseline import BaselineComparison, ModelCost
+from audit.mmlu import MMLUResult, QuestionScore
+from harness.config import load_hardware_config
+
+
+def _result(correct):
+    questions = []
+    for i, ok in enumerate(correct):
+        answer = i % 4
+        pick = answer if ok else (answer + 1) % 4
+        scores = tuple(-1.0 if c == pick else -2.0 for c in range(4))
+        questions.append(QuestionScore(f"subject {i % 5}", answer, scores, scores))
+    return MMLUResult("letter", 0, tuple(questions))
+
+
+def _correct(n, accuracy, seed):
+    return np.random.default_rng(seed).random(n) < accuracy
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_llama_folder):
+    from sut.loading import load_model
+
+    return load_model(tiny_llama_folder, "float32").config
+
+
+def test_bytes_per_token_count_every_weight_once(tiny_llama_folder, tiny_config):
+    """bf16: two bytes for each parameter HF transformers counts (the tied head once)."""
+    from transformers import LlamaForCausalLM
+
+    params = LlamaForCausalLM.from_pretrained(tiny_llama_folder).num_parameters()
+    cpu = load_hardware_config("cpu")
+    bf16 = ModelCost.of("tiny", tiny_config, "bfloat16", cpu)
+    assert bf16.bytes_per_token == 2 * params
+    assert bf16.memory_wall_tokens_per_second == pytest.approx(cpu.bandwidth_gbps * 1e9 / bf16.bytes_per_token)
+    fp8 = ModelCost.of("tiny@fp8", tiny_config, "fp8", cpu)
+    assert fp8.bytes_per_token < bf16.bytes_per_token
+    assert fp8.memory_wall_tokens_per_second / bf16.memory_wall_tokens_per_second == pytest.approx(
+        bf16.bytes_per_token / fp8.bytes_per_token)
+
+
+def _comparison(cand_accuracy, base_accuracy, tiny_config, n=600):
+    cpu = load_hardware_config("cpu")
+    big = ModelCost.of("big@fp8", tiny_config, "fp8", cpu)
+    small = ModelCost("small", "bfloat16", big.bytes_per_token / 3, big.memory_wall_tokens_per_second * 3)
+    return BaselineComparison(_result(_correct(n, cand_accuracy, 1)), _result(_correct(n, base_accuracy, 2)),
+                              big, small, "cpu", population=14042)
+
+
+def test_a_clearly_better_quantized_model_beats_the_small_one(tiny_config):
+    c = _comparison(0.55, 0.27, tiny_config)
+    lo, hi = c.advantage_ci95
+    assert c.verdict == "quantized" and 0 < lo <= c.advantage_points <= hi
+    assert c.speed_ratio == pytest.approx(1 / 3)
+    assert "beats running the small one" in c.reason and "for the speed it gives up" in c.reason
+    j = c.to_json()
+    assert j["verdict"] == "quantized" and j["candidate"]["spec"] == "big@fp8" and j["baseline"]["spec"] == "small"
+
+
+def test_a_small_model_as_good_wins(tiny_config):
+    c = _comparison(0.3, 0.6, tiny_config)
+    assert c.verdict == "small" and c.advantage_ci95[1] <= 0 and "run the small model" in c.reason
+
+
+def test_equal_models_are_undecided(tiny_config):
+    c = _comparison(0.5, 0.5, tiny_config)
+    lo, hi = c.advantage_ci95
+    assert c.verdict == "undecided" and lo < 0 < hi and "do not separate" in c.reason
