@@ -28,6 +28,7 @@ import numpy as np
 
 from audit.baseline import BaselineComparison, ModelCost
 from audit.mmlu import CHANCE, FORMATS, MMLUResult, Progress, prepare, score
+from audit.sequential import confidence_interval
 from audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
 from audit.verdict import EXIT_BAD_INPUT, EXIT_CODES, Verdict, check_max_drop, decide
 
@@ -170,9 +171,12 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
             requests = prepare(m.tokenizer, batch, fmt, k_shot, everything, m.config.max_position)
             scored[role] += score(m, batch, requests, fmt)
         done += len(batch)
-        decided = decide([q.correct for q in scored["reference"]], [q.correct for q in scored["candidate"]],
-                         max_drop, len(pool))
-        shown.update(done)
+        ref, cand = (np.array([q.correct for q in scored[role]], dtype=float) for role in ("reference", "candidate"))
+        decided = decide(ref, cand, max_drop, len(pool))
+        lo, hi = confidence_interval(ref - cand, len(pool))
+        shown.update(done, f"; drop {100 * (ref - cand).mean():.2f} points, 95% CI {100 * lo:.2f} to "
+                           f"{100 * hi:.2f} (limit {max_drop:g}){'; ' + decided if decided else ''}",
+                     final=decided is not None)
     results = {role: MMLUResult(fmt, k_shot, tuple(s)) for role, s in scored.items()}
     verdict = Verdict(results["reference"], results["candidate"], max_drop, len(pool))
     return AuditResult(verdict, costs, {role: str(spec) for role, spec in specs.items()}, profile.name,

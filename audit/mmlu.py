@@ -190,16 +190,18 @@ class Progress:
         self.interval = 0.5 if self.tty else 10.0
         self.started = self.last = time.monotonic()
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, note: str = "", final: bool = False) -> None:
+        """`final`: the last update (also when the work stops before `total`)."""
         now = time.monotonic()
-        final = done == self.total
+        final = final or done == self.total
         if not self.enabled or (now - self.last < self.interval and not final):
             return
         self.last = now
         elapsed = now - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = f"[{self.label}] {done}/{self.total} questions, {rate:.2f} q/s, {elapsed:.0f} s, eta {eta:.0f} s"
+        line = (f"[{self.label}] {done}/{self.total} questions, {rate:.2f} q/s, {elapsed:.0f} s, "
+                f"eta {eta:.0f} s{note}")
         sys.stderr.write(("\r\033[K" + line + ("\n" if final else "")) if self.tty else line + "\n")
         sys.stderr.flush()
 

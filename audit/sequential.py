@@ -90,10 +90,12 @@ def log_capitals(values, m, population: int | None = None, alpha: float = ALPHA,
     K+ grows when the values sit above m, K- when below."""
     x = _checked(values, population)
     centres = _centres(x, m, population)
-    # A centre outside [-1, 1] means the pool cannot have mean m given the values drawn: disproved.
-    impossible = np.abs(centres) > 1
-    step = np.where(impossible, 0.0, betting_fractions(x, alpha, horizon) * (x - centres))
-    up, down = (np.where(impossible, np.inf, np.log1p(s)) for s in (step, -step))
+    # A centre below -1 means the values drawn already put the pool's mean above m (K+ disproves m
+    # outright, K- stops betting); above 1, below m.
+    low, high = centres < -1, centres > 1
+    step = np.where(low | high, 0.0, betting_fractions(x, alpha, horizon) * (x - centres))
+    up = np.where(low, np.inf, np.log1p(step))
+    down = np.where(high, np.inf, np.log1p(-step))
     return np.cumsum(up, axis=-1), np.cumsum(down, axis=-1)
 
 

@@ -1,6 +1,7 @@
 """`wallperf audit` end to end: the seeded draw order, stopping at the first decided look,
 the baseline's costs, input errors; (slow) SmolLM2 against a damaged and an upcast copy."""
 import json
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,24 +82,37 @@ def test_bad_input_is_refused_before_any_work():
         audit("no-such-model", "no-such-model", fmt="essay")
 
 
-# Questions bf16 SmolLM2 answers right in the cloze format with a clear margin (>= 0.23 nats/char
-# between its two best answers; float32 moves margins by < 0.03), measured over the first five
-# questions of every subject: rounding cannot flip them, scrambled weights can. Elsewhere the
-# model is at chance and no damage could be seen on a handful of questions.
-CLEAR_QUESTIONS = []
+# Questions bf16 SmolLM2 answers right in the cloze format with a margin of at least 0.05 nats/char
+# between its two best answers, measured over the first three questions of every subject (index
+# within the subject's questions): a damaged copy at chance gets most of them wrong. Elsewhere the
+# model is near chance and no damage could be seen on a few dozen questions.
+CLEAR_QUESTIONS = {
+    "astronomy": (1,), "clinical knowledge": (2,), "college medicine": (2,), "electrical engineering": (1,),
+    "global facts": (2,), "high school biology": (0,), "high school chemistry": (1,),
+    "high school european history": (2,), "high school geography": (0, 1), "high school psychology": (2,),
+    "high school us history": (1,), "high school world history": (1,), "human aging": (0,),
+    "human sexuality": (0, 2), "jurisprudence": (1, 2), "machine learning": (2,), "management": (2,),
+    "marketing": (0, 1), "moral disputes": (1,), "moral scenarios": (0, 2), "nutrition": (0,), "prehistory": (2,),
+    "us foreign policy": (1,)}
 
 
 @pytest.mark.slow
 def test_smollm2_with_noisy_weights_fails(mmlu_path):
-    pool = [q for q in load_mmlu(mmlu_path) if q.question.strip() in CLEAR_QUESTIONS]
+    from harness.loadgen.qsl import select_per_subject
+
+    seen, pool = Counter(), []
+    for q in select_per_subject(load_mmlu(mmlu_path), 3):
+        if seen[q.subject] in CLEAR_QUESTIONS.get(q.subject, ()):
+            pool.append(q)
+        seen[q.subject] += 1
     r = audit("smollm2-135m", "smollm2-135m@bf16+noise0.5", fmt="cloze", questions=pool, progress=False)
-    assert r.verdict.reference.overall.correct == len(pool)
+    assert len(pool) == 28 and r.verdict.reference.overall.correct >= len(pool) - 2
     assert r.verdict.verdict == "FAIL" and r.verdict.drop_ci95[0] > 1.0
 
 
 @pytest.mark.slow
 def test_smollm2_float32_is_not_failed(mmlu_path, capsys):
-    code = cmd_audit(_args(candidate="smollm2-135m@fp32", per_subject=None, max_questions=64))
+    code = cmd_audit(_args(candidate="smollm2-135m@fp32", per_subject=None, max_questions=32))
     out = json.loads(capsys.readouterr().out)
-    assert code == 3 and out["verdict"] == "INCONCLUSIVE" and out["questions"] == 64
+    assert code == 3 and out["verdict"] == "INCONCLUSIVE" and out["questions"] == 32
     assert out["agreement"] > 0.9 and np.isfinite(out["drop_ci95"]).all()

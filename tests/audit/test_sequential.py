@@ -121,3 +121,14 @@ def test_values_outside_minus_one_to_one_are_refused():
         confidence_interval([0.0, 2.0])
     with pytest.raises(ValueError, match="pool of 1"):
         side_of([0.0, 1.0], 0.1, population=1)
+
+
+@pytest.mark.parametrize("ones,side", [(17, "above"), (-17, "below")])
+def test_a_pool_drawn_to_the_end_is_decided_on_the_right_side(ones, side):
+    """Once the values drawn pin the pool's mean far from the limit, only the gambler on
+    that side wins (the values left could not bring the mean back)."""
+    values = np.zeros(28)
+    values[: abs(ones)] = np.sign(ones)
+    assert side_of(values, 0.01 * np.sign(ones), population=28) == side
+    lo, hi = confidence_interval(values, population=28)
+    assert lo <= values.mean() <= hi and hi - lo < 0.1
