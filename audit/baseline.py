@@ -4,9 +4,10 @@ Quantizing a model to fp8 buys speed: decode is memory-bound, and fp8 weights
 halve the bytes each token must read. A smaller model of the same family buys
 speed too. `audit --baseline SMALL` scores the smaller model on the audit's
 questions and sets each model against the memory wall of the hardware profile
-(`audit --hardware`): bytes per token at batch 1 and the tokens/s the
-profile's bandwidth allows (harness.hardware.roofline), so the user sees what
-each buys in accuracy and in speed.
+(`audit --hardware`): the bytes a token reads at batch 1, counted from the
+tensors each model really holds, and the tokens/s the profile's bandwidth
+allows (harness.hardware.roofline), so the user sees what each buys in
+accuracy and in speed.
 
 The plain verdict compares the quantized candidate with the baseline by the
 confidence sequence of their paired accuracy difference (audit.sequential):
@@ -24,7 +25,8 @@ from audit.mmlu import MMLUResult
 from audit.sequential import confidence_interval
 from audit.verdict import points, same_questions
 from harness.config import ModelShape
-from harness.hardware.roofline import bytes_per_step, memory_wall
+from harness.hardware.counts import held_weight_bytes
+from harness.hardware.roofline import bytes_per_token, memory_wall
 
 
 @dataclass(frozen=True)
@@ -37,11 +39,14 @@ class ModelCost:
     memory_wall_tokens_per_second: float
 
     @classmethod
-    def of(cls, spec: str, config, weight_dtype: str, hardware) -> "ModelCost":
-        """`config`: the loaded model's LlamaConfig; `weight_dtype`: 'fp8' for any fp8 variant."""
-        shape = ModelShape.of(config)
-        return cls(spec, weight_dtype, bytes_per_step(shape, weight_dtype),
-                   memory_wall(shape, hardware, weight_dtype))
+    def of(cls, spec: str, loaded, hardware) -> "ModelCost":
+        """`loaded`: a sut.loading.LoadedModel, counted by the bytes its tensors really hold
+        (fp8 weights with their scales, the bf16 embeddings and head beside them)."""
+        shape = ModelShape.of(loaded.config)
+        dtype = "fp8" if loaded.quantization else loaded.dtype
+        weights = held_weight_bytes(loaded.model)
+        return cls(spec, dtype, bytes_per_token(shape, dtype, weights=weights),
+                   memory_wall(shape, hardware, dtype, weights=weights))
 
     def to_json(self) -> dict:
         return {"spec": self.spec, "weight_dtype": self.weight_dtype, "bytes_per_token": self.bytes_per_token,

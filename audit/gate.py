@@ -160,8 +160,7 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
     order = [pool[i] for i in draw_order(len(pool), seed)][:max_questions]
     models = {role: load_spec(spec, profile) for role, spec in specs.items()}
     release_checkpoints()
-    costs = {role: ModelCost.of(str(specs[role]), m.config, "fp8" if m.quantization else m.dtype, profile)
-             for role, m in models.items()}
+    costs = {role: ModelCost.of(str(specs[role]), m, profile) for role, m in models.items()}
     scored = {role: [] for role in models}
     shown = Progress(f"audit {fmt} {k_shot}-shot", len(order), progress)
     done, decided = 0, None

@@ -22,37 +22,45 @@ def _correct(n, accuracy, seed):
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tiny_llama_folder):
-    from sut.loading import load_model
+def tiny_models(tiny_llama_folder):
+    from audit.specs import load_spec, parse_spec
 
-    return load_model(tiny_llama_folder, "float32").config
+    cpu = load_hardware_config("cpu")
+    return {dtype: load_spec(parse_spec(f"{tiny_llama_folder}@{dtype}"), cpu, device="cpu")
+            for dtype in ("bf16", "fp8")}
 
 
-def test_bytes_per_token_count_every_weight_once(tiny_llama_folder, tiny_config):
-    """bf16: two bytes for each parameter HF transformers counts (the tied head once)."""
+def test_bytes_per_token_count_what_each_model_holds(tiny_llama_folder, tiny_models):
+    """bf16: two bytes for each parameter HF transformers counts (the tied head once); fp8: one
+    byte per projection weight, four per output channel's scale, bf16 for the rest."""
     from transformers import LlamaForCausalLM
 
-    params = LlamaForCausalLM.from_pretrained(tiny_llama_folder).num_parameters()
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama_folder)
     cpu = load_hardware_config("cpu")
-    bf16 = ModelCost.of("tiny", tiny_config, "bfloat16", cpu)
-    assert bf16.bytes_per_token == 2 * params
+    bf16 = ModelCost.of("tiny", tiny_models["bf16"], cpu)
+    assert bf16.weight_dtype == "bfloat16" and bf16.bytes_per_token == 2 * hf.num_parameters()
     assert bf16.memory_wall_tokens_per_second == pytest.approx(cpu.bandwidth_gbps * 1e9 / bf16.bytes_per_token)
-    fp8 = ModelCost.of("tiny@fp8", tiny_config, "fp8", cpu)
-    assert fp8.bytes_per_token < bf16.bytes_per_token
+    projections = [m.weight for name, m in hf.named_modules() if name.startswith("model.layers.")
+                   and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj")]
+    quantized = sum(w.numel() for w in projections)
+    scales = sum(w.shape[0] for w in projections)
+    fp8 = ModelCost.of("tiny@fp8", tiny_models["fp8"], cpu)
+    assert fp8.weight_dtype == "fp8"
+    assert fp8.bytes_per_token == quantized + 4 * scales + 2 * (hf.num_parameters() - quantized)
     assert fp8.memory_wall_tokens_per_second / bf16.memory_wall_tokens_per_second == pytest.approx(
         bf16.bytes_per_token / fp8.bytes_per_token)
 
 
-def _comparison(cand_accuracy, base_accuracy, tiny_config, n=600):
-    cpu = load_hardware_config("cpu")
-    big = ModelCost.of("big@fp8", tiny_config, "fp8", cpu)
+def _comparison(cand_accuracy, base_accuracy, tiny_models, n=600):
+    big = ModelCost.of("big@fp8", tiny_models["fp8"], load_hardware_config("cpu"))
     small = ModelCost("small", "bfloat16", big.bytes_per_token / 3, big.memory_wall_tokens_per_second * 3)
     return BaselineComparison(_result(_correct(n, cand_accuracy, 1)), _result(_correct(n, base_accuracy, 2)),
                               big, small, "cpu", population=14042)
 
 
-def test_a_clearly_better_quantized_model_beats_the_small_one(tiny_config):
-    c = _comparison(0.55, 0.27, tiny_config)
+def test_a_clearly_better_quantized_model_beats_the_small_one(tiny_models):
+    c = _comparison(0.55, 0.27, tiny_models)
     lo, hi = c.advantage_ci95
     assert c.verdict == "quantized" and 0 < lo <= c.advantage_points <= hi
     assert c.speed_ratio == pytest.approx(1 / 3)
@@ -61,12 +69,12 @@ def test_a_clearly_better_quantized_model_beats_the_small_one(tiny_config):
     assert j["verdict"] == "quantized" and j["candidate"]["spec"] == "big@fp8" and j["baseline"]["spec"] == "small"
 
 
-def test_a_small_model_as_good_wins(tiny_config):
-    c = _comparison(0.3, 0.6, tiny_config)
+def test_a_small_model_as_good_wins(tiny_models):
+    c = _comparison(0.3, 0.6, tiny_models)
     assert c.verdict == "small" and c.advantage_ci95[1] <= 0 and "run the small model" in c.reason
 
 
-def test_equal_models_are_undecided(tiny_config):
-    c = _comparison(0.5, 0.5, tiny_config)
+def test_equal_models_are_undecided(tiny_models):
+    c = _comparison(0.5, 0.5, tiny_models)
     lo, hi = c.advantage_ci95
     assert c.verdict == "undecided" and lo < 0 < hi and "do not separate" in c.reason
