@@ -5,7 +5,11 @@ over SmolLM2's 30 blocks their Python and dispatch overhead cost as much as
 streaming the weights. `FusedDecoder` hands the step to the compiled
 `wallperf::llama_decode_bf16` (csrc/decode_bf16.cpp, built with the GEMV kernel
 by kernels.cpu_linear): embedding lookup in PyTorch, then every block, the
-final norm and the LM head in C++, against the engine's paged KV cache.
+final norm and the LM head in C++, against the engine's paged KV cache. The
+projections and the head are packed once, at construction, into the panels of
+csrc/gemm_bf16.h (a second copy of those weights: the eager path, which
+prefills, keeps the row-major ones), so that each step's GEMMs read every
+weight once for all its rows.
 
 It runs where `fused_decode_problem(model, cache)` returns None: a plain
 Llama-family model (not Mixtral, MoME, fp8 or tensor-parallel) in bf16 on a CPU
@@ -20,9 +24,8 @@ import torch
 
 from kernels.cpu_linear import _extension
 
-# Rows beyond this go through the eager path. The GEMV kernel reads W once per 8
-# rows, yet on SmolLM2 (2-core Zen 4, main thread) the fused step still decoded
-# 480-530 tok/s at 8, 16 and 32 rows against eager's 155-202 tok/s.
+# Rows beyond this go through the eager path. The GEMM reads each weight once
+# per step whatever the rows; 64 is the engine's largest decode batch measured.
 MAX_FUSED_ROWS = 64
 
 
@@ -44,6 +47,9 @@ def fused_decode_problem(model, cache) -> str | None:
             w = getattr(lin, "weight", None)
             if w is None or w.dtype != torch.bfloat16 or not w.is_contiguous():
                 return "projection weights are not contiguous bfloat16 (quantized?)"
+    cfg = model.cfg
+    if any(width % 2 for width in (cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.ffn_size)):
+        return "an odd hidden, attention or FFN width (the packed GEMM takes K in pairs)"
     if cache.k.dtype != torch.bfloat16 or not cache.k.is_contiguous():
         return "the KV cache is not contiguous bfloat16"
     op, why = _extension()
@@ -62,15 +68,18 @@ class FusedDecoder:
         cfg = model.cfg
         self.model, self.cache, self.cfg = model, cache, cfg
         layers = model.layers
+        pack = torch.ops.wallperf.pack_bf16
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        self._vocab = head.size(0)
         self._weights = (
-            [l.self_attn.qkv_proj.weight for l in layers],
-            [l.self_attn.o_proj.weight for l in layers],
-            [l.mlp.gate_up_proj.weight for l in layers],
-            [l.mlp.down_proj.weight for l in layers],
+            [pack(l.self_attn.qkv_proj.weight) for l in layers],
+            [pack(l.self_attn.o_proj.weight) for l in layers],
+            [pack(l.mlp.gate_up_proj.weight) for l in layers],
+            [pack(l.mlp.down_proj.weight) for l in layers],
             [l.input_layernorm.weight for l in layers],
             [l.post_attention_layernorm.weight for l in layers],
             model.norm.weight,
-            model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight,
+            pack(head),
         )
         self._op = torch.ops.wallperf.llama_decode_bf16
 
@@ -82,5 +91,6 @@ class FusedDecoder:
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         x = self.model.embed_tokens(torch.tensor(token_ids))
         cfg = self.cfg
-        return self._op(x, *self._weights, self.cache.k, self.cache.v, tables, torch.tensor(positions),
-                        self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps)
+        logits = self._op(x, *self._weights, self.cache.k, self.cache.v, tables, torch.tensor(positions),
+                          self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps)
+        return logits[:, :self._vocab]  # the packed head's rows are the vocabulary rounded up to 16

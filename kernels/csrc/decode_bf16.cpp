@@ -4,8 +4,10 @@
 // GEMVs, plus ~20 small ops per block (norms, RoPE, the cache write, attention,
 // SwiGLU, residual adds). Issued one by one from Python, those small ops and the
 // dispatch around each GEMV cost as much as the GEMVs' memory traffic. Here the
-// whole step runs in C++: the GEMVs of gemv_bf16.h, each over all threads, and
-// everything between them on contiguous scratch vectors.
+// whole step runs in C++: the GEMMs of gemm_bf16.h, each over all threads, and
+// everything between them on contiguous scratch vectors. The projection and
+// head weights come packed (wallperf::pack_bf16, done once by FusedDecoder), so
+// that every weight loaded serves all rows of the step.
 //
 // The numerics follow the PyTorch path (sut/models/llama.py) op for op: bf16
 // activations between ops, rounded where PyTorch rounds (RMSNorm normalises in
@@ -19,11 +21,12 @@
 #include <limits>
 #include <vector>
 
-#include "gemv_bf16.h"
+#include "gemm_bf16.h"
 
 namespace {
 
 using namespace wallperf_gemv;
+using wallperf_gemm::gemm_packed;
 using bf16 = at::BFloat16;
 
 inline float to_f(bf16 v) { return static_cast<float>(v); }
@@ -163,11 +166,15 @@ AVX512_BF16 void attend(const bf16* qkv, const bf16* k_layer, const bf16* v_laye
 const uint16_t* bits(const bf16* p) { return reinterpret_cast<const uint16_t*>(p); }
 const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.const_data_ptr<bf16>()); }
 
+// A (rows, cols) weight packed by wallperf::pack_bf16; cols must be even, as
+// the activations it multiplies are not padded.
 void check_weight(const at::Tensor& w, int64_t rows, int64_t cols, const char* name, size_t layer) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2 && w.size(0) == rows &&
-                  w.size(1) == cols,
-              "wallperf::llama_decode_bf16: layer ", layer, " ", name, " must be a contiguous bfloat16 (", rows,
-              ", ", cols, ") tensor, got ", w.scalar_type(), " ", w.sizes());
+  const int64_t packed_rows = wallperf_gemm::padded_n(rows);
+  TORCH_CHECK(cols % 2 == 0 && w.scalar_type() == at::kBFloat16 && w.is_contiguous() && w.dim() == 2 &&
+                  w.size(0) == packed_rows && w.size(1) == cols,
+              "wallperf::llama_decode_bf16: layer ", layer, " ", name, " must be a (", rows, ", ", cols,
+              ") bfloat16 weight packed by wallperf::pack_bf16, shaped (", packed_rows, ", ", cols, "), with ",
+              cols, " even; got ", w.scalar_type(), " ", w.sizes());
 }
 
 void check_vector(const at::Tensor& w, int64_t n, const char* name, size_t layer) {
@@ -204,7 +211,7 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   TORCH_CHECK(k_cache.size(3) == s.Hkv && s.Hq % s.Hkv == 0, "kv heads do not match the cache or the query heads");
   TORCH_CHECK(down_w[0].dim() == 2, "down projection must be 2-D");
   s.F = down_w[0].size(1);
-  s.V = head.size(0);
+  s.V = head.size(0);  // the packed head's rows: the vocabulary rounded up to 16; the caller drops the padding
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == s.M &&
                   block_tables.is_contiguous(),
               "block_tables must be contiguous int32 (M, width)");
@@ -251,7 +258,7 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   const int64_t layer_elems = s.blocks * s.block_size * kv_size;
   for (size_t l = 0; l < L; ++l) {
     rms_norm(x.data(), ln1[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
-    gemv(bits(h.data()), bits(qkv_w[l]), qkv.data(), M, H, qkv_width, threads);
+    gemm_packed(bits(h.data()), bits(qkv_w[l]), qkv.data(), M, H, qkv_width, qkv_width, threads);
     bf16* k_layer = k_cache.data_ptr<bf16>() + l * layer_elems;
     bf16* v_layer = v_cache.data_ptr<bf16>() + l * layer_elems;
     for (int64_t m = 0; m < M; ++m) {
@@ -264,21 +271,21 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
       std::copy(row + q_size + kv_size, row + qkv_width, v_layer + slot * kv_size);
     }
     attend(qkv.data(), k_layer, v_layer, tables, pos, attn.data(), s, threads);
-    gemv(bits(attn.data()), bits(o_w[l]), o.data(), M, q_size, H, threads);
+    gemm_packed(bits(attn.data()), bits(o_w[l]), o.data(), M, q_size, H, H, threads);
     for (int64_t i = 0; i < M * H; ++i) x[i] = to_bf16(to_f(x[i]) + to_f(o[i]));
     rms_norm(x.data(), ln2[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
-    gemv(bits(h.data()), bits(gate_up_w[l]), gu.data(), M, H, 2 * s.F, threads);
+    gemm_packed(bits(h.data()), bits(gate_up_w[l]), gu.data(), M, H, 2 * s.F, 2 * s.F, threads);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < s.F; ++i) {
         const float g = to_f(gu[m * 2 * s.F + i]), u = to_f(gu[m * 2 * s.F + s.F + i]);
         act[m * s.F + i] = to_bf16(g / (1.f + std::exp(-g)) * u);
       }
-    gemv(bits(act.data()), bits(down_w[l]), d.data(), M, s.F, H, threads);
+    gemm_packed(bits(act.data()), bits(down_w[l]), d.data(), M, s.F, H, H, threads);
     for (int64_t i = 0; i < M * H; ++i) x[i] = to_bf16(to_f(x[i]) + to_f(d[i]));
   }
   rms_norm(x.data(), norm.const_data_ptr<bf16>(), h.data(), M, H, epsf);
   at::Tensor logits = at::empty({M, s.V}, x_in.options());
-  gemv(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), M, H, s.V, threads);
+  gemm_packed(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), M, H, s.V, s.V, threads);
   return logits.to(at::kFloat);
 }
 
