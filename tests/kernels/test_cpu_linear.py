@@ -1,4 +1,5 @@
-"""cpu_linear against F.linear computed in float32 on the same bf16 inputs.
+"""cpu_linear, and the packed GEMM of the fused decode step, against F.linear
+computed in float32 on the same bf16 inputs.
 
 The kernel accumulates in fp32 like the reference, in a different order, and
 rounds once to bf16 at the end: the error is bf16's half-ulp (2^-9 relative)
@@ -45,6 +46,51 @@ def test_kernel_matches_fp32_reference(kernel, m, k, n):
     out = kernel(x, weight)
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     torch.testing.assert_close(out.float(), reference(x, weight), rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture(scope="session")
+def packed_kernel(kernel):
+    """x (M, K), W (N, K) -> x @ W^T through the packed GEMM of the fused decode step."""
+    ops = torch.ops.wallperf
+    return lambda x, weight: ops.linear_packed_bf16(x, ops.pack_bf16(weight), weight.size(0))
+
+
+# Rows: 1, around the 8-row register block (2, 7, 8, 9) and around 32 (31, 32, 33: 33 is cut 7,7,7,6,6), 64.
+# K: odd (padded to a pair), 1, SmolLM2's; N: below, at and past the 48-column panel and the 16-lane vector,
+# and enough columns that both threads take panels.
+PACKED_SHAPES = [(m, k, n) for m in (1, 2, 7, 8, 9, 31, 32, 33, 64) for k, n in
+                 ((33, 17), (1, 49), (576, 50), (576, 960), (1536, 579), (67, 1728))]
+
+
+@pytest.mark.parametrize("m,k,n", PACKED_SHAPES)
+def test_packed_kernel_matches_fp32_reference(packed_kernel, m, k, n):
+    x, weight = bf16_randn(m, k, seed=m * 5 + k), bf16_randn(n, k, seed=n * 3 + k)
+    out = packed_kernel(x, weight)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    torch.testing.assert_close(out.float(), reference(x, weight), rtol=RTOL, atol=ATOL)
+
+
+def test_packed_kernel_ignores_nan_beyond_k(packed_kernel):
+    """An odd K's last pair multiplies zero padding in W by zero padding in x, never by what follows x's row."""
+    storage = bf16_randn(3, 34, seed=20)
+    storage[:, 33] = float("nan")
+    x, weight = storage[:, :33].contiguous(), bf16_randn(20, 33, seed=21)
+    torch.testing.assert_close(packed_kernel(x, weight).float(), reference(x, weight), rtol=RTOL, atol=ATOL)
+
+
+def test_packing_is_a_permutation_with_zero_padding(kernel):
+    weight = bf16_randn(17, 33, seed=22)
+    packed = torch.ops.wallperf.pack_bf16(weight)
+    assert packed.shape == (32, 34)
+    values = packed.flatten().float()
+    assert (values != 0).sum() == (weight != 0).sum()
+    assert torch.equal(values[values != 0].sort().values, weight.flatten().float()[weight.flatten() != 0].sort().values)
+
+
+def test_packed_kernel_rejects_a_weight_not_packed_for_its_shape(kernel):
+    x, weight = bf16_randn(2, 576, seed=23), bf16_randn(960, 576, seed=24)
+    with pytest.raises(RuntimeError, match="pack_bf16"):
+        torch.ops.wallperf.linear_packed_bf16(x, weight[:950].contiguous(), 950)
 
 
 def test_three_dimensional_input_flattens_leading_dims(kernel):
