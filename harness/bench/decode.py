@@ -19,7 +19,7 @@ the GEMM peak in the same run.
   machine's load hits all alike. Figures are medians over passes after one
   warm-up pass. The context grows by a window's steps each window; the table
   gives the mean context the timed steps attended over.
-- FLOPs per row: the roofline's count (harness.hardware.roofline.flops_per_token:
+- FLOPs per row: the roofline's count (harness.hardware.counts.flops_per_token:
   twice the weights a token multiplies through, plus attention at the context).
 - Bytes per step: every weight a step reads (the tied LM head counts once, the
   embedding lookup one row per row) plus every row's K and V at the context.
@@ -37,7 +37,7 @@ import time
 import torch
 
 from harness.hardware.probe import CPU_SETTINGS, gemm_tflops, stream_bandwidth
-from harness.hardware.roofline import flops_per_token
+from harness.hardware.counts import flops_per_token
 from kernels.cpu_decode import MAX_FUSED_ROWS
 from sut.engine import Engine, SamplingParams
 

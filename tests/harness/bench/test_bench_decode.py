@@ -4,7 +4,7 @@ import torch
 
 from harness.bench import decode as bench_decode
 from harness.config.schema import ModelShape
-from harness.hardware.roofline import flops_per_token
+from harness.hardware.counts import flops_per_token
 from sut.models.llama import LlamaConfig
 from sut.weights import build_model
 from sut.models.llama import synthetic_state_dict
