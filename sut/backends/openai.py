@@ -58,6 +58,9 @@ STEP_WAIT_S = 0.002
 # Failure and mismatch examples kept in stats (the counts are complete).
 MAX_EXAMPLES = 10
 MAX_ERROR_BODY = 2000
+# One server-sent event is one token's chunk, a few hundred bytes: a server that sends
+# far more without a newline is broken or hostile, and must not fill the memory.
+MAX_LINE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +276,11 @@ class OpenAIBackend:
 
     def _read_stream(self, job: _Job, resp, stream: _Stream) -> None:
         while True:
-            line = resp.readline()
+            line = resp.readline(MAX_LINE_BYTES + 1)
             if not line:
                 raise RequestFailed("the stream ended without [DONE]", retryable=True)
+            if len(line) > MAX_LINE_BYTES:
+                raise RequestFailed(f"a stream line longer than {MAX_LINE_BYTES} bytes", retryable=False)
             chunk = parse_event(line)
             if chunk is DONE:
                 return
