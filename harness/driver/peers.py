@@ -68,16 +68,19 @@ def weight_format(loaded, choice: FormatChoice) -> str:
     return getattr(loaded, "weight_format", None) or choice.weight_format
 
 
-def roofline_counts(loaded, expert_cache: dict | None = None) -> dict:
+def roofline_counts(loaded, expert_cache: dict | None = None, kv_bytes_per_element: float | None = None) -> dict:
     """run_roofline's byte counts from what the run's engine really holds: a GGUF's
     tensors as stored (read whole each step; float16 KV cache) for llama.cpp, else the
-    loaded model's own tensors, plus the memory-expert rows MoME loaded per step."""
+    loaded model's own tensors, plus the memory-expert rows MoME loaded per step, and
+    the KV cache at `kv_bytes_per_element` (a quantized cache's bytes per element,
+    scales included; None: the activation dtype's size)."""
     weight_bytes = getattr(loaded, "weight_bytes", None)
     if weight_bytes is not None:
         from sut.backends.llamacpp import KV_BYTES_PER_ELEMENT
 
         return {"weights": WeightBytes(table=0, dense=weight_bytes), "kv_bytes_per_element": KV_BYTES_PER_ELEMENT}
-    return {"weights": held_weight_bytes(loaded.model, extra=memory_expert_bytes_per_step(expert_cache))}
+    return {"weights": held_weight_bytes(loaded.model, extra=memory_expert_bytes_per_step(expert_cache)),
+            "kv_bytes_per_element": kv_bytes_per_element}
 
 
 def memory_expert_bytes_per_step(expert_cache: dict | None) -> float:

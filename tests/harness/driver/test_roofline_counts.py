@@ -1,0 +1,32 @@
+"""What a run's roofline counts for each engine: a GGUF's bytes for llama.cpp, the
+loaded model's tensors for the native engine, and MoME's memory-expert rows per step
+from its own counters, worked out by hand."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from harness.driver.peers import memory_expert_bytes_per_step, roofline_counts
+from harness.hardware.counts import WeightBytes
+
+
+def test_mome_rows_read_per_step_by_hand():
+    # Layer 3: 40 distinct experts over 10 steps; layer 7: 90 over 30. 2 KiB per expert.
+    stats = {"bytes_per_expert": 2048, "layers": {"3": {"lookups": 40, "steps": 10},
+                                                  "7": {"lookups": 90, "steps": 30}}}
+    assert memory_expert_bytes_per_step(stats) == (4 + 3) * 2048
+    assert memory_expert_bytes_per_step(None) == 0.0
+
+
+def test_llamacpp_counts_its_gguf_and_float16_kv():
+    counts = roofline_counts(SimpleNamespace(weight_bytes=96_600_000))
+    assert counts == {"weights": WeightBytes(table=0, dense=96_600_000), "kv_bytes_per_element": 2}
+
+
+def test_native_counts_its_tensors_and_a_passed_kv_size():
+    model = torch.nn.ModuleDict({"embed_tokens": torch.nn.Embedding(10, 4, dtype=torch.bfloat16),
+                                 "proj": torch.nn.Linear(4, 6, bias=False, dtype=torch.float32)})
+    counts = roofline_counts(SimpleNamespace(model=model), {"bytes_per_expert": 8, "layers": {
+        "1": {"lookups": 6, "steps": 2}}}, kv_bytes_per_element=1.0625)
+    assert counts["weights"] == WeightBytes(table=10 * 4 * 2, dense=6 * 4 * 4, extra=3 * 8)
+    assert counts["kv_bytes_per_element"] == pytest.approx(1.0625)
