@@ -127,7 +127,8 @@ def run_wall(configured: HardwareConfig, from_profile: bool = False) -> Wall:
     if not record:
         return Wall(configured, "profile", f"{name}: the measurement could not be stored or read back")
     peaks = {**configured.peak_tflops, **{k: float(v) for k, v in record["peak_tflops"].items()}}
-    hardware = dataclasses.replace(configured, bandwidth_gbps=round(float(record["read_gbps"]), 2),
+    bandwidth = max(float(record[k]) for k in ("read_gbps", "copy_gbps", "triad_gbps"))
+    hardware = dataclasses.replace(configured, bandwidth_gbps=round(bandwidth, 2),
                                    peak_tflops=peaks, sources=[record["how"]])
     return Wall(hardware, "measured", record["how"], measured_at=float(record["measured_at"]),
                 read_gbps=record["read_gbps"], copy_gbps=record["copy_gbps"], triad_gbps=record["triad_gbps"])

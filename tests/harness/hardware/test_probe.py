@@ -27,8 +27,9 @@ def cache(tmp_path, monkeypatch):
 def test_quick_probe_gives_positive_figures(cpu_result):
     assert cpu_result.name == "cpu" and cpu_result.vendor == "cpu"
     assert cpu_result.read_gbps > 0 and cpu_result.copy_gbps > 0 and cpu_result.triad_gbps > 0
-    # The wall is the read-only figure: decode streams weights in and writes next to nothing.
-    assert cpu_result.bandwidth_gbps == cpu_result.read_gbps
+    # The wall is the read-only figure (decode streams weights in and writes next to nothing), unless a
+    # busy machine made copy or triad come out higher.
+    assert cpu_result.bandwidth_gbps == max(cpu_result.read_gbps, cpu_result.copy_gbps, cpu_result.triad_gbps)
     assert set(cpu_result.peak_tflops) == {"float32", "bfloat16"}
     assert all(v > 0 for v in cpu_result.peak_tflops.values())
     assert cpu_result.memory_gb > 0 and cpu_result.threads >= 1

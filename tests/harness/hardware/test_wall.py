@@ -84,3 +84,9 @@ def test_gpu_keeps_vendor_figures_unless_probe_wrote_a_measured_wall(probes):
     # fp8 math is the hardware's, which the probe does not measure: the vendor's stays.
     assert measured.hardware.peak_tflops["fp8"] == 1978.9 and measured.hardware.fp8_format == "e4m3fn"
     assert yaml.safe_load(path.read_text())["name"] == "h100-sxm"
+
+
+def test_the_wall_is_never_below_copy_or_triad(probes, monkeypatch):
+    monkeypatch.setattr(wall_module, "probe", lambda device, quick=False, settings=None: dataclasses.replace(
+        _result(read=30.0, at=probes.clock["now"]), triad_gbps=38.0))
+    assert run_wall(load_hardware_config("cpu")).hardware.bandwidth_gbps == 38.0
