@@ -163,8 +163,8 @@ def decode_roofline(bytes_per_step: float, bandwidth_gbps: float, tpot_ms: dict 
 
 def roofline_summary(rf: dict) -> str:
     """The bound that applies at the run's batch, and the run's share of it."""
-    mbu = (f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.0f} GB/s "
-           f"(wall {rf['memory_wall_tokens_per_second']:.0f} tok/s at batch 1)")
+    mbu = (f"MBU {100 * rf['mbu']:.0f}% of {rf['peak_bandwidth_gbps']:.3g} GB/s "
+           f"(wall {rf['memory_wall_tokens_per_second']:.3g} tok/s at batch 1)")
     mfu = f"MFU {100 * rf['mfu']:.0f}% of {rf['peak_tflops']:.3g} TFLOP/s {rf['compute_dtype']}, prefill counted"
     if rf.get("bound") == "compute":
         text = f"compute-bound at batch {rf['batch']}: {mfu}; {mbu}"
