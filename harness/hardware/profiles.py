@@ -1,22 +1,12 @@
-"""The hardware figures a run is set against: the profile `wallperf probe`
-measured on this machine when there is one, else conf/hardware's; and the
-system a tensor-parallel run spans."""
+"""The system a tensor-parallel run spans, as the roofline sees it. (Which
+figures a run is set against: harness.hardware.wall.)"""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
-from harness.config import HardwareConfig, build, read_yaml
-from harness.hardware.probe import measured_profile_path
-
-
-def hardware_profile(configured: HardwareConfig) -> tuple[HardwareConfig, str]:
-    """The profile `wallperf probe` measured on this machine, if any, else conf/'s."""
-    measured = measured_profile_path(configured.name)
-    if measured.is_file():
-        return build(HardwareConfig, read_yaml(measured), measured), f"measured ({measured})"
-    return configured, f"conf/hardware/{configured.name}.yaml"
+from harness.config import HardwareConfig
 
 
 def system_hardware(hardware: HardwareConfig, tp: int, device: str) -> tuple[HardwareConfig, str]:
