@@ -1,5 +1,6 @@
-"""The system a tensor-parallel run spans, as the roofline sees it. (Which
-figures a run is set against: harness.hardware.wall.)"""
+"""The figures known for this machine without measuring it now, and the system a
+tensor-parallel run spans, as the roofline sees it. (Which figures a run is set
+against, measured at its start: harness.hardware.wall.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +8,14 @@ import dataclasses
 import torch
 
 from harness.config import HardwareConfig
+from harness.hardware.wall import run_wall
+
+
+def hardware_profile(configured: HardwareConfig) -> tuple[HardwareConfig, str]:
+    """(figures, source): a `wallperf probe --measured-wall` profile, this host's
+    measurement from the last hour, else conf/hardware's, never a new measurement."""
+    wall = run_wall(configured, measure=False)
+    return wall.hardware, wall.source
 
 
 def system_hardware(hardware: HardwareConfig, tp: int, device: str) -> tuple[HardwareConfig, str]:

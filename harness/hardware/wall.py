@@ -105,8 +105,9 @@ def _measure_host() -> dict:
     return recent_host_measurement() or {}
 
 
-def run_wall(configured: HardwareConfig, from_profile: bool = False) -> Wall:
-    """The figures a run on `configured` is set against (see the module docstring)."""
+def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bool = True) -> Wall:
+    """The figures a run on `configured` is set against (see the module docstring);
+    with `measure` False, a CPU without a measurement from the last hour keeps the profile's."""
     name = f"conf/hardware/{configured.name}.yaml"
     if from_profile:
         return Wall(configured, "profile", f"{name} as written (--wall-from-profile), not measured: "
@@ -123,9 +124,10 @@ def run_wall(configured: HardwareConfig, from_profile: bool = False) -> Wall:
     if configured.vendor != "cpu":
         return Wall(configured, "profile", f"{name}: vendor figures, not measured (wallperf probe "
                     "--measured-wall replaces them)")
-    record = recent_host_measurement() or _measure_host()
+    record = recent_host_measurement() or (_measure_host() if measure else None)
     if not record:
-        return Wall(configured, "profile", f"{name}: the measurement could not be stored or read back")
+        why = "could not be stored or read back" if measure else "not measured here in the last hour"
+        return Wall(configured, "profile", f"{name}: this machine's bandwidth {why}")
     peaks = {**configured.peak_tflops, **{k: float(v) for k, v in record["peak_tflops"].items()}}
     bandwidth = max(float(record[k]) for k in ("read_gbps", "copy_gbps", "triad_gbps"))
     hardware = dataclasses.replace(configured, bandwidth_gbps=round(bandwidth, 2),

@@ -90,3 +90,12 @@ def test_the_wall_is_never_below_copy_or_triad(probes, monkeypatch):
     monkeypatch.setattr(wall_module, "probe", lambda device, quick=False, settings=None: dataclasses.replace(
         _result(read=30.0, at=probes.clock["now"]), triad_gbps=38.0))
     assert run_wall(load_hardware_config("cpu")).hardware.bandwidth_gbps == 38.0
+
+
+def test_hardware_profile_never_measures(probes):
+    from harness.hardware.profiles import hardware_profile
+
+    cpu = load_hardware_config("cpu")
+    assert hardware_profile(cpu) == (cpu, "profile") and probes == []
+    run_wall(cpu)
+    assert hardware_profile(cpu)[0].bandwidth_gbps == 47.0 and len(probes) == 1
