@@ -49,6 +49,11 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         self._open = 0
         self._open_lock = threading.Lock()
 
+    @property
+    def open_connections(self) -> int:
+        with self._open_lock:
+            return self._open
+
     def process_request(self, request, client_address) -> None:
         with self._open_lock:
             admitted = self._open < self.limits.max_connections

@@ -98,19 +98,19 @@ def test_half_open_connections_are_closed_while_a_valid_request_is_answered(serv
         s.close()
     closed_s = time.monotonic() - opened
     print(f"all 300 closed by the server {closed_s:.2f} s after they opened (read timeout {READ_TIMEOUT_S} s)")
-    wait_until(lambda: server._open == 0, 10, "the server still counts connections it has closed")
+    wait_until(lambda: server.open_connections == 0, 10, "the server still counts connections it has closed")
 
 
 def test_connections_beyond_the_cap_get_503(serve):
     server, port = serve(max_connections=3)
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-    wait_until(lambda: server._open == 3, 10, "the server did not take the first three connections")
+    wait_until(lambda: server.open_connections == 3, 10, "the server did not take the first three connections")
     status, headers, body = request(port, "GET", "/v1/models")
     assert_openai_error(status, body, 503)
     assert headers["Connection"] == "close"
     for s in idle:
         s.close()
-    wait_until(lambda: server._open == 0, READ_TIMEOUT_S + 10, "closed connections were not released")
+    wait_until(lambda: server.open_connections == 0, READ_TIMEOUT_S + 10, "closed connections were not released")
     assert request(port, "GET", "/v1/models")[0] == 200
 
 
