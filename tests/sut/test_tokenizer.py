@@ -81,8 +81,8 @@ def test_bos_added_only_when_metadata_asks():
 
 
 def test_unsupported_pre_tokenizer_is_named():
-    with pytest.raises(ValueError, match="'qwen2'"):
-        synthetic(pre="qwen2")
+    with pytest.raises(ValueError, match="'deepseek-llm'"):
+        synthetic(pre="deepseek-llm")
 
 
 def test_eos_ids_add_the_turn_end_the_template_writes():
