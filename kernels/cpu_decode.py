@@ -4,8 +4,9 @@ The eager decode step issues ~20 small ops per block besides its four GEMVs;
 over SmolLM2's 30 blocks their Python and dispatch overhead cost as much as
 streaming the weights. `FusedDecoder` hands the step to the compiled
 `wallperf::llama_decode_bf16` (csrc/decode_bf16.cpp, built with the GEMV kernel
-by kernels.cpu_linear): embedding lookup in PyTorch, then every block, the
-final norm and the LM head in C++, against the engine's paged KV cache. The
+by kernels.cpu_linear): embedding lookup in PyTorch, then every block (with
+Q/K/V biases where the model has them), the final norm and the LM head (tied or
+its own) in C++, against the engine's paged KV cache. The
 projections and the head are packed once, at construction, into the panels of
 csrc/gemm_bf16.h (a second copy of those weights: the eager path, which
 prefills, keeps the row-major ones), so that each step's GEMMs read every
@@ -47,6 +48,8 @@ def fused_decode_problem(model, cache) -> str | None:
             w = getattr(lin, "weight", None)
             if w is None or w.dtype != torch.bfloat16 or not w.is_contiguous():
                 return "projection weights are not contiguous bfloat16 (quantized?)"
+            if lin.bias is not None and (lin is not layer.self_attn.qkv_proj or lin.bias.dtype != torch.bfloat16):
+                return "a projection has a bias the fused step does not add (only bfloat16 Q/K/V biases)"
     cfg = model.cfg
     if any(width % 2 for width in (cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.ffn_size)):
         return "an odd hidden, attention or FFN width (the packed GEMM takes K in pairs)"
@@ -73,6 +76,7 @@ class FusedDecoder:
         self._vocab = head.size(0)
         self._weights = (
             [pack(l.self_attn.qkv_proj.weight) for l in layers],
+            [l.self_attn.qkv_proj.bias for l in layers] if cfg.attention_bias else [],
             [pack(l.self_attn.o_proj.weight) for l in layers],
             [pack(l.mlp.gate_up_proj.weight) for l in layers],
             [pack(l.mlp.down_proj.weight) for l in layers],

