@@ -6,7 +6,8 @@ streaming the weights. `FusedDecoder` hands the step to the compiled
 `wallperf::llama_decode_bf16` (csrc/decode_bf16.cpp, built with the GEMV kernel
 by kernels.cpu_linear): embedding lookup in PyTorch, then every block (with
 Q/K/V biases where the model has them), the final norm and the LM head (tied or
-its own) in C++, against the engine's paged KV cache. The
+its own) in C++, against the engine's paged KV cache, bf16 or fp8
+with scales. The
 projections and the head are packed once, at construction, into the panels of
 csrc/gemm_bf16.h (a second copy of those weights: the eager path, which
 prefills, keeps the row-major ones), so that each step's GEMMs read every
@@ -53,8 +54,8 @@ def fused_decode_problem(model, cache) -> str | None:
     cfg = model.cfg
     if any(width % 2 for width in (cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.ffn_size)):
         return "an odd hidden, attention or FFN width (the packed GEMM takes K in pairs)"
-    if cache.k.dtype != torch.bfloat16 or not cache.k.is_contiguous():
-        return "the KV cache is not contiguous bfloat16"
+    if cache.k.dtype not in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e4m3fnuz) or not cache.k.is_contiguous():
+        return "the KV cache is not contiguous bfloat16 or fp8 e4m3"
     op, why = _extension()
     if op is None:
         return why
@@ -95,6 +96,7 @@ class FusedDecoder:
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         x = self.model.embed_tokens(torch.tensor(token_ids))
         cfg = self.cfg
-        logits = self._op(x, *self._weights, self.cache.k, self.cache.v, tables, torch.tensor(positions),
+        c = self.cache
+        logits = self._op(x, *self._weights, c.k, c.v, c.k_scale, c.v_scale, tables, torch.tensor(positions),
                           self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps)
         return logits[:, :self._vocab]  # the packed head's rows are the vocabulary rounded up to 16

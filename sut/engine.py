@@ -100,7 +100,9 @@ class EngineStats:
 class Engine:
     def __init__(self, model, eos_token_ids, max_batch: int, max_seq_len: int,
                  max_tokens_per_step: int = 2048, block_size: int = 16, num_blocks: int | None = None,
-                 kv_memory_fraction: float = 0.3, device="cpu"):
+                 kv_memory_fraction: float = 0.3, device="cpu", kv_dtype: torch.dtype | None = None):
+        """`kv_dtype`: how the KV cache stores keys and values (default: the model's
+        dtype; torch.float8_e4m3fn or float8_e4m3fnuz for an fp8 cache with scales)."""
         cfg = model.cfg
         if max_seq_len > cfg.max_position:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {cfg.max_position}")
@@ -111,7 +113,7 @@ class Engine:
         self.max_tokens_per_step = max(max_tokens_per_step, max_batch)
         dtype = model.embed_tokens.weight.dtype
         if num_blocks is None:
-            per_block = block_size * kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype)
+            per_block = block_size * kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_dtype or dtype)
             needed = max_batch * -(-max_seq_len // block_size)
             num_blocks = pool_blocks(per_block, available_memory_bytes(self.device), kv_memory_fraction, needed)
         if num_blocks * block_size < max_seq_len:
@@ -119,7 +121,7 @@ class Engine:
                              f"of max_seq_len {max_seq_len}")
         self.blocks = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
-                                  dtype, self.device)
+                                  dtype, self.device, kv_dtype)
         self._fused, self.decode_path = self._fused_decoder(model, dtype)
         self.waiting: deque[Sequence] = deque()
         # In admission order: the last one is the first to be preempted.

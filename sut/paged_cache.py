@@ -6,6 +6,12 @@ positions: new keys and values are written at their slots (block * block_size
 + offset), and each row reads back its first `span` tokens. The mask rule is
 the slot cache's: a query at position p attends to keys at positions <= p, so
 padding rows and stale slots are never read.
+
+With an fp8 `kv_dtype` (e4m3fn, or e4m3fnuz on MI300X) keys and values are
+stored as fp8 with one fp32 scale per token and KV head (`k_scale`, `v_scale`:
+(n_layers, num_blocks, block_size, H_kv)), quantized as they are written and
+dequantized to the compute dtype as they are read. Where the hardware has no
+fp8 this is exact emulation: the bytes stored are the ones fp8 hardware holds.
 """
 from __future__ import annotations
 
@@ -15,6 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels import dispatch
+from sut.quant import FP8_DTYPES, dequantize, quantize_kv_vectors
+
+FP8_KV_DTYPES = tuple(FP8_DTYPES.values())
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -29,8 +38,14 @@ def available_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def kv_bytes_per_element(head_dim: int, dtype: torch.dtype) -> float:
+    """Bytes a cache stores per K or V element: fp8 adds its fp32 scale per vector."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return size + 4 / head_dim if dtype in FP8_KV_DTYPES else size
+
+
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    return 2 * n_layers * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    return round(2 * n_layers * n_kv_heads * head_dim * kv_bytes_per_element(head_dim, dtype))
 
 
 def pool_blocks(bytes_per_block: int, free_bytes: int, fraction: float, needed_blocks: int) -> int:
@@ -44,10 +59,18 @@ def pool_blocks(bytes_per_block: int, free_bytes: int, fraction: float, needed_b
 
 class PagedKVCache:
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_dtype: torch.dtype | None = None):
+        """`dtype`: the keys and values attention computes with; `kv_dtype`: how they
+        are stored (default `dtype`; an fp8 dtype adds per-vector scales)."""
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        store = dtype if kv_dtype is None else kv_dtype
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        self.dtype, self.fp8 = dtype, store in FP8_KV_DTYPES
+        self.k_scale = self.v_scale = None
+        if self.fp8:
+            self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
         self._write_slots = self._read_slots = self._write_rows = None
@@ -73,7 +96,8 @@ class PagedKVCache:
         self._write_rows = (rows.to(self.device), cols.to(self.device))
         self._span = span
         self._kernel_args = None
-        if positions.shape[1] == 1 and dispatch.uses_triton(self.k):
+        # The paged kernel reads bf16/fp16 blocks; an fp8 cache is gathered and dequantized.
+        if positions.shape[1] == 1 and not self.fp8 and dispatch.uses_triton(self.k):
             seq_lens = (positions[:, 0] + 1).to(torch.int32)
             self._kernel_args = (tables.to(torch.int32).to(self.device), seq_lens.to(self.device))
         return self
@@ -96,9 +120,13 @@ class _PagedLayer:
     def attend(self, q, k, v, mask):
         """Store k, v (B, H_kv, T, D) and attend q (B, H, T, D) over the context -> (B, H, T, D)."""
         c = self.cache
+        rows, cols = c._write_rows
+        if c.fp8:
+            k_all = self._store_fp8(c.k, c.k_scale, k.transpose(1, 2)[rows, cols])
+            v_all = self._store_fp8(c.v, c.v_scale, v.transpose(1, 2)[rows, cols])
+            return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         flat_k = c.k[self.i].flatten(0, 1)  # (num_blocks * block_size, H_kv, D)
         flat_v = c.v[self.i].flatten(0, 1)
-        rows, cols = c._write_rows
         flat_k[c._write_slots] = k.transpose(1, 2)[rows, cols]
         flat_v[c._write_slots] = v.transpose(1, 2)[rows, cols]
         if c._kernel_args is not None:
@@ -109,3 +137,11 @@ class _PagedLayer:
         k_all = flat_k[c._read_slots].transpose(1, 2)  # (B, H_kv, span, D)
         v_all = flat_v[c._read_slots].transpose(1, 2)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+
+    def _store_fp8(self, store: torch.Tensor, scales: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Quantize `new` (N, H_kv, D) into its slots; the context back as (B, H_kv, span, D)."""
+        c = self.cache
+        flat = store[self.i].flatten(0, 1)  # (num_blocks * block_size, H_kv, D)
+        flat_scales = scales[self.i].flatten(0, 1)  # (num_blocks * block_size, H_kv)
+        flat[c._write_slots], flat_scales[c._write_slots] = quantize_kv_vectors(new, store.dtype)
+        return dequantize(flat[c._read_slots], flat_scales[c._read_slots], c.dtype).transpose(1, 2)

@@ -93,23 +93,26 @@ def _fp8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 class FP8Linear(nn.Module):
-    """A bias-free Linear whose weight is stored as fp8 with fp32 scales."""
+    """A Linear whose weight is stored as fp8 with fp32 scales; its bias, if any
+    (Qwen2's Q/K/V), stays in the unquantized dtype."""
 
     def __init__(self, in_features: int, out_features: int, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-                 per_channel: bool = True, device=None):
+                 per_channel: bool = True, device=None, bias: bool = False):
         super().__init__()
         format_name(fp8_dtype)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=fp8_dtype, device=device))
         scale_shape = (out_features,) if per_channel else ()
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fp8_dtype: torch.dtype, per_channel: bool) -> "FP8Linear":
-        if linear.bias is not None:
-            raise ValueError("FP8Linear holds no bias; the Llama family's projections have none")
-        module = cls(linear.in_features, linear.out_features, fp8_dtype, per_channel, device="meta")
+        module = cls(linear.in_features, linear.out_features, fp8_dtype, per_channel, device="meta",
+                     bias=linear.bias is not None)
         module.weight, module.weight_scale = quantize_weight(linear.weight.detach(), fp8_dtype, per_channel)
+        if linear.bias is not None:
+            module.bias = linear.bias
         return module
 
     @property
@@ -117,7 +120,8 @@ class FP8Linear(nn.Module):
         return self.weight_scale.dim() == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fp8_matmul(x, self.weight, self.weight_scale)
+        y = _fp8_matmul(x, self.weight, self.weight_scale)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -249,6 +253,13 @@ def quantize_kv(t: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     if scale.dim() != 0:
         raise ValueError(f"a KV scale is one value per tensor, got shape {tuple(scale.shape)}")
     return _to_fp8(t.float(), scale.float(), fp8_dtype), scale.float()
+
+
+def quantize_kv_vectors(t: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) for K or V vectors (..., head_dim) with one fp32 scale per vector
+    (per token and KV head), so a cache needs no calibration: each vector's
+    largest value maps to the format's maximum when it is written."""
+    return _quantize(t, fp8_dtype, per_row=True)
 
 
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -77,7 +77,8 @@ def load_quantized(model_skeleton: nn.Module, folder: Path, device="cpu") -> dic
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{folder}: {name} is a {type(linear).__name__} in the skeleton, not an nn.Linear")
         _replace(model_skeleton, name, FP8Linear(linear.in_features, linear.out_features, fp8_dtype,
-                                                 manifest["per_channel"], device="meta"))
+                                                 manifest["per_channel"], device="meta",
+                                                 bias=linear.bias is not None))
     for name in manifest.get("quantized_experts", []):
         module = model_skeleton.get_submodule(name)
         if not is_expert_module(module):

@@ -114,14 +114,20 @@ def shard_model_(model: LlamaModel, rank: int, world_size: int, group=None) -> L
 
 
 def _set_rows(linear: nn.Linear, sections: list[int], rank: int, world_size: int) -> None:
-    """Column parallel: keep the rank's share of every section of the output rows."""
-    w = linear.weight
-    parts, start = [], 0
-    for size in sections:
-        n = size // world_size
-        parts.append(w[start + rank * n: start + (rank + 1) * n])
-        start += size
-    _assign(linear, torch.cat(parts), in_features=linear.in_features)
+    """Column parallel: keep the rank's share of every section of the output rows
+    (and of the bias, which belongs to those rows)."""
+
+    def share(t: torch.Tensor) -> torch.Tensor:
+        parts, start = [], 0
+        for size in sections:
+            n = size // world_size
+            parts.append(t[start + rank * n: start + (rank + 1) * n])
+            start += size
+        return torch.cat(parts)
+
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(share(linear.bias), requires_grad=linear.bias.requires_grad)
+    _assign(linear, share(linear.weight), in_features=linear.in_features)
 
 
 def _set_columns(linear: nn.Linear, rank: int, world_size: int) -> None:

@@ -18,6 +18,16 @@
 // row's block table; this step's keys and values are written at the row's
 // position before it attends. Q/K/V biases (Qwen2), when given, are added to
 // the rounded GEMV output and rounded again, as `y + bias` does in bf16.
+//
+// An fp8 cache (e4m3fn, or e4m3fnuz as MI300X stores it) holds one fp32 scale
+// per (slot, KV head), as sut/paged_cache.py writes it: each new key or value
+// vector is scaled so its largest magnitude is the format's maximum, rounded by
+// c10's own conversion (torch's cast), and read back through a 256-entry table
+// times its scale, in fp32. No fp8 instruction is needed: this is emulation, with
+// the bytes fp8 hardware would hold.
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e4m3fnuz.h>
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -80,6 +90,63 @@ AVX512_BF16 inline void axpy_bf16(float a, const bf16* v, float* acc, int64_t D)
   }
   for (; i < D; ++i) acc[i] += a * to_f(v[i]);
 }
+
+// Dot product with a row of fp8 bytes through `lut` (byte -> float), 16 lanes a gather.
+AVX512_BF16 inline float dot_fp8(const float* q, const uint8_t* k, const float* lut, int64_t D) {
+  int64_t i = 0;
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= D; i += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + i)));
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_i32gather_ps(idx, lut, 4), acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < D; ++i) s += q[i] * lut[k[i]];
+  return s;
+}
+
+AVX512_BF16 inline void axpy_fp8(float a, const uint8_t* v, const float* lut, float* acc, int64_t D) {
+  const __m512 av = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= D; i += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i)));
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(av, _mm512_i32gather_ps(idx, lut, 4), _mm512_loadu_ps(acc + i)));
+  }
+  for (; i < D; ++i) acc[i] += a * lut[v[i]];
+}
+
+// One layer's K or V store: bf16 rows, or fp8 bytes with a scale per (slot, KV head).
+struct KVStore {
+  bf16* rows = nullptr;
+  uint8_t* bytes = nullptr;
+  float* scales = nullptr;
+  const float* lut = nullptr;
+};
+
+// The fp8 formats' largest finite value and byte -> float table, and the cast.
+struct Fp8Format {
+  bool fnuz = false;
+  float max = 0.f;
+  std::vector<float> lut;
+
+  explicit Fp8Format(bool fnuz_) : fnuz(fnuz_), max(fnuz_ ? 240.f : 448.f), lut(256) {
+    for (int b = 0; b < 256; ++b)
+      lut[b] = fnuz ? static_cast<float>(c10::Float8_e4m3fnuz(static_cast<uint8_t>(b), c10::Float8_e4m3fnuz::from_bits()))
+                    : static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
+  }
+
+  // As sut.quant.quantize_kv_vectors: scale = amax / max (1 for a zero vector), then
+  // clamp(x / scale) cast to fp8.
+  void store(const bf16* x, int64_t D, uint8_t* out, float* scale) const {
+    float amax = 0.f;
+    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(to_f(x[i])));
+    const float s = amax > 0.f ? amax / max : 1.f;
+    for (int64_t i = 0; i < D; ++i) {
+      const float v = std::min(std::max(to_f(x[i]) / s, -max), max);
+      out[i] = fnuz ? c10::Float8_e4m3fnuz(v).x : c10::Float8_e4m3fn(v).x;
+    }
+    *scale = s;
+  }
+};
 
 struct Shape {
   int64_t M, H, Hq, Hkv, D, F, V, blocks, block_size, table_width;
@@ -160,7 +227,7 @@ AVX512_BF16 float exp_shifted_sum(float* scores, int64_t n, float best) {
 // out[m, h] = softmax(q k^T * scale) v over positions 0..pos[m], for every query
 // head. Positions are walked block by block of the row's table (no division per
 // token); scratch vectors are per thread and reused.
-AVX512_BF16 void attend(const bf16* qkv, const bf16* k_layer, const bf16* v_layer, const int32_t* tables,
+AVX512_BF16 void attend(const bf16* qkv, const KVStore& k_layer, const KVStore& v_layer, const int32_t* tables,
                         const int64_t* positions, bf16* out, const Shape& s, int threads) {
   const int64_t group = s.Hq / s.Hkv, qkv_width = (s.Hq + 2 * s.Hkv) * s.D, row_stride = s.Hkv * s.D;
   const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
@@ -175,13 +242,13 @@ AVX512_BF16 void attend(const bf16* qkv, const bf16* k_layer, const bf16* v_laye
       scores.resize(ctx);
       for (int64_t i = 0; i < s.D; ++i) q[i] = to_f(qkv[m * qkv_width + h * s.D + i]) * scale;
       const int32_t* table = tables + m * s.table_width;
-      const bf16* k_head = k_layer + kvh * s.D;
-      const bf16* v_head = v_layer + kvh * s.D;
       float best = -std::numeric_limits<float>::infinity();
       for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += s.block_size, ++b) {
         const int64_t base = static_cast<int64_t>(table[b]) * s.block_size, n = std::min(s.block_size, ctx - t0);
         for (int64_t o = 0; o < n; ++o) {
-          const float score = dot_bf16(q.data(), k_head + (base + o) * row_stride, s.D);
+          const int64_t at = (base + o) * row_stride + kvh * s.D, head = (base + o) * s.Hkv + kvh;
+          const float score = k_layer.bytes ? dot_fp8(q.data(), k_layer.bytes + at, k_layer.lut, s.D) * k_layer.scales[head]
+                                            : dot_bf16(q.data(), k_layer.rows + at, s.D);
           scores[t0 + o] = score;
           best = std::max(best, score);
         }
@@ -189,8 +256,14 @@ AVX512_BF16 void attend(const bf16* qkv, const bf16* k_layer, const bf16* v_laye
       const float inv_total = 1.f / exp_shifted_sum(scores.data(), ctx, best);
       for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += s.block_size, ++b) {
         const int64_t base = static_cast<int64_t>(table[b]) * s.block_size, n = std::min(s.block_size, ctx - t0);
-        for (int64_t o = 0; o < n; ++o)
-          axpy_bf16(scores[t0 + o] * inv_total, v_head + (base + o) * row_stride, acc.data(), s.D);
+        for (int64_t o = 0; o < n; ++o) {
+          const int64_t at = (base + o) * row_stride + kvh * s.D, head = (base + o) * s.Hkv + kvh;
+          const float p = scores[t0 + o] * inv_total;
+          if (v_layer.bytes)
+            axpy_fp8(p * v_layer.scales[head], v_layer.bytes + at, v_layer.lut, acc.data(), s.D);
+          else
+            axpy_bf16(p, v_layer.rows + at, acc.data(), s.D);
+        }
       }
       for (int64_t i = 0; i < s.D; ++i) out[m * s.Hq * s.D + h * s.D + i] = to_bf16(acc[i]);
     }
@@ -220,7 +293,9 @@ void check_vector(const at::Tensor& w, int64_t n, const char* name, size_t layer
 at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList o_w,
                              at::TensorList gate_up_w, at::TensorList down_w, at::TensorList ln1,
                              at::TensorList ln2, const at::Tensor& norm, const at::Tensor& head,
-                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
+                             const at::Tensor& block_tables,
                              const at::Tensor& positions, const at::Tensor& inv_freq, int64_t n_heads,
                              int64_t n_kv_heads, double eps) {
   TORCH_CHECK(cpu_has_avx512_bf16(), "wallperf::llama_decode_bf16 needs a CPU with AVX512-BF16");
@@ -230,11 +305,20 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
                   ln2.size() == L && (qkv_b.empty() || qkv_b.size() == L),
               "wallperf::llama_decode_bf16: every per-layer weight list needs ", L, " entries (qkv_bias: 0 or ", L,
               ")");
+  const auto kv_type = k_cache.scalar_type();
+  const bool fp8 = kv_type == at::kFloat8_e4m3fn || kv_type == at::kFloat8_e4m3fnuz;
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.size(0) == static_cast<int64_t>(L) &&
-                  k_cache.scalar_type() == at::kBFloat16 && v_cache.scalar_type() == at::kBFloat16 &&
+                  (kv_type == at::kBFloat16 || fp8) && v_cache.scalar_type() == kv_type &&
                   k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "k_cache and v_cache must be contiguous bfloat16 (layers, blocks, block_size, kv_heads, head_dim), got ",
-              k_cache.sizes(), " and ", v_cache.sizes());
+              "k_cache and v_cache must be contiguous bfloat16 or fp8 e4m3 (layers, blocks, block_size, kv_heads, "
+              "head_dim), got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(fp8 == (k_scale.has_value() && v_scale.has_value()), "an fp8 cache needs k_scale and v_scale, "
+              "a bfloat16 cache none");
+  if (fp8)
+    for (const auto* sc : {&*k_scale, &*v_scale})
+      TORCH_CHECK(sc->scalar_type() == at::kFloat && sc->is_contiguous() && sc->sizes() == k_cache.sizes().slice(0, 4),
+                  "k_scale and v_scale must be contiguous float32 (layers, blocks, block_size, kv_heads), got ",
+                  sc->sizes());
   Shape s;
   s.M = x_in.size(0);
   s.H = x_in.size(1);
@@ -291,7 +375,8 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
 
   std::vector<bf16> x(x_in.const_data_ptr<bf16>(), x_in.const_data_ptr<bf16>() + M * H), h(M * H), qkv(M * qkv_width),
       attn(M * q_size), o(M * H), gu(M * 2 * s.F), act(M * s.F), d(M * H);
-  const int64_t layer_elems = s.blocks * s.block_size * kv_size;
+  const int64_t layer_elems = s.blocks * s.block_size * kv_size, layer_heads = s.blocks * s.block_size * s.Hkv;
+  const Fp8Format format(kv_type == at::kFloat8_e4m3fnuz);
   for (size_t l = 0; l < L; ++l) {
     rms_norm(x.data(), ln1[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
     gemm_packed(bits(h.data()), bits(qkv_w[l]), qkv.data(), M, H, qkv_width, qkv_width, threads);
@@ -300,16 +385,33 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
       for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < qkv_width; ++i) qkv[m * qkv_width + i] = to_bf16(to_f(qkv[m * qkv_width + i]) + to_f(b[i]));
     }
-    bf16* k_layer = k_cache.data_ptr<bf16>() + l * layer_elems;
-    bf16* v_layer = v_cache.data_ptr<bf16>() + l * layer_elems;
+    KVStore k_layer, v_layer;
+    if (fp8) {
+      k_layer = {nullptr, static_cast<uint8_t*>(k_cache.data_ptr()) + l * layer_elems,
+                 k_scale->data_ptr<float>() + l * layer_heads, format.lut.data()};
+      v_layer = {nullptr, static_cast<uint8_t*>(v_cache.data_ptr()) + l * layer_elems,
+                 v_scale->data_ptr<float>() + l * layer_heads, format.lut.data()};
+    } else {
+      k_layer.rows = k_cache.data_ptr<bf16>() + l * layer_elems;
+      v_layer.rows = v_cache.data_ptr<bf16>() + l * layer_elems;
+    }
     for (int64_t m = 0; m < M; ++m) {
       bf16* row = qkv.data() + m * qkv_width;
       rope_heads(row, s.Hq, s.D, cos_.data() + m * s.D / 2, sin_.data() + m * s.D / 2);
       rope_heads(row + q_size, s.Hkv, s.D, cos_.data() + m * s.D / 2, sin_.data() + m * s.D / 2);
       const int64_t slot =
           static_cast<int64_t>(tables[m * s.table_width + pos[m] / s.block_size]) * s.block_size + pos[m] % s.block_size;
-      std::copy(row + q_size, row + q_size + kv_size, k_layer + slot * kv_size);
-      std::copy(row + q_size + kv_size, row + qkv_width, v_layer + slot * kv_size);
+      if (fp8) {
+        for (int64_t h = 0; h < s.Hkv; ++h) {
+          format.store(row + q_size + h * s.D, s.D, k_layer.bytes + slot * kv_size + h * s.D,
+                       k_layer.scales + slot * s.Hkv + h);
+          format.store(row + q_size + kv_size + h * s.D, s.D, v_layer.bytes + slot * kv_size + h * s.D,
+                       v_layer.scales + slot * s.Hkv + h);
+        }
+      } else {
+        std::copy(row + q_size, row + q_size + kv_size, k_layer.rows + slot * kv_size);
+        std::copy(row + q_size + kv_size, row + qkv_width, v_layer.rows + slot * kv_size);
+      }
     }
     attend(qkv.data(), k_layer, v_layer, tables, pos, attn.data(), s, threads);
     gemm_packed(bits(attn.data()), bits(o_w[l]), o.data(), M, q_size, H, H, threads);
@@ -349,7 +451,8 @@ TORCH_LIBRARY_FRAGMENT(wallperf, m) {
   m.def("softmax_f32(Tensor x) -> Tensor");
   m.def(
       "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, Tensor[] gate_up, Tensor[] down, Tensor[] ln1, "
-      "Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_tables, "
+      "Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, "
+      "Tensor(d!)? v_scale, Tensor block_tables, "
       "Tensor positions, Tensor inv_freq, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 

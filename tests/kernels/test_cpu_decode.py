@@ -50,9 +50,9 @@ def scattered_tables(lengths, seed=0):
     return tables
 
 
-def prefill(model, prompts, tables):
+def prefill(model, prompts, tables, kv_dtype=None):
     cache = PagedKVCache(CFG.n_layers, POOL, BLOCK, CFG.n_kv_heads, CFG.head_dim,
-                         model.embed_tokens.weight.dtype)
+                         model.embed_tokens.weight.dtype, kv_dtype=kv_dtype)
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -107,6 +107,34 @@ def test_fused_step_matches_eager_and_float32(models, lengths):
     slots = {tuple(x) for x in changed}
     expected = {(t[p // BLOCK], p % BLOCK) for t, p in zip(tables, positions)}
     assert slots <= expected and len(slots) >= len(expected) - 1
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+def test_fused_step_with_an_fp8_cache_matches_eager(models, fp8):
+    """Both read the same fp8 context; the fused step writes this step's keys and
+    values as the eager path does (same bytes and scales in layer 0, whose inputs
+    are the same), and reads them dequantized in fp32 rather than bf16."""
+    m16, _ = models
+    lengths = [33, 5, 18]
+    prompts, tables = prompts_of(lengths), scattered_tables(lengths)
+    tokens, positions = [p[-1] * 7 % CFG.vocab_size for p in prompts], list(lengths)
+    cache = prefill(m16, prompts, tables, kv_dtype=fp8)
+    before = [t.clone() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
+    eager = eager_step(m16, cache, tokens, positions, tables)
+    after_eager = [t.clone() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
+    for t, b in zip((cache.k, cache.v, cache.k_scale, cache.v_scale), before):
+        t.copy_(b)
+    fused = FusedDecoder(m16, cache)(tokens, positions, tables)
+    torch.testing.assert_close(fused, eager, rtol=0.02, atol=0.08)
+    slots = [(t[p // BLOCK], p % BLOCK) for t, p in zip(tables, positions)]
+    for got, want in zip((cache.k, cache.v), after_eager[:2]):
+        for block, off in slots:
+            g, w = got[0, block, off].float(), want[0, block, off].float()
+            # Same bytes but where RoPE's rounding differs by a bf16 ulp: one fp8 step at most.
+            assert (g != w).float().mean() < 0.05 and torch.allclose(g, w, rtol=0.13, atol=0)
+    for got, want in zip((cache.k_scale, cache.v_scale), after_eager[2:]):
+        for block, off in slots:
+            torch.testing.assert_close(got[0, block, off], want[0, block, off], rtol=2**-7, atol=0)
 
 
 def test_engine_tokens_equal_with_and_without_the_fused_step(models, monkeypatch):

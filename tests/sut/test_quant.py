@@ -163,10 +163,12 @@ def test_quantize_model_replaces_projections_only(tie, per_channel):
         quantize_model_(model)
 
 
-def test_quantized_model_is_the_model_on_dequantized_weights():
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_model_is_the_model_on_dequantized_weights(bias):
     # An independent path: put the dequantized weights into a plain bf16 model under
-    # HF names; both must compute the same logits bit for bit.
-    cfg = LlamaConfig(**{**CFG.__dict__, "tie_embeddings": True, "head_dim": None})
+    # HF names; both must compute the same logits bit for bit. With Qwen2's Q/K/V
+    # biases, those stay bf16 and are added after the fp8 product.
+    cfg = LlamaConfig(**{**CFG.__dict__, "tie_embeddings": not bias, "head_dim": None, "attention_bias": bias})
     sd = synthetic_state_dict(cfg, seed=5)
     model = build_model(cfg, sd, torch.bfloat16)
     quantize_model_(model)

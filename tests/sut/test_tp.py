@@ -2,6 +2,8 @@
 give the same greedy tokens as one process running the plain engine (continuous
 batching with chunked prefill), and prefill logits within float32 rounding (the
 row-parallel sums add in a different order)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,9 +47,11 @@ def reference(cfg):
     return [tokens[i] for i in range(len(PROMPTS))], logits
 
 
-def test_two_ranks_match_one():
-    want_tokens, want_logits = reference(CFG)
-    ranks = run_tp_generate(CFG, PROMPTS, PARAMS, world_size=2, **ENGINE)
+@pytest.mark.parametrize("cfg", [CFG, dataclasses.replace(CFG, attention_bias=True)], ids=["llama", "qwen2"])
+def test_two_ranks_match_one(cfg):
+    """Qwen2's Q/K/V biases are split with their rows."""
+    want_tokens, want_logits = reference(cfg)
+    ranks = run_tp_generate(cfg, PROMPTS, PARAMS, world_size=2, **ENGINE)
     for rank, got in enumerate(ranks):
         assert got["tokens"] == want_tokens, f"rank {rank}"
         for g, w in zip(got["logits"], want_logits):
