@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wall-from-profile", action="store_true", help="set every figure against the hardware "
                    "profile's bandwidth and peaks as written, instead of measuring this machine (a CPU) or "
                    "reusing its measurement from the last hour")
+    r.add_argument("--kv-dtype", choices=("auto", "fp8"), help="native engine's KV cache: auto (the model's "
+                   "dtype, default) or fp8 (e4m3 keys and values with a scale per token and head; e4m3fnuz on "
+                   "MI300X; emulated where the hardware has no fp8)")
     r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
     r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
     r.add_argument("--min-queries", type=_positive(int), help="LoadGen min_query_count: e.g. ~480 lets a "
@@ -148,7 +151,8 @@ def cmd_run(args) -> int:
     from harness.driver.tp_run import run_tp_benchmark
 
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
-                                   ("scenarios", args.scenario), ("tp", args.tp), ("dataset", args.dataset))
+                                   ("scenarios", args.scenario), ("tp", args.tp), ("dataset", args.dataset),
+                                   ("kv_dtype", args.kv_dtype))
                  if v is not None}
     if args.endpoint or args.backend == "openai":
         if not args.endpoint:

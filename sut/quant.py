@@ -288,6 +288,14 @@ class FormatChoice:
                 "format_reason": self.reason}
 
 
+def kv_cache_dtype(hardware, requested: str) -> torch.dtype | None:
+    """The KV cache's storage dtype for a run: None (the model's dtype) for "auto",
+    the hardware's fp8 variant for "fp8" (e4m3fn where it has none: emulated)."""
+    if requested not in ("auto", "fp8"):
+        raise ValueError(f"KV cache dtype {requested!r}; allowed: auto, fp8")
+    return None if requested == "auto" else FP8_DTYPES[hardware.fp8_format or "e4m3fn"]
+
+
 def choose_format(hardware, requested: str, published_dtype: str) -> FormatChoice:
     """The published format, unless the hardware has fp8 math ("auto") or a format is forced.
 

@@ -372,6 +372,9 @@ class RunConfig:
     seed: int = 0
     # Tensor parallelism: the native engine's model sharded over this many processes.
     tp: int = 1
+    # The native engine's KV cache: the model's dtype (auto), or fp8 e4m3 with scales
+    # (e4m3fnuz where the hardware computes in it).
+    kv_dtype: Literal["auto", "fp8"] = "auto"
 
     def __post_init__(self):
         _check_plain_names(self, "system", "model", "hardware", "dataset")
@@ -393,6 +396,9 @@ class RunConfig:
         if self.tp > 1 and self.backend != "native":
             raise FieldError("tp", f"tp {self.tp} shards the native engine's model; backend {self.backend!r} "
                              "runs its own (use tp 1)")
+        if self.kv_dtype != "auto" and (self.backend != "native" or self.tp > 1):
+            raise FieldError("kv_dtype", f"{self.kv_dtype!r} is the native engine's cache, without tensor "
+                             f"parallelism (backend {self.backend!r}, tp {self.tp}); leave it at 'auto'")
         if self.tp > 1 and self.dtype == "fp8":
             raise FieldError("tp", f"tp {self.tp} with fp8 weights is not supported yet; use dtype bfloat16 "
                              "or float32")

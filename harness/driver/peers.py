@@ -13,7 +13,7 @@ from __future__ import annotations
 from harness.config import ConfigError, ResolvedRun
 from harness.hardware.counts import WeightBytes, held_weight_bytes
 from sut.backends import MissingPackage, check_available
-from sut.quant import FormatChoice
+from sut.quant import FormatChoice, format_name, kv_cache_dtype
 
 PEERS = ("hf", "llamacpp")
 
@@ -91,6 +91,21 @@ def memory_expert_bytes_per_step(expert_cache: dict | None) -> float:
     per_expert = expert_cache["bytes_per_expert"]
     return sum(layer["lookups"] / layer["steps"] * per_expert
                for layer in expert_cache["layers"].values() if layer.get("steps"))
+
+
+def kv_storage_bytes(loaded, kv_dtype) -> float | None:
+    """The native engine's KV bytes per element with an fp8 cache (scales included), else None."""
+    if kv_dtype is None:
+        return None
+    from sut.paged_cache import kv_bytes_per_element
+
+    return kv_bytes_per_element(loaded.config.head_dim, kv_dtype)
+
+
+def kv_format(resolved, choice: FormatChoice) -> str:
+    """What results.json records as the KV cache's storage: fp8_e4m3fn(uz), or the math dtype."""
+    kv = kv_cache_dtype(resolved.hardware, resolved.run.kv_dtype)
+    return choice.dtype if kv is None else format_name(kv)
 
 
 def format_dict(loaded, choice: FormatChoice) -> dict:

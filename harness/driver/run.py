@@ -24,7 +24,8 @@ from harness.driver.calibrate import calibrated_run
 from harness.driver.find_peak import find_peak, format_curve, try_log_dir
 from harness.driver.model import choose_device, load_for_run, model_shape
 from harness.driver.options import RunOptions
-from harness.driver.peers import check_peer, format_dict, peer_format, roofline_counts, weight_format
+from harness.driver.peers import (check_peer, format_dict, kv_format, kv_storage_bytes, peer_format,
+                                  roofline_counts, weight_format)
 from harness.driver.progress import Progress, say
 from harness.hardware.energy import EnergyMeter
 from harness.hardware.front import step_cost
@@ -40,7 +41,7 @@ from harness.loadgen.workload import Workload, load_workload
 from sut.adapter import LoadGenSUT
 from sut.backends import create
 from sut.engine import SamplingParams
-from sut.quant import choose_format
+from sut.quant import choose_format, kv_cache_dtype
 from sut.queues import queue_for
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def _one_test(resolved, sc, mode, loaded, workload: Workload, max_seq_len, opts,
                                     max_seq_len=min(max_seq_len, loaded.config.max_position))
     else:
         backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len,
-                         openai=run.openai)
+                         openai=run.openai, kv_dtype=kv_cache_dtype(resolved.hardware, run.kv_dtype))
     params = sampling_params(mode, resolved.dataset, workload.output_lengths)
     queue = queue_for(sc.name, [len(p) for p in prompts])
     expected = len(prompts) if mode == "accuracy" else None
@@ -223,6 +224,7 @@ def _one_test(resolved, sc, mode, loaded, workload: Workload, max_seq_len, opts,
         "dtype": choice.dtype,
         "weight_format": weight_format(loaded, choice),
         "fp8_emulated": choice.emulated,
+        "kv_dtype": kv_format(resolved, choice),
         "hardware": resolved.hardware.name,
         "system": run.system,
         **{k: body[k] for k in ("valid", "invalid_reasons")},
@@ -277,7 +279,8 @@ def _roofline(resolved, loaded, dtype, metrics, stats, wall, prompts, params, ex
     samples_per_second = metrics["samples_per_second"]
     output_tokens = (tokens_per_second / samples_per_second if samples_per_second
                      else _output_policy(params)["max_new_tokens"])
-    shape, counts = model_shape(resolved, loaded), roofline_counts(loaded, expert_cache)
+    shape, counts = model_shape(resolved, loaded), roofline_counts(
+        loaded, expert_cache, kv_storage_bytes(loaded, kv_cache_dtype(resolved.hardware, resolved.run.kv_dtype)))
     record = run_roofline(shape, hardware, dtype, tokens_per_second,
                           batch=max(1, round(stats.mean_decode_batch)), context=round(stats.mean_decode_context),
                           prompt_tokens=sum(map(len, prompts)) / len(prompts), output_tokens=output_tokens, **counts)

@@ -40,15 +40,17 @@ def check_available(kind: str) -> None:
         require(module, package, kind)
 
 
-def create(kind: str, loaded, max_batch: int, max_seq_len: int, openai=None):
+def create(kind: str, loaded, max_batch: int, max_seq_len: int, openai=None, kv_dtype=None):
     """A backend of `kind`: over a loaded model (sut.loading.load_model; for
     llamacpp, sut.backends.llamacpp.load_gguf_model), or over OpenAI-compatible
     endpoints (`openai`: harness.config.OpenAIConfig), for which `loaded` need only
-    carry the model's tokenizer."""
+    carry the model's tokenizer. `kv_dtype` (native only): the KV cache's storage."""
+    if kv_dtype is not None and kind != "native":
+        raise ValueError(f"an fp8 KV cache is the native engine's; backend {kind!r} keeps its own")
     if kind == "native":
         from sut.backends.native import NativeBackend
 
-        return NativeBackend(loaded, max_batch=max_batch, max_seq_len=max_seq_len)
+        return NativeBackend(loaded, max_batch=max_batch, max_seq_len=max_seq_len, kv_dtype=kv_dtype)
     if kind == "openai":
         from sut.backends.openai import OpenAIBackend
 

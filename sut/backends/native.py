@@ -9,7 +9,8 @@ from sut.loading import LoadedModel
 class NativeBackend(Engine):
     name = "native"
 
-    def __init__(self, loaded: LoadedModel, max_batch: int, max_seq_len: int):
+    def __init__(self, loaded: LoadedModel, max_batch: int, max_seq_len: int, kv_dtype=None):
         super().__init__(loaded.model, loaded.tokenizer.eos_token_ids, max_batch=max_batch,
-                         max_seq_len=min(max_seq_len, loaded.config.max_position), device=loaded.device)
+                         max_seq_len=min(max_seq_len, loaded.config.max_position), device=loaded.device,
+                         kv_dtype=kv_dtype)
         self.tokenizer = loaded.tokenizer

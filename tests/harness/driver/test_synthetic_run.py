@@ -47,3 +47,27 @@ def test_synthetic_model_refuses_accuracy(conf, tmp_path):
                str(tmp_path / "out"), "--no-progress"])
     assert rc == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_kv_cache_is_recorded_and_counted(conf, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["run", "--model", "tiny-synthetic", "--scenario", "SingleStream", "--mode", "performance",
+               "--duration", "1", "--max-samples", "3", "--output-tokens", "4", "--kv-dtype", "fp8",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["kv_dtype"] == "fp8_e4m3fn" and results["config"]["run"]["kv_dtype"] == "fp8"
+    roof = run["roofline"]
+    # 2 layers x 2 KV heads x head_dim 16, K and V: 1 byte each plus a 4-byte scale per vector.
+    kv_per_token = 2 * 2 * 2 * (16 + 4)
+    weights = (2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) + 5 * 64 + 49152 * 64) * 2
+    assert roof["bytes_per_step"] == pytest.approx(weights + roof["context"] * kv_per_token)
+
+
+def test_fp8_kv_cache_is_refused_for_a_peer_backend(conf, tmp_path, capsys):
+    rc = main(["run", "--model", "tiny-synthetic", "--backend", "hf", "--kv-dtype", "fp8",
+               "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    assert "kv_dtype" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
