@@ -4,11 +4,12 @@ transformers' Qwen2.
 Fast tests build a tiny HF Qwen2 with random weights, save it as safetensors and
 as a GGUF written the way llama.cpp's converter writes qwen2 (no Q/K row
 permutation, biases as `attn_{q,k,v}.bias`), and compare our logits with HF's.
-The slow tests run the real Qwen2.5-Coder GGUFs against
-`AutoModelForCausalLM.from_pretrained(..., gguf_file=...)`: tokenizer, greedy
-tokens and logits in float32, and the 1.5B's MMLU answers in bf16. Each real
-model is read once per module and HF's copy is freed before ours is built, so
-the peak stays near one float32 copy (6 GB for the 1.5B).
+The slow tests run the real Qwen2.5-Coder GGUFs against HF: the 0.5B against
+`AutoModelForCausalLM.from_pretrained(..., gguf_file=...)` (tokenizer, greedy
+tokens and logits in float32); the 1.5B against HF's tokenizer from the GGUF and
+HF's Qwen2ForCausalLM on our loaded weights (greedy tokens and logits in
+float32, MMLU answers in bf16). Memory stays near one float32 copy of a model
+(6 GB for the 1.5B): HF's copy of the 0.5B is freed before ours is built.
 """
 import gc
 import json
@@ -150,40 +151,30 @@ TOKENIZER_TEXTS = [
 ]
 
 
-def _qwen_reference(name: str, mmlu_questions=None) -> dict:
-    """HF's greedy tokens and last-position logits (float32) on the chat PROMPTS, its
-    tokenization of TOKENIZER_TEXTS, and with `mmlu_questions`, its bf16 letter
-    log-likelihoods; HF's model is freed before returning."""
+def _hf_reference(hf, tok, mmlu_questions=()) -> dict:
+    """HF's greedy tokens and last-position logits on the chat PROMPTS, and its
+    tokenization of TOKENIZER_TEXTS and of the chats (`tok`: HF's tokenizer from the
+    GGUF); with `mmlu_questions`, its letter log-probabilities for each."""
     from audit.mmlu import LETTERS, build_context
-    from harness.artifacts import resolve_model_file
-    from harness.config import load_model_config
 
-    path = resolve_model_file(load_model_config(name))
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              for p in PROMPTS]
-    ref = {"path": path, "chats": chats, "eos": hf.generation_config.eos_token_id,
+    ref = {"chats": chats, "eos": tok.eos_token_id,
            "texts": [tok.encode(t, add_special_tokens=False) for t in TOKENIZER_TEXTS + chats],
-           "greedy": [], "logits": []}
+           "greedy": [], "logits": [], "mmlu": []}
     for chat in chats:
         ids = torch.tensor([tok.encode(chat, add_special_tokens=False)])
         with torch.no_grad():
-            out = hf.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)[0, ids.shape[1]:].tolist()
+            out = hf.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS,
+                              eos_token_id=ref["eos"], pad_token_id=ref["eos"])[0, ids.shape[1]:].tolist()
             ref["logits"].append(hf(ids).logits[0, -1].float())
         ref["greedy"].append(out[:out.index(ref["eos"]) + 1] if ref["eos"] in out else out)
-    if mmlu_questions:
-        hf = hf.to(torch.bfloat16)
-        letters = [tok.encode(f" {x}", add_special_tokens=False)[0] for x in LETTERS]
-        ref["mmlu"] = []
-        for q in mmlu_questions:
-            ids = torch.tensor([tok.encode(build_context(q, "letter"), add_special_tokens=False)])
-            with torch.no_grad():
-                logp = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
-            ref["mmlu"].append([float(logp[i]) for i in letters])
-    del hf
-    gc.collect()
+    letters = [tok.encode(f" {x}", add_special_tokens=False)[0] for x in LETTERS]
+    for q in mmlu_questions:
+        ids = torch.tensor([tok.encode(build_context(q, "letter"), add_special_tokens=False)])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, -1].double(), -1)
+        ref["mmlu"].append([float(logp[i]) for i in letters])
     return ref
 
 
@@ -202,29 +193,50 @@ def _check_against_reference(ref: dict, ours) -> None:
         torch.testing.assert_close(got, logits, atol=LOGIT_ATOL, rtol=0, msg=prompt)
 
 
+def _gguf(name: str):
+    from harness.artifacts import resolve_model_file
+    from harness.config import load_model_config
+
+    path = resolve_model_file(load_model_config(name))
+    return path, transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 @pytest.mark.slow
 def test_qwen2_5_coder_0_5b_tokens_greedy_and_logits_match_hf():
+    """HF's own GGUF loader is the reference here: weights, architecture, tokenizer."""
     from sut.loading import load_model
 
-    ref = _qwen_reference("qwen2.5-coder-0.5b")
-    _check_against_reference(ref, load_model(ref["path"], "float32"))
+    path, tok = _gguf("qwen2.5-coder-0.5b")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    ref = _hf_reference(hf, tok)
+    del hf
+    gc.collect()
+    _check_against_reference(ref, load_model(path, "float32"))
 
 
 @pytest.mark.slow
 def test_qwen2_5_coder_1_5b_matches_hf_in_float32_and_mmlu_in_bf16(mmlu_path):
+    """HF's Qwen2ForCausalLM over the weights we loaded (views, so one 6 GB copy in
+    float32, not two: HF's GGUF loader holds the model twice while it loads). The
+    0.5B test above checks the same GGUF reading (qwen2 keys, Q4_K/Q6_K, biases)
+    against HF's loader. Then the same weights rounded to bf16, as a bf16 load
+    rounds them, for MMLU answers question by question."""
     from audit.mmlu import evaluate
     from harness.loadgen.qsl import load_mmlu
-    from sut.loading import load_model
+    from sut.backends.hf import build_hf_model
+    from sut.loading import LoadedModel, load_model
 
+    path, tok = _gguf("qwen2.5-coder-1.5b")
+    ours = load_model(path, "float32")
+    _check_against_reference(_hf_reference(build_hf_model(ours.model), tok), ours)
+    for p in ours.model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    bf16 = LoadedModel(path, ours.config, ours.model, ours.tokenizer, "bfloat16")
     questions = load_mmlu(mmlu_path)[::1403][:8]  # spread over the file, hence over subjects
-    ref = _qwen_reference("qwen2.5-coder-1.5b", questions)
-    ours = load_model(ref["path"], "float32")
-    _check_against_reference(ref, ours)
-    del ours
-    gc.collect()
-    ours = load_model(ref["path"], "bfloat16")
-    result = evaluate(ours, questions, "letter", progress=False)
-    for q, scored, want in zip(questions, result.questions, ref["mmlu"]):
-        assert scored.predicted == int(np.argmax(want)), (q.question, scored.loglikelihoods, want)
+    want = _hf_reference(build_hf_model(bf16.model), tok, questions)["mmlu"]
+    result = evaluate(bf16, questions, "letter", progress=False)
+    for q, scored, expected in zip(questions, result.questions, want):
+        assert scored.predicted == int(np.argmax(expected)), (q.question, scored.loglikelihoods, expected)
         # bf16 rounding in two different GEMM orders: a tenth of a nat on log-probabilities near -1.
-        assert scored.loglikelihoods == pytest.approx(want, abs=0.15)
+        assert scored.loglikelihoods == pytest.approx(expected, abs=0.15)
