@@ -60,8 +60,8 @@ class ArrayReadout:
     """What one pass over the array found."""
 
     records: list
-    # Byte offset where the file stops inside a record (None: the array is whole),
-    # and where that partial record starts.
+    # Byte offset where the file stops short of the array's end (None: the array is
+    # whole), and where the record it cuts starts (cut_at itself for a cut between records).
     cut_at: int | None = None
     partial_record_at: int | None = None
     file_bytes: int = 0
