@@ -84,6 +84,10 @@ class Calibration:
         for sc in self.scenarios:
             settings = ", ".join(f"{k} {v:g}" for k, v in _settings(sc).items())
             parts.append(f"{sc.name}: {settings} (about {self.predicted_s[sc.name]:.0f} s)")
+        total = sum(self.predicted_s.values())
+        if total > BUDGET_S:
+            parts.append(f"this machine is slower than the settings were made for: the performance tests "
+                         f"will take about {total / 60:.0f} minutes")
         return "; ".join(parts)
 
 
