@@ -79,8 +79,9 @@ class Calibration:
 
     def summary(self) -> str:
         m = self.measurement
-        parts = [f"calibrated in {m.seconds:.1f} s: one request {1e3 * m.single_stream_latency_s:.0f} ms, "
-                 + ", ".join(f"{q:.2f} samples/s at batch {b}" for b, q in m.throughput.items())]
+        measured = [f"one request {1e3 * m.single_stream_latency_s:.0f} ms",
+                    *(f"{q:.2f} samples/s at batch {b}" for b, q in m.throughput.items())]
+        parts = [f"calibrated in {m.seconds:.1f} s: {', '.join(measured)}"]
         for sc in self.scenarios:
             settings = ", ".join(f"{k} {v:g}" for k, v in _settings(sc).items())
             parts.append(f"{sc.name}: {settings} (about {self.predicted_s[sc.name]:.0f} s)")
