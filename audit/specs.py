@@ -110,11 +110,9 @@ def _read_checkpoint(path: Path):
     """The last checkpoint read, so that reference and candidate of one file are read once.
     Models built from it never write into its tensors (noise and fp8 replace weights).
     The audit clears it once every model is built."""
-    from sut.loading import load_tokenizer
-    from sut.weights import load_checkpoint
+    from sut.loading import read_checkpoint
 
-    cfg, sd, _ = load_checkpoint(path)
-    return cfg, sd, load_tokenizer(path)
+    return read_checkpoint(path)
 
 
 def release_checkpoints() -> None:

@@ -79,10 +79,19 @@ def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dty
     """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`;
     with `fp8_dtype`, its projection weights quantized to that fp8 format."""
     path = Path(path)
+    cfg, sd, tokenizer = read_checkpoint(path, torch_dtype(dtype))
     with _reading(path):
-        cfg, sd, _ = load_checkpoint(path, torch_dtype(dtype))
         model = build_model(cfg, sd, torch_dtype(dtype), device, consume=True)
-    return LoadedModel(path, cfg, model, load_tokenizer(path), dtype, device, _quantize(model, fp8_dtype))
+    return LoadedModel(path, cfg, model, tokenizer, dtype, device, _quantize(model, fp8_dtype))
+
+
+def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaConfig, dict, Tokenizer]:
+    """A GGUF file's (its tensors in `dtype`) or HF checkpoint folder's config, state
+    dict and tokenizer; one that cannot be read is a CheckpointError naming it."""
+    path = Path(path)
+    with _reading(path):
+        cfg, sd, _ = load_checkpoint(path, dtype)
+    return cfg, sd, load_tokenizer(path)
 
 
 def _quantize(model, fp8_dtype) -> dict | None:

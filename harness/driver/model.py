@@ -13,9 +13,9 @@ from harness.artifacts import cache_dir, resolve_model_file
 from harness.config import ConfigError, ModelShape, ResolvedRun, load_model_config
 from harness.driver.peers import load_llamacpp_model
 from harness.driver.progress import say
-from sut.loading import config_for_shape, load_model, load_mome, load_synthetic, load_tokenizer, torch_dtype
+from sut.loading import (config_for_shape, load_model, load_mome, load_synthetic, load_tokenizer, read_checkpoint,
+                         torch_dtype)
 from sut.models.llama import synthetic_state_dict
-from sut.weights import load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,7 @@ def load_for_run(resolved: ResolvedRun, device: str, choice):
         say(f"loading {model_cfg.name} ({path.name}), {choice.weight_format}, on {device}")
         if model_cfg.family != "mome":
             return load_model(path, dtype, device, fp8_dtype=fp8)
-        cfg, sd, _ = load_checkpoint(path)
-        tokenizer = load_tokenizer(path)
+        cfg, sd, tokenizer = read_checkpoint(path)
     from sut.models.mome import MemoryConfig
 
     if fp8 is not None:

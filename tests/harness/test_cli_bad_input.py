@@ -153,6 +153,12 @@ def test_corrupt_checkpoints(name, broken_checkpoints, capsys):
             "download or export it again")
 
 
+def test_corrupt_checkpoint_in_an_audit(broken_checkpoints, capsys):
+    path = broken_checkpoints / "truncated.gguf"
+    refused(["audit", "--reference", str(path), "--candidate", f"{path}@fp8", "--max-questions", "4",
+             "--no-progress"], capsys, str(path), "cannot load it as")
+
+
 @pytest.mark.parametrize("record", ['{"runs": [{"mode": "performance", "metrics": 5}]}',
                                     '{"runs": [{}], "config": 3}', '{"runs": "x"}', '{"runs": [', "\xff"])
 def test_report_on_a_malformed_record(record, tmp_path, capsys):
