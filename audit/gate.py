@@ -31,6 +31,7 @@ from audit.mmlu import CHANCE, FORMATS, MMLUResult, Progress, prepare, score
 from audit.sequential import confidence_interval
 from audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
 from audit.verdict import EXIT_BAD_INPUT, EXIT_CODES, Verdict, check_max_drop, decide
+from sut.quant import kv_cache_dtype
 
 DEFAULT_MAX_QUESTIONS = 2000
 LOOK_EVERY = 32
@@ -137,11 +138,12 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
           per_subject: int | None = None, fmt: str = "letter", k_shot: int = 0, mmlu_path: Path | None = None,
           progress: bool = True, subjects=None, hardware: str = "cpu",
           max_questions: int | None = DEFAULT_MAX_QUESTIONS, look_every: int = LOOK_EVERY,
-          seed: int = SEED, questions=None) -> AuditResult:
+          seed: int = SEED, questions=None, kv_dtype: str = "auto") -> AuditResult:
     """Score reference and candidate (and baseline) on questions drawn in a seeded order until
     the verdict is decided or `max_questions` (None: the whole pool) are used.
     `per_subject`: the pool is the first N questions of each subject; `subjects`: only these;
-    `questions`: these MMLUQuestions are the pool (and the k-shot exemplars) instead."""
+    `questions`: these MMLUQuestions are the pool (and the k-shot exemplars) instead.
+    `kv_dtype`: "fp8" runs the candidate over an fp8 KV cache in the hardware's variant."""
     started = time.monotonic()
     max_drop = check_max_drop(max_drop)
     if fmt not in FORMATS:
@@ -156,6 +158,7 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
     for spec in specs.values():
         resolve_spec(spec)  # every spec is checked before minutes go into loading and scoring
     profile = _hardware(hardware)
+    kv = {"candidate": kv_cache_dtype(profile, kv_dtype)}
     everything, pool = _pool(mmlu_path, subjects, per_subject, questions)
     order = [pool[i] for i in draw_order(len(pool), seed)][:max_questions]
     models = {role: load_spec(spec, profile) for role, spec in specs.items()}
@@ -168,7 +171,7 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
         batch = order[done: done + look_every]
         for role, m in models.items():
             requests = prepare(m.tokenizer, batch, fmt, k_shot, everything, m.config.max_position)
-            scored[role] += score(m, batch, requests, fmt)
+            scored[role] += score(m, batch, requests, fmt, kv.get(role))
         done += len(batch)
         ref, cand = (np.array([q.correct for q in scored[role]], dtype=float) for role in ("reference", "candidate"))
         decided = decide(ref, cand, max_drop, len(pool))
@@ -178,8 +181,10 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
                      final=decided is not None)
     results = {role: MMLUResult(fmt, k_shot, tuple(s)) for role, s in scored.items()}
     verdict = Verdict(results["reference"], results["candidate"], max_drop, len(pool))
-    return AuditResult(verdict, costs, {role: str(spec) for role, spec in specs.items()}, profile.name,
-                       results.get("baseline"), max_questions, time.monotonic() - started)
+    names = {role: str(spec) + (" --kv-dtype fp8" if kv.get(role) is not None else "")
+             for role, spec in specs.items()}
+    return AuditResult(verdict, costs, names, profile.name, results.get("baseline"), max_questions,
+                       time.monotonic() - started)
 
 
 def add_audit_parser(subparsers) -> argparse.ArgumentParser:
@@ -194,6 +199,9 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--baseline", metavar="SPEC", help="a smaller model: is quantizing better than running it?")
     a.add_argument("--hardware", default="cpu", metavar="NAME",
                    help="hardware profile (conf/hardware): the fp8 variant and the memory wall (default cpu)")
+    a.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
+                   help="the candidate's KV cache: auto (its weights' dtype) or fp8 (e4m3 in the --hardware "
+                        "profile's variant, one scale per token and KV head; emulated where it has no fp8)")
     a.add_argument("--max-questions", type=int, default=DEFAULT_MAX_QUESTIONS, metavar="N",
                    help=f"stop undecided (INCONCLUSIVE) after N questions (default {DEFAULT_MAX_QUESTIONS})")
     a.add_argument("--per-subject", type=int, metavar="N", help="draw only from the first N questions of each "
@@ -217,7 +225,7 @@ def cmd_audit(args) -> int:
     try:
         result = audit(args.reference, args.candidate, args.max_drop, args.baseline, args.per_subject, args.fmt,
                        args.k_shot, progress=not args.no_progress, subjects=args.subjects, hardware=args.hardware,
-                       max_questions=args.max_questions, seed=args.seed)
+                       max_questions=args.max_questions, seed=args.seed, kv_dtype=args.kv_dtype)
     # ValueError covers what only the questions reveal (too few exemplars for --k-shot, too long a prompt).
     except (ValueError, ConfigError, ArtifactError, DatasetError) as e:
         print(f"wallperf audit: error: {e}", file=sys.stderr)

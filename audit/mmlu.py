@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from audit.stats import binomial_sf, log_softmax, wilson_interval
-from audit.scoring import DEFAULT_MAX_TOKENS, encode_request, score_requests
+from audit.scoring import encode_request, score_requests
 from harness.loadgen.qsl import LETTERS, MMLUQuestion
 
 FORMATS = ("letter", "cloze")
@@ -223,9 +223,10 @@ def prepare(tokenizer, questions, fmt: str, k_shot: int = 0, exemplar_pool=None,
     return requests
 
 
-def score(loaded_model, questions, requests, fmt: str, max_tokens: int = DEFAULT_MAX_TOKENS) -> list:
-    """QuestionScores of `questions` from their prepared requests, by packed prefill."""
-    lls = score_requests(loaded_model.model, requests, max_tokens)
+def score(loaded_model, questions, requests, fmt: str, kv_dtype=None) -> list:
+    """QuestionScores of `questions` from their prepared requests, by packed prefill
+    (with an fp8 `kv_dtype`, through an emulated fp8 KV cache)."""
+    lls = score_requests(loaded_model.model, requests, kv_dtype=kv_dtype)
     return [QuestionScore(q.subject, LETTERS.index(q.answer), ll, decision_scores(ll, q, fmt))
             for q, ll in zip(questions, lls)]
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sut.quant import dequantize, quantize_kv_vectors
+
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_ROW_TOKENS = 256
 
@@ -72,10 +74,13 @@ def pack(lengths, max_tokens: int) -> list[list[int]]:
 
 class PackedAttention:
     """The model's attention 'cache' for one packed prefill: it stores nothing and
-    masks each question's tree (see the module docstring)."""
+    masks each question's tree (see the module docstring). With an fp8 `kv_dtype`,
+    keys and values go through what an fp8 KV cache does to them (sut.paged_cache:
+    e4m3 with one scale per token and KV head, dequantized as read) before attention."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, mask: torch.Tensor, kv_dtype: torch.dtype | None = None):
         self.mask = mask  # (B, 1, T, T)
+        self.kv_dtype = kv_dtype
 
     def attention_mask(self, positions):
         return self.mask
@@ -85,6 +90,8 @@ class PackedAttention:
 
     def attend(self, q, k, v, mask):
         """q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D)."""
+        if self.kv_dtype is not None:
+            k, v = (dequantize(*quantize_kv_vectors(t, self.kv_dtype), t.dtype) for t in (k, v))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -115,10 +122,11 @@ def _layout(requests, width: int):
 
 
 @torch.inference_mode()
-def loglikelihoods(model, rows) -> list[list[tuple]]:
+def loglikelihoods(model, rows, kv_dtype: torch.dtype | None = None) -> list[list[tuple]]:
     """Sum of log-probabilities of each continuation after its context, for rows of requests
     (context ids, [continuation ids, ...]), all rows in one forward pass of `model` (a
-    sut.models.llama.LlamaModel or one of its family); per row, per request, per answer."""
+    sut.models.llama.LlamaModel or one of its family); per row, per request, per answer.
+    `kv_dtype`: an fp8 KV cache's format to emulate (PackedAttention)."""
     width = max(sum(map(packed_length, row)) for row in rows)
     ids, positions, question, branch, targets = zip(*(_layout(row, width) for row in rows))
     device = model.embed_tokens.weight.device
@@ -130,7 +138,7 @@ def loglikelihoods(model, rows) -> list[list[tuple]]:
     wanted = [sorted({i for answers in row for pairs in answers for i, _ in pairs}) for row in targets]
     at = torch.tensor([w + [w[-1]] * (max(map(len, wanted)) - len(w)) for w in wanted], device=device)
     logits = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                   PackedAttention(mask[:, None]), logits_at=at)  # (B, P, V)
+                   PackedAttention(mask[:, None], kv_dtype), logits_at=at)  # (B, P, V)
     norm = torch.logsumexp(logits, dim=-1)  # (B, P)
     index = [{i: k for k, i in enumerate(w)} for w in wanted]
     flat = [(r, index[r][i], t) for r, row in enumerate(targets) for answers in row for pairs in answers
@@ -141,7 +149,7 @@ def loglikelihoods(model, rows) -> list[list[tuple]]:
 
 
 def score_requests(model, requests, max_tokens: int = DEFAULT_MAX_TOKENS,
-                   row_tokens: int = DEFAULT_ROW_TOKENS) -> list[tuple]:
+                   row_tokens: int = DEFAULT_ROW_TOKENS, kv_dtype: torch.dtype | None = None) -> list[tuple]:
     """loglikelihoods() of every request, in the order given: packed into rows of `row_tokens`,
     rows of similar length run together up to `max_tokens` tokens per forward pass."""
     out = [None] * len(requests)
@@ -153,7 +161,7 @@ def score_requests(model, requests, max_tokens: int = DEFAULT_MAX_TOKENS,
         count = max(1, max_tokens // length[id(rows[start])])
         group = rows[start: start + count]
         start += len(group)
-        for row, scores in zip(group, loglikelihoods(model, [[requests[i] for i in row] for row in group])):
+        for row, scores in zip(group, loglikelihoods(model, [[requests[i] for i in row] for row in group], kv_dtype)):
             for i, lls in zip(row, scores):
                 out[i] = lls
     return out

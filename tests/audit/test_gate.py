@@ -61,10 +61,22 @@ def test_max_questions_caps_the_draw(tiny_llama_folder, tiny_mmlu_path):
     assert r.verdict.verdict == "INCONCLUSIVE" and "--max-questions" in r.verdict.reason
 
 
+def test_kv_dtype_fp8_runs_the_candidate_over_an_fp8_cache(tiny_llama_folder, tiny_mmlu_path):
+    plain = audit(str(tiny_llama_folder), str(tiny_llama_folder), mmlu_path=tiny_mmlu_path, progress=False,
+                  max_questions=16, look_every=16)
+    fp8 = audit(str(tiny_llama_folder), str(tiny_llama_folder), mmlu_path=tiny_mmlu_path, progress=False,
+                max_questions=16, look_every=16, kv_dtype="fp8", hardware="mi300x")
+    assert fp8.specs["candidate"].endswith("--kv-dtype fp8") and fp8.specs["reference"] == str(tiny_llama_folder)
+    assert [q.loglikelihoods for q in fp8.verdict.reference.questions] == [
+        q.loglikelihoods for q in plain.verdict.reference.questions]
+    assert [q.loglikelihoods for q in fp8.verdict.candidate.questions] != [
+        q.loglikelihoods for q in plain.verdict.candidate.questions]
+
+
 def _args(**kw):
     base = dict(reference="smollm2-135m", candidate="smollm2-135m", max_drop=1.0, baseline=None, per_subject=1,
                 fmt="cloze", k_shot=0, json=True, no_progress=True, subjects=None, hardware="cpu",
-                max_questions=None, seed=0)
+                max_questions=None, seed=0, kv_dtype="auto")
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -75,6 +87,7 @@ def test_cli_bad_input_exits_2(capsys):
     assert cmd_audit(_args(hardware="no-such-gpu")) == 2
     assert "no-such-gpu" in capsys.readouterr().err
     assert cmd_audit(_args(max_questions=0)) == 2
+    assert cmd_audit(_args(kv_dtype="int4")) == 2 and "int4" in capsys.readouterr().err
 
 
 def test_bad_input_is_refused_before_any_work():

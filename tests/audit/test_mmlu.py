@@ -92,6 +92,30 @@ def test_packing_does_not_change_the_scores(tiny_models, fmt):
         assert packed == [pytest.approx(lls, abs=1e-4) for lls in alone]
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
+def test_fp8_kv_scoring_matches_the_engines_fp8_cache(tiny_models, fp8):
+    """Letter answers over an emulated fp8 KV cache against the engine's paged fp8 cache
+    (sut.paged_cache) prefilling each question alone: the same log-likelihoods, and not
+    those of the unquantized cache."""
+    from audit.mmlu import prepare
+    from audit.scoring import score_requests
+    from sut.paged_cache import PagedKVCache
+
+    _, ours, tokenizer = tiny_models
+    requests = prepare(tokenizer, QUESTIONS, "letter")
+    emulated = score_requests(ours.model, requests, kv_dtype=fp8)
+    plain = score_requests(ours.model, requests)
+    cfg = ours.model.cfg
+    for (ctx, conts), got, unquantized in zip(requests, emulated, plain):
+        cache = PagedKVCache(cfg.n_layers, 8, 64, cfg.n_kv_heads, cfg.head_dim, torch.float32, kv_dtype=fp8)
+        positions = torch.arange(len(ctx)).unsqueeze(0)
+        cache.bind([list(range(8))], positions, torch.ones(1, len(ctx), dtype=torch.bool))
+        logits = ours.model(torch.tensor([ctx]), positions, cache, logits_at=torch.tensor([[len(ctx) - 1]]))
+        logp = torch.log_softmax(logits[0, -1].double(), dim=-1)
+        assert got == pytest.approx([float(logp[c[0]]) for c in conts], abs=1e-4)
+        assert got != pytest.approx(unquantized, abs=1e-6)
+
+
 def test_k_shot_letter_prompt_is_lm_evals():
     q, shot = QUESTIONS[0], QUESTIONS[1]
     expected = (f"The following are multiple choice questions (with answers) about {q.subject}.\n\n"
