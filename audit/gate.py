@@ -68,7 +68,7 @@ class AuditResult:
     def to_json(self) -> dict:
         v = self.verdict
         accuracy = {"reference": (v.reference.accuracy, v.reference_accuracy_ci95),
-                    "candidate": (v.candidate.accuracy, v.to_json()["candidate_ci95"])}
+                    "candidate": (v.candidate.accuracy, v.candidate_accuracy_ci95)}
         if self.comparison is not None:
             accuracy["baseline"] = (self.baseline.accuracy, self.comparison.baseline_ci95)
         return {**v.to_json(),

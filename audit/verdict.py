@@ -90,6 +90,7 @@ class Verdict:
     drop_ci95: tuple = field(init=False)
     drop_ci95_fixed_n: tuple = field(init=False)
     reference_accuracy_ci95: tuple = field(init=False)
+    candidate_accuracy_ci95: tuple = field(init=False)
     agreement: float = field(init=False)
     kl: float = field(init=False)
     per_subject: tuple = field(init=False)
@@ -109,6 +110,7 @@ class Verdict:
             "drop_ci95": points(confidence_interval(a.astype(float) - b, self.population)),
             "drop_ci95_fixed_n": points(paired_bootstrap_ci(a, b)),
             "reference_accuracy_ci95": confidence_interval(a.astype(float), self.population),
+            "candidate_accuracy_ci95": confidence_interval(b.astype(float), self.population),
             "agreement": float(np.mean([x.predicted == y.predicted for x, y in zip(ref.questions, cand.questions)])),
             "kl": float(np.mean(kl_divergence(ref.scores_array(), cand.scores_array()))),
             "per_subject": tuple(SubjectDrop(s, r.total, r.accuracy, cand.per_subject[s].accuracy)
@@ -171,7 +173,7 @@ class Verdict:
             "k_shot": ref.k_shot,
             "chance": ref.chance,
             "reference_ci95": list(self.reference_accuracy_ci95),
-            "candidate_ci95": list(confidence_interval(cand.correct_array().astype(float), self.population)),
+            "candidate_ci95": list(self.candidate_accuracy_ci95),
             "per_subject": {s.subject: {"questions": s.questions, "reference_accuracy": s.reference_accuracy,
                                         "candidate_accuracy": s.candidate_accuracy, "drop_points": s.drop_points}
                             for s in self.per_subject},
