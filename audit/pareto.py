@@ -8,6 +8,7 @@ floor gives way to the compute floor marked on it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,11 +23,11 @@ def _p(metrics: dict, key: str, p: str):
     return (metrics.get(key) or {}).get(p)
 
 
-def sweep_point(target_qps: float, record: dict) -> dict:
+def sweep_point(target_qps: float, record: dict, cost: StepCost | None) -> dict:
     """One point of a sweep: LoadGen's throughput and latencies, goodput, the engine's
-    decode batch and context, decode MBU/MFU and the distance to the front."""
+    decode batch and context, and against `cost` (the sweep's wall): decode MBU and MFU
+    at TPOT p50 and the distance to the front."""
     m = record.get("metrics") or {}
-    rf = record.get("roofline") or {}
     engine = record.get("engine") or {}
     good = record.get("goodput") or {}
     tps, tpot_p50 = m.get("tokens_per_second"), _p(m, "tpot_ms", "p50")
@@ -43,14 +44,15 @@ def sweep_point(target_qps: float, record: dict) -> dict:
         "queries": good.get("queries"),
         "mean_decode_batch": batch,
         "mean_decode_context": context,
-        "decode_mbu": rf.get("decode_mbu"),
+        "decode_mbu": None,
         "decode_mfu": None,
         "front_batch": None, "front_system_tokens_per_second": None, "front_share": None,
         "valid": record.get("valid"),
         "log_dir": record.get("log_dir"),
     }
-    cost = step_cost_of(record)
     if cost is not None and batch and context is not None and tpot_p50:
+        # The run's own decode MBU reads one step at its batch and context, both rounded: so here.
+        point["decode_mbu"] = cost.memory_floor_s(max(1, round(batch)), round(context)) / (tpot_p50 / 1e3)
         point["decode_mfu"] = decode_mfu(cost, batch, context, tpot_p50 / 1e3)
         if tps and per_user:
             point.update(place_on_front(cost, context, tps, per_user))
@@ -60,6 +62,16 @@ def sweep_point(target_qps: float, record: dict) -> dict:
 def step_cost_of(record: dict) -> StepCost | None:
     data = (record.get("roofline") or {}).get("step_cost")
     return StepCost(**data) if isinstance(data, dict) else None
+
+
+def sweep_cost(records: list[dict]) -> StepCost | None:
+    """One wall for a whole sweep: the model's counts with the highest bandwidth and peak any
+    point's run measured (a measurement on a busy machine only ever comes out low)."""
+    costs = [c for c in map(step_cost_of, records) if c is not None]
+    if not costs:
+        return None
+    return dataclasses.replace(costs[-1], bandwidth_bytes_per_s=max(c.bandwidth_bytes_per_s for c in costs),
+                               peak_flops_per_s=max(c.peak_flops_per_s for c in costs))
 
 
 def series_front(points: list[dict], cost: StepCost) -> dict:

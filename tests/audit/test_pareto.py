@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from audit.pareto import read_sweep, series_front, sweep_point, write_pareto_png
+from audit.pareto import read_sweep, series_front, sweep_cost, sweep_point, write_pareto_png
 from harness.config import ConfigError
 from harness.hardware.front import StepCost
 
@@ -22,11 +22,13 @@ def record(tps=400.0, tpot_p50=25.0, batch=10.0, context=300.0):
 
 
 def test_sweep_point_from_a_record():
-    p = sweep_point(2.0, record())
+    p = sweep_point(2.0, record(), COST)
     assert p["target_qps"] == 2.0 and p["tokens_per_second"] == 400.0
     assert p["tokens_per_second_per_user"] == pytest.approx(40.0)  # 1 / 25 ms
     assert p["ttft_ms_p99"] == 300.0 and p["tpot_ms_p90"] == 30.0
     assert p["goodput_share"] == 0.75 and p["goodput_tokens_per_second"] == 300.0
+    # One step at batch 10, context 300 per 25 ms, over 32 GB/s.
+    assert p["decode_mbu"] == pytest.approx((2.7e8 + 10 * 23040 * 300) / 0.025 / 32e9)
     # 10 rows x (2.7e8 + 34560 x 300) FLOPs per 25 ms step, over 0.4 TFLOP/s.
     assert p["decode_mfu"] == pytest.approx(10 * (2.7e8 + 34560 * 300) / 0.025 / 4e11)
     # The front at 40 tokens/s per user: the batch whose step takes 25 ms.
@@ -35,18 +37,28 @@ def test_sweep_point_from_a_record():
 
 
 def test_a_record_without_figures_gives_nulls_not_errors():
-    p = sweep_point(1.0, {"scenario": "Server", "metrics": {}, "roofline": None, "engine": None})
+    p = sweep_point(1.0, {"scenario": "Server", "metrics": {}, "roofline": None, "engine": None}, None)
     assert p["tokens_per_second_per_user"] is None and p["decode_mfu"] is None and p["front_share"] is None
 
 
 def test_pareto_png(tmp_path):
-    points = [sweep_point(q, record(tps=100 * q, tpot_p50=10 * q)) for q in (1, 2, 4)]
+    points = [sweep_point(q, record(tps=100 * q, tpot_p50=10 * q), COST) for q in (1, 2, 4)]
     series = [{"label": "native", "points": points, "front": series_front(points, COST)},
               {"label": "llamacpp", "points": points[:2], "front": None}]
     path = tmp_path / "pareto.png"
     write_pareto_png(path, series)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert series[0]["front"]["context"] == pytest.approx(300.0)
+
+
+def test_one_wall_for_a_sweep_is_the_best_any_point_measured():
+    import dataclasses
+
+    slow = dataclasses.replace(COST, bandwidth_bytes_per_s=8e9, peak_flops_per_s=5e11)
+    records = [record(), {**record(), "roofline": {"step_cost": slow.to_dict()}}, {"roofline": None}]
+    cost = sweep_cost(records)
+    assert (cost.bandwidth_bytes_per_s, cost.peak_flops_per_s) == (32e9, 5e11)
+    assert cost.weight_bytes == COST.weight_bytes and sweep_cost([{"roofline": None}]) is None
 
 
 def test_read_sweep_errors(tmp_path):
@@ -62,7 +74,7 @@ def test_compare_draws_several_sweeps_on_one_chart(tmp_path, capsys):
 
     dirs = []
     for backend, scale in (("native", 1.0), ("llamacpp", 0.5)):
-        points = [sweep_point(q, record(tps=100 * q * scale, tpot_p50=10 * q)) for q in (1, 2, 4)]
+        points = [sweep_point(q, record(tps=100 * q * scale, tpot_p50=10 * q), COST) for q in (1, 2, 4)]
         sweep = {"backend": backend, "model": "smollm2-135m", "points": points, "front": series_front(points, COST)}
         d = tmp_path / backend
         d.mkdir()
