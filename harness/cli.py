@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -243,6 +245,19 @@ def cmd_bench(args) -> int:
     return importlib.import_module(f"harness.bench.{args.what}").main(args.rest)
 
 
+def quiet_triton_exit() -> None:
+    """Triton's nanobind bindings list hundreds of "leaked" objects when the interpreter
+    exits (their own module state, freed by the exit anyway), burying what was printed
+    last. They come after every atexit handler, so the last one sends stderr to
+    /dev/null; tracebacks and pytest's summary are written before it runs."""
+    def silence() -> None:
+        if "triton" in sys.modules:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    atexit.register(silence)
+
+
 def main(argv=None) -> int:
     from sut import redact
 
@@ -276,6 +291,7 @@ def main(argv=None) -> int:
                "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,
                "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf,
                "sweep": lambda a: cmd_sweep(a, unknown)}[args.command]
+    quiet_triton_exit()
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError, CheckpointError) as e:

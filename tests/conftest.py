@@ -1,8 +1,6 @@
 """Shared fixtures: the embedded SmolLM2 GGUF and the MMLU file, resolved through
 the project's own artifact cache (downloaded once per cache)."""
-import atexit
 import os
-import sys
 import time
 
 import pytest
@@ -22,17 +20,10 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    """Triton's nanobind bindings list hundreds of "leaked" objects when the interpreter
-    exits (its own module state, freed by the exit anyway), burying pytest's summary.
-    They are written after every atexit handler, so the last one sends stderr to
-    /dev/null; pytest has written everything by then and restored its descriptors."""
-    if "triton" in sys.modules:
-        atexit.register(_silence_stderr)
+    """No nanobind "leaked" lines from Triton after pytest's summary (see quiet_triton_exit)."""
+    from harness.cli import quiet_triton_exit
 
-
-def _silence_stderr() -> None:
-    sys.stderr.flush()
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    quiet_triton_exit()
 
 
 @pytest.fixture(scope="session")
