@@ -16,7 +16,7 @@ KEY = "sk-hostile-backend-0123456789"
 
 
 def serve_once_each(answer) -> str:
-    """A server that reads each request's head and answers with `answer(request_head)`, then closes."""
+    """A server that reads each request whole and answers with `answer(request_head)`, then closes."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def loop():
@@ -25,11 +25,17 @@ def serve_once_each(answer) -> str:
                 conn, _ = listener.accept()
             except OSError:
                 return
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(65536)
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            while len(body) < length:  # read whole: closing on unread data would reset the connection
+                body += conn.recv(65536)
             try:
                 conn.sendall(answer(head.decode("latin-1")))
+                conn.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
             conn.close()
