@@ -103,20 +103,20 @@ def gemm_peak_tflops() -> float:
 
 
 def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, repeats: int = 3,
-          paths=PATHS, copy_mib: int = 256) -> dict:
+          paths=PATHS, threads=THREADS, copy_mib: int = 256) -> dict:
     saved = os.environ.get("WALLPERF_FUSED_DECODE")
     prompt = [(i * 7919) % (model.cfg.vocab_size - 10) + 5 for i in range(context)]
-    cases = [(r, p, t) for r in rows for p in paths for t in THREADS]
+    cases = [(r, p, t) for r in rows for p in paths for t in threads]
     seconds = {c: [] for c in cases}
     contexts = {c: [] for c in cases}
     peaks = []
-    decode_steps = (repeats + 1) * len(THREADS) * tokens
+    decode_steps = (repeats + 1) * len(threads) * tokens
     try:
         for r in rows:
             engines = {p: _engine(model, eos, p, r, prompt, decode_steps) for p in paths}
             for i in range(repeats + 1):
                 for p in paths:
-                    for t in THREADS:
+                    for t in threads:
                         s, ctx = _time_window(engines[p], tokens, t == "worker")
                         if i:
                             seconds[(r, p, t)].append(s)
@@ -175,11 +175,20 @@ def _rows(p: argparse.ArgumentParser, text: str) -> list[int]:
     return rows
 
 
+def _choices(p: argparse.ArgumentParser, flag: str, text: str, allowed) -> list[str]:
+    chosen = text.split(",")
+    if any(c not in allowed for c in chosen) or len(set(chosen)) != len(chosen):
+        p.error(f"--{flag} takes {' and/or '.join(allowed)}, comma-separated, got {text!r}")
+    return chosen
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="wallperf bench decode", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="model name from conf/models (a checkpoint)")
     p.add_argument("--rows", default="1", help="decode batch sizes, comma-separated (default 1), e.g. 1,8,32,64")
     p.add_argument("--paths", default=",".join(PATHS), help="steps to time: fused, eager or both (default both)")
+    p.add_argument("--threads", default=",".join(THREADS),
+                   help="threads to step from: worker (as a run's SUT thread), main, or both (default both)")
     p.add_argument("--context", type=int, default=300, help="prompt tokens per row before decoding (default 300)")
     p.add_argument("--tokens", type=int, default=64, help="decode steps per timed window (default 64)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
@@ -189,9 +198,7 @@ def main(argv=None) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     rows = _rows(p, args.rows)
-    paths = args.paths.split(",")
-    if not paths or any(path not in PATHS for path in paths) or len(set(paths)) != len(paths):
-        p.error(f"--paths takes {' and/or '.join(PATHS)}, comma-separated, got {args.paths!r}")
+    paths, threads = _choices(p, "paths", args.paths, PATHS), _choices(p, "threads", args.threads, THREADS)
     from harness.artifacts import resolve_model_file
     from harness.config import load_model_config
     from sut.loading import load_model
@@ -201,7 +208,8 @@ def main(argv=None) -> int:
         p.error(f"conf/models/{args.model}.yaml has no 'shape': the FLOP count needs the published shape")
     loaded = load_model(resolve_model_file(model_config), "bfloat16")
     eos = [loaded.tokenizer.eos_token_id]
-    report = bench(loaded.model, eos, model_config.shape, rows, args.context, args.tokens, args.repeats, paths)
+    report = bench(loaded.model, eos, model_config.shape, rows, args.context, args.tokens, args.repeats, paths,
+                   threads)
     print(json.dumps(report, indent=2) if args.json else format_report(report, args.model))
     return 0
 

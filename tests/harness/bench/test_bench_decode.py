@@ -51,6 +51,16 @@ def test_bench_reports_each_row_count_path_and_thread(monkeypatch):
     assert "fused" in text and "eager" in text and "10.0 GB/s" in text and "0.500 TFLOP/s" in text
 
 
+def test_bench_times_only_the_paths_and_threads_asked_for(monkeypatch):
+    monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
+    monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
+    shape = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+                       tie_embeddings=True)
+    report = bench_decode.bench(tiny(True), [0], shape, rows=(2,), context=8, tokens=2, repeats=1,
+                                paths=("fused",), threads=("worker",))
+    assert [(r["rows"], r["path"], r["thread"]) for r in report["rows"]] == [(2, "fused", "worker")]
+
+
 def test_step_bytes_counts_each_rows_kv_and_embedding_row():
     model = tiny(False)
     one, four = bench_decode.step_bytes(model, 10.0), bench_decode.step_bytes(model, 10.0, rows=4)
@@ -59,7 +69,7 @@ def test_step_bytes_counts_each_rows_kv_and_embedding_row():
 
 
 @pytest.mark.parametrize("argv", [["--tokens", "0"], ["--rows", "0"], ["--rows", "65"], ["--rows", "8,x"],
-                                  ["--paths", "fused,fast"]])
+                                  ["--paths", "fused,fast"], ["--threads", "main,main"]])
 def test_bad_arguments_exit_with_usage_error(argv):
     with pytest.raises(SystemExit) as e:
         bench_decode.main(argv)
