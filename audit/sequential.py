@@ -35,7 +35,7 @@ in that design and lets the sequence shrink to a point once the pool is used
 up. The betting fraction is tuned for ~HORIZON values (where the sequence is
 narrowest); it stays valid at every t.
 
-The price of looking at will: at 1000 questions the sequence is about 1.6x as
+The price of looking at will: at 1000 questions the sequence is about 1.4x as
 wide as a fixed-sample 95% CI. Each one-sided error (declaring the mean below
 a limit it is above, or above a limit it is below) is at most alpha/2 = 2.5%.
 """
