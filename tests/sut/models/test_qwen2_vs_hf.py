@@ -115,6 +115,22 @@ def test_tiny_qwen2_matches_hf_forward(tmp_path, source):
     torch.testing.assert_close(_ours_logits(model, ids), _hf_logits(hf, ids), atol=TINY_ATOL, rtol=0)
 
 
+def test_bf16_export_keeps_the_biases_and_the_untied_head(tmp_path):
+    """`wallperf export-gguf` of a qwen2 GGUF: what llama.cpp runs is the native bf16 weights."""
+    from harness.tools.gguf_export import export_gguf
+
+    _write_qwen2_gguf(tmp_path / "tiny.gguf", _tiny_hf_qwen2(seed=4))
+    export_gguf(tmp_path / "tiny.gguf", tmp_path / "tiny.bf16.gguf")
+    _, source, _ = load_checkpoint(tmp_path / "tiny.gguf")
+    cfg, exported, meta = load_checkpoint(tmp_path / "tiny.bf16.gguf")
+    assert meta["general.architecture"] == "qwen2" and cfg.attention_bias and not cfg.tie_embeddings
+    assert sorted(exported) == sorted(source)
+    for name, t in source.items():
+        # 1-D tensors (norms, biases) stay float32; matrices are rounded to bf16.
+        want = t if t.dim() == 1 else t.bfloat16().float()
+        assert torch.equal(exported[name], want), name
+
+
 def test_tiny_qwen2_without_biases_is_refused_nothing_silently(tmp_path):
     """A bias tensor the config did not ask for is an error, never dropped."""
     hf = _tiny_hf_qwen2()
