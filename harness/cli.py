@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from harness.config import BACKENDS, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError, canonical_dtype
+from harness.config.benchmarks import CHECKER_VERSIONS
 
 EXIT_BAD_INPUT = 2
 
@@ -86,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "each request decoding its reply's length; performance mode only)")
     r.add_argument("--per-subject", type=_positive(int), help="MMLU questions per subject")
     r.add_argument("--max-samples", type=_positive(int), help="use at most N samples (quick runs)")
-    r.add_argument("--output-tokens", type=_positive(int),
-                   help="fixed output length of performance runs (EOS ignored)")
+    r.add_argument("--output-tokens", type=_positive(int), help="output length of performance runs: exactly N "
+                   "tokens with EOS ignored, or with --output-policy eos at most N (stopped at EOS)")
+    r.add_argument("--output-policy", choices=("eos", "fixed"), help="performance runs' outputs: stop at EOS "
+                   "(eos) or decode a fixed length ignoring EOS (fixed); default: the data set's output_length")
     r.add_argument("--backend", choices=BACKENDS, help="the SUT: native (our engine), openai (OpenAI-compatible "
                    "endpoints, --endpoint), or a peer engine in process: hf (HF transformers on the same "
                    "weights, static batches) or llamacpp (llama.cpp on the GGUF, see --gguf); the peers need "
@@ -104,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--peak-tolerance", type=_positive(float), default=0.1, help="QPS resolution of --find-peak")
     r.add_argument("--peak-max-runs", type=_positive(int), default=8, help="at most this many LoadGen tests")
     r.add_argument("--user-conf", type=Path, help="MLPerf user.conf applied over mlperf.conf")
+    r.add_argument("--submission", action="store_true", help="an MLPerf submission run (conf/runs/submission.yaml "
+                   "unless --config): needs --user-conf; EOS-stopped outputs, the benchmark's sample counts, "
+                   "required scenarios and compliance tests; package it with `wallperf submission`")
+    r.add_argument("--benchmark", help="the MLPerf benchmark the model stands for (mlperf.conf name, e.g. "
+                   "llama3_1-8b-edge); default: the model YAML's `benchmark`")
+    r.add_argument("--checker-version", choices=CHECKER_VERSIONS, default="v6.1",
+                   help="the submission checker version whose rules judge submission_valid (default v6.1)")
     r.add_argument("--out", type=Path, help="output folder (default: results/<timestamp>)")
     r.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -130,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.tools.quant_check import add_quant_check_parser
     from harness.hardware.probe_cmd import add_probe_parser
     from audit.compare import add_compare_parser
+    from audit.submission.command import add_submission_parser
     from harness.hardware.roofline_cmd import add_roofline_parser
     from harness.tools.serve import add_serve_parser
     from harness.driver.sweep import add_sweep_parser
@@ -143,14 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_parser(sub)
     add_quant_check_parser(sub)
     add_export_parser(sub)
+    add_submission_parser(sub)
     return p
 
 
 def cmd_run(args) -> int:
-    from harness.config import load_run
+    from harness.config import conf_dir, load_run
     from harness.driver.options import RunOptions
     from harness.driver.run import run_benchmark
-    from harness.driver.tp_run import run_tp_benchmark
+    from harness.driver.submission_profile import submission_run
+    from harness.driver.interrupt import TestInterrupted
 
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
                                    ("scenarios", args.scenario), ("tp", args.tp), ("dataset", args.dataset),
@@ -172,9 +185,20 @@ def cmd_run(args) -> int:
                                             ("target_qps", args.target_qps),
                                             ("min_query_count", args.min_queries)) if v is not None}
     dataset_overrides = {k: v for k, v in (("per_subject", args.per_subject),
-                                           ("max_samples", args.max_samples),
-                                           ("performance_output_tokens", args.output_tokens)) if v is not None}
-    resolved = load_run(args.config, overrides, scenario_overrides, dataset_overrides)
+                                           ("max_samples", args.max_samples)) if v is not None}
+    if args.output_tokens or args.output_policy:
+        if args.output_policy == "eos" and not args.output_tokens:
+            raise ConfigError(None, "--output-policy", "eos needs --output-tokens N (the most tokens per answer)")
+        dataset_overrides["output_length"] = {"policy": args.output_policy or "fixed",
+                                              "max_tokens": args.output_tokens}
+    if args.submission and args.user_conf is None:
+        raise ConfigError(None, "--submission", "needs --user-conf FILE (your MLPerf user.conf: target_qps, "
+                          "target_latency); mlperf.conf is applied with it")
+    config = args.config or (conf_dir() / "runs" / "submission.yaml" if args.submission else None)
+    resolved = load_run(config, overrides, scenario_overrides, dataset_overrides, benchmark=args.benchmark)
+    if args.submission:
+        resolved = submission_run(resolved, args.checker_version, scenarios_given=args.scenario is not None,
+                                  max_samples=args.max_samples)
     if args.user_conf is not None:
         from harness.loadgen.settings import check_user_conf
         check_user_conf(args.user_conf)
@@ -184,15 +208,17 @@ def cmd_run(args) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(None, "--out", f"{out} exists and is not empty; choose a new folder")
     lo, hi = _peak_range(args.peak_range)
-    if args.find_peak and args.user_conf:
-        raise ConfigError(None, "--find-peak", "cannot be combined with --user-conf: each try would load "
-                          "mlperf.conf again, which LoadGen marks as not valid for submission")
     opts = RunOptions(out, args.user_conf, progress=not args.no_progress, find_peak=args.find_peak,
                       peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs,
                       wall_from_profile=args.wall_from_profile,
                       calibrate=not (args.no_calibrate or args.find_peak or args.user_conf or any(
-                          v is not None for v in (args.duration, args.target_qps, args.min_queries))))
-    results = (run_tp_benchmark if resolved.run.tp > 1 else run_benchmark)(resolved, opts)
+                          v is not None for v in (args.duration, args.target_qps, args.min_queries))),
+                      checker_version=args.checker_version, submission=args.submission)
+    try:
+        results = run_benchmark(resolved, opts)
+    except TestInterrupted as e:
+        print(f"wallperf: {e}; finished tests are in {out / 'results.json'} (complete: false)", file=sys.stderr)
+        return 128 + e.signum
     print(json.dumps({"results": str(out / "results.json"), "wall_time_s": results["wall_time_s"]}))
     return 0
 
@@ -273,6 +299,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     from harness.artifacts import ArtifactError
+    from harness.driver.test_process import TestProcessFailed
     from harness.loadgen.logs import LogParseError
     from harness.loadgen.qsl import DatasetError
     from harness.loadgen.results import OutputError
@@ -284,14 +311,20 @@ def main(argv=None) -> int:
     from harness.tools.quant_check import cmd_quant_check
     from harness.hardware.probe_cmd import cmd_probe
     from audit.compare import cmd_compare
+    from audit.submission.command import cmd_submission
     from harness.hardware.roofline_cmd import cmd_roofline
     from harness.tools.serve import cmd_serve
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
                "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,
                "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf,
+<<<<<<< HEAD
                "sweep": lambda a: cmd_sweep(a, unknown)}[args.command]
     quiet_triton_exit()
+=======
+               "sweep": lambda a: cmd_sweep(a, unknown),
+               "submission": cmd_submission}[args.command]
+>>>>>>> 295f906 (MLPerf conformance: one LoadGen test per process (every backend, find-peak try, tp ranks); Ctrl-C/SIGTERM end the test and keep what finished (exit 130/143); output-length policy (dataset output_length); benchmark key from mlperf.conf; USER_CONF_KEYS = FromConfig's keys; audit_config_filename set on every test; official settings take no YAML numbers; TEST06 run and verified as officially; submission_valid from effective_* per checker version; wallperf run --submission and wallperf submission (official tree, --check))
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError, CheckpointError) as e:
@@ -305,6 +338,10 @@ def main(argv=None) -> int:
         # LoadGen writes its logs without reporting a failed write: a cut-off log is how a full disk shows.
         print(f"wallperf: error: cannot read what LoadGen wrote: {redact.redact(e)}; was the disk holding "
               "--out full, or did LoadGen stop early?", file=sys.stderr)
+        return 1
+    except TestProcessFailed as e:
+        # A test process crashed or failed; its traceback is above, on the shared stderr.
+        print(f"wallperf: error: {redact.redact(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("wallperf: interrupted", file=sys.stderr)

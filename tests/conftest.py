@@ -156,3 +156,17 @@ def tiny_mmlu_path(tmp_path_factory):
             for topic in ("astronomy", "anatomy", "virology") for i in range(20)]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+@pytest.fixture
+def tiny_conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path, tiny_synthetic_yaml):
+    """conf/ with tiny-synthetic beside the real models, as $WALLPERF_CONF (the test
+    processes a run starts inherit it)."""
+    import shutil
+    from pathlib import Path
+
+    root = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root)
+    (root / "models" / "tiny-synthetic.yaml").write_text(tiny_synthetic_yaml)
+    monkeypatch.setenv("WALLPERF_CONF", str(root))
+    return root

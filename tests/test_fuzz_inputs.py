@@ -43,7 +43,7 @@ RUN_KEYS = ["model", "hardware", "dataset", "scenarios", "system", "backend", "o
             "device", "modes", "seed", "tp"]
 SCENARIO_KEYS = ["name", "min_duration_s", "min_query_count", "max_batch", "target_qps", "ttft_ms", "tpot_ms",
                  "offline_expected_qps", "expected_latency_ms", "samples_per_query"]
-MODEL_KEYS = ["name", "family", "format", "source", "shape", "published_dtype", "mlperf_name", "tokenizer_from",
+MODEL_KEYS = ["name", "family", "format", "source", "shape", "published_dtype", "benchmark", "tokenizer_from",
               "mome"]
 
 

@@ -7,13 +7,13 @@ from harness.config.load import (ResolvedRun, available, build, load_dataset_con
                                  load_model_config, load_run, load_scenario_config, read_yaml)
 from harness.config.schema import (BACKENDS, DTYPE_ALIASES, DTYPES, GGUF_CHOICES, MODES, PEAK_DTYPES, SCENARIOS,
                                    ArtifactSource, ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig,
-                                   ModelShape, MoMESection, OpenAIConfig, RunConfig, ScenarioConfig, canonical_dtype,
+                                   ModelShape, MoMESection, OpenAIConfig, OutputLength, RunConfig, ScenarioConfig, canonical_dtype,
                                    conf_dir, folder_inside, plain_name_problem)
 
 __all__ = [
     "ResolvedRun", "available", "build", "load_dataset_config", "load_hardware_config", "load_model_config",
     "load_run", "load_scenario_config", "read_yaml", "BACKENDS", "DTYPE_ALIASES", "DTYPES", "GGUF_CHOICES", "MODES", "PEAK_DTYPES",
     "SCENARIOS", "ArtifactSource", "ConfigError", "DatasetConfig", "FieldError", "HardwareConfig", "ModelConfig",
-    "ModelShape", "MoMESection", "OpenAIConfig", "RunConfig", "ScenarioConfig", "canonical_dtype", "conf_dir",
+    "ModelShape", "MoMESection", "OpenAIConfig", "OutputLength", "RunConfig", "ScenarioConfig", "canonical_dtype", "conf_dir",
     "folder_inside", "plain_name_problem",
 ]

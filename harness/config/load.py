@@ -170,16 +170,20 @@ def _check_tp(run: RunConfig, model: ModelConfig, file) -> None:
 
 
 def load_run(path: Path | None = None, overrides: dict | None = None,
-             scenario_overrides: dict | None = None, dataset_overrides: dict | None = None) -> ResolvedRun:
+             scenario_overrides: dict | None = None, dataset_overrides: dict | None = None,
+             benchmark: str | None = None) -> ResolvedRun:
     """Load a run YAML (default conf/runs/default.yaml) and everything it names.
 
-    `overrides` replace run keys, `scenario_overrides` keys of every scenario and
-    `dataset_overrides` dataset keys; they are validated like the YAML itself.
+    `overrides` replace run keys, `scenario_overrides` keys of every scenario,
+    `dataset_overrides` dataset keys and `benchmark` the model's; they are
+    validated like the YAML itself.
     """
     path = Path(path) if path else conf_dir() / "runs" / "default.yaml"
     data = {**read_yaml(path), **(overrides or {})}
     run = build(RunConfig, data, path)
     model = load_model_config(run.model, path, "model")
+    if benchmark is not None:
+        model = build(ModelConfig, {**_shallow(model), "benchmark": benchmark}, "--benchmark")
     _check_tp(run, model, path)
     hardware = load_hardware_config(run.hardware, path, "hardware")
     dataset = load_dataset_config(run.dataset, path, "dataset")

@@ -219,8 +219,9 @@ class ModelConfig:
     source: Optional[ArtifactSource] = None
     shape: Optional[ModelShape] = None
     published_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    # MLPerf's model name, whose latency limits and settings apply (e.g. llama3_1-8b).
-    mlperf_name: Optional[str] = None
+    # The MLPerf benchmark the model stands for: its mlperf.conf name (e.g. llama3_1-8b,
+    # harness/loadgen/benchmarks.py), whose settings apply under official settings.
+    benchmark: Optional[str] = None
     # Synthetic weights borrow this model's tokenizer (its vocab must fit the shape's).
     tokenizer_from: Optional[str] = None
     mome: Optional[MoMESection] = None
@@ -237,6 +238,40 @@ class ModelConfig:
             raise ValueError("synthetic weights need 'shape' and 'tokenizer_from'")
         if self.format != "synthetic" and self.source is None:
             raise ValueError(f"format {self.format!r} needs 'source'")
+        if self.benchmark is not None:
+            from harness.config.benchmarks import BENCHMARKS
+
+            if self.benchmark not in BENCHMARKS:
+                raise FieldError("benchmark", f"unknown MLPerf benchmark {self.benchmark!r}; allowed: "
+                                 f"{', '.join(BENCHMARKS)}")
+
+
+OUTPUT_POLICIES = ("eos", "fixed", "dataset")
+
+
+@dataclass(frozen=True)
+class OutputLength:
+    """How long the answers of performance runs are; the one output-length policy
+    every data set and run profile uses (accuracy runs always stop at EOS).
+
+    - eos: stop at EOS, after at most `max_tokens` (MLPerf's reference SUTs);
+    - fixed: exactly `max_tokens`, EOS ignored (serving benchmarks' ignore_eos);
+    - dataset: each sample's own output length from the data set, EOS ignored
+      (vLLM's serving benchmark on ShareGPT); `max_tokens`, if set, caps it.
+    """
+
+    policy: Literal["eos", "fixed", "dataset"]
+    max_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        if self.policy in ("eos", "fixed") and self.max_tokens is None:
+            raise FieldError("max_tokens", f"policy {self.policy!r} needs max_tokens")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise FieldError("max_tokens", "must be >= 2 (LoadGen needs n_tokens > 1)")
+
+    @property
+    def ignore_eos(self) -> bool:
+        return self.policy != "eos"
 
 
 @dataclass(frozen=True)
@@ -248,8 +283,9 @@ class DatasetConfig:
     per_subject: Optional[int] = None
     # At most this many samples (after per_subject), for quick runs; null: all.
     max_samples: Optional[int] = None
+    # Accuracy runs stop at EOS or after this many tokens.
     max_new_tokens: int = 48
-    performance_output_tokens: Optional[int] = None
+    output_length: OutputLength = OutputLength("eos", 48)
 
     def __post_init__(self):
         _check_plain_names(self, "name")
@@ -261,8 +297,8 @@ class DatasetConfig:
             raise ValueError("max_samples must be >= 1 or null")
         if self.max_new_tokens < 2:
             raise ValueError("max_new_tokens must be >= 2 (LoadGen needs n_tokens > 1)")
-        if self.performance_output_tokens is not None and self.performance_output_tokens < 2:
-            raise ValueError("performance_output_tokens must be >= 2 or null")
+        if self.output_length.policy == "dataset" and self.format == "mmlu_jsonl":
+            raise FieldError("output_length", "MMLU has no per-sample output lengths; use policy eos or fixed")
 
 
 PEAK_DTYPES = ("float32", "bfloat16", "float16", "fp8")

@@ -41,6 +41,13 @@ def choose_device(requested: str) -> str:
     return requested
 
 
+def check_synthetic(resolved: ResolvedRun) -> None:
+    """Before anything is written: random weights have no accuracy to measure."""
+    if resolved.model.format == "synthetic" and "accuracy" in resolved.run.modes:
+        raise ConfigError(resolved.path, "modes", f"{resolved.model.name} has synthetic (random) weights: "
+                          "accuracy means nothing; run modes: [performance]")
+
+
 def load_for_run(resolved: ResolvedRun, device: str, choice):
     """The model a run names, in the format `choice` (sut.quant.FormatChoice) says:
     its checkpoint, or synthetic weights of its published shape; for MoME, that
@@ -56,9 +63,6 @@ def load_for_run(resolved: ResolvedRun, device: str, choice):
         say(f"SUT: llama.cpp on {loaded.path.name} ({loaded.weight_format})")
         return loaded
     if model_cfg.format == "synthetic":
-        if "accuracy" in run.modes:
-            raise ConfigError(resolved.path, "modes", f"{model_cfg.name} has synthetic (random) weights: "
-                              "accuracy means nothing; run modes: [performance]")
         donor = load_model_config(model_cfg.tokenizer_from, resolved.path, "tokenizer_from")
         tokenizer = load_tokenizer(resolve_model_file(donor))
         cfg = config_for_shape(model_cfg.family, model_cfg.shape)

@@ -23,3 +23,8 @@ class RunOptions:
     wall_from_profile: bool = False
     # The figures the run is set against, once the run has resolved them (harness.hardware.wall).
     wall: Wall | None = None
+    # The MLPerf submission checker version whose rules judge submission_valid.
+    checker_version: str = "v6.1"
+    # --submission: mlperf.conf + user.conf, EOS-stopped outputs, the benchmark's
+    # sample counts and scenarios, and the compliance tests the checker requires.
+    submission: bool = False

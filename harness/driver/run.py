@@ -1,29 +1,33 @@
-"""`wallperf run`: every (scenario, mode) of a run config under LoadGen.
+"""`wallperf run`: every test of a run config under LoadGen, one process per test.
 
-Data flow: artifacts -> model and tokenizer -> the data set's prompts -> per scenario and
-mode, a backend, a scenario queue, the LoadGen SUT and QSL -> LoadGen's logs ->
-result records. results.json is rewritten atomically after each LoadGen test,
-so an interrupted run keeps every finished result ("complete": false).
+Data flow, in each test's process (harness.driver.one_test): artifacts -> model and
+tokenizer -> the data set's prompts -> a backend, a scenario queue, the LoadGen SUT
+and QSL -> LoadGen's logs -> the test's record.
+
+The parent plans the tests (each scenario and mode, --find-peak's tries, and under
+--submission the compliance tests the checker requires), runs each in a fresh
+process (harness.driver.test_process.run_test) and assembles results.json from
+their records. results.json exists with `complete: false` before the first test
+and is rewritten atomically after each one, so an interrupted run keeps every
+finished result; Ctrl-C and SIGTERM end the running test (harness.driver.interrupt).
 """
 from __future__ import annotations
 
 import dataclasses
-import gc
-import logging
+import shutil
+import signal
 import time
 from pathlib import Path
 
-import mlperf_loadgen as lg
-
-from audit.compliance import check_test06
-from audit.perf_audit import roofline_trust
 from audit.report import write_run_reports
-from harness.artifacts import resolve_dataset_file
-from harness.config import ResolvedRun, ScenarioConfig, folder_inside
-from harness.driver.calibrate import calibrated_run
+from audit.submission.system_desc import host_facts
+from harness.config import ConfigError, ResolvedRun
+from harness.config.benchmarks import BENCHMARKS
 from harness.driver.find_peak import find_peak, format_curve, try_log_dir
-from harness.driver.model import choose_device, load_for_run, model_shape
+from harness.driver.model import check_synthetic
+from harness.driver.one_test import TestSpec, calibrate, log_dir_for
 from harness.driver.options import RunOptions
+<<<<<<< HEAD
 from harness.driver.peers import (check_peer, format_dict, kv_format, kv_storage_bytes, peer_format,
                                   roofline_counts, weight_format)
 from harness.driver.progress import Progress, say
@@ -45,109 +49,126 @@ from sut.quant import choose_format, kv_cache_dtype
 from sut.queues import queue_for
 
 log = logging.getLogger(__name__)
+=======
+from harness.driver.peers import check_peer
+from harness.driver.progress import say
+from harness.driver.interrupt import Interrupts, TestInterrupted
+from harness.driver.test_process import run_in_process, run_test
+from harness.driver.tp_run import check_tp
+from harness.hardware.wall import run_wall
+from harness.loadgen.results import wallperf_version, write_json_atomic
+>>>>>>> 295f906 (MLPerf conformance: one LoadGen test per process (every backend, find-peak try, tp ranks); Ctrl-C/SIGTERM end the test and keep what finished (exit 130/143); output-length policy (dataset output_length); benchmark key from mlperf.conf; USER_CONF_KEYS = FromConfig's keys; audit_config_filename set on every test; official settings take no YAML numbers; TEST06 run and verified as officially; submission_valid from effective_* per checker version; wallperf run --submission and wallperf submission (official tree, --check))
 
 
-def sampling_params(mode: str, dataset, output_lengths=None) -> SamplingParams | list[SamplingParams]:
-    """Accuracy runs stop at EOS; performance runs may decode a fixed length (ignore_eos),
-    or, for a data set with its own output lengths (ShareGPT), each sample's length with
-    EOS ignored, as vLLM's benchmark does: a list with one SamplingParams per sample."""
-    fixed = dataset.performance_output_tokens
-    if mode == "performance" and fixed is not None:
-        return SamplingParams(max_new_tokens=fixed, min_new_tokens=fixed, ignore_eos=True)
-    if mode == "performance" and output_lengths is not None:
-        return [SamplingParams(max_new_tokens=n, min_new_tokens=n, ignore_eos=True) for n in output_lengths]
-    return SamplingParams(max_new_tokens=dataset.max_new_tokens, min_new_tokens=2)
-
-
-def log_dir_for(out_dir: Path, resolved: ResolvedRun, scenario: str, mode: str) -> Path:
-    base = out_dir / resolved.run.system / resolved.model.name / scenario
-    return base / "performance" / "run_1" if mode == "performance" else base / "accuracy"
-
-
-def _max_batch(sc: ScenarioConfig) -> int:
-    if sc.name == "SingleStream":
-        return 1
-    if sc.name == "MultiStream":
-        return max(sc.max_batch, sc.samples_per_query)
-    return sc.max_batch
-
-
-def run_benchmark(resolved: ResolvedRun, opts: RunOptions, tp_session_for=None) -> dict:
-    """Every test of the run; results.json's content. A tensor-parallel run
-    (harness.driver.tp_run) comes here on rank 0 with `tp_session_for`, which
-    turns the loaded model into the session that leads the other ranks."""
-    run, dataset = resolved.run, resolved.dataset
+def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
+    """Every test of the run; results.json's content. Raises TestInterrupted
+    (after writing what finished) when a signal stopped the run."""
+    run = resolved.run
+    preflight(resolved)
     started = time.time()
-    device = choose_device(run.device)
+    # The wall is measured once, here; every test process is given it.
     opts = dataclasses.replace(opts, wall=opts.wall or run_wall(resolved.hardware, opts.wall_from_profile))
     say(f"memory wall: {opts.wall.hardware.bandwidth_gbps:g} GB/s ({opts.wall.source}: {opts.wall.how})")
-    check_peer(resolved)
-    choice = peer_format(resolved, choose_format(resolved.hardware, run.dtype, resolved.model.published_dtype))
-    say(f"format: {choice.reason}")
-    dataset_path = resolve_dataset_file(dataset)
-    loaded = load_for_run(resolved, device, choice)
-    tp_session = tp_session_for(loaded) if tp_session_for is not None else None
-    workload = load_workload(dataset, dataset_path, loaded.tokenizer, run.seed)
-    if resolved.model.format == "synthetic":
-        # A borrowed tokenizer may know more ids than the shape's vocab: fold them in
-        # (random weights: the ids only need to be valid, not meaningful).
-        workload = dataclasses.replace(workload, prompts=[p % resolved.model.shape.vocab_size
-                                                          for p in workload.prompts])
-    prompts = workload.prompts
-    lengths = [len(p) for p in prompts]
-    longest_output = max(dataset.max_new_tokens, dataset.performance_output_tokens or 0)
-    max_seq_len = max(lengths) + longest_output
-    if workload.output_lengths is not None:
-        max_seq_len = max(max_seq_len, max(map(sum, zip(lengths, workload.output_lengths))))
-    say(f"{len(prompts)} {dataset.name} prompts, {min(lengths)}-{max(lengths)} tokens; output dir {opts.out_dir}")
-    _freeze_heap()
-    resolved, calibration = calibrated_run(
-        resolved, opts, lambda batch: create(run.backend, loaded, max_batch=batch, max_seq_len=max_seq_len,
-                                             openai=run.openai), prompts, _calibration_params(dataset, workload))
-
     results = {
         "wallperf_version": wallperf_version(),
-        "device": device,
         "tp": run.tp,
-        "format": format_dict(loaded, choice),
-        "config": {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
-                   "performance_output_tokens": dataset.performance_output_tokens,
-                   "ignore_eos_in_performance": (dataset.performance_output_tokens is not None
-                                                 or workload.output_lengths is not None)},
-        "dataset": workload.description,
+        "format": None,
+        "host": host_facts(),
+        "config": _config(resolved, opts),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "hardware_wall": opts.wall.to_dict(),
-        "calibration": calibration.to_dict() if calibration else None,
+        "calibration": None,
         "complete": False,
         "runs": [],
     }
     results_path = opts.out_dir / "results.json"
-
-    def test(sc, mode, log_dir=None):
-        record = _one_test(resolved, sc, mode, loaded, workload, max_seq_len, opts, choice, log_dir, tp_session)
-        results["runs"].append(record)
-        write_json_atomic(results_path, results)
-        return record
-
-    for sc in resolved.scenarios:
-        for mode in run.modes:
-            if opts.find_peak and mode == "performance" and sc.name in ("Server", "Interactive"):
-                results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
-                write_json_atomic(results_path, results)
-            else:
-                test(sc, mode)
-    if tp_session is not None:
-        tp_session.end()
-    results["complete"] = True
-    results["wall_time_s"] = round(time.time() - started, 1)
+    created = not opts.out_dir.exists()
     write_json_atomic(results_path, results)
-    html, md = write_run_reports(opts.out_dir)
-    say(f"reports: {html}, {md}")
+    say(f"output dir {opts.out_dir}; each LoadGen test runs in a process of its own")
+
+    with Interrupts() as interrupts:
+        def test(sc, mode, log_dir=None, compliance=None) -> dict:
+            log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode, compliance)
+            spec = TestSpec(resolved, opts, sc, mode, log_dir, compliance)
+            try:
+                out = run_test(spec, interrupts)
+            except TestInterrupted as e:
+                results.setdefault("interrupted", []).append(
+                    {"scenario": sc.name, "mode": mode, "compliance_test": compliance, "log_dir": str(log_dir),
+                     "interrupted": True, "signal": signal.Signals(e.signum).name})
+                raise
+            results["format"] = results["format"] or out["format"]
+            results["dataset"] = results.get("dataset") or out["dataset"]
+            results["runs"].append(out["record"])
+            write_json_atomic(results_path, results)
+            return out["record"]
+
+        try:
+            if opts.calibrate:
+                # The performance tests' load, measured on this machine (in a process of its own).
+                resolved, calibration = run_in_process("the calibration", calibrate, (resolved, opts), interrupts)
+                results["config"] = _config(resolved, opts)
+                results["calibration"] = calibration.to_dict() if calibration else None
+                write_json_atomic(results_path, results)
+            for sc in resolved.scenarios:
+                for mode in run.modes:
+                    if opts.find_peak and mode == "performance" and sc.name in ("Server", "Interactive"):
+                        results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
+                        write_json_atomic(results_path, results)
+                    else:
+                        test(sc, mode)
+                for name in compliance_tests(resolved, opts):
+                    test(sc, "performance", compliance=name)
+        except TestInterrupted as e:
+            _finish(results, results_path, started, complete=False, signal_name=signal.Signals(e.signum).name)
+            raise
+        except ConfigError:
+            # Bad input found by the first test's process: leave nothing half-written.
+            if not results["runs"]:
+                shutil.rmtree(opts.out_dir) if created else results_path.unlink(missing_ok=True)
+            raise
+    _finish(results, results_path, started, complete=True)
     return results
 
 
+def _config(resolved: ResolvedRun, opts: RunOptions) -> dict:
+    dataset = resolved.dataset
+    return {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
+            "submission": opts.submission, "checker_version": opts.checker_version,
+            "output_length": dataclasses.asdict(dataset.output_length),
+            "ignore_eos_in_performance": dataset.output_length.ignore_eos}
+
+
+def preflight(resolved: ResolvedRun) -> None:
+    """What can be refused before anything is written or any model loaded."""
+    check_peer(resolved)
+    check_synthetic(resolved)
+    if resolved.run.tp > 1:
+        check_tp(resolved)
+
+
+def compliance_tests(resolved: ResolvedRun, opts: RunOptions) -> tuple:
+    """The compliance tests a --submission run adds to each scenario: those the
+    checker version requires for the benchmark (TEST06 for the LLMs wallperf can
+    stand for; TEST07/TEST09 only for benchmarks it has no model for)."""
+    bench = BENCHMARKS.get(resolved.model.benchmark or "")
+    if not opts.submission or bench is None:
+        return ()
+    return tuple(t for t in bench.compliance_tests.get(opts.checker_version, ()) if t == "TEST06")
+
+
+def _finish(results: dict, results_path: Path, started: float, complete: bool, signal_name: str | None = None):
+    results["complete"] = complete
+    if signal_name:
+        results["interrupted_by"] = signal_name
+    results["wall_time_s"] = round(time.time() - started, 1)
+    write_json_atomic(results_path, results)
+    html, md = write_run_reports(results_path.parent)
+    say(f"reports: {html}, {md}" + ("" if complete else f" (from the {len(results['runs'])} finished tests)"))
+
+
 def _find_peak(resolved, sc, opts, test) -> dict:
-    """Bisect the Server target QPS; every try is a LoadGen test with its own logs."""
+    """Bisect the Server target QPS; every try is a LoadGen test with its own logs and process."""
     perf_dir = log_dir_for(opts.out_dir, resolved, sc.name, "performance").parent
 
     def run_one(qps: float) -> dict:
@@ -158,6 +179,7 @@ def _find_peak(resolved, sc, opts, test) -> dict:
     peak = find_peak(run_one, *opts.peak_range, opts.peak_tolerance, opts.peak_max_runs)
     say(f"{sc.name} peak search:\n{format_curve(peak)}")
     return peak.to_dict()
+<<<<<<< HEAD
 
 
 def _one_test(resolved, sc, mode, loaded, workload: Workload, max_seq_len, opts, choice, log_dir=None,
@@ -299,3 +321,5 @@ def _freeze_heap() -> None:
     has nothing to do with the engine; what the tests allocate is still collected."""
     gc.collect()
     gc.freeze()
+=======
+>>>>>>> 295f906 (MLPerf conformance: one LoadGen test per process (every backend, find-peak try, tp ranks); Ctrl-C/SIGTERM end the test and keep what finished (exit 130/143); output-length policy (dataset output_length); benchmark key from mlperf.conf; USER_CONF_KEYS = FromConfig's keys; audit_config_filename set on every test; official settings take no YAML numbers; TEST06 run and verified as officially; submission_valid from effective_* per checker version; wallperf run --submission and wallperf submission (official tree, --check))

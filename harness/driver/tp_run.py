@@ -1,13 +1,15 @@
-"""`wallperf run --tp N`: the LoadGen run on rank 0 of N tensor-parallel ranks.
+"""`wallperf run --tp N`: one LoadGen test on rank 0 of N tensor-parallel ranks.
 
-`run_tp_benchmark`, in the `wallperf run` process, checks what it can without a
-model, then spawns the ranks on this host (harness.driver.tp_launch.launch: gloo on the
-CPU, nccl on GPUs with rank r on GPU r). Every rank loads the same model and keeps
-its shard (sut.tp). Rank 0 runs the whole of harness.driver.run.run_benchmark (QSL,
-LoadGen, logs, results.json, reports) with a TPLeader over its engine as the
-backend; ranks 1..N-1 follow. Each (scenario, mode) test starts with rank 0
-broadcasting the new engine's arguments, so every rank builds a fresh engine with
-the same KV pool; rank 0 ends each test, and at last the run (tp_launch.TPSession).
+Every test runs in a process of its own (harness.driver.test_process); for --tp
+that process calls `run_tp_test`, which checks what it can without a model, then
+spawns the ranks on this host (harness.driver.tp_launch.launch: gloo on the CPU,
+nccl on GPUs with rank r on GPU r). Every rank loads the same model and keeps its
+shard (sut.tp). Rank 0 runs the test (harness.driver.one_test.execute: QSL,
+LoadGen, logs, the record) with a TPLeader over its engine as the backend; ranks
+1..N-1 follow. The test starts with rank 0 broadcasting the engine's arguments,
+so every rank builds an engine with the same KV pool; rank 0 ends the test and
+the session (tp_launch.TPSession). The ranks live in the test process's group,
+so ending that group (Ctrl-C in the parent) ends them too.
 
 An error on any rank ends every rank, and the parent raises it: a ConfigError
 reads as any other. A rank that waits longer than TIMEOUT_S on another (in a
@@ -23,9 +25,8 @@ import torch
 
 from harness.config import ConfigError, ResolvedRun
 from harness.driver.model import choose_device, load_for_run
-from harness.driver.options import RunOptions
+from harness.driver.one_test import TestSpec, execute
 from harness.driver.progress import say
-from harness.driver.run import run_benchmark
 from harness.driver.tp_launch import TPContext, TPSession, default_backend, follow_session, launch
 from sut.quant import choose_format
 from sut.tp import shard_model_
@@ -33,8 +34,8 @@ from sut.tp import shard_model_
 TIMEOUT_S = 600.0
 
 
-def run_tp_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
-    """results.json's content, as rank 0 wrote it."""
+def check_tp(resolved: ResolvedRun) -> None:
+    """What can be refused before any rank starts (the parent checks it before the first test)."""
     run = resolved.run
     device = choose_device(run.device)
     if device == "cuda" and torch.cuda.device_count() < run.tp:
@@ -44,14 +45,21 @@ def run_tp_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     if choose_format(hardware, run.dtype, resolved.model.published_dtype).fp8_dtype is not None:
         raise ConfigError(resolved.path, "tp", f"tp {run.tp} with fp8 weights is not supported yet (dtype "
                           f"{run.dtype!r} on {hardware.name} means fp8); pass --dtype bfloat16 or float32")
-    backend = default_backend(device)
+
+
+def run_tp_test(spec: TestSpec) -> dict:
+    """The test's {"record", "format"}, as rank 0 returned them."""
+    run = spec.resolved.run
+    check_tp(spec.resolved)
+    backend = default_backend(choose_device(run.device))
     say(f"tensor parallel: {run.tp} ranks over {backend}; rank 0 drives LoadGen")
-    return launch(_rank_main, run.tp, backend, args=(resolved, opts), timeout_s=TIMEOUT_S)[0]
+    return launch(_rank_main, run.tp, backend, args=(spec,), timeout_s=TIMEOUT_S)[0]
 
 
-def _rank_main(ctx: TPContext, resolved: ResolvedRun, opts: RunOptions) -> dict | None:
+def _rank_main(ctx: TPContext, spec: TestSpec) -> dict | None:
+    resolved = spec.resolved
     if ctx.rank == 0:
-        return run_benchmark(resolved, opts, tp_session_for=lambda loaded: leader_session(loaded, ctx, resolved))
+        return execute(spec, tp_session_for=lambda loaded: leader_session(loaded, ctx, resolved))
     run = resolved.run
     choice = choose_format(resolved.hardware, run.dtype, resolved.model.published_dtype)
     # Rank 0 says what is loaded; N copies of it would only be noise.

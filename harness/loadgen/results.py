@@ -79,19 +79,6 @@ def score_mmlu(accuracy_log: Path, questions, tokenizer) -> dict:
             "unparsed": unparsed}
 
 
-def submission_notes(scenario_cfg, user_conf: Path | None, valid: bool | None) -> list[str]:
-    """Why a run cannot stand as an MLPerf submission result (empty when it can)."""
-    notes = []
-    if user_conf is None:
-        notes.append("settings are wallperf's own, not mlperf.conf + user.conf (--user-conf)")
-    if scenario_cfg.min_duration_s < SUBMISSION_MIN_DURATION_S:
-        notes.append(f"min_duration {scenario_cfg.min_duration_s:g} s is below MLPerf's "
-                     f"{SUBMISSION_MIN_DURATION_S} s")
-    if valid is False:
-        notes.append("LoadGen judged the run INVALID")
-    return notes
-
-
 def performance_record(log_dir: Path) -> dict:
     m = scenario_metrics(read_detail_log(log_dir / "mlperf_log_detail.txt"))
     return {

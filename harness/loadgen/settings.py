@@ -22,17 +22,22 @@ LOADGEN_SCENARIO = {
 }
 LOADGEN_MODE = {"performance": lg.TestMode.PerformanceOnly, "accuracy": lg.TestMode.AccuracyOnly}
 
-# The keys LoadGen's config parser understands (loadgen/test_settings_internal.cc).
+# Every key LoadGen's TestSettings::FromConfig looks up (mlcommons-loadgen 6.0.17,
+# loadgen/test_settings_internal.cc): a key outside this set is silently ignored by
+# LoadGen, so check_user_conf refuses it.
 USER_CONF_KEYS = frozenset("""
-target_qps target_latency target_latency_percentile min_duration max_duration min_query_count
-max_query_count qsl_rng_seed sample_index_rng_seed schedule_rng_seed accuracy_log_rng_seed
-accuracy_log_probability accuracy_log_sampling_target print_timestamps performance_issue_unique
-performance_issue_same performance_issue_same_index performance_sample_count_override
-sample_concatenate_permutation test05 test05_qsl_rng_seed test05_sample_index_rng_seed
-test05_schedule_rng_seed use_token_latencies ttft_latency tpot_latency max_async_queries
-coalesce_queries samples_per_query infer_token_latencies token_latency_scaling_factor
-server_num_issue_query_threads
+mode min_duration max_duration min_query_count max_query_count qsl_rng_seed sample_index_rng_seed
+schedule_rng_seed accuracy_log_rng_seed accuracy_log_probability accuracy_log_sampling_target
+test05 test05_qsl_rng_seed test05_sample_index_rng_seed test05_schedule_rng_seed
+use_token_latencies ttft_latency tpot_latency infer_token_latencies token_latency_scaling_factor
+target_latency_percentile target_latency target_qps samples_per_query performance_issue_unique
+performance_issue_same performance_issue_same_index sample_concatenate_permutation coalesce_queries
+max_async_queries performance_sample_count_override accuracy_sample_count_override print_timestamps
 """.split())
+# StartTestWithLogSettings reads this file, if it exists, as an audit.config over
+# the settings. Only compliance tests name a real one; every other test names a
+# path that cannot exist, so a stray audit.config in the working directory is inert.
+NO_AUDIT_CONFIG = ""
 _CONF_LINE = re.compile(r"^\s*([\w.\-*]+)\.([\w*]+)\.(\w+)\s*=\s*(\S+)\s*$")
 
 
@@ -74,15 +79,28 @@ def check_user_conf(path: Path) -> None:
 
 def build_test_settings(sc: ScenarioConfig, mode: str, model_name: str, sample_count: int,
                         user_conf: Path | None = None) -> lg.TestSettings:
-    """Settings for one LoadGen test. With a user.conf, mlperf.conf and user.conf
-    are applied over the YAML's values, as for a submission."""
+    """Settings for one LoadGen test: the scenario YAML's values, or, with a
+    user.conf (official settings), only mlperf.conf's and the user.conf's over
+    LoadGen's defaults: no number of the YAML reaches an official run."""
     s = lg.TestSettings()
     s.scenario = LOADGEN_SCENARIO[sc.name]
     s.mode = LOADGEN_MODE[mode]
+    s.use_token_latencies = True
+    if user_conf is None:
+        _yaml_settings(s, sc, mode, sample_count)
+        return s
+    check_user_conf(user_conf)
+    scenario = "Server" if sc.name == "Interactive" else sc.name
+    rc = s.FromConfig(str(user_conf), loadgen_model_name(model_name, sc.name), scenario)
+    if rc != 0:
+        raise ConfigError(user_conf, None, f"LoadGen could not apply it (FromConfig returned {rc})")
+    return s
+
+
+def _yaml_settings(s: lg.TestSettings, sc: ScenarioConfig, mode: str, sample_count: int) -> None:
     s.min_duration_ms = int(sc.min_duration_s * 1000)
     s.min_query_count = sc.min_query_count
     s.performance_sample_count_override = sample_count
-    s.use_token_latencies = True
     if sc.name in ("Server", "Interactive"):
         s.server_target_qps = sc.target_qps
         if mode == "accuracy":
@@ -98,13 +116,26 @@ def build_test_settings(sc: ScenarioConfig, mode: str, model_name: str, sample_c
     elif sc.name == "MultiStream":
         s.multi_stream_samples_per_query = sc.samples_per_query
         s.multi_stream_expected_latency_ns = int((sc.expected_latency_ms or 1000) * 1e6)
-    if user_conf is not None:
-        check_user_conf(user_conf)
-        scenario = "Server" if sc.name == "Interactive" else sc.name
-        rc = s.FromConfig(str(user_conf), loadgen_model_name(model_name, sc.name), scenario)
-        if rc != 0:
-            raise ConfigError(user_conf, None, f"LoadGen could not apply it (FromConfig returned {rc})")
-    return s
+
+
+def start_test(sut_handle, qsl_handle, settings: lg.TestSettings, log_dir: Path,
+               audit_config: Path | None = None) -> None:
+    """One LoadGen test; `audit_config` only for a compliance test."""
+    lg.StartTestWithLogSettings(sut_handle, qsl_handle, settings, log_settings(log_dir),
+                                str(audit_config) if audit_config is not None else NO_AUDIT_CONFIG)
+
+
+_MLPERF_CONF_START = b"# The format of this config file is"
+
+
+def embedded_mlperf_conf() -> str:
+    """The mlperf.conf the installed LoadGen applies: built into its extension
+    module as one C string (loadgen/mlperf_conf.h), read back from the binary."""
+    data = Path(lg.__file__).read_bytes()
+    start = data.find(_MLPERF_CONF_START)
+    if start < 0:
+        raise RuntimeError(f"no embedded mlperf.conf found in {lg.__file__}")
+    return data[start:data.index(b"\0", start)].decode("utf-8")
 
 
 def log_settings(outdir: Path) -> lg.LogSettings:

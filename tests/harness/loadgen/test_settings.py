@@ -1,9 +1,14 @@
 """LoadGen TestSettings from scenario YAMLs and an MLPerf user.conf."""
+import subprocess
+import sys
+from pathlib import Path
+
 import mlperf_loadgen as lg
 import pytest
 
 from harness.config import ConfigError, ScenarioConfig
-from harness.loadgen.settings import build_test_settings, check_user_conf, loadgen_model_name
+from harness.loadgen.settings import (USER_CONF_KEYS, build_test_settings, check_user_conf,
+                                      loadgen_model_name)
 
 SERVER = ScenarioConfig(name="Server", min_duration_s=12, min_query_count=7, max_batch=4,
                         target_qps=1.5, ttft_ms=2000, tpot_ms=100)
@@ -65,3 +70,49 @@ def test_bad_user_conf_names_file_line_and_key(tmp_path, line, match):
 def test_missing_user_conf(tmp_path):
     with pytest.raises(ConfigError, match="user.conf not found"):
         check_user_conf(tmp_path / "nope.conf")
+
+
+def test_user_conf_keys_are_what_fromconfig_reads(tmp_path):
+    """Every key in USER_CONF_KEYS passes the check and FromConfig applies a file
+    with all of them; keys LoadGen reads that wallperf once refused are in, the
+    one it never reads is out (loadgen/test_settings_internal.cc)."""
+    assert {"mode", "accuracy_sample_count_override"} <= USER_CONF_KEYS
+    assert "server_num_issue_query_threads" not in USER_CONF_KEYS
+    conf = tmp_path / "user.conf"
+    conf.write_text("".join(f"m.Server.{key} = 1\n" for key in sorted(USER_CONF_KEYS)))
+    check_user_conf(conf)
+    s = lg.TestSettings()
+    assert s.FromConfig(str(conf), "m", "Server") == 0
+    # A few whose effect the binding exposes: mode 1 is AccuracyOnly.
+    assert s.mode == lg.TestMode.AccuracyOnly
+    assert s.accuracy_sample_count_override == 1
+    assert s.server_target_qps == 1.0 and s.min_duration_ms == 1
+
+
+_TINY_TEST = """
+import sys
+from pathlib import Path
+import mlperf_loadgen as lg
+from harness.loadgen.settings import start_test
+def issue(qs):
+    lg.QuerySamplesComplete([lg.QuerySampleResponse(q.id, 0, 0) for q in qs])
+sut = lg.ConstructSUT(issue, lambda: None)
+qsl = lg.ConstructQSL(4, 4, lambda s: None, lambda s: None)
+s = lg.TestSettings()
+s.scenario, s.mode = lg.TestScenario.Offline, lg.TestMode.PerformanceOnly
+s.min_duration_ms, s.min_query_count, s.offline_expected_qps = 10, 1, 100
+start_test(sut, qsl, s, Path(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+"""
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_only_a_named_audit_config_is_read(tmp_path, named):
+    """A stray audit.config in the working directory changes nothing; a compliance
+    test's named one is read (LoadGen says so in the detail log)."""
+    (tmp_path / "audit.config").write_text("*.*.min_duration = 1234\n")
+    args = [sys.executable, "-c", _TINY_TEST, str(tmp_path / "logs")] + ([str(tmp_path / "audit.config")] if named else [])
+    (tmp_path / "logs").mkdir()
+    subprocess.run(args, cwd=tmp_path, check=True, timeout=60, capture_output=True)
+    detail = (tmp_path / "logs" / "mlperf_log_detail.txt").read_text()
+    assert ("Found Audit Config" in detail) is named
+    assert ('"effective_min_duration_ms", "value": 1234' in detail) is named
