@@ -36,6 +36,7 @@ BOUND_S = 300
 # Each LoadGen test runs in a process of its own, so the fault goes in through
 # sitecustomize, which every Python process on the path imports at start.
 INJECT = """
+from sut.engine import Engine
 
 _real_step, _steps = Engine.step, [0]
 
