@@ -21,7 +21,7 @@ from pathlib import Path
 
 from audit.report import write_run_reports
 from audit.submission.system_desc import host_facts
-from harness.config import ConfigError, ResolvedRun
+from harness.config import ResolvedRun
 from harness.config.benchmarks import BENCHMARKS
 from harness.driver.find_peak import find_peak, format_curve, try_log_dir
 from harness.driver.model import check_synthetic
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 from harness.driver.peers import check_peer
 from harness.driver.progress import say
 from harness.driver.interrupt import Interrupts, TestInterrupted
-from harness.driver.test_process import run_in_process, run_test
+from harness.driver.test_process import BAD_INPUT, run_in_process, run_test
 from harness.driver.tp_run import check_tp
 from harness.hardware.wall import run_wall
 from harness.loadgen.results import wallperf_version, write_json_atomic
@@ -122,7 +122,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
         except TestInterrupted as e:
             _finish(results, results_path, started, complete=False, signal_name=signal.Signals(e.signum).name)
             raise
-        except ConfigError:
+        except BAD_INPUT:
             # Bad input found by the first test's process: leave nothing half-written.
             if not results["runs"]:
                 shutil.rmtree(opts.out_dir) if created else results_path.unlink(missing_ok=True)

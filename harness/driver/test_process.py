@@ -35,7 +35,8 @@ from sut.loading import CheckpointError
 
 # Errors the command line reports as one line (bad input, a full disk, a cut-off log):
 # a test process hands them to the parent as they are.
-REPORTED = (ConfigError, ArtifactError, DatasetError, CheckpointError, OutputError, LogParseError)
+BAD_INPUT = (ConfigError, ArtifactError, DatasetError, CheckpointError)
+REPORTED = (*BAD_INPUT, OutputError, LogParseError)
 
 
 class TestProcessFailed(RuntimeError):
