@@ -318,13 +318,9 @@ def main(argv=None) -> int:
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
                "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,
                "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf,
-<<<<<<< HEAD
-               "sweep": lambda a: cmd_sweep(a, unknown)}[args.command]
-    quiet_triton_exit()
-=======
                "sweep": lambda a: cmd_sweep(a, unknown),
                "submission": cmd_submission}[args.command]
->>>>>>> 295f906 (MLPerf conformance: one LoadGen test per process (every backend, find-peak try, tp ranks); Ctrl-C/SIGTERM end the test and keep what finished (exit 130/143); output-length policy (dataset output_length); benchmark key from mlperf.conf; USER_CONF_KEYS = FromConfig's keys; audit_config_filename set on every test; official settings take no YAML numbers; TEST06 run and verified as officially; submission_valid from effective_* per checker version; wallperf run --submission and wallperf submission (official tree, --check))
+    quiet_triton_exit()
     try:
         return handler(args)
     except (ConfigError, ArtifactError, DatasetError, CheckpointError) as e:

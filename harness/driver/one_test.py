@@ -22,7 +22,8 @@ from harness.config.benchmarks import benchmark_for
 from harness.driver.calibrate import calibrated_run
 from harness.driver.model import choose_device, load_for_run, model_shape
 from harness.driver.options import RunOptions
-from harness.driver.peers import check_peer, format_dict, peer_format, roofline_counts, weight_format
+from harness.driver.peers import (check_peer, format_dict, kv_format, kv_storage_bytes, peer_format,
+                                  roofline_counts, weight_format)
 from harness.driver.progress import Progress, say
 from harness.hardware.energy import EnergyMeter
 from harness.hardware.front import step_cost
@@ -38,7 +39,7 @@ from harness.loadgen.settings import build_test_settings, start_test
 from sut.adapter import LoadGenSUT
 from sut.backends import create
 from sut.engine import SamplingParams
-from sut.quant import choose_format
+from sut.quant import choose_format, kv_cache_dtype
 from sut.queues import queue_for
 
 
@@ -161,8 +162,10 @@ def calibrate(resolved: ResolvedRun, opts: RunOptions) -> tuple:
     max_seq_len = max(_max_seq_len(workload.prompts, params),
                       _max_seq_len(workload.prompts, sampling_params("performance", resolved.dataset,
                                                                       workload.output_lengths)))
+    kv_dtype = kv_cache_dtype(resolved.hardware, resolved.run.kv_dtype)
     return calibrated_run(resolved, opts, lambda batch: create(resolved.run.backend, loaded, max_batch=batch,
-                                                               max_seq_len=max_seq_len, openai=resolved.run.openai),
+                                                               max_seq_len=max_seq_len, openai=resolved.run.openai,
+                                                               kv_dtype=kv_dtype),
                           workload.prompts, params)
 
 
@@ -182,7 +185,7 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
                                     max_seq_len=min(max_seq_len, loaded.config.max_position))
     else:
         backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len,
-                         openai=run.openai)
+                         openai=run.openai, kv_dtype=kv_cache_dtype(resolved.hardware, run.kv_dtype))
     queue = queue_for(sc.name, [len(p) for p in prompts])
     expected = len(prompts) if mode == "accuracy" else None
     expert_stats = getattr(loaded.model, "expert_stats", None)
@@ -245,6 +248,7 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
         "weight_format": weight_format(loaded, choice),
         "synthetic_weights": resolved.model.format == "synthetic",
         "fp8_emulated": choice.emulated,
+        "kv_dtype": kv_format(resolved, choice),
         "hardware": resolved.hardware.name,
         "system": run.system,
         "settings": "official" if opts.user_conf is not None else "wallperf",
@@ -291,7 +295,8 @@ def _roofline(resolved, loaded, dtype, metrics, stats, wall, prompts, params, ex
     samples_per_second = metrics["samples_per_second"]
     output_tokens = (tokens_per_second / samples_per_second if samples_per_second
                      else output_policy(resolved.dataset, "performance", params)["max_new_tokens"])
-    shape, counts = model_shape(resolved, loaded), roofline_counts(loaded, expert_cache)
+    shape, counts = model_shape(resolved, loaded), roofline_counts(
+        loaded, expert_cache, kv_storage_bytes(loaded, kv_cache_dtype(resolved.hardware, resolved.run.kv_dtype)))
     record = run_roofline(shape, hardware, dtype, tokens_per_second,
                           batch=max(1, round(stats.mean_decode_batch)), context=round(stats.mean_decode_context),
                           prompt_tokens=sum(map(len, prompts)) / len(prompts), output_tokens=output_tokens, **counts)

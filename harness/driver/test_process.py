@@ -123,8 +123,8 @@ def main(argv: list[str]) -> int:
     tmp.write_bytes(pickle.dumps(result))
     os.replace(tmp, out_path)
     # Triton's nanobind bindings list hundreds of "leaked" objects at interpreter exit,
-    # with no final newline: on the shared stderr they would bury (and run into) the
-    # parent's next line. Everything this process had to say is said by now.
+    # with no final newline: on the shared stderr they would run into the parent's next
+    # line. Everything this process had to say is said by now.
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     return 0
