@@ -1,4 +1,5 @@
 """LoadGen TestSettings from scenario YAMLs and an MLPerf user.conf."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,30 @@ def test_offline_and_singlestream_and_multistream():
     assert ms.multi_stream_samples_per_query == 4
 
 
+def _settings_in_fresh_process(code: str, *args) -> dict:
+    """Run `code` (which prints a JSON object) in a new interpreter: FromConfig loads
+    mlperf.conf once per process and marks every later LoadGen test of the process
+    as using several conf files, so it must not run inside pytest's own process."""
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[3], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_user_conf_is_applied_over_the_yaml(tmp_path):
     conf = tmp_path / "user.conf"
     conf.write_text("# ours\nsmollm2-135m.Server.target_qps = 3.5\n*.Server.min_duration = 1000\n")
-    s = build_test_settings(SERVER, "performance", "smollm2-135m", sample_count=57, user_conf=conf)
-    assert s.server_target_qps == 3.5
-    assert s.min_duration_ms == 1000
+    s = _settings_in_fresh_process("""
+import json, sys
+from pathlib import Path
+from harness.config import ScenarioConfig
+from harness.loadgen.settings import build_test_settings
+sc = ScenarioConfig(name="Server", min_duration_s=12, min_query_count=7, max_batch=4, target_qps=1.5,
+                    ttft_ms=2000, tpot_ms=100)
+s = build_test_settings(sc, "performance", "smollm2-135m", sample_count=57, user_conf=Path(sys.argv[1]))
+print(json.dumps({"qps": s.server_target_qps, "min_duration_ms": s.min_duration_ms}))
+""", conf)
+    assert s == {"qps": 3.5, "min_duration_ms": 1000}
 
 
 @pytest.mark.parametrize("line,match", [
@@ -81,12 +100,18 @@ def test_user_conf_keys_are_what_fromconfig_reads(tmp_path):
     conf = tmp_path / "user.conf"
     conf.write_text("".join(f"m.Server.{key} = 1\n" for key in sorted(USER_CONF_KEYS)))
     check_user_conf(conf)
-    s = lg.TestSettings()
-    assert s.FromConfig(str(conf), "m", "Server") == 0
+    s = _settings_in_fresh_process("""
+import json, sys
+import mlperf_loadgen as lg
+s = lg.TestSettings()
+rc = s.FromConfig(sys.argv[1], "m", "Server")
+print(json.dumps({"rc": rc, "accuracy_mode": s.mode == lg.TestMode.AccuracyOnly,
+                  "accuracy_sample_count_override": s.accuracy_sample_count_override,
+                  "qps": s.server_target_qps, "min_duration_ms": s.min_duration_ms}))
+""", conf)
     # A few whose effect the binding exposes: mode 1 is AccuracyOnly.
-    assert s.mode == lg.TestMode.AccuracyOnly
-    assert s.accuracy_sample_count_override == 1
-    assert s.server_target_qps == 1.0 and s.min_duration_ms == 1
+    assert s == {"rc": 0, "accuracy_mode": True, "accuracy_sample_count_override": 1, "qps": 1.0,
+                 "min_duration_ms": 1}
 
 
 _TINY_TEST = """
