@@ -1,14 +1,15 @@
 """Configuration: conf/'s YAML files validated into frozen dataclasses.
 
-`schema` holds the dataclasses (what each file may say), `load` the reading and
-checking of files and the resolution of a run YAML. Callers import from here.
+`checks` holds the allowed values, the errors and the name rules, `schema` the
+dataclasses (what each file may say), `load` the reading and checking of files
+and the resolution of a run YAML. Callers import from here.
 """
+from harness.config.checks import (BACKENDS, DTYPE_ALIASES, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError,
+                                   FieldError, canonical_dtype, conf_dir, folder_inside, plain_name_problem)
 from harness.config.load import (ResolvedRun, available, build, load_dataset_config, load_hardware_config,
                                  load_model_config, load_run, load_scenario_config, read_yaml)
-from harness.config.schema import (BACKENDS, DTYPE_ALIASES, DTYPES, GGUF_CHOICES, MODES, PEAK_DTYPES, SCENARIOS,
-                                   ArtifactSource, ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig,
-                                   ModelShape, MoMESection, OpenAIConfig, OutputLength, RunConfig, ScenarioConfig, canonical_dtype,
-                                   conf_dir, folder_inside, plain_name_problem)
+from harness.config.schema import (PEAK_DTYPES, ArtifactSource, DatasetConfig, HardwareConfig, ModelConfig, ModelShape,
+                                   MoMESection, OpenAIConfig, OutputLength, RunConfig, ScenarioConfig)
 
 __all__ = [
     "ResolvedRun", "available", "build", "load_dataset_config", "load_hardware_config", "load_model_config",

@@ -12,8 +12,9 @@ from typing import Literal, Union
 
 import yaml
 
-from harness.config.schema import (SCENARIOS, ConfigError, DatasetConfig, FieldError, HardwareConfig, ModelConfig,
-                                   RunConfig, ScenarioConfig, canonical_dtype, conf_dir, plain_name_problem)
+from harness.config.checks import (SCENARIOS, ConfigError, FieldError, canonical_dtype, conf_dir,
+                                   plain_name_problem)
+from harness.config.schema import DatasetConfig, HardwareConfig, ModelConfig, RunConfig, ScenarioConfig
 
 # Numbers beyond these are no one's setting, and overflow the C++ types LoadGen takes.
 MAX_FLOAT = 1e12

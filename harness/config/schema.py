@@ -7,89 +7,13 @@ backend and scenarios by name; those names resolve to files under conf/.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlsplit
 
+from harness.config.checks import MODES, SCENARIOS, FieldError, check_plain_names, check_sha256
 from sut.redact import redact
-
-
-SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
-MODES = ("performance", "accuracy")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
-# The usual short names, accepted wherever a dtype is named (YAML and command line).
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def canonical_dtype(name: str) -> str:
-    """The dtype a name means: a short name's full one, any other name as it is."""
-    return DTYPE_ALIASES.get(name, name)
-BACKENDS = ("native", "openai", "hf", "llamacpp")
-# The GGUF the llamacpp backend runs: the model's own file, or its BF16 export.
-GGUF_CHOICES = ("source", "bf16")
-
-
-class FieldError(ValueError):
-    """Raised in a dataclass's __post_init__ to blame one of its keys."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(message)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, located by file and key."""
-
-    def __init__(self, file: str | Path | None, key: str | None, message: str):
-        self.file, self.key, self.message = (str(file) if file else None), key, message
-        where = ": ".join(x for x in (self.file, f"key '{key}'" if key else None) if x)
-        super().__init__(f"{where}: {message}" if where else message)
-
-    def __reduce__(self):
-        # Rebuilt from its three parts when a tensor-parallel rank sends it to the parent.
-        return type(self), (self.file, self.key, self.message)
-
-
-# Names that become parts of paths (output folders, files under conf/ and the cache):
-# letters, digits, '.', '_', '-', not starting with '.', so none can climb out of its folder.
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-
-
-def plain_name_problem(value) -> str | None:
-    """Why `value` cannot be a name that becomes a path, or None when it can."""
-    if isinstance(value, str) and PLAIN_NAME.fullmatch(value):
-        return None
-    return (f"{value!r} is not a plain name: use letters, digits, '.', '_' and '-' (at most 128, not starting "
-            "with '.'); it becomes part of a path")
-
-
-def _check_plain_names(obj, *keys: str) -> None:
-    for key in keys:
-        value = getattr(obj, key)
-        if value is not None and (problem := plain_name_problem(value)):
-            raise FieldError(key, problem)
-
-
-def folder_inside(root: Path, folder: Path) -> Path:
-    """`folder`, created, after checking that it resolves inside `root` (the run's --out)."""
-    if not folder.resolve().is_relative_to(root.resolve()):
-        raise ConfigError(None, "--out", f"{folder} resolves outside {root}: check the run's 'system' and the "
-                          "model's 'name' (plain names only)")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def conf_dir() -> Path:
-    """conf/ beside the packages (a source checkout), or $WALLPERF_CONF."""
-    return Path(os.environ.get("WALLPERF_CONF", Path(__file__).resolve().parents[2] / "conf"))
-
-
-def _check_sha256(key: str, value: Optional[str]) -> None:
-    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
-        raise ValueError(f"{key} must be 64 lowercase hex digits, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +26,7 @@ class WheelPart:
     member: str
 
     def __post_init__(self):
-        _check_sha256("wheel_sha256", self.wheel_sha256)
+        check_sha256("wheel_sha256", self.wheel_sha256)
 
     @property
     def requirement(self) -> str:
@@ -137,7 +61,7 @@ class ArtifactSource:
         elif not self.path:
             raise ValueError("a path source needs 'path'")
         for key in ("sha256", "wheel_sha256"):
-            _check_sha256(key, getattr(self, key))
+            check_sha256(key, getattr(self, key))
 
     def _check_parts(self) -> None:
         missing = [k for k in ("file", "parts", "sha256") if not getattr(self, k)]
@@ -227,7 +151,7 @@ class ModelConfig:
     mome: Optional[MoMESection] = None
 
     def __post_init__(self):
-        _check_plain_names(self, "name", "tokenizer_from")
+        check_plain_names(self, "name", "tokenizer_from")
         if (self.family == "mome") != (self.mome is not None):
             raise ValueError("a 'mome' section is needed exactly when family is mome")
         if self.mome is not None:
@@ -288,7 +212,7 @@ class DatasetConfig:
     output_length: OutputLength = OutputLength("eos", 48)
 
     def __post_init__(self):
-        _check_plain_names(self, "name")
+        check_plain_names(self, "name")
         if self.per_subject is not None and self.per_subject < 1:
             raise ValueError("per_subject must be >= 1 or null")
         if self.per_subject is not None and self.format != "mmlu_jsonl":
@@ -318,7 +242,7 @@ class HardwareConfig:
     sources: list = field(default_factory=list)
 
     def __post_init__(self):
-        _check_plain_names(self, "name")
+        check_plain_names(self, "name")
         if self.memory_gb <= 0 or self.bandwidth_gbps <= 0:
             raise ValueError("memory_gb and bandwidth_gbps must be > 0")
         for key, value in self.peak_tflops.items():
@@ -413,7 +337,7 @@ class RunConfig:
     kv_dtype: Literal["auto", "fp8"] = "auto"
 
     def __post_init__(self):
-        _check_plain_names(self, "system", "model", "hardware", "dataset")
+        check_plain_names(self, "system", "model", "hardware", "dataset")
         for i, s in enumerate(self.scenarios):
             if s not in SCENARIOS:
                 raise FieldError(f"scenarios[{i}]", f"unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)}")
