@@ -79,7 +79,7 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: loop.request_stop())
     print(f"wallperf: serving {name} ({args.dtype}) at {url}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     gc.collect()
-    gc.freeze()  # the loaded model's objects: see harness/driver/run.py
+    gc.freeze()  # the loaded model's objects: see harness/driver/one_test.py
     try:
         loop.run()  # the engine on the main thread, until a signal
     finally:
