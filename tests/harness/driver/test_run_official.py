@@ -23,12 +23,19 @@ llama3_1-8b.Offline.target_qps = 2
 """
 
 
+# A test this short can issue its last query before min_duration has passed; LoadGen
+# then logs this runtime error (Offline issues its one query at once). Whether it
+# appears depends on how fast the machine is, not on the settings this test checks,
+# so it is the one error let through here; a full-length run must not have it.
+RAN_OUT = "Ran out of generated queries to issue before the minimum query count"
+
+
 def detail(log_dir) -> tuple[dict, list]:
     values, errors = {}, []
     for line in open(Path(log_dir) / "mlperf_log_detail.txt"):
         entry = json.loads(line[len(":::MLLOG "):])
         values[entry["key"]] = entry["value"]
-        if (entry.get("metadata") or {}).get("is_error"):
+        if (entry.get("metadata") or {}).get("is_error") and RAN_OUT not in str(entry["value"]):
             errors.append(entry)
     return values, errors
 
