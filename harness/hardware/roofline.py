@@ -138,6 +138,7 @@ def run_roofline(shape: ModelShape, hardware: HardwareConfig, dtype: str, tokens
         "compute_dtype": compute_dtype(dtype),
         "batch": batch,
         "context": context,
+        "embedding_counted": counts.get("embedding", "table"),
         "bytes_per_step": step,
         "bytes_per_token": bytes_per_token(shape, dtype, context, **counts),
         "memory_wall_tokens_per_second": memory_wall(shape, hardware, dtype, context, **counts),

@@ -42,6 +42,10 @@ class GGUFModel:
     tokenizer: Tokenizer
     # Every tensor's bytes in the file; a tied LM head is token_embd, counted once.
     weight_bytes: int
+    # Of those, the input embedding table's (token_embd) when the model has its own
+    # LM head (output.weight): a step gathers a few rows of it, not the whole table.
+    # 0 when tied: the table is then the head, read whole every step.
+    table_bytes: int
     # {GGML type name: tensor count}, e.g. {"Q4_1": 210, "F32": 61, "Q8_0": 1}.
     tensor_types: dict
     device: str = "cpu"
@@ -63,8 +67,10 @@ def load_gguf_model(path: Path) -> GGUFModel:
     names = {t.name for t in reader.tensors}
     cfg = LlamaConfig.from_gguf_metadata(gguf_metadata(reader), names)
     types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+    untied = "output.weight" in names
     return GGUFModel(Path(path), cfg, Tokenizer.from_gguf(reader),
                      weight_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+                     table_bytes=sum(int(t.n_bytes) for t in reader.tensors if untied and t.name == "token_embd.weight"),
                      tensor_types=dict(types.most_common()))
 
 

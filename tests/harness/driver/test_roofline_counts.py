@@ -1,13 +1,16 @@
 """What a run's roofline counts for each engine: a GGUF's bytes for llama.cpp, the
 loaded model's tensors for the native engine, and MoME's memory-expert rows per step
 from its own counters, worked out by hand."""
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from harness.driver.peers import memory_expert_bytes_per_step, roofline_counts
+from harness.config import ModelShape
 from harness.hardware.counts import WeightBytes
+from harness.hardware.roofline import bytes_per_step
 
 
 def test_mome_rows_read_per_step_by_hand():
@@ -19,8 +22,24 @@ def test_mome_rows_read_per_step_by_hand():
 
 
 def test_llamacpp_counts_its_gguf_and_float16_kv():
-    counts = roofline_counts(SimpleNamespace(weight_bytes=96_600_000))
-    assert counts == {"weights": WeightBytes(table=0, dense=96_600_000), "kv_bytes_per_element": 2}
+    counts = roofline_counts(SimpleNamespace(weight_bytes=96_600_000, table_bytes=0))
+    assert counts == {"weights": WeightBytes(table=0, dense=96_600_000), "embedding": "rows",
+                      "kv_bytes_per_element": 2}
+
+
+def test_an_untied_table_counts_the_rows_a_step_gathers():
+    # Untied: vocab 1000 x hidden 8, 2 bytes each = 16,000 table bytes; 50,000 other bytes.
+    shape = ModelShape(n_layers=1, hidden_size=8, n_heads=2, n_kv_heads=1, ffn_size=16, vocab_size=1000,
+                       tie_embeddings=False)
+    counts = roofline_counts(SimpleNamespace(weight_bytes=66_000, table_bytes=16_000))
+    # One row (16 bytes) per sequence of the batch, plus everything else whole; no context.
+    assert bytes_per_step(shape, "bfloat16", 1, 0, **counts) == 50_000 + 16
+    assert bytes_per_step(shape, "bfloat16", 4, 0, **counts) == 50_000 + 4 * 16
+    # The published convention (`wallperf roofline`) reads the table whole.
+    assert bytes_per_step(shape, "bfloat16", 1, 0, weights=counts["weights"]) == 66_000
+    # Tied, the table is the LM head: read whole even when counting rows.
+    tied = dataclasses.replace(shape, tie_embeddings=True)
+    assert bytes_per_step(tied, "bfloat16", 1, 0, **counts) == 66_000
 
 
 def test_native_counts_its_tensors_and_a_passed_kv_size():

@@ -143,7 +143,7 @@ def test_smollm2_weight_bytes_from_ggml_block_sizes(smollm2_gguf_path):
     norms = (2 * s.n_layers + 1) * h
     # Tied embeddings: token_embd is also the LM head, read whole each step, counted once.
     want = s.n_layers * per_layer * Q4_1_BYTES + s.vocab_size * h * Q8_0_BYTES + 4 * norms
-    assert loaded.weight_bytes == want
+    assert loaded.weight_bytes == want and loaded.table_bytes == 0
     assert loaded.weight_format == "gguf Q4_1+Q8_0"
     assert loaded.config.tie_embeddings and loaded.tokenizer.eos_token_ids == {2}
 
