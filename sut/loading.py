@@ -72,7 +72,7 @@ def config_for_shape(family: str, shape) -> LlamaConfig:
     return LlamaConfig(n_layers=shape.n_layers, hidden_size=shape.hidden_size, n_heads=shape.n_heads,
                        n_kv_heads=shape.n_kv_heads, ffn_size=shape.ffn_size, vocab_size=shape.vocab_size,
                        rope_theta=shape.rope_theta, head_dim=shape.head_dim, tie_embeddings=shape.tie_embeddings,
-                       max_position=shape.max_position)
+                       attention_bias=shape.attention_bias, max_position=shape.max_position)
 
 
 def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dtype | None = None) -> LoadedModel:

@@ -97,6 +97,8 @@ class ModelShape:
     ffn_size: int
     vocab_size: int
     tie_embeddings: bool = False
+    # Q/K/V projection biases (Qwen2).
+    attention_bias: bool = False
     head_dim: Optional[int] = None
     rope_theta: float = 10000.0
     max_position: int = 8192
@@ -118,7 +120,8 @@ class ModelShape:
         """The shape of a loaded model's config (sut.models.llama.LlamaConfig)."""
         return cls(n_layers=config.n_layers, hidden_size=config.hidden_size, n_heads=config.n_heads,
                    n_kv_heads=config.n_kv_heads, ffn_size=config.ffn_size, vocab_size=config.vocab_size,
-                   tie_embeddings=config.tie_embeddings, head_dim=config.head_dim, rope_theta=config.rope_theta,
+                   tie_embeddings=config.tie_embeddings, attention_bias=config.attention_bias,
+                   head_dim=config.head_dim, rope_theta=config.rope_theta,
                    max_position=config.max_position)
 
 

@@ -27,10 +27,18 @@ class RemoteModel:
 
 
 def model_shape(resolved: ResolvedRun, loaded) -> ModelShape:
-    """The published shape from conf/, or the loaded checkpoint's own."""
-    if resolved.model.shape is not None:
+    """The published shape from conf/, or the loaded checkpoint's own. Whether the head
+    is tied and the attention has biases are the loaded file's, whatever conf/ says:
+    a GGUF can store its own LM head for a model published tied (Qwen2.5-Coder-0.5B's
+    holds a Q8_0 output.weight beside its Q5_0 token_embd), and the roofline must
+    count the head the engine reads."""
+    config = getattr(loaded, "config", None)
+    if resolved.model.shape is None:
+        return ModelShape.of(config)
+    if config is None or not hasattr(config, "tie_embeddings"):
         return resolved.model.shape
-    return ModelShape.of(loaded.config)
+    return dataclasses.replace(resolved.model.shape, tie_embeddings=config.tie_embeddings,
+                               attention_bias=getattr(config, "attention_bias", False))
 
 
 def choose_device(requested: str) -> str:

@@ -62,11 +62,13 @@ class ParameterCount:
     router: int
     norms: int
     lm_head: int
+    # Q/K/V projection biases (Qwen2): kept in the activation dtype, like the norms.
+    biases: int = 0
 
     @property
     def total(self) -> int:
         return (self.embedding + self.attention + self.ffn + self.experts + self.router + self.norms
-                + self.lm_head)
+                + self.lm_head + self.biases)
 
 
 def head_dim(shape: ModelShape) -> int:
@@ -74,7 +76,8 @@ def head_dim(shape: ModelShape) -> int:
 
 
 def count_parameters(shape: ModelShape) -> ParameterCount:
-    """Llama-family parameters: GQA attention, SwiGLU FFN (dense or experts), RMSNorm, no biases."""
+    """Llama-family parameters: GQA attention (with Q/K/V biases when the shape says so),
+    SwiGLU FFN (dense or experts), RMSNorm."""
     h, d, L = shape.hidden_size, head_dim(shape), shape.n_layers
     q_and_o = 2 * h * shape.n_heads * d
     k_and_v = 2 * h * shape.n_kv_heads * d
@@ -88,6 +91,7 @@ def count_parameters(shape: ModelShape) -> ParameterCount:
         router=L * h * shape.n_experts if moe else 0,
         norms=(2 * L + 1) * h,
         lm_head=0 if shape.tie_embeddings else shape.vocab_size * h,
+        biases=L * (shape.n_heads + 2 * shape.n_kv_heads) * d if shape.attention_bias else 0,
     )
 
 
@@ -104,7 +108,7 @@ def weight_parameters(shape: ModelShape, batch: int = 1, embedding: Embedding = 
         table = min(batch, shape.vocab_size) * shape.hidden_size
     else:
         table = p.embedding
-    return table + p.attention + p.ffn + experts + p.router + p.norms + p.lm_head
+    return table + p.attention + p.ffn + experts + p.router + p.norms + p.lm_head + p.biases
 
 
 def active_parameters(shape: ModelShape) -> int:
@@ -147,7 +151,7 @@ def shape_weight_bytes(shape: ModelShape, dtype: str, activation_dtype: str = "b
     if dtype != "fp8":
         size = BYTES_PER_ELEMENT[dtype]
         return WeightBytes(table=p.embedding * size,
-                           dense=(p.attention + p.ffn + p.router + p.norms + p.lm_head) * size,
+                           dense=(p.attention + p.ffn + p.router + p.norms + p.lm_head + p.biases) * size,
                            experts=p.experts * size)
     high = BYTES_PER_ELEMENT[activation_dtype]
     h, d, L, F = shape.hidden_size, head_dim(shape), shape.n_layers, shape.ffn_size
@@ -159,7 +163,7 @@ def shape_weight_bytes(shape: ModelShape, dtype: str, activation_dtype: str = "b
     return WeightBytes(
         table=p.embedding * high,
         dense=(p.attention + p.ffn + FP8_SCALE_BYTES * (attention_rows + ffn_rows)
-               + (p.router + p.norms + p.lm_head) * high),
+               + (p.router + p.norms + p.lm_head + p.biases) * high),
         experts=p.experts + FP8_SCALE_BYTES * expert_rows)
 
 

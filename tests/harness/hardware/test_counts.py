@@ -14,6 +14,8 @@ TINY_MOE = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_s
                       head_dim=16, n_experts=4, experts_per_token=2, tie_embeddings=False)
 TINY_DENSE = ModelShape(n_layers=3, hidden_size=96, n_heads=6, n_kv_heads=2, ffn_size=160, vocab_size=256,
                         head_dim=16, tie_embeddings=True)
+TINY_QWEN2 = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=128,
+                        head_dim=16, tie_embeddings=False, attention_bias=True)
 
 
 class _Tokenizer:
@@ -29,7 +31,7 @@ def _tensor_bytes(model) -> int:
     return total
 
 
-@pytest.mark.parametrize("shape", [TINY_MOE, TINY_DENSE], ids=["moe", "dense"])
+@pytest.mark.parametrize("shape", [TINY_MOE, TINY_DENSE, TINY_QWEN2], ids=["moe", "dense", "qwen2"])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_shape_layout_matches_the_tensors_a_loaded_model_holds(shape, fp8):
     family = "mixtral" if shape.n_experts > 1 else "llama"
@@ -70,3 +72,15 @@ def test_prefill_flops_by_hand():
     s = TINY_DENSE
     # 10 tokens through the weights, attending over 5 positions on average.
     assert prefill_flops(s, 10) == 10 * flops_per_token(s, 5)
+
+
+@pytest.mark.parametrize("name, non_embedding", [("qwen2.5-coder-1.5b", 1.31e9), ("qwen2.5-coder-0.5b", 0.36e9)])
+def test_qwen2_shapes_count_their_published_non_embedding_parameters(name, non_embedding):
+    """Qwen's model cards: 1.31B and 0.36B parameters besides the embeddings (Q/K/V biases included)."""
+    from harness.config import load_model_config
+    from harness.hardware.counts import count_parameters
+
+    shape = load_model_config(name).shape
+    p = count_parameters(shape)
+    assert shape.attention_bias and p.biases == shape.n_layers * (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim
+    assert p.total - p.embedding - p.lm_head == pytest.approx(non_embedding, rel=0.01)  # the cards round to 3 digits
