@@ -19,7 +19,9 @@ refused with a 400 rather than ignored. Text prompts are tokenized without
 added special tokens, as `wallperf run` tokenizes its prompts.
 
 Under abuse: a connection that sends nothing for `read_timeout_s` (a half-sent
-request, an idle keep-alive connection) is closed; beyond `max_connections`
+request, an idle keep-alive connection) is closed; a request whose head and
+body have not all arrived `request_timeout_s` after its first byte (a client
+trickling a byte every few seconds) is answered 408 and closed; beyond `max_connections`
 open connections a new one is answered 503 and closed; a client that goes away
 has its request aborted in the engine (its KV blocks freed, one log line);
 every error, http.server's own included, is an OpenAI-shaped JSON body. With
@@ -29,6 +31,7 @@ must carry it as a bearer token, compared in constant time.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import queue
@@ -46,7 +49,7 @@ from sut.completion_request import (MAX_BODY_BYTES, CompletionRequest, RequestEr
                                     max_token_chars, parse_completion_request)
 from sut.engine import SamplingParams, TokenEvent
 from sut.engine_loop import EngineLoop
-from sut.http_limits import BoundedHTTPServer, ServerLimits, is_loopback
+from sut.http_limits import BoundedHTTPServer, DeadlineReader, RequestDeadline, ServerLimits, is_loopback
 from sut.text_stream import TextStream
 from sut.loading import LoadedModel
 
@@ -87,9 +90,29 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         # Every read and write on the connection: a client silent this long is closed.
-        self.timeout = self.server.limits.read_timeout_s
+        limits = self.server.limits
+        self.timeout = limits.read_timeout_s
         super().setup()
+        # Reads go through the request deadline instead of the socket file setup() made.
+        self.rfile.close()
+        self._reader = DeadlineReader(self.connection, limits.read_timeout_s, limits.request_deadline_s)
+        self.rfile = io.BufferedReader(self._reader)
         self.server.connections.add(self.connection)
+
+    def handle_one_request(self) -> None:
+        # The deadline may strike before parse_request has set these.
+        self.requestline, self.request_version, self.command = "", self.protocol_version, ""
+        self._reader.arm()
+        try:
+            super().handle_one_request()
+        except RequestDeadline:
+            self.close_connection = True
+            seconds = self.server.limits.request_deadline_s
+            log.debug("%s: request not received within %g s", self.address_string(), seconds)
+            send_json(self, 408, RequestError(408, f"the request did not arrive within {seconds:g} s of its first "
+                                                   "byte").body(), {"Connection": "close"})
+        finally:
+            self._reader.disarm()
 
     def finish(self) -> None:
         self.server.connections.discard(self.connection)
@@ -159,7 +182,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(413 if length.isdigit() and int(length) else 400,
                                f"a JSON body with Content-Length is required (at most {MAX_BODY_BYTES} bytes)")
-        return decode_json_body(self.rfile.read(int(length)))
+        body = self.rfile.read(int(length))
+        self._reader.disarm()
+        return decode_json_body(body)
 
     def _client_gone(self) -> bool:
         """The client closed or reset its end: the socket is readable with nothing to read."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness.artifacts import resolve_model_file
 from harness.config import ConfigError, load_model_config
-from sut.http_limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, ServerLimits
+from sut.http_limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, REQUEST_TIMEOUT_MARGIN_S, ServerLimits
 from sut.loading import DTYPES, load_model
 from sut.server import start_server
 
@@ -37,6 +37,10 @@ def add_serve_parser(subparsers):
                    "(capped at the model's context)")
     p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, help="seconds a connection "
                    "may stay silent (a half-sent request, an idle keep-alive connection) before it is closed")
+    p.add_argument("--request-timeout", type=float, help="seconds a request's head and body may take to arrive "
+                   "from its first byte (default: --read-timeout + "
+                   f"{REQUEST_TIMEOUT_MARGIN_S:g}); a client still sending then, such as one trickling a byte "
+                   "every few seconds, gets 408 and is closed")
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="open connections "
                    "served at once; beyond them a new one gets 503")
     return p
@@ -50,13 +54,15 @@ def check_serve_args(args) -> ServerLimits:
                         ("--max-connections", args.max_connections)):
         if value < 1:
             raise ConfigError("command line", flag, f"must be an integer >= 1, got {value}")
-    if not 0 < args.read_timeout < float("inf"):
-        raise ConfigError("command line", "--read-timeout", f"must be a number of seconds > 0, got {args.read_timeout}")
+    for flag, value in (("--read-timeout", args.read_timeout), ("--request-timeout", args.request_timeout)):
+        if value is not None and not 0 < value < float("inf"):
+            raise ConfigError("command line", flag, f"must be a number of seconds > 0, got {value}")
     try:
         socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
         raise ConfigError("command line", "--host", f"{args.host!r} is not an address to listen on: {e}") from None
-    return ServerLimits(args.read_timeout, args.max_connections, os.environ.get(API_KEY_ENV) or None)
+    return ServerLimits(args.read_timeout, args.max_connections, os.environ.get(API_KEY_ENV) or None,
+                        args.request_timeout)
 
 
 def cmd_serve(args) -> int:

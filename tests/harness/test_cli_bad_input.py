@@ -121,6 +121,8 @@ def test_peak_range_is_checked_before_anything_loads(peak_range, tmp_path, capsy
                                        (["--host", "256.1.1.1"], "--host"), (["--max-batch", "0"], "--max-batch"),
                                        (["--max-seq-len", "-1"], "--max-seq-len"),
                                        (["--read-timeout", "nan"], "--read-timeout"),
+                                       (["--request-timeout", "0"], "--request-timeout"),
+                                       (["--request-timeout", "inf"], "--request-timeout"),
                                        (["--max-connections", "0"], "--max-connections")])
 def test_serve_arguments_are_checked_before_the_model_loads(args, flag, capsys, no_run):
     refused(["serve", *args], capsys, flag)

@@ -4,14 +4,17 @@ The model is a tiny synthetic Llama behind SmolLM2's own tokenizer (real
 vocabulary, so text prompts and the character bound are realistic). What is
 checked is the server's behaviour, each against what the client can observe
 or the engine's own counters: half-open connections are closed after the read
-timeout while a valid request is answered, a client that disconnects stops
+timeout while a valid request is answered, a request trickled a byte at a time
+is cut off at the request deadline, a client that disconnects stops
 its sequence (the engine decodes far fewer tokens than it asked for, and its
 blocks are free again), every refusal is an OpenAI-shaped JSON error.
 """
 import http.client
 import json
 import logging
+import select
 import socket
+import threading
 import time
 
 import pytest
@@ -26,6 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Long enough that an abandoned request decoding to its end is unmistakable in the counters.
 LONG = 1800
 READ_TIMEOUT_S = 1.0
+# The whole request's deadline in the trickle tests: three read timeouts.
+REQUEST_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +104,79 @@ def test_half_open_connections_are_closed_while_a_valid_request_is_answered(serv
     closed_s = time.monotonic() - opened
     print(f"all 300 closed by the server {closed_s:.2f} s after they opened (read timeout {READ_TIMEOUT_S} s)")
     wait_until(lambda: server.open_connections == 0, 10, "the server still counts connections it has closed")
+
+
+def _completion_bytes(prompt: str) -> bytes:
+    body = json.dumps({"prompt": prompt, "max_tokens": 2}).encode()
+    return b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def _read_response(s: socket.socket) -> tuple[int, dict]:
+    """One response with a Content-Length, off a raw socket: (status, JSON body)."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = s.recv(4096)
+        assert chunk, f"the server closed the connection mid-response: {raw!r}"
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += s.recv(4096)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_trickled_request_is_cut_off_at_the_request_deadline(serve):
+    server, port = serve(request_timeout_s=REQUEST_TIMEOUT_S)
+    trickle = _completion_bytes("Hello " * 50)
+    s = socket.create_connection(("127.0.0.1", port))
+    started, answered = time.monotonic(), []
+    helper = threading.Thread(target=lambda: answered.append(
+        (request(port, body={"prompt": "Hello", "max_tokens": 2})[0], time.monotonic() - started)))
+    received, sent = b"", 0
+    # A byte every half read timeout: each read is answered in time, the request never ends.
+    while time.monotonic() - started < REQUEST_TIMEOUT_S + 10:
+        try:
+            s.send(trickle[sent:sent + 1])
+            sent += 1
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        if sent == 2:
+            helper.start()
+        if select.select([s], [], [], READ_TIMEOUT_S / 2)[0]:
+            s.settimeout(5)
+            while chunk := s.recv(4096):
+                received += chunk
+            break
+    closed_s = time.monotonic() - started
+    s.close()
+    helper.join(30)
+    print(f"a request trickled a byte every {READ_TIMEOUT_S / 2} s: {sent} bytes sent, closed after {closed_s:.2f} s "
+          f"(deadline {REQUEST_TIMEOUT_S} s)")
+    assert REQUEST_TIMEOUT_S - 0.1 <= closed_s <= REQUEST_TIMEOUT_S + READ_TIMEOUT_S + 2, received
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), received
+    assert_openai_error(408, json.loads(body), 408)
+    (status, answered_s), = answered
+    assert status == 200 and answered_s < closed_s, answered
+    wait_until(lambda: server.open_connections == 0, 10, "the server still counts the connection it closed")
+
+
+def test_requests_sent_in_pieces_within_the_deadline_are_answered(serve):
+    """The deadline counts from each request's first byte: a keep-alive connection
+    carries requests past it in total, and pauses shorter than the read timeout."""
+    _, port = serve(request_timeout_s=REQUEST_TIMEOUT_S)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(30)
+    started = time.monotonic()
+    for prompt in ("Hello", "Hi there"):
+        data = _completion_bytes(prompt)
+        for piece in (data[:20], data[20:-5], data[-5:]):
+            s.sendall(piece)
+            time.sleep(READ_TIMEOUT_S * 0.6)
+        status, body = _read_response(s)
+        assert status == 200 and len(body["choices"][0]["token_ids"]) == 2, body
+    assert time.monotonic() - started > REQUEST_TIMEOUT_S
+    s.close()
 
 
 def test_connections_beyond_the_cap_get_503(serve):
