@@ -106,7 +106,9 @@ class AuditResult:
         return "\n".join(lines)
 
 
-def _pool(mmlu_path, subjects, per_subject, questions):
+def question_pool(mmlu_path, subjects, per_subject, questions):
+    """(every MMLU question, the pool drawn from): the pool is `questions` if given, else
+    the first `per_subject` of each subject (all without it), only `subjects` if given."""
     from harness.loadgen.qsl import load_mmlu, select_per_subject
 
     if questions is not None:
@@ -127,7 +129,7 @@ def _pool(mmlu_path, subjects, per_subject, questions):
     return everything, chosen
 
 
-def _hardware(name: str):
+def hardware_profile_named(name: str):
     from harness.config import load_hardware_config
     from harness.hardware.profiles import hardware_profile
 
@@ -157,9 +159,9 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
     specs = {role: parse_spec(text) for role, text in texts.items() if text is not None}
     for spec in specs.values():
         resolve_spec(spec)  # every spec is checked before minutes go into loading and scoring
-    profile = _hardware(hardware)
+    profile = hardware_profile_named(hardware)
     kv = {"candidate": kv_cache_dtype(profile, kv_dtype)}
-    everything, pool = _pool(mmlu_path, subjects, per_subject, questions)
+    everything, pool = question_pool(mmlu_path, subjects, per_subject, questions)
     order = [pool[i] for i in draw_order(len(pool), seed)][:max_questions]
     models = {role: load_spec(spec, profile) for role, spec in specs.items()}
     release_checkpoints()

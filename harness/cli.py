@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_tokens": [...], "output_tokens": [...], "text": "..."}')
     from audit.gate import add_audit_parser
+    from audit.score import add_mmlu_parser
     from audit.report import add_report_parser
     from harness.tools.gguf_export import add_export_parser
     from harness.tools.quant_check import add_quant_check_parser
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_serve_parser(sub)
     add_audit_parser(sub)
+    add_mmlu_parser(sub)
     add_quant_check_parser(sub)
     add_export_parser(sub)
     add_submission_parser(sub)
@@ -306,6 +308,7 @@ def main(argv=None) -> int:
     from sut.loading import CheckpointError
 
     from audit.gate import cmd_audit
+    from audit.score import cmd_mmlu
     from audit.report import cmd_report
     from harness.tools.gguf_export import cmd_export_gguf
     from harness.tools.quant_check import cmd_quant_check
@@ -316,7 +319,7 @@ def main(argv=None) -> int:
     from harness.tools.serve import cmd_serve
 
     handler = {"run": cmd_run, "generate": cmd_generate, "roofline": cmd_roofline, "probe": cmd_probe,
-               "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit,
+               "report": cmd_report, "serve": cmd_serve, "bench": cmd_bench, "audit": cmd_audit, "mmlu": cmd_mmlu,
                "quant-check": cmd_quant_check, "compare": cmd_compare, "export-gguf": cmd_export_gguf,
                "sweep": lambda a: cmd_sweep(a, unknown),
                "submission": cmd_submission}[args.command]
