@@ -8,7 +8,6 @@ floor gives way to the compute floor marked on it.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -62,16 +61,6 @@ def sweep_point(target_qps: float, record: dict, cost: StepCost | None) -> dict:
 def step_cost_of(record: dict) -> StepCost | None:
     data = (record.get("roofline") or {}).get("step_cost")
     return StepCost(**data) if isinstance(data, dict) else None
-
-
-def sweep_cost(records: list[dict]) -> StepCost | None:
-    """One wall for a whole sweep: the model's counts with the highest bandwidth and peak any
-    point's run measured (a measurement on a busy machine only ever comes out low)."""
-    costs = [c for c in map(step_cost_of, records) if c is not None]
-    if not costs:
-        return None
-    return dataclasses.replace(costs[-1], bandwidth_bytes_per_s=max(c.bandwidth_bytes_per_s for c in costs),
-                               peak_flops_per_s=max(c.peak_flops_per_s for c in costs))
 
 
 def series_front(points: list[dict], cost: StepCost) -> dict:

@@ -68,9 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "expected QPS, Server's target QPS, SingleStream's expected latency, query counts) instead "
                    "of choosing them from a short calibration on this machine; --duration, --target-qps, "
                    "--min-queries, --user-conf and --find-peak keep them too")
-    r.add_argument("--wall-from-profile", action="store_true", help="set every figure against the hardware "
-                   "profile's bandwidth and peaks as written, instead of measuring this machine (a CPU) or "
-                   "reusing its measurement from the last hour")
+    wall = r.add_mutually_exclusive_group()
+    wall.add_argument("--wall-from-profile", action="store_true", help="set every figure against the hardware "
+                      "profile's bandwidth and peaks as written, instead of measuring this machine (a CPU) or "
+                      "reusing its measurement from the last hour")
+    # `wallperf sweep` gives each point its one measurement of the wall in a file (harness.hardware.wall).
+    wall.add_argument("--wall-file", type=Path, help=argparse.SUPPRESS)
     r.add_argument("--kv-dtype", choices=("auto", "fp8"), help="native engine's KV cache: auto (the model's "
                    "dtype, default) or fp8 (e4m3 keys and values with a scale per token and head; e4m3fnuz on "
                    "MI300X; emulated where the hardware has no fp8)")
@@ -161,49 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from harness.config import conf_dir, load_run
     from harness.driver.options import RunOptions
     from harness.driver.run import run_benchmark
-    from harness.driver.submission_profile import submission_run
+    from harness.driver.run_args import resolve_run_args
     from harness.driver.interrupt import TestInterrupted
+    from harness.hardware.wall import read_wall
 
-    overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
-                                   ("scenarios", args.scenario), ("tp", args.tp), ("dataset", args.dataset),
-                                   ("kv_dtype", args.kv_dtype))
-                 if v is not None}
-    if args.endpoint or args.backend == "openai":
-        if not args.endpoint:
-            raise ConfigError(None, "--endpoint", "--backend openai needs at least one --endpoint URL")
-        overrides["backend"] = "openai"
-        overrides["openai"] = {"endpoints": args.endpoint,
-                               "model": args.served_model or args.model or "smollm2-135m"}
-    elif args.backend:
-        overrides["backend"] = args.backend
-    if args.gguf:
-        overrides["gguf"] = args.gguf
-    if args.mode:
-        overrides["modes"] = list(MODES) if args.mode == "both" else [args.mode]
-    scenario_overrides = {k: v for k, v in (("min_duration_s", args.duration), ("max_batch", args.max_batch),
-                                            ("target_qps", args.target_qps),
-                                            ("min_query_count", args.min_queries)) if v is not None}
-    dataset_overrides = {k: v for k, v in (("per_subject", args.per_subject),
-                                           ("max_samples", args.max_samples)) if v is not None}
-    if args.output_tokens or args.output_policy:
-        if args.output_policy == "eos" and not args.output_tokens:
-            raise ConfigError(None, "--output-policy", "eos needs --output-tokens N (the most tokens per answer)")
-        dataset_overrides["output_length"] = {"policy": args.output_policy or "fixed",
-                                              "max_tokens": args.output_tokens}
-    if args.submission and args.user_conf is None:
-        raise ConfigError(None, "--submission", "needs --user-conf FILE (your MLPerf user.conf: target_qps, "
-                          "target_latency); mlperf.conf is applied with it")
-    config = args.config or (conf_dir() / "runs" / "submission.yaml" if args.submission else None)
-    resolved = load_run(config, overrides, scenario_overrides, dataset_overrides, benchmark=args.benchmark)
-    if args.submission:
-        resolved = submission_run(resolved, args.checker_version, scenarios_given=args.scenario is not None,
-                                  max_samples=args.max_samples)
-    if args.user_conf is not None:
-        from harness.loadgen.settings import check_user_conf
-        check_user_conf(args.user_conf)
+    resolved = resolve_run_args(args)
+    wall = read_wall(args.wall_file, resolved.hardware) if args.wall_file else None
     out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise ConfigError(None, "--out", f"{out} is a file; --out names a folder to create")
@@ -212,7 +180,7 @@ def cmd_run(args) -> int:
     lo, hi = _peak_range(args.peak_range)
     opts = RunOptions(out, args.user_conf, progress=not args.no_progress, find_peak=args.find_peak,
                       peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs,
-                      wall_from_profile=args.wall_from_profile,
+                      wall_from_profile=args.wall_from_profile, wall=wall,
                       calibrate=not (args.no_calibrate or args.find_peak or args.user_conf or any(
                           v is not None for v in (args.duration, args.target_qps, args.min_queries))),
                       checker_version=args.checker_version, submission=args.submission)
@@ -236,11 +204,12 @@ def _peak_range(text: str) -> tuple[float, float]:
 
 
 def cmd_sweep(args, run_args: list[str]) -> int:
+    from harness.driver.run_args import resolve_run_args
     from harness.driver.sweep import run_sweep
 
     # The options passed through to each point, checked as `wallperf run` checks them (exit 2 when bad).
-    build_parser().parse_args(["run", *run_args])
-    return run_sweep(args, run_args)
+    run = build_parser().parse_args(["run", *run_args])
+    return run_sweep(args, run_args, resolve_run_args(run).hardware, run.wall_from_profile)
 
 
 def cmd_generate(args) -> int:

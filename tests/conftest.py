@@ -75,6 +75,39 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+class Probes(list):
+    """The settings each fake probe was called with; `clock["now"]` is the fake time."""
+
+    @staticmethod
+    def result(read=47.0, at=1_000_000.0):
+        """A CPU measurement as harness.hardware.probe returns it: `read` GB/s read-only, copy 35,
+        triad 38, GEMM 0.8 TFLOP/s bf16 and 0.3 fp32, on 2 threads, taken at `at`."""
+        from harness.hardware.probe import CPU_QUICK_SETTINGS, ProbeResult
+
+        return ProbeResult(name="cpu", description="test CPU", vendor="cpu", memory_gb=24.0, read_gbps=read,
+                           copy_gbps=35.0, triad_gbps=38.0, peak_tflops={"float32": 0.3, "bfloat16": 0.8},
+                           threads=2, settings=CPU_QUICK_SETTINGS, load_average=0.1, measured_at=at)
+
+
+@pytest.fixture
+def probes(tmp_path, monkeypatch):
+    """harness.hardware.wall's probe replaced by a fake that measures Probes.result() (47 GB/s)
+    'now' on a fake clock, with host measurements kept under tmp_path ($WALLPERF_CACHE)."""
+    from harness.hardware import wall
+
+    monkeypatch.setenv("WALLPERF_CACHE", str(tmp_path))
+    calls = Probes()
+    calls.clock = {"now": 1_000_000.0}
+
+    def fake_probe(device, quick=False, settings=None):
+        calls.append(settings)
+        return calls.result(at=calls.clock["now"])
+
+    monkeypatch.setattr(wall, "probe", fake_probe)
+    monkeypatch.setattr(wall.time, "time", lambda: calls.clock["now"])
+    return calls
+
+
 class StepBackend:
     """A stand-in for an engine behind the LoadGen adapter: each step emits one token
     for every running request and takes `step_seconds(batch)` (slept, or added to

@@ -21,7 +21,8 @@ class RunOptions:
     calibrate: bool = False
     # Take the hardware profile's figures as written instead of measuring this machine.
     wall_from_profile: bool = False
-    # The figures the run is set against, once the run has resolved them (harness.hardware.wall).
+    # The figures the run is set against, once the run has resolved them or was given them
+    # (harness.hardware.wall; `wallperf sweep` gives every point its one measurement).
     wall: Wall | None = None
     # The MLPerf submission checker version whose rules judge submission_valid.
     checker_version: str = "v6.1"

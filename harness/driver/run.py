@@ -42,9 +42,10 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     run = resolved.run
     preflight(resolved)
     started = time.time()
-    # The wall is measured once, here; every test process is given it.
+    # The wall is measured once, here, unless the run was given one; every test process is given it.
     opts = dataclasses.replace(opts, wall=opts.wall or run_wall(resolved.hardware, opts.wall_from_profile))
-    say(f"memory wall: {opts.wall.hardware.bandwidth_gbps:g} GB/s ({opts.wall.source}: {opts.wall.how})")
+    given = f"; given by {opts.wall.given_by}" if opts.wall.given_by else ""
+    say(f"memory wall: {opts.wall.hardware.bandwidth_gbps:g} GB/s ({opts.wall.source}: {opts.wall.how}{given})")
     results = {
         "wallperf_version": wallperf_version(),
         "tp": run.tp,

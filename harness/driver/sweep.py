@@ -7,17 +7,21 @@ state (caches, heap, OpenMP pool) out of the next one's figures. Every option
 of `wallperf run` the sweep does not own is passed to each point unchanged, so
 peers (`--backend llamacpp`, `--endpoint`) sweep the same points.
 
-`--qps auto` first runs an Offline test with the same options and takes its
+The sweep measures the machine's wall once, at its start and afresh
+(harness.hardware.wall: never the last hour's measurement, which a busy hour
+leaves low), records it as `wall` in sweep.json and gives every run (the
+calibration and each point) that one wall in OUT/sweep/wall.json (`wallperf run
+--wall-file`), so every point and the front share one yardstick and each run's
+`hardware_wall` says where its figures came from (`given_by`). With
+--wall-from-profile nothing is measured: every run takes the profile's figures.
+
+`--qps auto` then runs an Offline test with the same options and takes its
 samples/s as the peak: the points are AUTO_FACTORS of it. The output folder:
 
+    OUT/sweep/wall.json         the wall every run is given (not with --wall-from-profile)
     OUT/sweep/calibration/      the Offline run (--qps auto only)
     OUT/sweep/qps_<x>/          each point's run: LoadGen's logs and results.json (qps_<x>.log: its output)
-    OUT/sweep.json              the table (audit.pareto.sweep_point per point) and the front
-
-Each point's run measures the machine's wall afresh (harness.hardware.wall), and
-on a busy machine a measurement can only come out low; the table and the front
-use one wall for every point, the highest bandwidth and peak the points measured
-(`wall` in sweep.json), while each run's record keeps its own.
+    OUT/sweep.json              the wall, the table (audit.pareto.sweep_point per point) and the front
     OUT/results.json            every point's run record, for `wallperf report` and `compare`
     OUT/pareto.png              measured points beside the roofline's front
 """
@@ -32,18 +36,19 @@ import sys
 import time
 from pathlib import Path
 
-from audit.pareto import series_front, series_of, step_cost_of, sweep_cost, sweep_point, write_pareto_png
+from audit.pareto import series_front, series_of, step_cost_of, sweep_point, write_pareto_png
 from audit.report import write_run_reports
-from harness.config import ConfigError
+from harness.config import ConfigError, HardwareConfig
 from harness.driver.find_peak import qps_label
 from harness.driver.progress import say
+from harness.hardware.wall import Wall, run_wall, write_wall
 from harness.loadgen.results import wallperf_version, write_json_atomic
 
 AUTO_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 SWEEP_SCENARIOS = ("Server", "Interactive")
 # `wallperf run` options a sweep sets itself for every point.
 _OWNED = ("--scenario", "--mode", "--target-qps", "--out", "--find-peak", "--peak-range", "--peak-tolerance",
-          "--peak-max-runs", "--no-progress")
+          "--peak-max-runs", "--no-progress", "--wall-file")
 
 
 def _qps_list(text: str):
@@ -77,8 +82,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run_sweep(args, run_args: list[str]) -> int:
-    """The sweep of `wallperf sweep` ARGS, `run_args` (already parsed as `wallperf run`'s) passed to each point."""
+def run_sweep(args, run_args: list[str], hardware: HardwareConfig, wall_from_profile: bool = False) -> int:
+    """The sweep of `wallperf sweep` ARGS, `run_args` (already parsed as `wallperf run`'s) passed to each
+    point, on `hardware` (the profile the points run on), its wall measured here unless `wall_from_profile`."""
     owned = [a for a in run_args if a.split("=")[0] in _OWNED]
     if owned:
         raise ConfigError("command line", owned[0], "the sweep sets this for every point itself; leave it out")
@@ -86,7 +92,7 @@ def run_sweep(args, run_args: list[str]) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(None, "--out", f"{out} exists and is not an empty folder; choose a new folder")
     try:
-        return _sweep(args, run_args, out)
+        return _sweep(args, run_args, out, hardware, wall_from_profile)
     except ConfigError:
         # Refused before any point ran: leave nothing behind.
         if not (out / "sweep.json").exists():
@@ -94,21 +100,29 @@ def run_sweep(args, run_args: list[str]) -> int:
         raise
 
 
-def _sweep(args, run_args: list[str], out: Path) -> int:
+def _sweep(args, run_args: list[str], out: Path, hardware: HardwareConfig, wall_from_profile: bool) -> int:
+    wall = run_wall(hardware, from_profile=wall_from_profile, fresh=True)
+    say(f"sweep: memory wall {wall.hardware.bandwidth_gbps:g} GB/s ({wall.source}: {wall.how}), for every run")
+    # Each run is given this wall; with --wall-from-profile (passed through) each takes the same profile's.
+    given = run_args
+    if not wall_from_profile:
+        wall_file = (out / "sweep" / "wall.json").resolve()
+        write_wall(wall_file, wall)
+        given = [*run_args, "--wall-file", str(wall_file)]
     calibration = None
     qps = args.qps
     if qps == "auto":
-        calibration = _calibrate(run_args, out / "sweep" / "calibration")
+        calibration = _calibrate(given, out / "sweep" / "calibration", wall)
         peak = calibration["samples_per_second"]
         qps = [float(f"{f * peak:.3g}") for f in AUTO_FACTORS]
         say(f"sweep: calibrated peak {peak:.3g} samples/s (Offline); points {', '.join(f'{q:g}' for q in qps)} QPS")
     sweep = {"wallperf_version": wallperf_version(), "scenario": args.scenario, "run_args": run_args,
-             "calibration": calibration, "complete": False, "points": [], "front": None}
+             "wall": wall.to_dict(), "calibration": calibration, "complete": False, "points": [], "front": None}
     results = {"wallperf_version": wallperf_version(), "complete": False, "runs": [], "sweep": sweep}
     started = time.time()
     for i, q in enumerate(qps, 1):
         say(f"sweep: point {i}/{len(qps)}: {args.scenario} at {q:g} QPS")
-        record, run_results = _point(run_args, args.scenario, q, out / "sweep" / qps_label(q))
+        record, run_results = _point(given, args.scenario, q, out / "sweep" / qps_label(q), wall)
         point = sweep_point(q, record, step_cost_of(record))
         sweep["points"].append(point)
         results["runs"].append({**record, "sweep_target_qps": q})
@@ -124,14 +138,11 @@ def _sweep(args, run_args: list[str], out: Path) -> int:
 
 
 def finish_sweep(out: Path, sweep: dict, results: dict) -> None:
-    """Every point against one wall, so the points and the front share their yardstick;
-    then sweep.json, results.json, pareto.png and the reports, complete."""
-    cost = sweep_cost(results["runs"])
+    """The front (every point's run had the sweep's one wall, so any point's step cost
+    draws it); then sweep.json, results.json, pareto.png and the reports, complete."""
+    cost = next((c for c in map(step_cost_of, results["runs"]) if c is not None), None)
     if cost is not None:
-        sweep["points"] = [sweep_point(r["sweep_target_qps"], r, cost) for r in results["runs"]]
         sweep["front"] = series_front(sweep["points"], cost)
-        sweep["wall"] = {"bandwidth_gbps": cost.bandwidth_bytes_per_s / 1e9, "peak_tflops": cost.peak_flops_per_s / 1e12,
-                         "how": "the highest bandwidth and GEMM peak the points' runs measured"}
     sweep["complete"] = results["complete"] = True
     results["sweep"] = sweep
     write_json_atomic(out / "sweep.json", sweep)
@@ -182,9 +193,19 @@ def _performance_record(results: dict, scenario: str, out: Path) -> dict:
     return records[0]
 
 
-def _calibrate(run_args: list[str], out: Path) -> dict:
+def _same_wall(results: dict, wall: Wall, out: Path) -> dict:
+    """`results` (a run's), refused unless the run was set against the sweep's wall."""
+    def figures(d):
+        return {k: v for k, v in (d or {}).items() if k != "given_by"}
+    if figures(results.get("hardware_wall")) != figures(wall.to_dict()):
+        raise RuntimeError(f"{out / 'results.json'}: the run was set against another wall than the sweep's "
+                           f"({results.get('hardware_wall')} against {wall.to_dict()})")
+    return results
+
+
+def _calibrate(run_args: list[str], out: Path, wall: Wall) -> dict:
     say("sweep: calibrating the peak with an Offline run")
-    results = _child(run_args, ["--scenario", "Offline"], out)
+    results = _same_wall(_child(run_args, ["--scenario", "Offline"], out), wall, out)
     record = _performance_record(results, "Offline", out)
     sps = record["metrics"]["samples_per_second"]
     if not sps:
@@ -193,6 +214,6 @@ def _calibrate(run_args: list[str], out: Path) -> dict:
             "log_dir": record.get("log_dir")}
 
 
-def _point(run_args: list[str], scenario: str, qps: float, out: Path) -> tuple[dict, dict]:
-    results = _child(run_args, ["--scenario", scenario, "--target-qps", f"{qps:g}"], out)
+def _point(run_args: list[str], scenario: str, qps: float, out: Path, wall: Wall) -> tuple[dict, dict]:
+    results = _same_wall(_child(run_args, ["--scenario", scenario, "--target-qps", f"{qps:g}"], out), wall, out)
     return _performance_record(results, scenario, out), results

@@ -8,32 +8,41 @@ as decode reads weights, copy and triad for reference, GEMM peaks), in a few
 seconds, or reuses a measurement of the same host from the last hour kept in
 $WALLPERF_CACHE/hardware/. A GPU keeps its profile's vendor figures. Either
 way a profile written by `wallperf probe --measured-wall` wins, and
-`--wall-from-profile` (run YAML `wall: profile`) takes the profile's figures
-as written, unmeasured.
+`--wall-from-profile` takes the profile's figures as written, unmeasured.
 
-Every run records the figures, how and when they were measured, and their
-source: "measured", "measured profile" or "profile".
+`wallperf sweep` measures once, afresh (`fresh`: never the last hour's
+measurement, which a busy hour leaves low), and gives every point's run that
+one wall as a file (write_wall, read_wall), so all points and the sweep's front
+share one yardstick.
+
+Every run records the figures, how and when they were measured, their source
+("measured", "measured profile" or "profile") and, for a wall given in a file,
+which (`given_by`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
 import socket
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from harness.config import HardwareConfig, build, read_yaml
+from harness.config import ConfigError, HardwareConfig, build, read_yaml
 from harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe, write_text_atomic
 
 # How long a measurement of this host stands in for a new one.
 MAX_AGE_S = 3600.0
 # A few seconds on a 2-core CPU: arrays 8x its last-level cache, GEMMs big enough to reach the peak.
 RUN_SETTINGS = ProbeSettings(array_mib=256, bandwidth_repeats=5, gemm_n=1536, gemm_repeats=3, gemm_warmup=1)
+SOURCES = ("measured", "measured profile", "profile")
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 
 @dataclass(frozen=True)
@@ -47,15 +56,16 @@ class Wall:
     read_gbps: float | None = None
     copy_gbps: float | None = None
     triad_gbps: float | None = None
+    # Where the run was given these figures instead of resolving them itself (read_wall).
+    given_by: str | None = None
 
     def to_dict(self) -> dict:
-        """results.json's `hardware_wall`."""
-        when = (None if self.measured_at is None
-                else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.measured_at)))
+        """results.json's `hardware_wall`, and a wall file's content (write_wall)."""
+        when = None if self.measured_at is None else time.strftime(TIME_FORMAT, time.localtime(self.measured_at))
         return {"hardware": self.hardware.name, "source": self.source, "how": self.how, "measured_at": when,
                 "bandwidth_gbps": self.hardware.bandwidth_gbps, "read_gbps": self.read_gbps,
                 "copy_gbps": self.copy_gbps, "triad_gbps": self.triad_gbps,
-                "peak_tflops": dict(self.hardware.peak_tflops)}
+                "peak_tflops": dict(self.hardware.peak_tflops), "given_by": self.given_by}
 
 
 def host_id() -> str:
@@ -105,9 +115,11 @@ def _measure_host() -> dict:
     return recent_host_measurement() or {}
 
 
-def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bool = True) -> Wall:
+def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bool = True,
+             fresh: bool = False) -> Wall:
     """The figures a run on `configured` is set against (see the module docstring);
-    with `measure` False, a CPU without a measurement from the last hour keeps the profile's."""
+    with `measure` False, a CPU without a measurement from the last hour keeps the profile's;
+    with `fresh`, a CPU is measured now even if it was in the last hour."""
     name = f"conf/hardware/{configured.name}.yaml"
     if from_profile:
         return Wall(configured, "profile", f"{name} as written (--wall-from-profile), not measured: "
@@ -124,7 +136,7 @@ def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bo
     if configured.vendor != "cpu":
         return Wall(configured, "profile", f"{name}: vendor figures, not measured (wallperf probe "
                     "--measured-wall replaces them)")
-    record = recent_host_measurement() or (_measure_host() if measure else None)
+    record = (None if fresh else recent_host_measurement()) or (_measure_host() if measure else None)
     if not record:
         why = "could not be stored or read back" if measure else "not measured here in the last hour"
         return Wall(configured, "profile", f"{name}: this machine's bandwidth {why}")
@@ -134,3 +146,45 @@ def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bo
                                    peak_tflops=peaks, sources=[record["how"]])
     return Wall(hardware, "measured", record["how"], measured_at=float(record["measured_at"]),
                 read_gbps=record["read_gbps"], copy_gbps=record["copy_gbps"], triad_gbps=record["triad_gbps"])
+
+
+def write_wall(path: Path, wall: Wall) -> None:
+    """`wall` as a file a run can be given (`wallperf run --wall-file`, read_wall)."""
+    write_text_atomic(path, json.dumps(wall.to_dict(), indent=2) + "\n")
+
+
+def read_wall(path: Path, configured: HardwareConfig) -> Wall:
+    """The wall write_wall put in `path`, for a run on `configured`, checked as any input is:
+    its hardware must be the run's, its figures finite and positive."""
+    def bad(key, message):
+        return ConfigError(path, key, f"{message}; a wall file is written by `wallperf sweep` for its points")
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise bad(None, f"cannot read it: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(None, f"not a JSON wall ({e})") from None
+    if not isinstance(data, dict):
+        raise bad(None, "expected a JSON object")
+    if data.get("hardware") != configured.name:
+        raise bad("hardware", f"{data.get('hardware')!r} is not this run's hardware profile {configured.name!r}")
+    if data.get("source") not in SOURCES:
+        raise bad("source", f"{data.get('source')!r}; allowed: {', '.join(SOURCES)}")
+    if not isinstance(data.get("how"), str) or not data["how"].strip():
+        raise bad("how", "missing: say how the figures were measured")
+    for key in ("bandwidth_gbps", "read_gbps", "copy_gbps", "triad_gbps"):
+        value = data.get(key)
+        if (value is not None or key == "bandwidth_gbps") and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+            raise bad(key, f"{value!r} is not a finite number of GB/s > 0")
+    try:
+        measured_at = None if data.get("measured_at") is None else datetime.strptime(
+            data["measured_at"], TIME_FORMAT).timestamp()
+    except (TypeError, ValueError):
+        raise bad("measured_at", f"{data['measured_at']!r} is not a time like 2026-11-30T13:40:00+0000") from None
+    hardware = build(HardwareConfig, {**dataclasses.asdict(configured), "bandwidth_gbps": data["bandwidth_gbps"],
+                                      "peak_tflops": data.get("peak_tflops"), "sources": [data["how"]]}, path)
+    return Wall(hardware, data["source"], data["how"], measured_at=measured_at, read_gbps=data.get("read_gbps"),
+                copy_gbps=data.get("copy_gbps"), triad_gbps=data.get("triad_gbps"),
+                given_by=f"{path} (the wall `wallperf sweep` took once, at its start, for all its runs)")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from audit.pareto import read_sweep, series_front, sweep_cost, sweep_point, write_pareto_png
+from audit.pareto import read_sweep, series_front, sweep_point, write_pareto_png
 from harness.config import ConfigError
 from harness.hardware.front import StepCost
 
@@ -49,16 +49,6 @@ def test_pareto_png(tmp_path):
     write_pareto_png(path, series)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert series[0]["front"]["context"] == pytest.approx(300.0)
-
-
-def test_one_wall_for_a_sweep_is_the_best_any_point_measured():
-    import dataclasses
-
-    slow = dataclasses.replace(COST, bandwidth_bytes_per_s=8e9, peak_flops_per_s=5e11)
-    records = [record(), {**record(), "roofline": {"step_cost": slow.to_dict()}}, {"roofline": None}]
-    cost = sweep_cost(records)
-    assert (cost.bandwidth_bytes_per_s, cost.peak_flops_per_s) == (32e9, 5e11)
-    assert cost.weight_bytes == COST.weight_bytes and sweep_cost([{"roofline": None}]) is None
 
 
 def test_read_sweep_errors(tmp_path):

@@ -104,6 +104,27 @@ def test_out_naming_a_file(tmp_path, capsys, no_run):
     assert afile.read_text() == "keep me" and not no_run
 
 
+@pytest.mark.parametrize("content, words", [
+    ("{\"hardware\": \"cpu\", ", "not a JSON wall"),
+    ('{"hardware": "h100-sxm", "source": "measured", "how": "x", "bandwidth_gbps": 40.0}', "key 'hardware'"),
+    ('{"hardware": "cpu", "source": "measured", "how": "x", "bandwidth_gbps": -40.0}', "key 'bandwidth_gbps'"),
+])
+def test_a_malformed_wall_file(content, words, tmp_path, capsys, no_run):
+    """The wall file `wallperf sweep` gives each point's run, checked as any input."""
+    wall = tmp_path / "wall.json"
+    wall.write_text(content)
+    refused(["run", "--wall-file", str(wall), "--out", str(tmp_path / "out")], capsys, str(wall), words)
+    assert not no_run and not (tmp_path / "out").exists()
+
+
+def test_a_missing_wall_file_or_two_walls(tmp_path, capsys, no_run):
+    missing = tmp_path / "none.json"
+    refused(["run", "--wall-file", str(missing), "--out", str(tmp_path / "out")], capsys, str(missing),
+            "cannot read it")
+    refused(["run", "--wall-file", str(missing), "--wall-from-profile"], capsys, "not allowed with")
+    assert not no_run and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("url", ["http://[::1", "http://host:99999", "ftp://host", "http://"])
 def test_endpoint_urls(url, tmp_path, capsys, no_run):
     refused(["run", "--endpoint", url, "--out", str(tmp_path / "out")], capsys, "endpoints[0]", "URL")

@@ -1,42 +1,17 @@
 """Which figures a run is set against: measured on a CPU (and reused for an hour on the
 same host), a GPU's vendor figures, a `probe --measured-wall` profile, or the profile as
-written with --wall-from-profile. The probe is replaced by a counter of calls."""
+written with --wall-from-profile; and the wall file `wallperf sweep` gives each of its runs.
+The probe is replaced by a counter of calls (the `probes` fixture)."""
 import dataclasses
+import json
 
 import pytest
 import yaml
 
-from harness.config import load_hardware_config
+from harness.config import ConfigError, load_hardware_config
 from harness.hardware import wall as wall_module
-from harness.hardware.probe import CPU_QUICK_SETTINGS, ProbeResult, measured_profile_path, write_profile
-from harness.hardware.wall import MAX_AGE_S, run_wall
-
-
-def _result(read=47.0, at=1_000_000.0) -> ProbeResult:
-    return ProbeResult(name="cpu", description="test CPU", vendor="cpu", memory_gb=24.0, read_gbps=read,
-                       copy_gbps=35.0, triad_gbps=38.0, peak_tflops={"float32": 0.3, "bfloat16": 0.8},
-                       threads=2, settings=CPU_QUICK_SETTINGS, load_average=0.1, measured_at=at)
-
-
-class _Calls(list):
-    """A list of calls with the fake clock beside it."""
-
-
-@pytest.fixture
-def probes(tmp_path, monkeypatch):
-    """The calls of a fake probe (each returns 47 GB/s read, measured 'now')."""
-    monkeypatch.setenv("WALLPERF_CACHE", str(tmp_path))
-    clock = {"now": 1_000_000.0}
-    calls = _Calls()
-
-    def fake_probe(device, quick=False, settings=None):
-        calls.append(settings)
-        return _result(at=clock["now"])
-
-    monkeypatch.setattr(wall_module, "probe", fake_probe)
-    monkeypatch.setattr(wall_module.time, "time", lambda: clock["now"])
-    calls.clock = clock
-    return calls
+from harness.hardware.probe import measured_profile_path, write_profile
+from harness.hardware.wall import MAX_AGE_S, read_wall, run_wall, write_wall
 
 
 def test_cpu_is_measured_then_reused_for_an_hour(probes):
@@ -77,7 +52,7 @@ def test_gpu_keeps_vendor_figures_unless_probe_wrote_a_measured_wall(probes):
     h100 = load_hardware_config("h100-sxm")
     w = run_wall(h100)
     assert probes == [] and w.source == "profile" and w.hardware == h100 and "vendor" in w.how
-    path = write_profile(dataclasses.replace(_result(read=3000.0), vendor="nvidia"), name="h100-sxm")
+    path = write_profile(dataclasses.replace(probes.result(read=3000.0), vendor="nvidia"), name="h100-sxm")
     assert path == measured_profile_path("h100-sxm")
     measured = run_wall(h100)
     assert measured.source == "measured profile" and measured.hardware.bandwidth_gbps == 3000.0
@@ -88,7 +63,7 @@ def test_gpu_keeps_vendor_figures_unless_probe_wrote_a_measured_wall(probes):
 
 def test_the_wall_is_never_below_copy_or_triad(probes, monkeypatch):
     monkeypatch.setattr(wall_module, "probe", lambda device, quick=False, settings=None: dataclasses.replace(
-        _result(read=30.0, at=probes.clock["now"]), triad_gbps=38.0))
+        probes.result(read=30.0, at=probes.clock["now"]), triad_gbps=38.0))
     assert run_wall(load_hardware_config("cpu")).hardware.bandwidth_gbps == 38.0
 
 
@@ -99,3 +74,62 @@ def test_hardware_profile_never_measures(probes):
     assert hardware_profile(cpu) == (cpu, "profile") and probes == []
     run_wall(cpu)
     assert hardware_profile(cpu)[0].bandwidth_gbps == 47.0 and len(probes) == 1
+
+
+def test_fresh_measures_even_with_a_measurement_from_the_last_hour(probes):
+    cpu = load_hardware_config("cpu")
+    low = dataclasses.replace(probes.result(read=12.0, at=probes.clock["now"]), copy_gbps=10.0, triad_gbps=11.0)
+    wall_module.store_host_measurement(low)
+    assert run_wall(cpu).hardware.bandwidth_gbps == 12.0 and probes == []
+    fresh = run_wall(cpu, fresh=True)
+    assert len(probes) == 1 and fresh.hardware.bandwidth_gbps == 47.0 and fresh.read_gbps == 47.0
+
+
+def test_a_wall_file_gives_back_the_same_wall_and_says_so(probes, tmp_path):
+    cpu = load_hardware_config("cpu")
+    probes.clock["now"] = 1_786_000_123.0  # whole seconds: the file keeps the time to the second
+    measured = run_wall(cpu)
+    path = tmp_path / "wall.json"
+    write_wall(path, measured)
+    given = read_wall(path, cpu)
+    assert given.hardware == measured.hardware
+    assert given.measured_at == measured.measured_at and str(path) in given.given_by
+    assert {**given.to_dict(), "given_by": None} == measured.to_dict()
+
+
+def _wall_file(tmp_path, **changes):
+    record = {"hardware": "cpu", "source": "measured", "how": "read-only 47.0 GB/s", "measured_at":
+              "2026-11-30T13:40:00+0000", "bandwidth_gbps": 47.0, "read_gbps": 47.0, "copy_gbps": 35.0,
+              "triad_gbps": 38.0, "peak_tflops": {"bfloat16": 0.8, "float32": 0.3, "fp8": None}, "given_by": None}
+    path = tmp_path / "wall.json"
+    path.write_text(json.dumps({k: v for k, v in {**record, **changes}.items() if v != "DROP"}))
+    return path
+
+
+@pytest.mark.parametrize("changes, key, words", [
+    ({"hardware": "h100-sxm"}, "hardware", "not this run's hardware profile 'cpu'"),
+    ({"source": "guessed"}, "source", "allowed: measured"),
+    ({"how": "DROP"}, "how", "missing"),
+    ({"bandwidth_gbps": -1}, "bandwidth_gbps", "finite number of GB/s > 0"),
+    ({"bandwidth_gbps": "fast"}, "bandwidth_gbps", "finite number"),
+    ({"bandwidth_gbps": "DROP"}, "bandwidth_gbps", "finite number"),
+    ({"triad_gbps": True}, "triad_gbps", "finite number"),
+    ({"measured_at": "yesterday"}, "measured_at", "not a time"),
+    ({"peak_tflops": {"bfloat16": -0.8}}, "peak_tflops", "positive number"),
+    ({"peak_tflops": {"int4": 1.0}}, "peak_tflops", "unknown dtype"),
+    ({"peak_tflops": "DROP"}, "peak_tflops", "expected dict"),
+])
+def test_a_malformed_wall_file_names_the_key(tmp_path, changes, key, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        read_wall(_wall_file(tmp_path, **changes), load_hardware_config("cpu"))
+    assert e.value.file == str(tmp_path / "wall.json") and key in str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [("{not json", "not a JSON wall"), ("[1, 2]", "expected a JSON object"),
+                                         (None, "cannot read it")])
+def test_a_wall_file_that_is_not_one(tmp_path, text, words):
+    path = tmp_path / "wall.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        read_wall(path, load_hardware_config("cpu"))
