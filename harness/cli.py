@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness.config import BACKENDS, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError, canonical_dtype
+from harness.config import (BACKENDS, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError, canonical_dtype,
+                            positive)
 from harness.config.benchmarks import CHECKER_VERSIONS
 
 EXIT_BAD_INPUT = 2
@@ -34,18 +35,6 @@ def _csv(allowed):
         if bad or not items:
             raise argparse.ArgumentTypeError(f"{text!r}: allowed values: {', '.join(allowed)}")
         return items
-    return parse
-
-
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not 0 < value < math.inf:
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
-        return value
     return parse
 
 
@@ -77,20 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kv-dtype", choices=("auto", "fp8"), help="native engine's KV cache: auto (the model's "
                    "dtype, default) or fp8 (e4m3 keys and values with a scale per token and head; e4m3fnuz on "
                    "MI300X; emulated where the hardware has no fp8)")
-    r.add_argument("--target-qps", type=_positive(float), help="Server/Interactive target QPS")
-    r.add_argument("--duration", type=_positive(float), help="LoadGen min_duration in seconds")
-    r.add_argument("--min-queries", type=_positive(int), help="LoadGen min_query_count: e.g. ~480 lets a "
+    r.add_argument("--target-qps", type=positive(float), help="Server/Interactive target QPS")
+    r.add_argument("--duration", type=positive(float), help="LoadGen min_duration in seconds")
+    r.add_argument("--min-queries", type=positive(int), help="LoadGen min_query_count: e.g. ~480 lets a "
                    "Server run's early stopping judge p99 latencies (about 460 queries with none over the limit)")
-    r.add_argument("--max-batch", type=_positive(int), help="engine batch size (not SingleStream)")
-    r.add_argument("--tp", type=_positive(int), metavar="N", help="tensor parallelism: shard the model over N "
+    r.add_argument("--max-batch", type=positive(int), help="engine batch size (not SingleStream)")
+    r.add_argument("--tp", type=positive(int), metavar="N", help="tensor parallelism: shard the model over N "
                    "processes on this host, one GPU each (nccl), or sharing the CPU (gloo); rank 0 drives "
                    "LoadGen. Native backend, dense Llama models whose heads, KV heads and FFN width divide "
                    "by N, no fp8 (default 1)")
     r.add_argument("--dataset", help="data set from conf/datasets: mmlu (default) or sharegpt (conversations, "
                    "each request decoding its reply's length; performance mode only)")
-    r.add_argument("--per-subject", type=_positive(int), help="MMLU questions per subject")
-    r.add_argument("--max-samples", type=_positive(int), help="use at most N samples (quick runs)")
-    r.add_argument("--output-tokens", type=_positive(int), help="output length of performance runs: exactly N "
+    r.add_argument("--per-subject", type=positive(int), help="MMLU questions per subject")
+    r.add_argument("--max-samples", type=positive(int), help="use at most N samples (quick runs)")
+    r.add_argument("--output-tokens", type=positive(int), help="output length of performance runs: exactly N "
                    "tokens with EOS ignored, or with --output-policy eos at most N (stopped at EOS)")
     r.add_argument("--output-policy", choices=("eos", "fixed"), help="performance runs' outputs: stop at EOS "
                    "(eos) or decode a fixed length ignoring EOS (fixed); default: the data set's output_length")
@@ -107,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--find-peak", action="store_true", help="Server/Interactive: bisect target QPS for the "
                    "highest load LoadGen judges VALID; every try's logs are kept")
     r.add_argument("--peak-range", default="0.1,10", help="LO,HI target QPS for --find-peak (default 0.1,10)")
-    r.add_argument("--peak-tolerance", type=_positive(float), default=0.1, help="QPS resolution of --find-peak")
-    r.add_argument("--peak-max-runs", type=_positive(int), default=8, help="at most this many LoadGen tests")
+    r.add_argument("--peak-tolerance", type=positive(float), default=0.1, help="QPS resolution of --find-peak")
+    r.add_argument("--peak-max-runs", type=positive(int), default=8, help="at most this many LoadGen tests")
     r.add_argument("--user-conf", type=Path, help="MLPerf user.conf applied over mlperf.conf")
     r.add_argument("--submission", action="store_true", help="an MLPerf submission run (conf/runs/submission.yaml "
                    "unless --config): needs --user-conf; EOS-stopped outputs, the benchmark's sample counts, "
@@ -132,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "file or HF checkpoint folder")
     g.add_argument("--prompt", required=True, help="user message (the chat template is applied)")
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
-    g.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    g.add_argument("--max-new-tokens", type=positive(int), default=64)
     g.add_argument("--dtype", type=canonical_dtype, choices=("float32", "bfloat16"), default="float32",
                    help="float32 (fp32) or bfloat16 (bf16)")
     g.add_argument("--json", action="store_true",

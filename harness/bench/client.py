@@ -24,6 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from harness.config import positive, positive_list
 from sut.backends.openai import OpenAIBackend
 from sut.engine import SamplingParams
 from sut.server import send_json
@@ -168,15 +169,13 @@ def measure(url: str, concurrency: int, seconds: float, output_tokens: int, prom
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="wallperf bench client", description=__doc__.split("\n\n")[0])
-    p.add_argument("--concurrency", default="1,16,64", help="comma list of concurrent requests to try")
-    p.add_argument("--seconds", type=float, default=3.0, help="measured time per concurrency")
-    p.add_argument("--output-tokens", type=int, default=16, help="tokens per answer")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="token ids sent per prompt")
+    p.add_argument("--concurrency", type=positive_list(int), default="1,16,64",
+                   help="comma list of concurrent requests to try")
+    p.add_argument("--seconds", type=positive(float), default=3.0, help="measured time per concurrency")
+    p.add_argument("--output-tokens", type=positive(int), default=16, help="tokens per answer")
+    p.add_argument("--prompt-tokens", type=positive(int), default=128, help="token ids sent per prompt")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
-    levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
-    if not levels or min(levels) < 1 or args.seconds <= 0:
-        p.error("need concurrencies >= 1 and --seconds > 0")
     # fork: the child needs no imports of its own, and starts at once.
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
@@ -184,7 +183,7 @@ def main(argv=None) -> int:
     mock.start()
     try:
         url = f"http://127.0.0.1:{parent.recv()}"
-        rates = [measure(url, c, args.seconds, args.output_tokens, args.prompt_tokens) for c in levels]
+        rates = [measure(url, c, args.seconds, args.output_tokens, args.prompt_tokens) for c in args.concurrency]
     finally:
         mock.terminate()
         mock.join()

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from harness.config import positive
 from harness.hardware.probe import CPU_SETTINGS, gemm_tflops, stream_bandwidth
 from harness.hardware.counts import flops_per_token
 from kernels.cpu_decode import MAX_FUSED_ROWS
@@ -189,14 +190,12 @@ def main(argv=None) -> int:
     p.add_argument("--paths", default=",".join(PATHS), help="steps to time: fused, eager or both (default both)")
     p.add_argument("--threads", default=",".join(THREADS),
                    help="threads to step from: worker (as a run's SUT thread), main, or both (default both)")
-    p.add_argument("--context", type=int, default=300, help="prompt tokens per row before decoding (default 300)")
-    p.add_argument("--tokens", type=int, default=64, help="decode steps per timed window (default 64)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes (default 3)")
+    p.add_argument("--context", type=positive(int), default=300, help="prompt tokens per row before decoding "
+                   "(default 300)")
+    p.add_argument("--tokens", type=positive(int), default=64, help="decode steps per timed window (default 64)")
+    p.add_argument("--repeats", type=positive(int), default=3, help="timed passes (default 3)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    for name in ("context", "tokens", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     rows = _rows(p, args.rows)
     paths, threads = _choices(p, "paths", args.paths, PATHS), _choices(p, "threads", args.threads, THREADS)
     from harness.artifacts import resolve_model_file

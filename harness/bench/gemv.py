@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from harness.config import positive
 from harness.hardware.probe import stream_bandwidth
 from kernels.cpu_linear import cpu_linear, cpu_linear_available, cpu_linear_ref, why_unavailable
 
@@ -130,8 +131,8 @@ def format_report(report: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="wallperf bench gemv", description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=10, help="timed passes per implementation")
-    p.add_argument("--warmup", type=int, default=2, help="untimed passes first")
+    p.add_argument("--repeats", type=positive(int), default=10, help="timed passes per implementation")
+    p.add_argument("--warmup", type=positive(int, zero_ok=True), default=2, help="untimed passes first")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
     report = bench(repeats=args.repeats, warmup=args.warmup)

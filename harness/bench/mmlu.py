@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from harness.config import positive
+
 
 def hf_loglikelihoods(hf_model, requests, max_tokens: int, pad_id: int = 0) -> list[tuple]:
     """Log-likelihoods of each request's continuations by HF transformers (see the module docstring)."""
@@ -108,14 +110,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="model name from conf/models (a checkpoint)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--format", default="letter", choices=("letter", "cloze"), dest="fmt")
-    p.add_argument("--questions", type=int, default=64, help="questions, drawn as the audit draws them")
-    p.add_argument("--max-tokens", type=int, default=1024, help="tokens per forward pass, both (default 1024)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes of each (default 3)")
+    p.add_argument("--questions", type=positive(int), default=64, help="questions, drawn as the audit draws them")
+    p.add_argument("--max-tokens", type=positive(int), default=1024, help="tokens per forward pass, both "
+                   "(default 1024)")
+    p.add_argument("--repeats", type=positive(int), default=3, help="timed passes of each (default 3)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    for name in ("questions", "max_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     from audit.gate import draw_order
     from harness.artifacts import resolve_dataset_file, resolve_model_file
     from harness.config import load_dataset_config, load_model_config

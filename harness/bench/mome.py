@@ -32,6 +32,7 @@ from dataclasses import asdict
 import torch
 
 from harness.artifacts import cache_dir
+from harness.config import positive, positive_list
 from sut.expert_cache import ExpertCache
 from sut.kv_cache import SlotKVCache
 from sut.models.llama import LlamaConfig
@@ -178,23 +179,25 @@ def format_report(r: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="wallperf bench mome", description=__doc__.splitlines()[0])
-    p.add_argument("--experts", type=int, default=1_000_000, help="experts per memory layer (a perfect square)")
-    p.add_argument("--layers", default="15", help="comma list of memory layers (default 15)")
-    p.add_argument("--topk", type=int, default=32, help="experts per token (default 32)")
-    p.add_argument("--query-dim", type=int, default=256, help="product-key query width (default 256)")
-    p.add_argument("--cache-experts", type=int, default=65536, help="expert rows cached per layer")
-    p.add_argument("--tokens", type=int, default=64, help="decode tokens per repeat (default 64)")
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--probe-tokens", type=int, default=256, help="tokens per memory-layer probe pass")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a shared "
+    p.add_argument("--experts", type=positive(int), default=1_000_000, help="experts per memory layer (a perfect "
+                   "square)")
+    p.add_argument("--layers", type=positive_list(int, zero_ok=True), default="15", help="comma list of memory "
+                   "layers (default 15)")
+    p.add_argument("--topk", type=positive(int), default=32, help="experts per token (default 32)")
+    p.add_argument("--query-dim", type=positive(int), default=256, help="product-key query width (default 256)")
+    p.add_argument("--cache-experts", type=positive(int), default=65536, help="expert rows cached per layer")
+    p.add_argument("--tokens", type=positive(int), default=64, help="decode tokens per repeat (default 64)")
+    p.add_argument("--prompt-tokens", type=positive(int), default=16)
+    p.add_argument("--repeats", type=positive(int), default=3)
+    p.add_argument("--probe-tokens", type=positive(int), default=256, help="tokens per memory-layer probe pass")
+    p.add_argument("--threads", type=positive(int), help="torch CPU threads (default: torch's); on a shared "
                    "machine, fewer threads than free cores avoids OpenMP waiting on descheduled threads")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        memory = MemoryConfig(n_experts=args.experts, layers=tuple(int(x) for x in args.layers.split(",")),
+        memory = MemoryConfig(n_experts=args.experts, layers=tuple(args.layers),
                               topk=args.topk, query_dim=args.query_dim, cache_experts=args.cache_experts)
     except ValueError as e:
         p.error(str(e))

@@ -1,8 +1,10 @@
 """The vocabulary the configuration schema checks against: allowed values,
 the errors that locate a problem by file and key, names that may become paths,
-and where conf/ lives."""
+the number rule of command-line flags, and where conf/ lives."""
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import re
 from pathlib import Path
@@ -73,6 +75,35 @@ def folder_inside(root: Path, folder: Path) -> Path:
                           "model's 'name' (plain names only)")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def positive(kind, zero_ok: bool = False):
+    """An argparse type: a finite number of `kind` (int or float) above 0, or from 0
+    with `zero_ok`. Anything else (nan, inf, a negative) is argparse's one line naming
+    the flag and the value, exit 2."""
+    bound = ">= 0" if zero_ok else "> 0"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not ((0 <= value) if zero_ok else (0 < value)) or not value < math.inf:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {bound}")
+        return value
+    return parse
+
+
+def positive_list(kind, zero_ok: bool = False):
+    """An argparse type: a comma list of `positive(kind, zero_ok)` numbers, at least one."""
+    one = positive(kind, zero_ok)
+
+    def parse(text):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: need a comma list of numbers")
+        return [one(x) for x in items]
+    return parse
 
 
 def conf_dir() -> Path:

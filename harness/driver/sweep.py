@@ -38,7 +38,7 @@ from pathlib import Path
 
 from audit.pareto import series_front, series_of, step_cost_of, sweep_point, write_pareto_png
 from audit.report import write_run_reports
-from harness.config import ConfigError, HardwareConfig
+from harness.config import ConfigError, HardwareConfig, positive_list
 from harness.driver.find_peak import qps_label
 from harness.driver.progress import say
 from harness.hardware.wall import Wall, run_wall, write_wall
@@ -55,12 +55,9 @@ def _qps_list(text: str):
     if text == "auto":
         return "auto"
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 'auto' or a comma list of QPS, e.g. 0.5,1,2") from None
-    if not values or any(not v > 0 or v == float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every QPS must be a finite number > 0")
-    return sorted(set(values))
+        return sorted(set(positive_list(float)(text)))
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}: expected 'auto' or a comma list of QPS, e.g. 0.5,1,2") from None
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:

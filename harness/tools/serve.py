@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from harness.artifacts import resolve_model_file
-from harness.config import ConfigError, load_model_config
+from harness.config import ConfigError, load_model_config, positive
 from sut.http_limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, REQUEST_TIMEOUT_MARGIN_S, ServerLimits
 from sut.loading import DTYPES, load_model
 from sut.server import start_server
@@ -32,31 +32,25 @@ def add_serve_parser(subparsers):
                    f"Set {API_KEY_ENV} in the environment to require that key as a bearer token on every "
                    "request; without one, a non-loopback address gets a warning")
     p.add_argument("--port", type=int, default=8000, help="0-65535 (0: any free port)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + output tokens per request "
+    p.add_argument("--max-batch", type=positive(int), default=16, help="sequences decoded together")
+    p.add_argument("--max-seq-len", type=positive(int), default=2048, help="prompt + output tokens per request "
                    "(capped at the model's context)")
-    p.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S, help="seconds a connection "
+    p.add_argument("--read-timeout", type=positive(float), default=DEFAULT_READ_TIMEOUT_S, help="seconds a connection "
                    "may stay silent (a half-sent request, an idle keep-alive connection) before it is closed")
-    p.add_argument("--request-timeout", type=float, help="seconds a request's head and body may take to arrive "
+    p.add_argument("--request-timeout", type=positive(float), help="seconds a request's head and body may take to arrive "
                    "from its first byte (default: --read-timeout + "
                    f"{REQUEST_TIMEOUT_MARGIN_S:g}); a client still sending then, such as one trickling a byte "
                    "every few seconds, gets 408 and is closed")
-    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help="open connections "
+    p.add_argument("--max-connections", type=positive(int), default=DEFAULT_MAX_CONNECTIONS, help="open connections "
                    "served at once; beyond them a new one gets 503")
     return p
 
 
 def check_serve_args(args) -> ServerLimits:
-    """Every argument checked before the model loads: one line naming the flag, exit 2."""
+    """Every argument checked before the model loads (numbers by their argparse type): one line naming the
+    flag, exit 2."""
     if not 0 <= args.port <= 65535:
         raise ConfigError("command line", "--port", f"{args.port} is not a port (0-65535)")
-    for flag, value in (("--max-batch", args.max_batch), ("--max-seq-len", args.max_seq_len),
-                        ("--max-connections", args.max_connections)):
-        if value < 1:
-            raise ConfigError("command line", flag, f"must be an integer >= 1, got {value}")
-    for flag, value in (("--read-timeout", args.read_timeout), ("--request-timeout", args.request_timeout)):
-        if value is not None and not 0 < value < float("inf"):
-            raise ConfigError("command line", flag, f"must be a number of seconds > 0, got {value}")
     try:
         socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
