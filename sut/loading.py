@@ -24,19 +24,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read (truncated, corrupt, not what its name says): one line naming it."""
 
 
+def unreadable_checkpoint(path: Path, why: str) -> CheckpointError:
+    """The one line for a checkpoint that cannot be read: which file, why, what to do."""
+    path = Path(path)
+    kind = "a GGUF file" if path.is_file() else "an HF checkpoint folder (config.json, *.safetensors, tokenizer.json)"
+    return CheckpointError(f"{path}: cannot load it as {kind}: {why}; the file may be truncated or corrupt: "
+                           "download or export it again")
+
+
 @contextmanager
-def _reading(path: Path):
+def reading_checkpoint(path: Path):
     """Whatever a reader of an untrusted file raises (struct, numpy, safetensors, JSON,
-    tokenizers errors, a shape that does not fit) becomes one CheckpointError naming the file."""
+    tokenizers errors, a shape that does not fit) becomes one CheckpointError naming the file.
+    Every loader of a checkpoint, the peer backends' included, reads inside it."""
     try:
         yield
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - the file is the user's; every reader failure is a bad file
-        kind = ("a GGUF file" if path.is_file()
-                else "an HF checkpoint folder (config.json, *.safetensors, tokenizer.json)")
-        raise CheckpointError(f"{path}: cannot load it as {kind}: {type(e).__name__}: {e}; the file may be "
-                              "truncated or corrupt: download or export it again") from e
+        raise unreadable_checkpoint(path, f"{type(e).__name__}: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ def torch_dtype(dtype: str) -> torch.dtype:
 
 def load_tokenizer(path: Path) -> Tokenizer:
     path = Path(path)
-    with _reading(path):
+    with reading_checkpoint(path):
         return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
 
 
@@ -80,7 +86,7 @@ def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dty
     with `fp8_dtype`, its projection weights quantized to that fp8 format."""
     path = Path(path)
     cfg, sd, tokenizer = read_checkpoint(path, torch_dtype(dtype))
-    with _reading(path):
+    with reading_checkpoint(path):
         model = build_model(cfg, sd, torch_dtype(dtype), device, consume=True)
     return LoadedModel(path, cfg, model, tokenizer, dtype, device, _quantize(model, fp8_dtype))
 
@@ -89,7 +95,7 @@ def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Lla
     """A GGUF file's (its tensors in `dtype`) or HF checkpoint folder's config, state
     dict and tokenizer; one that cannot be read is a CheckpointError naming it."""
     path = Path(path)
-    with _reading(path):
+    with reading_checkpoint(path):
         cfg, sd, _ = load_checkpoint(path, dtype)
     return cfg, sd, load_tokenizer(path)
 

@@ -203,3 +203,24 @@ def tiny_conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path, tiny_syntheti
     (root / "models" / "tiny-synthetic.yaml").write_text(tiny_synthetic_yaml)
     monkeypatch.setenv("WALLPERF_CONF", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def broken_checkpoints(smollm2_gguf_path, tmp_path_factory):
+    """Checkpoints no loader can read: GGUFs truncated, random or header only, an HF
+    folder with a corrupt safetensors file, one with a config.json that is not JSON."""
+    folder = tmp_path_factory.mktemp("broken")
+    with open(smollm2_gguf_path, "rb") as f:
+        (folder / "truncated.gguf").write_bytes(f.read(3_000_000))
+    (folder / "random.gguf").write_bytes(bytes(range(256)) * 400)
+    (folder / "header-only.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    hf = folder / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, '
+                                    '"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, '
+                                    '"vocab_size": 100}')
+    (hf / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    bad_config = folder / "bad-config"
+    bad_config.mkdir()
+    (bad_config / "config.json").write_text("{not json")
+    return folder

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from sut.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
+from sut.loading import reading_checkpoint, unreadable_checkpoint
 from sut.models.llama import LlamaConfig
 from sut.tokenizer import Tokenizer
 
@@ -59,19 +60,23 @@ class GGUFModel:
 
 
 def load_gguf_model(path: Path) -> GGUFModel:
+    """A GGUF's config, tokenizer and tensor bytes; a file that cannot be read is a
+    CheckpointError naming it."""
     from gguf import GGUFReader
 
     from sut.weights import gguf_metadata
 
-    reader = GGUFReader(str(path))
-    names = {t.name for t in reader.tensors}
-    cfg = LlamaConfig.from_gguf_metadata(gguf_metadata(reader), names)
-    types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
-    untied = "output.weight" in names
-    return GGUFModel(Path(path), cfg, Tokenizer.from_gguf(reader),
-                     weight_bytes=sum(int(t.n_bytes) for t in reader.tensors),
-                     table_bytes=sum(int(t.n_bytes) for t in reader.tensors if untied and t.name == "token_embd.weight"),
-                     tensor_types=dict(types.most_common()))
+    with reading_checkpoint(Path(path)):
+        reader = GGUFReader(str(path))
+        names = {t.name for t in reader.tensors}
+        cfg = LlamaConfig.from_gguf_metadata(gguf_metadata(reader), names)
+        types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+        untied = "output.weight" in names
+        return GGUFModel(Path(path), cfg, Tokenizer.from_gguf(reader),
+                         weight_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+                         table_bytes=sum(int(t.n_bytes) for t in reader.tensors
+                                         if untied and t.name == "token_embd.weight"),
+                         tensor_types=dict(types.most_common()))
 
 
 class LlamaCppContext:
@@ -86,7 +91,7 @@ class LlamaCppContext:
         lc.llama_backend_init()
         self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
+            raise unreadable_checkpoint(path, "llama.cpp could not load it")
         params = lc.llama_context_default_params()
         params.n_ctx = n_seq * seq_len
         params.n_seq_max = n_seq

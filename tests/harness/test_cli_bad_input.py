@@ -150,25 +150,6 @@ def test_serve_arguments_are_checked_before_the_model_loads(args, flag, capsys, 
     assert not no_run
 
 
-@pytest.fixture(scope="module")
-def broken_checkpoints(smollm2_gguf_path, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("broken")
-    with open(smollm2_gguf_path, "rb") as f:
-        (folder / "truncated.gguf").write_bytes(f.read(3_000_000))
-    (folder / "random.gguf").write_bytes(bytes(range(256)) * 400)
-    (folder / "header-only.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
-    hf = folder / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, '
-                                    '"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128, '
-                                    '"vocab_size": 100}')
-    (hf / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
-    bad_config = folder / "bad-config"
-    bad_config.mkdir()
-    (bad_config / "config.json").write_text("{not json")
-    return folder
-
-
 @pytest.mark.parametrize("name", ["truncated.gguf", "random.gguf", "header-only.gguf", "hf", "bad-config"])
 def test_corrupt_checkpoints(name, broken_checkpoints, capsys):
     path = broken_checkpoints / name
@@ -180,6 +161,29 @@ def test_corrupt_checkpoint_in_an_audit(broken_checkpoints, capsys):
     path = broken_checkpoints / "truncated.gguf"
     refused(["audit", "--reference", str(path), "--candidate", f"{path}@fp8", "--max-questions", "4",
              "--no-progress"], capsys, str(path), "cannot load it as")
+
+
+@pytest.mark.parametrize("backend", ["hf", "llamacpp"])
+def test_corrupt_checkpoint_under_a_peer_backend(backend, broken_checkpoints, tmp_path, capfd, monkeypatch):
+    """A model YAML naming a local file without a sha256 lets a truncated GGUF reach
+    the peer's own loader (in the test's process): one line naming the file, exit 2."""
+    pytest.importorskip({"hf": "transformers", "llamacpp": "llama_cpp"}[backend])
+    path = broken_checkpoints / "truncated.gguf"
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO_CONF, conf)
+    (conf / "models" / "broken.yaml").write_text(f"name: broken\nfamily: llama\nformat: gguf\npublished_dtype: "
+                                                 f"bfloat16\nsource:\n  kind: path\n  path: {path}\n")
+    monkeypatch.setenv("WALLPERF_CONF", str(conf))
+    out = tmp_path / "out"
+    rc = main(["run", "--backend", backend, "--model", "broken", "--scenario", "SingleStream", "--mode",
+               "performance", "--duration", "1", "--no-calibrate", "--wall-from-profile", "--no-progress",
+               "--out", str(out)])
+    err = capfd.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"wallperf: error: {path}: cannot load it as a GGUF file"), err
+    assert "download or export it again" in errors[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("record", ['{"runs": [{"mode": "performance", "metrics": 5}]}',

@@ -4,8 +4,9 @@ On the BF16 export, llama.cpp holds the native engine's bf16 weights, so its
 greedy tokens agree with the native engine's for the first tokens (the two
 sum in different orders, so long generations may part at a near tie). Batched
 sequences give the tokens each gives alone; EOS obeys min_new_tokens and
-ignore_eos. Without llama-cpp-python these tests skip, except the one that
-checks a missing package is reported by name.
+ignore_eos. A corrupt GGUF is the loaders' one-line CheckpointError. Without
+llama-cpp-python these tests skip, except the one that checks a missing package
+is reported by name and those of the GGUF reader.
 """
 import json
 import sys
@@ -15,6 +16,7 @@ import pytest
 from harness.cli import main
 from sut.backends import MissingPackage, check_available
 from sut.engine import SamplingParams
+from sut.loading import CheckpointError
 
 EOS = 2  # <|im_end|>
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 * 23?",
@@ -50,6 +52,27 @@ def test_missing_llama_cpp_names_the_package(monkeypatch, tmp_path, capsys):
 def test_gguf_choice_needs_the_llamacpp_backend(tmp_path, capsys):
     rc = main(["run", "--backend", "native", "--gguf", "bf16", "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 2 and "llamacpp backend only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["truncated.gguf", "random.gguf", "header-only.gguf"])
+def test_a_corrupt_gguf_is_a_checkpoint_error_naming_it(name, broken_checkpoints):
+    from sut.backends.llamacpp import load_gguf_model
+
+    path = broken_checkpoints / name
+    with pytest.raises(CheckpointError) as e:
+        load_gguf_model(path)
+    assert str(e.value).startswith(f"{path}: cannot load it as a GGUF file")
+    assert str(e.value).endswith("download or export it again")
+
+
+def test_a_file_llama_cpp_refuses_is_a_checkpoint_error_naming_it(broken_checkpoints):
+    pytest.importorskip("llama_cpp")
+    from sut.backends.llamacpp import LlamaCppContext
+
+    path = broken_checkpoints / "random.gguf"
+    with pytest.raises(CheckpointError, match="llama.cpp could not load it") as e:
+        LlamaCppContext(path, n_seq=1, seq_len=64, n_batch=64, n_threads=1)
+    assert str(e.value).startswith(f"{path}: cannot load it as a GGUF file")
 
 
 @pytest.fixture(scope="module")
