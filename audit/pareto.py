@@ -13,6 +13,7 @@ from pathlib import Path
 
 from harness.config import ConfigError
 from harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front
+from harness.loadgen.results import write_figure_atomic
 
 # Batches the predicted front is drawn through.
 FRONT_BATCHES = tuple(range(1, 17)) + (20, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -131,6 +132,4 @@ def pareto_figure(series: list[dict]):
 
 
 def write_pareto_png(path: Path, series: list[dict]) -> None:
-    fig = pareto_figure(series)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    write_figure_atomic(path, pareto_figure(series), metadata={"Software": None})

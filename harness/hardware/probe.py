@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+
+from harness.loadgen.results import write_text_atomic
 
 MIB = 1 << 20
 TRIAD_SCALAR = 3.0
@@ -231,15 +232,3 @@ def write_profile(result: ProbeResult, path: Path | None = None, name: str | Non
             + yaml.safe_dump(result.profile(name), sort_keys=False, width=120))
     write_text_atomic(path, text)
     return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -13,6 +13,7 @@ from harness.config import ConfigError, HardwareConfig, ModelShape
 from harness.hardware.counts import flops_per_token, shape_weight_bytes
 from harness.hardware.roofline import (DTYPE_NAMES, RooflineRow, activation_dtype, peak_flops, ridge_point,
                                        roofline_rows)
+from harness.loadgen.results import write_figure_atomic
 
 
 def measured_points(results: Path) -> list[tuple[str, float, float]]:
@@ -62,9 +63,10 @@ def plot_roofline(path: Path, shape: ModelShape, hardware: HardwareConfig, dtype
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        write_figure_atomic(path, fig)
+    finally:
+        plt.close(fig)
 
 
 def _batches(text: str) -> list[int]:

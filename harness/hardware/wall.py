@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from harness.config import ConfigError, HardwareConfig, build, read_yaml
-from harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe, write_text_atomic
+from harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe
+from harness.loadgen.results import write_text_atomic
 
 # How long a measurement of this host stands in for a new one.
 MAX_AGE_S = 3600.0

@@ -6,6 +6,7 @@ a figure LoadGen did not log is null, never estimated.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -31,17 +32,17 @@ class OutputError(OSError):
     """A result or report could not be written (a full disk, no permission): names the file."""
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Redacted text into a temp file beside `path`, flushed to disk, then renamed over
-    it: a reader (or a crash) never sees half a file, and the rename is itself synced.
-    0644: results and reports hold no secret once redacted, and are meant to be shared."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` into a temp file beside `path`, flushed to disk, then renamed over it: a
+    reader (or a crash) never sees half a file, and the rename is itself synced. 0644:
+    results, reports, charts and profiles hold no secret, and are meant to be shared."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(redact(text))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -60,6 +61,19 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Text, redacted, written as write_bytes_atomic writes (UTF-8)."""
+    write_bytes_atomic(path, redact(text).encode("utf-8"))
+
+
+def write_figure_atomic(path: Path, fig, **savefig) -> None:
+    """A matplotlib figure in the format `path`'s suffix names (png, svg, pdf), drawn
+    in memory and written as write_bytes_atomic writes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or None, **savefig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -1,11 +1,15 @@
 """The sweep table's row from a run record, and the Pareto chart."""
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from audit.pareto import read_sweep, series_front, sweep_point, write_pareto_png
 from harness.config import ConfigError
 from harness.hardware.front import StepCost
+from harness.loadgen.results import OutputError
 
 COST = StepCost(weight_bytes=2.7e8, kv_bytes_per_position=23040.0, flops_per_token=2.7e8,
                 flops_per_position=34560.0, bandwidth_bytes_per_s=32e9, peak_flops_per_s=4e11)
@@ -49,6 +53,30 @@ def test_pareto_png(tmp_path):
     write_pareto_png(path, series)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert series[0]["front"]["context"] == pytest.approx(300.0)
+
+
+def test_pareto_png_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Drawn in memory, written to a temp file in the same folder, renamed over the old
+    chart: an interrupted write leaves the previous pareto.png and no stray file."""
+    points = [sweep_point(q, record(tps=100 * q, tpot_p50=10 * q), COST) for q in (1, 2)]
+    series = [{"label": "native", "points": points, "front": series_front(points, COST)}]
+    path = tmp_path / "pareto.png"
+    path.write_bytes(b"previous chart")
+    real_replace, renames = os.replace, []
+
+    def interrupted(src, dst):
+        renames.append((Path(src), Path(dst)))
+        raise OSError(errno.EIO, "interrupted before the rename")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OutputError, match=f"cannot write {path}"):
+        write_pareto_png(path, series)
+    assert path.read_bytes() == b"previous chart" and [p.name for p in tmp_path.iterdir()] == ["pareto.png"]
+    (src, dst), = renames
+    assert src.parent == tmp_path and dst == path
+    monkeypatch.setattr(os, "replace", real_replace)
+    write_pareto_png(path, series)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_mode & 0o777 == 0o644
 
 
 def test_read_sweep_errors(tmp_path):

@@ -11,6 +11,7 @@ from harness.config import ConfigError, HardwareConfig, build, load_model_config
 from harness.hardware.probe import measured_profile_path, probe, write_profile
 from harness.hardware.probe_cmd import add_probe_parser, cmd_probe
 from harness.hardware.roofline import memory_wall
+from harness.loadgen.results import OutputError
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_write_is_atomic(cpu_result, cache, monkeypatch):
         raise OSError("interrupted before the rename")
 
     monkeypatch.setattr(probe_module.os, "replace", interrupted)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=f"cannot write {path}"):
         write_profile(cpu_result)
     assert path.read_text() == "previous profile\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["cpu.yaml"]

@@ -7,7 +7,10 @@ Llama 3 8B's well-known KV cache of 128 KiB per token in bf16.
 """
 import argparse
 import dataclasses
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ from harness.config import ConfigError, ModelShape, load_hardware_config, load_m
 from harness.hardware.counts import active_parameters, count_parameters, flops_per_token, weight_parameters
 from harness.hardware.roofline import bytes_per_step, memory_wall, roofline_row, roofline_rows, run_roofline
 from harness.hardware.roofline_cmd import add_roofline_parser, cmd_roofline
+from harness.loadgen.results import OutputError
 
 ROW_KEYS = {"batch", "bytes_per_step", "memory_bound_tokens_per_second", "compute_bound_tokens_per_second",
             "bound", "ridge_point", "active_parameters"}
@@ -222,6 +226,29 @@ def test_cli_bad_input_names_key_and_allowed_values(argv, key, allowed, capsys):
     with pytest.raises(ConfigError) as e:
         _run_cli(argv, capsys)
     assert e.value.key == key and allowed in str(e.value)
+
+
+@pytest.mark.parametrize("name,magic", [("roof.png", b"\x89PNG"), ("roof.svg", b"<?xml")])
+def test_cli_plot_is_written_whole_or_not_at_all(name, magic, tmp_path, capsys, monkeypatch):
+    """The chart is drawn in memory in the suffix's format, written beside the target
+    and renamed: an interrupted write leaves the previous file and no stray one."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / name
+    out.write_bytes(b"previous chart")
+    argv = ["--model", "llama3.1-8b", "--hardware", "h100-sxm", "--plot", str(out)]
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        assert Path(src).parent == tmp_path and Path(dst) == out
+        raise OSError(errno.EIO, "interrupted before the rename")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OutputError, match=f"cannot write {out}"):
+        _run_cli(argv, capsys)
+    assert out.read_bytes() == b"previous chart" and [p.name for p in tmp_path.iterdir()] == [name]
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert _run_cli(argv, capsys)[0] == 0
+    assert out.read_bytes().startswith(magic)
 
 
 def test_cli_plot_draws_measured_points(tmp_path, capsys):
