@@ -207,16 +207,24 @@ class Engine:
         return decoding
 
     def _schedule_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens) chunks: unfinished prefills first, then new admissions."""
-        chunks = []
+        """(sequence, tokens) chunks: unfinished prefills first, then new admissions.
+
+        The chunks run as one padded batch, every row as wide as the widest, so the
+        budget bounds rows x width rather than the chunks' sum: one 1000-token prompt
+        beside 31 short ones would otherwise compute 32 rows of 1000 positions, and
+        attention over the padded span grows with its square (MMLU's prompts run from
+        ~100 to ~1100 tokens; an Offline run over them slowed ~10x as long prompts
+        came up). A row that would widen the batch past the budget is cut to fit or waits."""
+        chunks, width = [], 0
         candidates = [s for s in self.running if not s.decoding]
         for seq in candidates + list(self.waiting):
-            if budget <= 0:
+            room = budget // (len(chunks) + 1)  # the widest any row may be with this one added
+            if room < max(width, 1):
                 break
             admitting = seq not in self.running
             if admitting and len(self.running) >= self.max_batch:
                 break
-            n = min(seq.length - seq.num_cached, budget)
+            n = min(seq.length - seq.num_cached, room)
             if not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
                 break
             self.blocks.grow(seq.block_table, seq.num_cached + n)
@@ -224,7 +232,7 @@ class Engine:
                 self.waiting.remove(seq)
                 self.running.append(seq)
             chunks.append((seq, n))
-            budget -= n
+            width = max(width, n)
         return chunks
 
     def _prefill(self, chunks, events: list) -> None:

@@ -205,3 +205,29 @@ def test_free_slots_accounting(models):
     assert engine.free_slots == 2
     engine.step()
     assert engine.free_slots == 3 and not engine.has_unfinished()
+
+
+def test_a_long_prompt_does_not_pad_a_prefill_batch_past_the_budget(models, batch_case):
+    """Prefill chunks run as one padded batch: rows x the widest chunk stays within the
+    step's token budget, so one long prompt among short ones is not computed once per
+    row; every request still gets the reference's tokens."""
+    ours, _ = models
+    eos, want = batch_case
+    engine = Engine(ours, {eos}, max_batch=5, max_seq_len=MAX_SEQ_LEN, max_tokens_per_step=32)
+    padded = []
+    prefill = engine._prefill
+
+    def spy(chunks, events):
+        padded.append((len(chunks), max(n for _, n in chunks)))
+        return prefill(chunks, events)
+
+    engine._prefill = spy
+    # Prompts of 3, 17, 9, 30 and 1 tokens arrive together.
+    events = run_all(engine, {rid: (p, SamplingParams(max_new_tokens=n))
+                              for rid, (p, n) in enumerate(zip(PROMPTS, MAX_NEW))})
+    for rid, w in enumerate(want):
+        assert [ev.token_id for ev in events[rid]] == w, f"request {rid}"
+    # Each prefill step's budget is 32 less the decoding rows of that step.
+    assert padded and all(rows * width <= 32 for rows, width in padded), padded
+    # Unbounded, the first step would pad 4 rows to the 30-token prompt (120 positions).
+    assert padded[0][0] * padded[0][1] <= 32 and sum(rows for rows, _ in padded) >= len(PROMPTS)
