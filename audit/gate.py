@@ -29,6 +29,7 @@ import numpy as np
 from audit.baseline import BaselineComparison, ModelCost
 from audit.mmlu import CHANCE, FORMATS, MMLUResult, Progress, prepare, score
 from audit.sequential import confidence_interval
+from harness.config.checks import positive
 from audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
 from audit.verdict import EXIT_BAD_INPUT, EXIT_CODES, Verdict, check_max_drop, decide
 from sut.quant import kv_cache_dtype
@@ -204,15 +205,16 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
     a.add_argument("--kv-dtype", choices=("auto", "fp8"), default="auto",
                    help="the candidate's KV cache: auto (its weights' dtype) or fp8 (e4m3 in the --hardware "
                         "profile's variant, one scale per token and KV head; emulated where it has no fp8)")
-    a.add_argument("--max-questions", type=int, default=DEFAULT_MAX_QUESTIONS, metavar="N",
+    a.add_argument("--max-questions", type=positive(int), default=DEFAULT_MAX_QUESTIONS, metavar="N",
                    help=f"stop undecided (INCONCLUSIVE) after N questions (default {DEFAULT_MAX_QUESTIONS})")
-    a.add_argument("--per-subject", type=int, metavar="N", help="draw only from the first N questions of each "
+    a.add_argument("--per-subject", type=positive(int), metavar="N", help="draw only from the first N questions of each "
                    "of the 57 subjects (default: all 14,042)")
     a.add_argument("--subjects", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
                    help="comma list of MMLU subjects to audit (default: all 57)")
     a.add_argument("--format", choices=FORMATS, default="letter", dest="fmt",
                    help="letter: lm-eval's prompt, score ' A'..' D' (default); cloze: score each answer's text")
-    a.add_argument("--k-shot", type=int, default=0, help="solved questions of the same subject before each one")
+    a.add_argument("--k-shot", type=positive(int, zero_ok=True), default=0,
+                   help="solved questions of the same subject before each one")
     a.add_argument("--seed", type=int, default=SEED, help=f"seed of the question order (default {SEED})")
     a.add_argument("--json", action="store_true", help="print the result as JSON")
     a.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")

@@ -16,6 +16,7 @@ import time
 
 from audit.gate import SEED, draw_order, hardware_profile_named, question_pool
 from audit.mmlu import CHANCE, FORMATS, MMLUResult, Progress, prepare, score
+from harness.config.checks import positive
 from audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
 from audit.verdict import EXIT_BAD_INPUT
 
@@ -79,12 +80,14 @@ def add_mmlu_parser(subparsers) -> argparse.ArgumentParser:
                    help="NAME_OR_PATH[@DTYPE][+noiseSIGMA], as for `wallperf audit`")
     m.add_argument("--format", choices=FORMATS, default="letter", dest="fmt",
                    help="letter: lm-eval's prompt, score ' A'..' D' (default); cloze: score each answer's text")
-    m.add_argument("--per-subject", type=int, metavar="N",
+    m.add_argument("--per-subject", type=positive(int), metavar="N",
                    help="the first N questions of each of the 57 subjects (default: all 14,042)")
     m.add_argument("--subjects", type=lambda text: [s.strip() for s in text.split(",") if s.strip()],
                    help="comma list of MMLU subjects (default: all 57)")
-    m.add_argument("--k-shot", type=int, default=0, help="solved questions of the same subject before each one")
-    m.add_argument("--max-questions", type=int, metavar="N", help="score only the first N of the seeded order")
+    m.add_argument("--k-shot", type=positive(int, zero_ok=True), default=0,
+                   help="solved questions of the same subject before each one")
+    m.add_argument("--max-questions", type=positive(int), metavar="N",
+                   help="score only the first N of the seeded order")
     m.add_argument("--seed", type=int, default=SEED, help=f"seed of the question order (default {SEED})")
     m.add_argument("--hardware", default="cpu", metavar="NAME", help="hardware profile: the fp8 variant")
     m.add_argument("--json", action="store_true", help="print the result as JSON (with per-subject scores)")

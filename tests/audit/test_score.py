@@ -43,3 +43,13 @@ def test_bad_input_exits_2_before_any_loading(capsys):
     assert cmd_mmlu(_args(per_subject=0)) == 2
     assert cmd_mmlu(_args(max_questions=-1)) == 2
     assert cmd_mmlu(_args(subjects=["astrology"])) == 2 and "astrology" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-questions", "nan"), ("--per-subject", "0"), ("--k-shot", "-1"),
+                                         ("--max-questions", "1e9x")])
+def test_bad_numbers_on_the_command_line_exit_2(flag, value, capsys):
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["mmlu", "--model", "smollm2-135m", flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
