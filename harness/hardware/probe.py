@@ -84,9 +84,11 @@ class ProbeResult:
 
     @property
     def bandwidth_gbps(self) -> float:
-        """The wall: decode streams weights in, so the read-only figure; copy or triad
-        where one came out higher (they move more bytes than they count, so that happens
-        only when the machine was busy during the read pass)."""
+        """The wall: the highest bandwidth the machine was seen to stream. Decode streams
+        weights in, like the read-only pass, but copy or triad can come out higher (a busy
+        read pass, or a read kernel that streams less well than STREAM's on this machine:
+        48.3 GB/s read against 58.7 GB/s triad on one idle 2-core VM), and a wall below what
+        the machine can move would let an MBU overstate."""
         return max(self.read_gbps, self.copy_gbps, self.triad_gbps)
 
     @property
