@@ -208,7 +208,9 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
         if hasattr(backend, "close"):
             backend.close()
         engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
-                  "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size}
+                  "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size,
+                  # The native engine's decode step (the fused C++ one, or eager PyTorch and why).
+                  "decode_path": getattr(backend, "decode_path", None)}
     eos = loaded.tokenizer.eos_token_id
     experts = counter_delta(experts_before, expert_stats()) if expert_stats else None
     if mode == "performance":

@@ -51,6 +51,8 @@ def test_results_contract(server_run):
         assert run["submission_valid"] is False  # 3 s is far below MLPerf's 600 s
         for key in ("samples_per_second", "tokens_per_second", "ttft_ms", "tpot_ms", "mmlu_accuracy"):
             assert key in run["metrics"]
+        # SmolLM2 in bf16 on the CPU decodes through the fused C++ step, and the record says so.
+        assert run["engine"]["decode_path"].startswith("fused C++ step"), run["engine"]["decode_path"]
 
 
 @pytest.mark.parametrize("scenario,tps_key,sps_key", [
