@@ -251,7 +251,7 @@ def test_qwen2_5_coder_1_5b_matches_hf_in_float32_and_mmlu_in_bf16(mmlu_path):
         p.data = p.data.to(torch.bfloat16)
     bf16 = LoadedModel(path, ours.config, ours.model, ours.tokenizer, "bfloat16")
     questions = load_mmlu(mmlu_path)[::1403][:8]  # spread over the file, hence over subjects
-    want = _hf_reference(build_hf_model(bf16.model), tok, questions)["mmlu"]
+    want = _hf_reference(build_hf_model(bf16.model), tok, questions, prompts=())["mmlu"]
     result = evaluate(bf16, questions, "letter", progress=False)
     for q, scored, expected in zip(questions, result.questions, want):
         assert scored.predicted == int(np.argmax(expected)), (q.question, scored.loglikelihoods, expected)
