@@ -130,6 +130,17 @@ def question_pool(mmlu_path, subjects, per_subject, questions):
     return everything, chosen
 
 
+def check_draw(fmt: str, per_subject: int | None, max_questions: int | None, k_shot: int) -> None:
+    """The prompt format and the draw's sizes, before any model is loaded."""
+    if fmt not in FORMATS:
+        raise AuditInputError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    for name, value in (("per_subject", per_subject), ("max_questions", max_questions)):
+        if value is not None and value < 1:
+            raise AuditInputError(f"{name} must be >= 1, got {value}")
+    if k_shot < 0:
+        raise AuditInputError(f"k_shot must be >= 0, got {k_shot}")
+
+
 def hardware_profile_named(name: str):
     from harness.config import load_hardware_config
     from harness.hardware.profiles import hardware_profile
@@ -149,13 +160,7 @@ def audit(reference_spec: str, candidate_spec: str, max_drop: float = 1.0, basel
     `kv_dtype`: "fp8" runs the candidate over an fp8 KV cache in the hardware's variant."""
     started = time.monotonic()
     max_drop = check_max_drop(max_drop)
-    if fmt not in FORMATS:
-        raise AuditInputError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    for name, value in (("per_subject", per_subject), ("max_questions", max_questions)):
-        if value is not None and value < 1:
-            raise AuditInputError(f"{name} must be >= 1, got {value}")
-    if k_shot < 0:
-        raise AuditInputError(f"k_shot must be >= 0, got {k_shot}")
+    check_draw(fmt, per_subject, max_questions, k_shot)
     texts = {"reference": reference_spec, "candidate": candidate_spec, "baseline": baseline_spec}
     specs = {role: parse_spec(text) for role, text in texts.items() if text is not None}
     for spec in specs.values():

@@ -10,17 +10,16 @@ whether the model is above chance (25%).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
-from audit.gate import SEED, draw_order, hardware_profile_named, question_pool
-from audit.mmlu import CHANCE, FORMATS, MMLUResult, Progress, prepare, score
+from audit.gate import SEED, check_draw, draw_order, hardware_profile_named, question_pool
+from audit.mmlu import CHANCE, FORMATS, MMLUResult, evaluate
 from harness.config.checks import positive
-from audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
+from audit.specs import load_spec, parse_spec, release_checkpoints, resolve_spec
 from audit.verdict import EXIT_BAD_INPUT
-
-CHUNK = 32
 
 
 def score_model(spec_text: str, fmt: str = "letter", per_subject: int | None = None, subjects=None,
@@ -28,13 +27,7 @@ def score_model(spec_text: str, fmt: str = "letter", per_subject: int | None = N
                 progress: bool = True, mmlu_path=None) -> tuple[MMLUResult, int]:
     """The model's MMLUResult on the first `max_questions` (None: all) of the pool in the
     seeded order, and the pool's size."""
-    if fmt not in FORMATS:
-        raise AuditInputError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    for name, value in (("per_subject", per_subject), ("max_questions", max_questions)):
-        if value is not None and value < 1:
-            raise AuditInputError(f"{name} must be >= 1, got {value}")
-    if k_shot < 0:
-        raise AuditInputError(f"k_shot must be >= 0, got {k_shot}")
+    check_draw(fmt, per_subject, max_questions, k_shot)
     spec = parse_spec(spec_text)
     resolve_spec(spec)
     everything, pool = question_pool(mmlu_path, subjects, per_subject, None)
@@ -42,15 +35,9 @@ def score_model(spec_text: str, fmt: str = "letter", per_subject: int | None = N
     started = time.monotonic()
     model = load_spec(spec, hardware_profile_named(hardware))
     release_checkpoints()
-    shown = Progress(f"mmlu {fmt} {k_shot}-shot", len(order), progress)
-    scored = []
-    for start in range(0, len(order), CHUNK):
-        batch = order[start: start + CHUNK]
-        requests = prepare(model.tokenizer, batch, fmt, k_shot, everything, model.config.max_position)
-        scored += score(model, batch, requests, fmt)
-        correct = sum(q.correct for q in scored)
-        shown.update(len(scored), f"; {100 * correct / len(scored):.1f}% so far")
-    return MMLUResult(fmt, k_shot, tuple(scored), seconds=time.monotonic() - started), len(pool)
+    result = evaluate(model, order, fmt, k_shot, everything, progress, label="mmlu")
+    # The time with the model's loading, as the audit counts it.
+    return dataclasses.replace(result, seconds=time.monotonic() - started), len(pool)
 
 
 def to_json(spec: str, result: MMLUResult, population: int) -> dict:
