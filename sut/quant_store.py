@@ -4,10 +4,11 @@ the quantized modules so that a skeleton can be turned into their fp8 form first
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from torch import nn
+
+from sut.atomic import atomic_path
 
 from sut.quant import (FP8_DTYPES, FP8Linear, _replace, format_name, is_expert_module,
                        mark_experts_quantized_)
@@ -22,14 +23,9 @@ def _fp8_modules(model: nn.Module) -> dict:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file beside `path`, then rename: a reader sees the
-    old file or the whole new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """`write(tmp)` to a temporary path, which then becomes `path` (sut.atomic)."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_quantized(model: nn.Module, folder: Path) -> dict:

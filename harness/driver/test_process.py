@@ -30,6 +30,7 @@ from harness.loadgen.logs import LogParseError
 from harness.loadgen.qsl import DatasetError
 from harness.loadgen.results import OutputError
 from sut import redact
+from sut.atomic import atomic_file
 from sut.loading import CheckpointError
 
 
@@ -119,9 +120,8 @@ def main(argv: list[str]) -> int:
 
         traceback.print_exc()
         result = {"error": f"{type(e).__name__}: {e}"}
-    tmp = out_path.with_suffix(".part")
-    tmp.write_bytes(pickle.dumps(result))
-    os.replace(tmp, out_path)
+    with atomic_file(out_path, mode=0o600) as f:
+        f.write(pickle.dumps(result))
     # Triton's nanobind bindings list hundreds of "leaked" objects at interpreter exit,
     # with no final newline: on the shared stderr they would run into the parent's next
     # line. Everything this process had to say is said by now.

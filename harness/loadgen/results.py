@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
 from harness.loadgen.logs import read_accuracy_log, read_detail_log, scenario_metrics
 from harness.loadgen.qsl import parse_answer_letter
+from sut.atomic import atomic_file
 from sut.redact import redact, redact_obj
 
 # MLPerf's minimum duration for a submission run.
@@ -33,34 +32,14 @@ class OutputError(OSError):
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """`data` into a temp file beside `path`, flushed to disk, then renamed over it: a
-    reader (or a crash) never sees half a file, and the rename is itself synced. 0644:
-    results, reports, charts and profiles hold no secret, and are meant to be shared."""
+    """`data` written through sut.atomic (a reader or a crash never sees half a file).
+    0644: results, reports, charts and profiles hold no secret, and are meant to be shared."""
     path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except OSError as e:
         raise OutputError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

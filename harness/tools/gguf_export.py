@@ -17,15 +17,14 @@ source's sha256, and reused.
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from harness.artifacts import cache_dir, sha256_file
 from harness.config import ConfigError
+from sut.atomic import atomic_path
 
 EXPORT_DTYPES = ("bf16",)
 # Keys the writer sets itself, or that describe the source's own encoding.
@@ -47,11 +46,8 @@ def export_gguf(source: Path, dest: Path, dtype: str = "bf16") -> Path:
     reader = GGUFReader(str(source))
     arch = reader.fields["general.architecture"].contents()
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, arch)
+    with atomic_path(dest) as tmp:
+        writer = GGUFWriter(str(tmp), arch)
         alignment = reader.fields.get("general.alignment")
         if alignment is not None:
             writer.add_custom_alignment(int(alignment.contents()))
@@ -78,10 +74,6 @@ def export_gguf(source: Path, dest: Path, dtype: str = "bf16") -> Path:
             weights = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
             writer.write_tensor_data(np.ascontiguousarray(quantize(weights, target(t))))
         writer.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 

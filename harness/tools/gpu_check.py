@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from harness.config import positive
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.tools.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("gpu-check"))
-    p.add_argument("--duration", type=float, default=20.0, help="LoadGen min_duration per run (s)")
+    p.add_argument("--duration", type=positive(float), default=20.0, help="LoadGen min_duration per run (s)")
     p.add_argument("--skip-tests", action="store_true", help="skip pytest tests/kernels")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"

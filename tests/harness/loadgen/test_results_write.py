@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from harness.loadgen import results
+from sut import atomic
 from harness.loadgen.results import OutputError, write_json_atomic, write_text_atomic
 
 
@@ -33,7 +33,7 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypat
     def full_disk(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(results.os, "fsync", full_disk)
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
     with pytest.raises(OutputError, match=f"cannot write {path}: No space left on device") as info:
         write_text_atomic(path, "new\n")
     assert info.value.errno == errno.ENOSPC
