@@ -135,3 +135,23 @@ def test_the_run_is_calibrated_unless_it_keeps_its_settings(tmp_path, monkeypatc
     by_name = {sc.name: sc for sc in searched.scenarios}
     assert by_name["Server"] == {sc.name: sc for sc in resolved.scenarios}["Server"]
     assert by_name["SingleStream"].min_query_count == 80 and "Server" not in cal.to_dict()["settings"]
+
+
+def test_offlines_batch_is_admitted_shortest_first_and_servers_in_arrival_order(step_backend):
+    """Offline's queue sorts its one query by prompt length, so its batches pad little;
+    the calibration times Offline's batch the same way, and Server's as arrivals come."""
+    admitted = {}
+
+    def make(batch):
+        backend = step_backend(batch)
+        order = admitted.setdefault(batch, [])
+        real_add = backend.add_request
+        backend.add_request = lambda rid, prompt, params: (order.append(len(prompt)), real_add(rid, prompt, params))
+        return backend
+
+    prompts = [np.arange(n, dtype=np.int32) + 1 for n in (300, 120, 250, 104, 364, 135)]
+    scenarios = default_scenarios()
+    calibrate(scenarios, make, prompts, PARAMS)
+    cycled = [len(prompts[i % len(prompts)]) for i in range(32)]
+    assert admitted[32] == sorted(cycled)  # Offline's max_batch
+    assert admitted[16] == cycled[:16]  # Server's, in the data set's order
