@@ -41,15 +41,18 @@ class ModelCost:
     @classmethod
     def of(cls, spec: str, loaded, hardware) -> "ModelCost":
         """`loaded`: a sut.loading.LoadedModel, counted by the bytes its tensors really hold
-        (fp8 weights with their scales, the bf16 embeddings and head beside them)."""
+        (fp8 weights with their scales, the bf16 embeddings and head beside them), and
+        by what a decode step reads of them: one row of an untied embedding table, as
+        a run's roofline counts it (harness.hardware.counts, embedding="rows")."""
         shape = ModelShape.of(loaded.config)
         dtype = "fp8" if loaded.quantization else loaded.dtype
         weights = held_weight_bytes(loaded.model)
-        return cls(spec, dtype, bytes_per_token(shape, dtype, weights=weights),
-                   memory_wall(shape, hardware, dtype, weights=weights))
+        return cls(spec, dtype, bytes_per_token(shape, dtype, weights=weights, embedding="rows"),
+                   memory_wall(shape, hardware, dtype, weights=weights, embedding="rows"))
 
     def to_json(self) -> dict:
         return {"spec": self.spec, "weight_dtype": self.weight_dtype, "bytes_per_token": self.bytes_per_token,
+                "embedding_counted": "rows",
                 "memory_wall_tokens_per_second": self.memory_wall_tokens_per_second}
 
 

@@ -1,6 +1,7 @@
 """Quantize or run the small model: costs at the memory wall and the plain verdict."""
 import numpy as np
 import pytest
+import torch
 
 from audit.baseline import BaselineComparison, ModelCost
 from audit.mmlu import MMLUResult, QuestionScore
@@ -78,3 +79,26 @@ def test_equal_models_are_undecided(tiny_models):
     c = _comparison(0.5, 0.5, tiny_models)
     lo, hi = c.advantage_ci95
     assert c.verdict == "undecided" and lo < 0 < hi and "do not separate" in c.reason
+
+
+def test_an_untied_table_counts_the_one_row_a_token_gathers(tiny_llama_folder, tmp_path):
+    """A run's roofline counts one row of an untied embedding table per token; the audit's
+    speed side counts the same, so its memory-wall tokens/s and a run's agree."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from audit.specs import load_spec, parse_spec
+
+    folder = tmp_path / "untied"
+    cfg = LlamaConfig.from_pretrained(tiny_llama_folder)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(folder)
+    shutil.copy(tiny_llama_folder / "tokenizer.json", folder / "tokenizer.json")
+    cpu = load_hardware_config("cpu")
+    cost = ModelCost.of("untied", load_spec(parse_spec(f"{folder}@bf16"), cpu, device="cpu"), cpu)
+    table = cfg.vocab_size * cfg.hidden_size
+    assert cost.bytes_per_token == 2 * (hf.num_parameters() - table + cfg.hidden_size)
+    assert cost.to_json()["embedding_counted"] == "rows"
