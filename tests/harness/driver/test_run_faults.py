@@ -113,14 +113,14 @@ def test_full_disk_for_out(tmp_path):
 
 def test_full_disk_mocked(tmp_path, monkeypatch, capsys):
     """Where no tmpfs can be mounted: every write of a result or report fails as on a full disk."""
-    import harness.loadgen.results as results
+    from sut import atomic
 
     class FullDisk:
         @staticmethod
         def mkstemp(*args, **kwargs):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(results, "tempfile", FullDisk)
+    monkeypatch.setattr(atomic, "tempfile", FullDisk)
     out = tmp_path / "out"
     rc = main(["run", "--scenario", "Offline", "--mode", "performance", "--out", str(out), *QUICK])
     err = capsys.readouterr().err
