@@ -17,24 +17,15 @@ import tempfile
 from pathlib import Path
 
 
-def fsync_dir(folder: Path) -> None:
-    """Sync a folder's entries (a rename inside it), where the platform allows it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path, folder: bool = False) -> None:
+    """Sync a file's data, or a folder's entries (a rename inside it). Some file systems
+    refuse fsync on a folder; the rename is atomic all the same, so that is let pass."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
     finally:
         os.close(fd)
 
@@ -50,10 +41,10 @@ def atomic_path(dest, mode: int = 0o644):
     tmp = Path(name)
     try:
         yield tmp
-        _fsync_file(tmp)
+        _fsync(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        _fsync(dest.parent, folder=True)
     finally:
         tmp.unlink(missing_ok=True)
 

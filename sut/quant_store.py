@@ -22,12 +22,6 @@ def _fp8_modules(model: nn.Module) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """`write(tmp)` to a temporary path, which then becomes `path` (sut.atomic)."""
-    with atomic_path(path) as tmp:
-        write(tmp)
-
-
 def save_quantized(model: nn.Module, folder: Path) -> dict:
     """Write `model.safetensors` (the model's own state dict: fp8 weights, scales and
     unquantized tensors) and then `quant_manifest.json`; returns the manifest."""
@@ -50,8 +44,10 @@ def save_quantized(model: nn.Module, folder: Path) -> dict:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(folder / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_path(folder / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
