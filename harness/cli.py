@@ -196,8 +196,10 @@ def cmd_sweep(args, run_args: list[str]) -> int:
     from harness.driver.run_args import resolve_run_args
     from harness.driver.sweep import run_sweep
 
-    # The options passed through to each point, checked as `wallperf run` checks them (exit 2 when bad).
-    run = build_parser().parse_args(["run", *run_args])
+    # The options passed through to each point, checked as `wallperf run` checks them (exit 2 when bad),
+    # with the scenario and mode the sweep gives every point (a data set without reference answers,
+    # such as ShareGPT, is refused in the default run's accuracy mode, which no point runs).
+    run = build_parser().parse_args(["run", *run_args, "--scenario", args.scenario, "--mode", "performance"])
     return run_sweep(args, run_args, resolve_run_args(run).hardware, run.wall_from_profile)
 
 

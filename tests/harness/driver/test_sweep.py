@@ -168,6 +168,14 @@ def test_bad_options_exit_2_and_write_nothing(tmp_path, capsys, fake_child, argv
     assert not out.exists() and not fake_child
 
 
+def test_a_data_set_for_performance_only_is_swept(tmp_path, fake_child):
+    """ShareGPT has no reference answers, so a run in the default modes refuses it; the
+    sweep's points run in performance mode only, and so the sweep takes it."""
+    out = tmp_path / "sw"
+    assert main(["sweep", "--qps", "1", "--out", str(out), "--dataset", "sharegpt"]) == 0
+    assert fake_child[0]["run_args"][:2] == ["--dataset", "sharegpt"]
+
+
 def test_unknown_options_still_fail_other_commands(capsys):
     with pytest.raises(SystemExit) as e:
         main(["roofline", "--model", "smollm2-135m", "--hardware", "cpu", "--bogus"])
