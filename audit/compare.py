@@ -17,6 +17,12 @@ the tables, `weak_baseline` and `baseline_note` in the JSON).
 Records of a `--find-peak` search are tries at different loads, not results of
 their own: each search's peak (its highest VALID try) is shown, marked with its
 QPS, and the other tries are left out and counted.
+
+A run whose own record says its roofline cannot be trusted (an MBU or MFU above
+1: the wall or the byte count is wrong, `roofline.trusted` false) keeps its
+figures, but its MBU cells carry `!` and a note below the table gives the
+record's reasons (`roofline_trusted`, `untrusted_reasons` in the JSON): an
+impossible figure is never printed quietly.
 """
 from __future__ import annotations
 
@@ -112,6 +118,8 @@ def record_row(run_dir: RunDir, record: dict, find_peak_qps=None) -> dict:
         "mbu": _number(rf.get("mbu")),
         "decode_mbu": _number(rf.get("decode_mbu")),
         "mfu": _number(rf.get("mfu")),
+        "roofline_trusted": rf.get("trusted") if isinstance(rf.get("trusted"), bool) else None,
+        "untrusted_reasons": [str(r) for r in rf.get("untrusted_reasons") or [] if isinstance(r, str)],
         "bound": "compute" if rf.get("bound") == "compute" else "memory",
         "memory_wall_tokens_per_second": _number(rf.get("memory_wall_tokens_per_second")),
         "weak_baseline": False,
@@ -216,6 +224,13 @@ def _percent(fraction) -> str:
     return MISSING if fraction is None else f"{100 * fraction:.1f}%"
 
 
+def _mbu_cell(key: str):
+    def cell(row: dict) -> str:
+        text = _percent(row[key])
+        return text + "!" if row["roofline_trusted"] is False and row[key] is not None else text
+    return cell
+
+
 def _ratio(row: dict) -> str:
     value = row["ratio"]
     return MISSING if value is None else f"{value:.2f}x" + ("*" if row["weak_baseline"] else "")
@@ -250,8 +265,8 @@ def _performance_columns(vs: str, with_model: bool) -> list:
             ("samples/s", lambda r: _figure(r["samples_per_second"]), True),
             ("TTFT p99 ms", lambda r: _figure(r["ttft_p99_ms"]), True),
             ("TPOT p99 ms", lambda r: _figure(r["tpot_p99_ms"]), True),
-            ("MBU", lambda r: _percent(r["mbu"]), True),
-            ("decode MBU", lambda r: _percent(r["decode_mbu"]), True), ("LoadGen", _verdict, False)]
+            ("MBU", _mbu_cell("mbu"), True),
+            ("decode MBU", _mbu_cell("decode_mbu"), True), ("LoadGen", _verdict, False)]
 
 
 def _accuracy_columns(with_model: bool) -> list:
@@ -300,6 +315,9 @@ def render(performance: list[dict], accuracy: list[dict], left_out: int, vs: str
              f"one decode step's bytes per TPOT p50, decode alone."]
     notes = sorted({r["baseline_note"] for r in performance if r["weak_baseline"]})
     parts += [f"* {note}: the ratio says little about the faster system." for note in notes]
+    parts += [f"! {_run(r)} {r['scenario']}: roofline NOT TRUSTED (the wall or the byte count is wrong): "
+              + ("; ".join(r["untrusted_reasons"]) or "its record gives no reason")
+              for r in performance if r["roofline_trusted"] is False]
     if left_out:
         parts.append(f"{left_out} find-peak tries left out; each search's peak is shown, marked with its QPS.")
     if accuracy:

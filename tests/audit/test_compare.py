@@ -247,3 +247,21 @@ def test_a_compute_bound_baseline_is_judged_by_mfu(tmp_path, capsys):
     good = write(tmp_path, "good", [offline(100.0, 0.35)])
     assert main(["compare", str(good), str(other), "--vs", "first", "--json"]) == 0
     assert not any(r["weak_baseline"] for r in json.loads(capsys.readouterr().out))
+
+
+def test_an_untrusted_roofline_is_flagged_not_printed_quietly(tmp_path, capsys):
+    # A decode MBU of 2 x 0.55 = 110%: the run's own record says its wall was below what it achieved.
+    run = perf("SingleStream", 9.6, tpot=97.0, mbu=0.55)
+    run["roofline"].update(trusted=False, untrusted_reasons=["decode MBU (at TPOT p50) 1.11: achieved 41.33 GB/s "
+                                                             "exceeds the peak 37.15 GB/s"])
+    bad = write(tmp_path, "bad", [run])
+    good = write(tmp_path, "good", [perf("SingleStream", 8.7, tpot=97.0, mbu=0.4)])
+    assert main(["compare", str(bad), str(good), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["roofline_trusted"], len(r["untrusted_reasons"])) for r in rows] == [(False, 1), (None, 0)]
+    assert main(["compare", str(bad), str(good)]) == 0
+    text = capsys.readouterr().out
+    assert "110.0%!" in text and "80.0%!" not in text and "80.0%" in text
+    assert f"! {bad} SingleStream: roofline NOT TRUSTED" in text and "exceeds the peak 37.15 GB/s" in text
+    assert main(["compare", str(bad), str(good), "--markdown"]) == 0
+    assert "| 110.0%! |" in capsys.readouterr().out
