@@ -98,6 +98,7 @@ def record_row(run_dir: RunDir, record: dict, find_peak_qps=None) -> dict:
     """The fields of one run record that the tables show; the same keys for both modes."""
     m, rf, mmlu = (_mapping(record.get(k)) for k in ("metrics", "roofline", "mmlu"))
     valid, reasons, emulated = (record.get(k) for k in ("valid", "invalid_reasons", "fp8_emulated"))
+    trusted, untrusted = rf.get("trusted"), rf.get("untrusted_reasons")
     return {
         "run": run_dir.label,
         "results": str(run_dir.path),
@@ -118,8 +119,8 @@ def record_row(run_dir: RunDir, record: dict, find_peak_qps=None) -> dict:
         "mbu": _number(rf.get("mbu")),
         "decode_mbu": _number(rf.get("decode_mbu")),
         "mfu": _number(rf.get("mfu")),
-        "roofline_trusted": rf.get("trusted") if isinstance(rf.get("trusted"), bool) else None,
-        "untrusted_reasons": [str(r) for r in rf.get("untrusted_reasons") or [] if isinstance(r, str)],
+        "roofline_trusted": trusted if isinstance(trusted, bool) else None,
+        "untrusted_reasons": [str(r) for r in untrusted] if isinstance(untrusted, list) else [],
         "bound": "compute" if rf.get("bound") == "compute" else "memory",
         "memory_wall_tokens_per_second": _number(rf.get("memory_wall_tokens_per_second")),
         "weak_baseline": False,
