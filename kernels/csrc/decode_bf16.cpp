@@ -238,14 +238,6 @@ struct Tile {
 // (L2) matters: T0 gained nothing on Zen 4. noipa: GCC sees a function of
 // prefetches alone as having no effect and deletes its calls.
 constexpr size_t kPrefetchTiles = 2;
-__attribute__((noipa)) void prefetch_rows(const std::vector<Tile>& tiles, size_t ti, int64_t row_bytes, bool keys);
-
-struct AttendScratch {
-  std::vector<float> scores;
-  std::vector<uint16_t> keys;  // an fp8 tile's keys widened to bf16
-  std::vector<Tile> tiles;
-};
-
 __attribute__((noipa)) void prefetch_rows(const std::vector<Tile>& tiles, size_t ti, int64_t row_bytes, bool keys) {
   if (ti + kPrefetchTiles >= tiles.size()) return;
   const Tile& ahead = tiles[ti + kPrefetchTiles];
@@ -254,6 +246,12 @@ __attribute__((noipa)) void prefetch_rows(const std::vector<Tile>& tiles, size_t
     for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
   }
 }
+
+struct AttendScratch {
+  std::vector<float> scores;
+  std::vector<uint16_t> keys;  // an fp8 tile's keys widened to bf16
+  std::vector<Tile> tiles;
+};
 
 // Scores of the query heads [g0, g1) of KV head kvh (their q rows at `q`, bf16,
 // D apart) against every tile, into scores[(g - g0) * ctx + t], times `scale`.
@@ -304,10 +302,10 @@ AVX512_BF16 void tile_scores(const uint16_t* q, int64_t G, const std::vector<Til
   for (int64_t g = 0; g < G; ++g) best[g] = _mm512_reduce_max_ps(best_v[g]);
 }
 
-// acc[g][0..D) = sum over positions of p[g][t] * v[t], for up to 4 heads, 64
-// dims a pass; out (bf16) rows D apart.
-AVX512_BF16 void tile_values(const std::vector<Tile>& tiles, bool fp8, const float* lut, const float* p,
-                             int64_t G, int64_t D, int64_t ctx, bf16* out) {
+// acc[g][0..D) = sum over positions of (e[g][t] * inv_total[g]) * v[t] (e: the
+// exponentiated scores), for up to 4 heads, 64 dims a pass; out (bf16) rows D apart.
+AVX512_BF16 void tile_values(const std::vector<Tile>& tiles, bool fp8, const float* lut, const float* e,
+                             const float* inv_total, int64_t G, int64_t D, int64_t ctx, bf16* out) {
   constexpr int kHeads = 4, kVecs = 4;
   const int64_t row_bytes = fp8 ? D : 2 * D;
   for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
@@ -337,7 +335,7 @@ AVX512_BF16 void tile_values(const std::vector<Tile>& tiles, bool fp8, const flo
           const float vs = fp8 ? tile.v_scale[j] : 1.f;
           for (int h = 0; h < kHeads; ++h) {
             if (h >= gn) break;
-            const __m512 ph = _mm512_set1_ps(p[(g0 + h) * ctx + t] * vs);
+            const __m512 ph = _mm512_set1_ps(e[(g0 + h) * ctx + t] * inv_total[g0 + h] * vs);
             for (int i = 0; i < kVecs; ++i) acc[h][i] = _mm512_fmadd_ps(ph, v[i], acc[h][i]);
           }
         }
@@ -395,15 +393,10 @@ AVX512_BF16 void attend(const bf16* qkv, const KVStore& k_layer, const KVStore& 
       const int64_t h0 = kvh * group + g0;
       tile_scores(reinterpret_cast<const uint16_t*>(qkv + m * qkv_width + h0 * s.D), G, w.tiles, fp8, k_layer.lut,
                   s.D, ctx, scale, order, w, best);
-      for (int64_t g = 0; g < G; ++g) {
-        float* row = w.scores.data() + g * ctx;
-        const float inv_total = 1.f / exp_shifted_sum(row, ctx, best[g]);
-        const __m512 inv = _mm512_set1_ps(inv_total);
-        int64_t t = 0;
-        for (; t + 16 <= ctx; t += 16) _mm512_storeu_ps(row + t, _mm512_mul_ps(_mm512_loadu_ps(row + t), inv));
-        for (; t < ctx; ++t) row[t] *= inv_total;
-      }
-      tile_values(w.tiles, fp8, v_layer.lut, w.scores.data(), G, s.D, ctx, out + m * s.Hq * s.D + h0 * s.D);
+      float inv_total[8];
+      for (int64_t g = 0; g < G; ++g) inv_total[g] = 1.f / exp_shifted_sum(w.scores.data() + g * ctx, ctx, best[g]);
+      tile_values(w.tiles, fp8, v_layer.lut, w.scores.data(), inv_total, G, s.D, ctx,
+                  out + m * s.Hq * s.D + h0 * s.D);
     }
   }
 }
