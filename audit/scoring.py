@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sut.kv_calibration import key_centres
 from sut.quant import dequantize, quantize_kv_vectors
 
 DEFAULT_MAX_TOKENS = 1024
@@ -76,22 +77,35 @@ class PackedAttention:
     """The model's attention 'cache' for one packed prefill: it stores nothing and
     masks each question's tree (see the module docstring). With an fp8 `kv_dtype`,
     keys and values go through what an fp8 KV cache does to them (sut.paged_cache:
-    e4m3 with one scale per token and KV head, dequantized as read) before attention."""
+    keys less their calibrated centres `k_centre`, (n_layers, H_kv, D), then e4m3
+    with one scale per token and KV head, dequantized as read) before attention."""
 
-    def __init__(self, mask: torch.Tensor, kv_dtype: torch.dtype | None = None):
+    def __init__(self, mask: torch.Tensor, kv_dtype: torch.dtype | None = None,
+                 k_centre: torch.Tensor | None = None):
         self.mask = mask  # (B, 1, T, T)
-        self.kv_dtype = kv_dtype
+        self.kv_dtype, self.k_centre = kv_dtype, k_centre
 
     def attention_mask(self, positions):
         return self.mask
 
-    def layer(self, i: int) -> "PackedAttention":
-        return self
+    def layer(self, i: int) -> "_PackedLayer":
+        return _PackedLayer(self, i)
+
+
+class _PackedLayer:
+    __slots__ = ("packed", "i")
+
+    def __init__(self, packed: PackedAttention, i: int):
+        self.packed, self.i = packed, i
 
     def attend(self, q, k, v, mask):
         """q (B, H, T, D), k and v (B, H_kv, T, D) -> (B, H, T, D)."""
-        if self.kv_dtype is not None:
-            k, v = (dequantize(*quantize_kv_vectors(t, self.kv_dtype), t.dtype) for t in (k, v))
+        fp8, centres = self.packed.kv_dtype, self.packed.k_centre
+        if fp8 is not None:
+            # The cache's (N, H_kv, D) layout, so that a centre (H_kv, D) lines up.
+            centre = None if centres is None else centres[self.i]
+            k = dequantize(*quantize_kv_vectors(k.transpose(1, 2), fp8, centre), k.dtype).transpose(1, 2)
+            v = dequantize(*quantize_kv_vectors(v, fp8), v.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -137,8 +151,9 @@ def loglikelihoods(model, rows, kv_dtype: torch.dtype | None = None) -> list[lis
             & ((b[:, None, :] == 0) | (b[:, None, :] == b[:, :, None])))  # (B, T, T): query, key
     wanted = [sorted({i for answers in row for pairs in answers for i, _ in pairs}) for row in targets]
     at = torch.tensor([w + [w[-1]] * (max(map(len, wanted)) - len(w)) for w in wanted], device=device)
+    centres = None if kv_dtype is None else key_centres(model)
     logits = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                   PackedAttention(mask[:, None], kv_dtype), logits_at=at)  # (B, P, V)
+                   PackedAttention(mask[:, None], kv_dtype, centres), logits_at=at)  # (B, P, V)
     norm = torch.logsumexp(logits, dim=-1)  # (B, P)
     index = [{i: k for k, i in enumerate(w)} for w in wanted]
     flat = [(r, index[r][i], t) for r, row in enumerate(targets) for answers in row for pairs in answers

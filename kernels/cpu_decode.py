@@ -7,7 +7,7 @@ streaming the weights. `FusedDecoder` hands the step to the compiled
 by kernels.cpu_linear): embedding lookup in PyTorch, then every block (with
 Q/K/V biases where the model has them), the final norm and the LM head (tied or
 its own) in C++, against the engine's paged KV cache, bf16 or fp8
-with scales. The
+with scales (keys stored less their centres, as sut.paged_cache does). The
 projections and the head are packed once, at construction, into the panels of
 csrc/gemm_bf16.h (a second copy of those weights: the eager path, which
 prefills, keeps the row-major ones), so that each step's GEMMs read every
@@ -97,6 +97,6 @@ class FusedDecoder:
         x = self.model.embed_tokens(torch.tensor(token_ids))
         cfg = self.cfg
         c = self.cache
-        logits = self._op(x, *self._weights, c.k, c.v, c.k_scale, c.v_scale, tables, torch.tensor(positions),
+        logits = self._op(x, *self._weights, c.k, c.v, c.k_scale, c.v_scale, c.k_centre, tables, torch.tensor(positions),
                           self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps)
         return logits[:, :self._vocab]  # the packed head's rows are the vocabulary rounded up to 16

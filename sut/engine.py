@@ -17,7 +17,8 @@ import torch
 
 from kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
 from sut.block_manager import BlockManager
-from sut.paged_cache import PagedKVCache, available_memory_bytes, kv_bytes_per_token, pool_blocks
+from sut.kv_calibration import key_centres
+from sut.paged_cache import FP8_KV_DTYPES, PagedKVCache, available_memory_bytes, kv_bytes_per_token, pool_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +121,10 @@ class Engine:
             raise ValueError(f"a KV pool of {num_blocks} blocks of {block_size} cannot hold one sequence "
                              f"of max_seq_len {max_seq_len}")
         self.blocks = BlockManager(num_blocks, block_size)
+        # An fp8 cache stores keys less their calibrated centres (sut.kv_calibration).
+        centres = key_centres(model) if kv_dtype in FP8_KV_DTYPES else None
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
-                                  dtype, self.device, kv_dtype)
+                                  dtype, self.device, kv_dtype, centres)
         self._fused, self.decode_path = self._fused_decoder(model, dtype)
         self.waiting: deque[Sequence] = deque()
         # In admission order: the last one is the first to be preempted.

@@ -12,6 +12,10 @@ stored as fp8 with one fp32 scale per token and KV head (`k_scale`, `v_scale`:
 (n_layers, num_blocks, block_size, H_kv)), quantized as they are written and
 dequantized to the compute dtype as they are read. Where the hardware has no
 fp8 this is exact emulation: the bytes stored are the ones fp8 hardware holds.
+Keys are stored less a calibrated centre per layer, KV head and channel (`k_centre`,
+(n_layers, H_kv, D) float32; sut.kv_calibration): each query's scores all shift by
+the same amount, which softmax ignores, and the few large, nearly constant channels
+some models have no longer take the vector's fp8 scale for themselves.
 """
 from __future__ import annotations
 
@@ -59,18 +63,29 @@ def pool_blocks(bytes_per_block: int, free_bytes: int, fraction: float, needed_b
 
 class PagedKVCache:
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_dtype: torch.dtype | None = None):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", kv_dtype: torch.dtype | None = None,
+                 k_centre: torch.Tensor | None = None):
         """`dtype`: the keys and values attention computes with; `kv_dtype`: how they
-        are stored (default `dtype`; an fp8 dtype adds per-vector scales)."""
+        are stored (default `dtype`; an fp8 dtype adds per-vector scales); `k_centre`:
+        an fp8 cache's key centres (None: zeros, i.e. keys stored as they are)."""
         shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
         store = dtype if kv_dtype is None else kv_dtype
         self.k = torch.zeros(shape, dtype=store, device=device)
         self.v = torch.zeros(shape, dtype=store, device=device)
         self.dtype, self.fp8 = dtype, store in FP8_KV_DTYPES
-        self.k_scale = self.v_scale = None
+        self.k_scale = self.v_scale = self.k_centre = None
         if self.fp8:
             self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
             self.v_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
+            want = (n_layers, n_kv_heads, head_dim)
+            if k_centre is None:
+                k_centre = torch.zeros(want)
+            if tuple(k_centre.shape) != want:
+                raise ValueError(f"k_centre must be (n_layers, n_kv_heads, head_dim) = {want}, "
+                                 f"got {tuple(k_centre.shape)}")
+            self.k_centre = k_centre.to(device=device, dtype=torch.float32).contiguous()
+        elif k_centre is not None:
+            raise ValueError("k_centre is for an fp8 KV cache; this cache stores keys in " + str(store))
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
         self._write_slots = self._read_slots = self._write_rows = None
@@ -122,7 +137,7 @@ class _PagedLayer:
         c = self.cache
         rows, cols = c._write_rows
         if c.fp8:
-            k_all = self._store_fp8(c.k, c.k_scale, k.transpose(1, 2)[rows, cols])
+            k_all = self._store_fp8(c.k, c.k_scale, k.transpose(1, 2)[rows, cols], c.k_centre[self.i])
             v_all = self._store_fp8(c.v, c.v_scale, v.transpose(1, 2)[rows, cols])
             return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         flat_k = c.k[self.i].flatten(0, 1)  # (num_blocks * block_size, H_kv, D)
@@ -138,10 +153,12 @@ class _PagedLayer:
         v_all = flat_v[c._read_slots].transpose(1, 2)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
 
-    def _store_fp8(self, store: torch.Tensor, scales: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """Quantize `new` (N, H_kv, D) into its slots; the context back as (B, H_kv, span, D)."""
+    def _store_fp8(self, store: torch.Tensor, scales: torch.Tensor, new: torch.Tensor,
+                   centre: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantize `new` (N, H_kv, D), less `centre` (H_kv, D), into its slots; the
+        context back as (B, H_kv, span, D), still centred."""
         c = self.cache
         flat = store[self.i].flatten(0, 1)  # (num_blocks * block_size, H_kv, D)
         flat_scales = scales[self.i].flatten(0, 1)  # (num_blocks * block_size, H_kv)
-        flat[c._write_slots], flat_scales[c._write_slots] = quantize_kv_vectors(new, store.dtype)
+        flat[c._write_slots], flat_scales[c._write_slots] = quantize_kv_vectors(new, store.dtype, centre)
         return dequantize(flat[c._read_slots], flat_scales[c._read_slots], c.dtype).transpose(1, 2)

@@ -255,10 +255,15 @@ def quantize_kv(t: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     return _to_fp8(t.float(), scale.float(), fp8_dtype), scale.float()
 
 
-def quantize_kv_vectors(t: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_kv_vectors(t: torch.Tensor, fp8_dtype: torch.dtype,
+                        centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale) for K or V vectors (..., head_dim) with one fp32 scale per vector
-    (per token and KV head), so a cache needs no calibration: each vector's
-    largest value maps to the format's maximum when it is written."""
+    (per token and KV head): each vector's largest value maps to the format's
+    maximum when it is written. `centre` (float32, broadcast over the vectors, e.g.
+    (H_kv, D)) is subtracted first, in float32: keys are stored centred
+    (sut.kv_calibration), which attention's softmax does not see."""
+    if centre is not None:
+        t = t.float() - centre
     return _quantize(t, fp8_dtype, per_row=True)
 
 

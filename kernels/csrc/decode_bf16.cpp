@@ -86,14 +86,16 @@ struct Fp8Format {
                     : static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(b), c10::Float8_e4m3fn::from_bits()));
   }
 
-  // As sut.quant.quantize_kv_vectors: scale = amax / max (1 for a zero vector), then
-  // clamp(x / scale) cast to fp8.
-  void store(const bf16* x, int64_t D, uint8_t* out, float* scale) const {
+  // As sut.quant.quantize_kv_vectors: y = x - centre in fp32 (no centre: y = x),
+  // scale = amax(y) / max (1 for a zero vector), then clamp(y / scale) cast to fp8.
+  void store(const bf16* x, int64_t D, uint8_t* out, float* scale, const float* centre = nullptr) const {
+    float y[512];
+    for (int64_t i = 0; i < D; ++i) y[i] = centre ? to_f(x[i]) - centre[i] : to_f(x[i]);
     float amax = 0.f;
-    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(to_f(x[i])));
+    for (int64_t i = 0; i < D; ++i) amax = std::max(amax, std::fabs(y[i]));
     const float s = amax > 0.f ? amax / max : 1.f;
     for (int64_t i = 0; i < D; ++i) {
-      const float v = std::min(std::max(to_f(x[i]) / s, -max), max);
+      const float v = std::min(std::max(y[i] / s, -max), max);
       out[i] = fnuz ? c10::Float8_e4m3fnuz(v).x : c10::Float8_e4m3fn(v).x;
     }
     *scale = s;
@@ -426,7 +428,7 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
                              at::TensorList ln2, const at::Tensor& norm, const at::Tensor& head,
                              const at::Tensor& k_cache, const at::Tensor& v_cache,
                              const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
-                             const at::Tensor& block_tables,
+                             const std::optional<at::Tensor>& k_centre, const at::Tensor& block_tables,
                              const at::Tensor& positions, const at::Tensor& inv_freq, int64_t n_heads,
                              int64_t n_kv_heads, double eps) {
   TORCH_CHECK(cpu_has_avx512_bf16(), "wallperf::llama_decode_bf16 needs a CPU with AVX512-BF16");
@@ -450,6 +452,13 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
       TORCH_CHECK(sc->scalar_type() == at::kFloat && sc->is_contiguous() && sc->sizes() == k_cache.sizes().slice(0, 4),
                   "k_scale and v_scale must be contiguous float32 (layers, blocks, block_size, kv_heads), got ",
                   sc->sizes());
+  TORCH_CHECK(!k_centre.has_value() || fp8, "k_centre is for an fp8 cache");
+  if (k_centre.has_value())
+    TORCH_CHECK(k_centre->scalar_type() == at::kFloat && k_centre->is_contiguous() && k_centre->dim() == 3 &&
+                    k_centre->size(0) == k_cache.size(0) && k_centre->size(1) == k_cache.size(3) &&
+                    k_centre->size(2) == k_cache.size(4),
+                "k_centre must be contiguous float32 (layers, kv_heads, head_dim), got ", k_centre->sizes());
+  TORCH_CHECK(k_cache.size(4) <= 512, "head_dim ", k_cache.size(4), " is above the 512 the step supports");
   Shape s;
   s.M = x_in.size(0);
   s.H = x_in.size(1);
@@ -533,9 +542,10 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
       const int64_t slot =
           static_cast<int64_t>(tables[m * s.table_width + pos[m] / s.block_size]) * s.block_size + pos[m] % s.block_size;
       if (fp8) {
+        const float* centre = k_centre.has_value() ? k_centre->const_data_ptr<float>() + l * kv_size : nullptr;
         for (int64_t h = 0; h < s.Hkv; ++h) {
           format.store(row + q_size + h * s.D, s.D, k_layer.bytes + slot * kv_size + h * s.D,
-                       k_layer.scales + slot * s.Hkv + h);
+                       k_layer.scales + slot * s.Hkv + h, centre ? centre + h * s.D : nullptr);
           format.store(row + q_size + kv_size + h * s.D, s.D, v_layer.bytes + slot * kv_size + h * s.D,
                        v_layer.scales + slot * s.Hkv + h);
         }
@@ -583,7 +593,7 @@ TORCH_LIBRARY_FRAGMENT(wallperf, m) {
   m.def(
       "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, Tensor[] gate_up, Tensor[] down, Tensor[] ln1, "
       "Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, "
-      "Tensor(d!)? v_scale, Tensor block_tables, "
+      "Tensor(d!)? v_scale, Tensor? k_centre, Tensor block_tables, "
       "Tensor positions, Tensor inv_freq, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 

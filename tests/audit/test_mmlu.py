@@ -95,10 +95,11 @@ def test_packing_does_not_change_the_scores(tiny_models, fmt):
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
 def test_fp8_kv_scoring_matches_the_engines_fp8_cache(tiny_models, fp8):
     """Letter answers over an emulated fp8 KV cache against the engine's paged fp8 cache
-    (sut.paged_cache) prefilling each question alone: the same log-likelihoods, and not
-    those of the unquantized cache."""
+    (sut.paged_cache, keys stored less the model's calibrated centres) prefilling each
+    question alone: the same log-likelihoods, and not those of the unquantized cache."""
     from audit.mmlu import prepare
     from audit.scoring import score_requests
+    from sut.kv_calibration import key_centres
     from sut.paged_cache import PagedKVCache
 
     _, ours, tokenizer = tiny_models
@@ -107,7 +108,8 @@ def test_fp8_kv_scoring_matches_the_engines_fp8_cache(tiny_models, fp8):
     plain = score_requests(ours.model, requests)
     cfg = ours.model.cfg
     for (ctx, conts), got, unquantized in zip(requests, emulated, plain):
-        cache = PagedKVCache(cfg.n_layers, 8, 64, cfg.n_kv_heads, cfg.head_dim, torch.float32, kv_dtype=fp8)
+        cache = PagedKVCache(cfg.n_layers, 8, 64, cfg.n_kv_heads, cfg.head_dim, torch.float32, kv_dtype=fp8,
+                             k_centre=key_centres(ours.model))
         positions = torch.arange(len(ctx)).unsqueeze(0)
         cache.bind([list(range(8))], positions, torch.ones(1, len(ctx), dtype=torch.bool))
         logits = ours.model(torch.tensor([ctx]), positions, cache, logits_at=torch.tensor([[len(ctx) - 1]]))

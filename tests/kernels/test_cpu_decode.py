@@ -50,9 +50,9 @@ def scattered_tables(lengths, seed=0):
     return tables
 
 
-def prefill(model, prompts, tables, kv_dtype=None):
+def prefill(model, prompts, tables, kv_dtype=None, k_centre=None):
     cache = PagedKVCache(CFG.n_layers, POOL, BLOCK, CFG.n_kv_heads, CFG.head_dim,
-                         model.embed_tokens.weight.dtype, kv_dtype=kv_dtype)
+                         model.embed_tokens.weight.dtype, kv_dtype=kv_dtype, k_centre=k_centre)
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     valid = torch.zeros(len(prompts), width, dtype=torch.bool)
@@ -109,16 +109,23 @@ def test_fused_step_matches_eager_and_float32(models, lengths):
     assert slots <= expected and len(slots) >= len(expected) - 1
 
 
+@pytest.mark.parametrize("centred", [False, True], ids=["plain", "centred"])
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e4m3fnuz])
-def test_fused_step_with_an_fp8_cache_matches_eager(models, fp8):
+def test_fused_step_with_an_fp8_cache_matches_eager(models, fp8, centred):
     """Both read the same fp8 context; the fused step writes this step's keys and
     values as the eager path does (same bytes and scales in layer 0, whose inputs
-    are the same), and reads them dequantized in fp32 rather than bf16."""
+    are the same), and reads them dequantized in fp32 rather than bf16. Centred:
+    keys are stored less per-channel centres of a few units (each layer, head and
+    channel its own), which both paths must take off before quantizing."""
     m16, _ = models
     lengths = [33, 5, 18]
     prompts, tables = prompts_of(lengths), scattered_tables(lengths)
     tokens, positions = [p[-1] * 7 % CFG.vocab_size for p in prompts], list(lengths)
-    cache = prefill(m16, prompts, tables, kv_dtype=fp8)
+    centre = None
+    if centred:
+        centre = torch.randn(CFG.n_layers, CFG.n_kv_heads, CFG.head_dim,
+                             generator=torch.Generator().manual_seed(5)) * 3
+    cache = prefill(m16, prompts, tables, kv_dtype=fp8, k_centre=centre)
     before = [t.clone() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
     eager = eager_step(m16, cache, tokens, positions, tables)
     after_eager = [t.clone() for t in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
