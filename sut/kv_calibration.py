@@ -27,6 +27,7 @@ channel that rotates slowly keeps its offset, and a fast one averages to ~0.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -79,8 +80,10 @@ def key_centres(model) -> torch.Tensor:
     ids = torch.randint(0, cfg.vocab_size, (1, n), generator=generator).to(device)
     positions = torch.arange(n, device=device)[None]
     recorder = _KeyRecorder()
-    # Logits at one position only: the forward is run for its keys.
-    model(ids, positions, recorder, logits_at=torch.tensor([[n - 1]], device=device))
+    # Not part of the run: a MoME model's expert-cache counters leave it out.
+    with getattr(model, "uncounted", contextlib.nullcontext)():
+        # Logits at one position only: the forward is run for its keys.
+        model(ids, positions, recorder, logits_at=torch.tensor([[n - 1]], device=device))
     if sorted(recorder.means) != list(range(cfg.n_layers)):
         raise RuntimeError(f"key calibration saw layers {sorted(recorder.means)}, expected {cfg.n_layers}")
     centres = torch.stack([recorder.means[i] for i in range(cfg.n_layers)]).contiguous()

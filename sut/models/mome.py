@@ -29,6 +29,7 @@ fp8 pass leaves it alone, since a small error there changes which experts are re
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,18 @@ class MoMEModel(nn.Module):
 
     def forward(self, input_ids, positions, cache, logits_at=None):
         return self.base(input_ids, positions, cache, logits_at)
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Work inside is left out of the expert caches' counters (the experts it
+        loads stay resident): for a forward that is not part of the run, such as
+        an fp8 KV cache's key calibration."""
+        saved = {i: (dict(c._counts), c._load_seconds) for i, c in self._caches.items()}
+        try:
+            yield
+        finally:
+            for i, (counts, seconds) in saved.items():
+                self._caches[i]._counts, self._caches[i]._load_seconds = counts, seconds
 
     def expert_stats(self) -> dict:
         """Cache counters summed over memory layers, and per layer (for results.json)."""

@@ -192,6 +192,13 @@ def test_mome_model_matches_hf_llama_plus_reference_memory(tmp_path):
     assert stats["hits"] + stats["misses"] == stats["lookups"] <= stats["selections"]
     assert set(stats["layers"]) == {"0", "1"}
 
+    # An fp8 KV cache's key calibration runs the model once more, outside the counters.
+    from sut.kv_calibration import key_centres
+
+    centres = key_centres(model)
+    assert centres.shape == (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) and bool(centres.abs().sum() > 0)
+    assert model.expert_stats() == stats
+
 
 @pytest.mark.slow
 def test_million_expert_bank_loads_only_missed_rows(tmp_path):
