@@ -31,10 +31,29 @@ def linear(x, weight):
     return torch.nn.functional.linear(x, weight)
 
 
+def _cpu_bf16_op(name: str, *tensors):
+    """The compiled CPU op `name` (kernels/csrc/decode_bf16.cpp) where it applies: bf16
+    tensors on the CPU, the extension built, and the references not forced
+    (WALLPERF_KERNELS=torch); else None."""
+    if _triton.MODE == "torch" or any(t.dtype != torch.bfloat16 or not t.is_cpu for t in tensors):
+        return None
+    from kernels.cpu_linear import _extension
+
+    return None if _extension()[0] is None else getattr(torch.ops.wallperf, name)
+
+
 def rms_norm(x, weight, eps: float, residual=None):
-    """x (M, N), weight (N,) -> y (M, N), or (y, x + residual) when residual is given."""
-    fn = _rmsnorm.rms_norm if uses_triton(x) else _rmsnorm.rms_norm_ref
-    return fn(x, weight, eps, residual)
+    """x (M, N), weight (N,) -> y (M, N), or (y, x + residual) when residual is given.
+    On the CPU in bf16, the compiled row kernel (the same rounding as the reference)."""
+    if uses_triton(x):
+        return _rmsnorm.rms_norm(x, weight, eps, residual)
+    op = _cpu_bf16_op("rms_norm_bf16", x, weight) if x.dim() == 2 else None
+    if op is None:
+        return _rmsnorm.rms_norm_ref(x, weight, eps, residual)
+    if residual is not None:
+        x = x + residual
+        return op(x, weight, eps), x
+    return op(x, weight, eps)
 
 
 def rope(q, k, positions, inv_freq):
@@ -61,9 +80,12 @@ def fp8_linear(x, w, w_scale, quantize_activations: bool = False):
 
 
 def swiglu(gate_up):
-    """gate_up (M, 2F) -> silu(gate) * up (M, F)."""
-    fn = _swiglu.swiglu if uses_triton(gate_up) else _swiglu.swiglu_ref
-    return fn(gate_up)
+    """gate_up (M, 2F) -> silu(gate) * up (M, F). On the CPU in bf16, the compiled
+    row kernel (fp32 math, one rounding to bf16, as the reference)."""
+    if uses_triton(gate_up):
+        return _swiglu.swiglu(gate_up)
+    op = _cpu_bf16_op("swiglu_bf16", gate_up) if gate_up.dim() == 2 else None
+    return _swiglu.swiglu_ref(gate_up) if op is None else op(gate_up)
 
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids):

@@ -134,6 +134,11 @@ AVX512_BF16 inline __m512 load_f32(const bf16* p, __mmask16 mask) {
 AVX512_BF16 inline void store_bf16(bf16* p, __m512 v, __mmask16 mask) {
   _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
+// fp32 lanes rounded to the nearest bf16 (even on ties), kept as fp32.
+AVX512_BF16 inline __m512 round_bf16(__m512 v) {
+  const __m512i w = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
 inline __mmask16 mask_to(int64_t i, int64_t n) {
   return n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
 }
@@ -157,6 +162,28 @@ AVX512_BF16 void swiglu(const bf16* gu, bf16* act, int64_t M, int64_t F, int thr
       const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
       store_bf16(act + m * F + i, _mm512_mul_ps(silu, u), mask);
     }
+}
+
+// rms_norm for many rows (prefill): rows over the threads, each row's sum of
+// squares in 16 fp32 lanes; y = bf16(w * bf16(x * r)) as the PyTorch path rounds.
+AVX512_BF16 void rms_norm_rows(const bf16* x, const bf16* w, bf16* y, int64_t M, int64_t H, float eps,
+                               int threads) {
+#pragma omp parallel for num_threads(M > 1 ? threads : 1) schedule(static)
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* xr = x + m * H;
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+      const __m512 v = load_f32(xr + i, mask_to(i, H));
+      ss = _mm512_fmadd_ps(v, v, ss);
+    }
+    const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(H) + eps));
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 mask = mask_to(i, H);
+      // bf16(x * r) first, then the weight's product rounded again.
+      const __m512 normed = round_bf16(_mm512_mul_ps(load_f32(xr + i, mask), r));
+      store_bf16(y + m * H + i, _mm512_mul_ps(load_f32(w + i, mask), normed), mask);
+    }
+  }
 }
 
 // scores[0..n) = exp(scores - best) in place; returns their sum.
@@ -569,6 +596,33 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   return logits.to(at::kFloat);
 }
 
+// The eager path's RMSNorm and SwiGLU for bf16 rows on the CPU (prefill: hundreds
+// to thousands of rows), with the fused step's kernels: PyTorch's reference casts
+// to fp32 and back through several full-size temporaries.
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "wallperf::rms_norm_bf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && w.scalar_type() == at::kBFloat16 &&
+                  w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(),
+              "rms_norm_bf16 takes bfloat16 x (M, H) and a contiguous bfloat16 weight (H,), got ", x.sizes(), " and ",
+              w.sizes());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(xc.sizes(), xc.options());
+  rms_norm_rows(xc.const_data_ptr<bf16>(), w.const_data_ptr<bf16>(), y.mutable_data_ptr<bf16>(), xc.size(0),
+                xc.size(1), static_cast<float>(eps), at::get_num_threads());
+  return y;
+}
+
+at::Tensor swiglu_bf16(const at::Tensor& gate_up) {
+  TORCH_CHECK(cpu_has_avx512_bf16(), "wallperf::swiglu_bf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0,
+              "swiglu_bf16 takes bfloat16 gate_up (M, 2F), got ", gate_up.scalar_type(), " ", gate_up.sizes());
+  const at::Tensor gu = gate_up.contiguous();
+  const int64_t F = gu.size(1) / 2;
+  at::Tensor act = at::empty({gu.size(0), F}, gu.options());
+  swiglu(gu.const_data_ptr<bf16>(), act.mutable_data_ptr<bf16>(), gu.size(0), F, at::get_num_threads());
+  return act;
+}
+
 // softmax over the last dimension of a float32 (rows, n) tensor with the step's
 // own exp: exposed so that tests hold it to PyTorch's softmax.
 at::Tensor softmax_f32(const at::Tensor& x) {
@@ -590,6 +644,8 @@ at::Tensor softmax_f32(const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(wallperf, m) {
   m.def("softmax_f32(Tensor x) -> Tensor");
+  m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("swiglu_bf16(Tensor gate_up) -> Tensor");
   m.def(
       "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, Tensor[] gate_up, Tensor[] down, Tensor[] ln1, "
       "Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, "
@@ -600,4 +656,6 @@ TORCH_LIBRARY_FRAGMENT(wallperf, m) {
 TORCH_LIBRARY_IMPL(wallperf, CPU, m) {
   m.impl("llama_decode_bf16", &llama_decode_bf16);
   m.impl("softmax_f32", &softmax_f32);
+  m.impl("rms_norm_bf16", &rms_norm_bf16);
+  m.impl("swiglu_bf16", &swiglu_bf16);
 }
