@@ -43,16 +43,6 @@ using bf16 = at::BFloat16;
 inline float to_f(bf16 v) { return static_cast<float>(v); }
 inline bf16 to_bf16(float v) { return bf16(v); }  // round to nearest even
 
-void rms_norm(const bf16* x, const bf16* w, bf16* y, int64_t M, int64_t H, float eps) {
-  for (int64_t m = 0; m < M; ++m) {
-    const bf16* xr = x + m * H;
-    float ss = 0.f;
-    for (int64_t i = 0; i < H; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(H) + eps);
-    for (int64_t i = 0; i < H; ++i) y[m * H + i] = to_bf16(to_f(w[i]) * to_f(to_bf16(to_f(xr[i]) * r)));
-  }
-}
-
 // HF layout: the two halves of each head are the pairs rotated together.
 void rope_heads(bf16* x, int64_t heads, int64_t D, const float* cos_, const float* sin_) {
   const int64_t half = D / 2;
@@ -164,8 +154,9 @@ AVX512_BF16 void swiglu(const bf16* gu, bf16* act, int64_t M, int64_t F, int thr
     }
 }
 
-// rms_norm for many rows (prefill): rows over the threads, each row's sum of
-// squares in 16 fp32 lanes; y = bf16(w * bf16(x * r)) as the PyTorch path rounds.
+// RMSNorm of M rows (the step's and, through rms_norm_bf16, prefill's): rows over
+// the threads, each row's sum of squares in 16 fp32 lanes; y = bf16(w * bf16(x * r))
+// as the PyTorch path rounds.
 AVX512_BF16 void rms_norm_rows(const bf16* x, const bf16* w, bf16* y, int64_t M, int64_t H, float eps,
                                int threads) {
 #pragma omp parallel for num_threads(M > 1 ? threads : 1) schedule(static)
@@ -545,7 +536,7 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   const int64_t layer_elems = s.blocks * s.block_size * kv_size, layer_heads = s.blocks * s.block_size * s.Hkv;
   const Fp8Format format(kv_type == at::kFloat8_e4m3fnuz);
   for (size_t l = 0; l < L; ++l) {
-    rms_norm(x.data(), ln1[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
+    rms_norm_rows(x.data(), ln1[l].const_data_ptr<bf16>(), h.data(), M, H, epsf, threads);
     gemm_packed(bits(h.data()), bits(qkv_w[l]), qkv.data(), M, H, qkv_width, qkv_width, threads);
     if (!qkv_b.empty()) {
       const bf16* b = qkv_b[l].const_data_ptr<bf16>();
@@ -584,13 +575,13 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
     attend(qkv.data(), k_layer, v_layer, tables, pos, attn.data(), s, threads);
     gemm_packed(bits(attn.data()), bits(o_w[l]), o.data(), M, q_size, H, H, threads);
     add_rounded(x.data(), o.data(), M * H);
-    rms_norm(x.data(), ln2[l].const_data_ptr<bf16>(), h.data(), M, H, epsf);
+    rms_norm_rows(x.data(), ln2[l].const_data_ptr<bf16>(), h.data(), M, H, epsf, threads);
     gemm_packed(bits(h.data()), bits(gate_up_w[l]), gu.data(), M, H, 2 * s.F, 2 * s.F, threads);
     swiglu(gu.data(), act.data(), M, s.F, threads);
     gemm_packed(bits(act.data()), bits(down_w[l]), d.data(), M, s.F, H, H, threads);
     add_rounded(x.data(), d.data(), M * H);
   }
-  rms_norm(x.data(), norm.const_data_ptr<bf16>(), h.data(), M, H, epsf);
+  rms_norm_rows(x.data(), norm.const_data_ptr<bf16>(), h.data(), M, H, epsf, threads);
   at::Tensor logits = at::empty({M, s.V}, x_in.options());
   gemm_packed(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), M, H, s.V, s.V, threads);
   return logits.to(at::kFloat);
