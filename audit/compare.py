@@ -23,6 +23,9 @@ A run whose own record says its roofline cannot be trusted (an MBU or MFU above
 figures, but its MBU cells carry `!` and a note below the table gives the
 record's reasons (`roofline_trusted`, `untrusted_reasons` in the JSON): an
 impossible figure is never printed quietly.
+
+Past the ~350 lines aimed for: the table, its marks (weak baseline, untrusted
+roofline, peak tries) and the JSON are one reading of the records, kept together.
 """
 from __future__ import annotations
 
