@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from audit.mmlu import MMLUResult
-from audit.sequential import confidence_interval
-from audit.verdict import points, same_questions
-from harness.config import ModelShape
-from harness.hardware.counts import held_weight_bytes
-from harness.hardware.roofline import bytes_per_token, memory_wall
+from wallperf.audit.mmlu import MMLUResult
+from wallperf.audit.sequential import confidence_interval
+from wallperf.audit.verdict import points, same_questions
+from wallperf.harness.config import ModelShape
+from wallperf.harness.hardware.counts import held_weight_bytes
+from wallperf.harness.hardware.roofline import bytes_per_token, memory_wall
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import io
 
-from audit.perf_audit import LATENCY_SCENARIOS, run_label, scenario_config
+from wallperf.audit.perf_audit import LATENCY_SCENARIOS, run_label, scenario_config
 
 PERCENTILES = ("p50", "p90", "p99")
 

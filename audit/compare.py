@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import ConfigError
+from wallperf.harness.config import ConfigError
 
 MISSING = "–"
 SCENARIO_ORDER = ("Offline", "Server", "Interactive", "SingleStream", "MultiStream")
@@ -355,7 +355,7 @@ def cmd_compare(args) -> int:
     run_dirs = [read_run_dir(Path(d)) for d in args.run_dirs]
     performance, accuracy, left_out = compare(run_dirs, args.vs)
     if args.pareto is not None:
-        from audit.pareto import series_of, write_pareto_png
+        from wallperf.audit.pareto import series_of, write_pareto_png
 
         sweeps = [d.results["sweep"] for d in run_dirs if isinstance(d.results.get("sweep"), dict)]
         if not sweeps:

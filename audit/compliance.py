@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.loadgen.logs import AccuracyEntry, read_accuracy_log
+from wallperf.harness.loadgen.logs import AccuracyEntry, read_accuracy_log
 
 DTYPES = ("int64", "int32", "int16", "float32")
 MAX_LISTED_FAILURES = 10

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.baseline import BaselineComparison, ModelCost
-from audit.mmlu import CHANCE, FORMATS, MMLUResult, Progress, prepare, score
-from audit.sequential import confidence_interval
-from harness.config.checks import positive
-from audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
-from audit.verdict import EXIT_BAD_INPUT, EXIT_CODES, Verdict, check_max_drop, decide
-from sut.quant import kv_cache_dtype
+from wallperf.audit.baseline import BaselineComparison, ModelCost
+from wallperf.audit.mmlu import CHANCE, FORMATS, MMLUResult, Progress, prepare, score
+from wallperf.audit.sequential import confidence_interval
+from wallperf.harness.config.checks import positive
+from wallperf.audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
+from wallperf.audit.verdict import EXIT_BAD_INPUT, EXIT_CODES, Verdict, check_max_drop, decide
+from wallperf.sut.quant import kv_cache_dtype
 
 DEFAULT_MAX_QUESTIONS = 2000
 LOOK_EVERY = 32
@@ -110,15 +110,15 @@ class AuditResult:
 def question_pool(mmlu_path, subjects, per_subject, questions):
     """(every MMLU question, the pool drawn from): the pool is `questions` if given, else
     the first `per_subject` of each subject (all without it), only `subjects` if given."""
-    from harness.loadgen.qsl import load_mmlu, select_per_subject
+    from wallperf.harness.loadgen.qsl import load_mmlu, select_per_subject
 
     if questions is not None:
         if not questions:
             raise AuditInputError("the audit was given no questions")
         return list(questions), list(questions)
     if mmlu_path is None:
-        from harness.artifacts import resolve_dataset_file
-        from harness.config import load_dataset_config
+        from wallperf.harness.artifacts import resolve_dataset_file
+        from wallperf.harness.config import load_dataset_config
         mmlu_path = resolve_dataset_file(load_dataset_config("mmlu"))
     everything = load_mmlu(mmlu_path)
     if subjects is not None:
@@ -142,8 +142,8 @@ def check_draw(fmt: str, per_subject: int | None, max_questions: int | None, k_s
 
 
 def hardware_profile_named(name: str):
-    from harness.config import load_hardware_config
-    from harness.hardware.profiles import hardware_profile
+    from wallperf.harness.config import load_hardware_config
+    from wallperf.harness.hardware.profiles import hardware_profile
 
     return hardware_profile(load_hardware_config(name))[0]
 
@@ -227,9 +227,9 @@ def add_audit_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_audit(args) -> int:
-    from harness.artifacts import ArtifactError
-    from harness.config import ConfigError
-    from harness.loadgen.qsl import DatasetError
+    from wallperf.harness.artifacts import ArtifactError
+    from wallperf.harness.config import ConfigError
+    from wallperf.harness.loadgen.qsl import DatasetError
 
     try:
         result = audit(args.reference, args.candidate, args.max_drop, args.baseline, args.per_subject, args.fmt,

@@ -24,9 +24,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from audit.stats import binomial_sf, log_softmax, wilson_interval
-from audit.scoring import encode_request, score_requests
-from harness.loadgen.qsl import LETTERS, MMLUQuestion
+from wallperf.audit.stats import binomial_sf, log_softmax, wilson_interval
+from wallperf.audit.scoring import encode_request, score_requests
+from wallperf.harness.loadgen.qsl import LETTERS, MMLUQuestion
 
 FORMATS = ("letter", "cloze")
 CHANCE = 0.25

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from harness.config import ConfigError
-from harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front
-from harness.loadgen.results import write_figure_atomic
+from wallperf.harness.config import ConfigError
+from wallperf.harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front
+from wallperf.harness.loadgen.results import write_figure_atomic
 
 # Batches the predicted front is drawn through.
 FRONT_BATCHES = tuple(range(1, 17)) + (20, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -98,7 +98,7 @@ def read_sweep(path: Path) -> dict:
 def pareto_figure(series: list[dict]):
     """Per-user tokens/s (y) against system tokens/s (x), log-log: each series' points
     (labelled with their target QPS) and its predicted front, dashed."""
-    from audit.charts import chart_text, legend, new_figure
+    from wallperf.audit.charts import chart_text, legend, new_figure
 
     fig = new_figure(8, 4.2 + 0.14 * 2 * len(series))
     ax = fig.add_subplot()

@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.loadgen.results import SUBMISSION_MIN_DURATION_S
+from wallperf.harness.loadgen.results import SUBMISSION_MIN_DURATION_S
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES = ("error", "warning", "info")

@@ -22,11 +22,11 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from audit.charts import PERCENTILES, accuracy_wall_chart, latency_chart, png, roofline_chart
-from audit.pareto import pareto_figure, series_of
-from audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
-from harness.config import ConfigError
-from harness.loadgen.results import write_text_atomic
+from wallperf.audit.charts import PERCENTILES, accuracy_wall_chart, latency_chart, png, roofline_chart
+from wallperf.audit.pareto import pareto_figure, series_of
+from wallperf.audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
+from wallperf.harness.config import ConfigError
+from wallperf.harness.loadgen.results import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MISSING = "n/a"

@@ -15,11 +15,11 @@ import json
 import sys
 import time
 
-from audit.gate import SEED, check_draw, draw_order, hardware_profile_named, question_pool
-from audit.mmlu import CHANCE, FORMATS, MMLUResult, evaluate
-from harness.config.checks import positive
-from audit.specs import load_spec, parse_spec, release_checkpoints, resolve_spec
-from audit.verdict import EXIT_BAD_INPUT
+from wallperf.audit.gate import SEED, check_draw, draw_order, hardware_profile_named, question_pool
+from wallperf.audit.mmlu import CHANCE, FORMATS, MMLUResult, evaluate
+from wallperf.harness.config.checks import positive
+from wallperf.audit.specs import load_spec, parse_spec, release_checkpoints, resolve_spec
+from wallperf.audit.verdict import EXIT_BAD_INPUT
 
 
 def score_model(spec_text: str, fmt: str = "letter", per_subject: int | None = None, subjects=None,
@@ -83,9 +83,9 @@ def add_mmlu_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_mmlu(args) -> int:
-    from harness.artifacts import ArtifactError
-    from harness.config import ConfigError
-    from harness.loadgen.qsl import DatasetError
+    from wallperf.harness.artifacts import ArtifactError
+    from wallperf.harness.config import ConfigError
+    from wallperf.harness.loadgen.qsl import DatasetError
 
     try:
         result, population = score_model(args.model, args.fmt, args.per_subject, args.subjects, args.k_shot,

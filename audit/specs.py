@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.hardware.roofline import DTYPE_NAMES
+from wallperf.harness.hardware.roofline import DTYPE_NAMES
 
 FP8_VARIANTS = ("fp8_e4m3fn", "fp8_e4m3fnuz")
 DTYPES = tuple(DTYPE_NAMES) + FP8_VARIANTS
@@ -69,8 +69,8 @@ def parse_spec(text: str) -> ModelSpec:
 
 def resolve_spec(spec: ModelSpec) -> tuple[Path, str]:
     """The checkpoint path and the dtype to run in (the published one unless the spec names one)."""
-    from harness.artifacts import ArtifactError, resolve_model_file
-    from harness.config import available, load_model_config
+    from wallperf.harness.artifacts import ArtifactError, resolve_model_file
+    from wallperf.harness.config import available, load_model_config
 
     path = Path(spec.target).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -95,7 +95,7 @@ def resolve_spec(spec: ModelSpec) -> tuple[Path, str]:
 def fp8_format(dtype: str, hardware) -> tuple[torch.dtype | None, str]:
     """The fp8 variant a dtype means on `hardware` (a harness.config.HardwareConfig),
     and the dtype of the math; (None, dtype) for a dtype that is not fp8."""
-    from sut.quant import FP8_DTYPES, choose_format
+    from wallperf.sut.quant import FP8_DTYPES, choose_format
 
     if dtype in FP8_VARIANTS:
         return FP8_DTYPES[dtype.removeprefix("fp8_")], "bfloat16"
@@ -110,7 +110,7 @@ def _read_checkpoint(path: Path):
     """The last checkpoint read, so that reference and candidate of one file are read once.
     Models built from it never write into its tensors (noise and fp8 replace weights).
     The audit clears it once every model is built."""
-    from sut.loading import read_checkpoint
+    from wallperf.sut.loading import read_checkpoint
 
     return read_checkpoint(path)
 
@@ -131,9 +131,9 @@ def add_weight_noise_(model: nn.Module, relative_std: float, seed: int = NOISE_S
 
 def load_spec(spec: ModelSpec, hardware, device: str | None = None):
     """A sut.loading.LoadedModel as the spec describes it, fp8 in `hardware`'s variant."""
-    from sut.loading import LoadedModel, torch_dtype
-    from sut.quant import quantize_model_
-    from sut.weights import build_model
+    from wallperf.sut.loading import LoadedModel, torch_dtype
+    from wallperf.sut.quant import quantize_model_
+    from wallperf.sut.weights import build_model
 
     path, dtype = resolve_spec(spec)
     fp8_dtype, math_dtype = fp8_format(dtype, hardware)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from audit.compliance import Test06Result, check_test06
+from wallperf.audit.compliance import Test06Result, check_test06
 
 # TEST06's audit.config settings: a performance run (mode 2) of at least 100
 # queries, every response logged (sampling target 100), no minimum duration and

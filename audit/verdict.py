@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from audit.mmlu import CHANCE, FORMATS, MMLUResult
-from audit.sequential import ALPHA, HORIZON, confidence_interval, side_of
-from audit.stats import kl_divergence, paired_bootstrap_ci
-from audit.specs import AuditInputError
+from wallperf.audit.mmlu import CHANCE, FORMATS, MMLUResult
+from wallperf.audit.sequential import ALPHA, HORIZON, confidence_interval, side_of
+from wallperf.audit.stats import kl_divergence, paired_bootstrap_ci
+from wallperf.audit.specs import AuditInputError
 
 MAX_DROP_LIMIT = 2.0
 EXIT_CODES = {"PASS": 0, "FAIL": 1, "INCONCLUSIVE": 3}

@@ -18,9 +18,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from harness.config import ArtifactSource, DatasetConfig, ModelConfig
-from harness.config.schema import WheelPart
-from sut.atomic import atomic_file
+from wallperf.harness.config import ArtifactSource, DatasetConfig, ModelConfig
+from wallperf.harness.config.schema import WheelPart
+from wallperf.sut.atomic import atomic_file
 
 
 class ArtifactError(RuntimeError):

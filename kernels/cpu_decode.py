@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from kernels.cpu_linear import _extension
+from wallperf.kernels.cpu_linear import _extension
 
 # Rows beyond this go through the eager path. The GEMM reads each weight once
 # per step whatever the rows; 64 is the engine's largest decode batch measured.

@@ -10,9 +10,9 @@ forced: `kernels._triton` decides that once for every kernel file.
 """
 import torch
 
-from kernels import _triton
-from kernels import fp8_gemm as _fp8_gemm, moe as _moe, paged_attention as _paged_attention
-from kernels import rmsnorm as _rmsnorm, rope as _rope, swiglu as _swiglu
+from wallperf.kernels import _triton
+from wallperf.kernels import fp8_gemm as _fp8_gemm, moe as _moe, paged_attention as _paged_attention
+from wallperf.kernels import rmsnorm as _rmsnorm, rope as _rope, swiglu as _swiglu
 
 
 def uses_triton(t: torch.Tensor) -> bool:
@@ -25,7 +25,7 @@ def linear(x, weight):
     (kernels.cpu_linear, which falls back to F.linear where it cannot build or run);
     elsewhere F.linear, i.e. cuBLAS/hipBLASLt on a GPU."""
     if x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16:
-        from kernels.cpu_linear import cpu_linear
+        from wallperf.kernels.cpu_linear import cpu_linear
 
         return cpu_linear(x, weight)
     return torch.nn.functional.linear(x, weight)
@@ -37,7 +37,7 @@ def _cpu_bf16_op(name: str, *tensors):
     (WALLPERF_KERNELS=torch); else None."""
     if _triton.MODE == "torch" or any(t.dtype != torch.bfloat16 or not t.is_cpu for t in tensors):
         return None
-    from kernels.cpu_linear import _extension
+    from wallperf.kernels.cpu_linear import _extension
 
     return None if _extension()[0] is None else getattr(torch.ops.wallperf, name)
 

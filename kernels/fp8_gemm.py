@@ -17,7 +17,7 @@ bit-compatible, so a checkpoint must be quantized for the format it will run in.
 """
 import torch
 
-from kernels._triton import require_triton, tl, triton, upcast_dot
+from wallperf.kernels._triton import require_triton, tl, triton, upcast_dot
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -19,8 +19,8 @@ expert that receives no tokens gets no tiles and costs nothing.
 """
 import torch
 
-from kernels._triton import require_triton, tl, triton, upcast_dot
-from kernels.swiglu import swiglu
+from wallperf.kernels._triton import require_triton, tl, triton, upcast_dot
+from wallperf.kernels.swiglu import swiglu
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

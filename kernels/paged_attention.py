@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from kernels._triton import require_triton, tl, triton, upcast_dot
+from wallperf.kernels._triton import require_triton, tl, triton, upcast_dot
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634

@@ -12,7 +12,7 @@ the unfused `x + residual` in bf16 would be.
 """
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from wallperf.kernels._triton import require_triton, tl, triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

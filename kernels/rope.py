@@ -16,7 +16,7 @@ activation dtype and multiplies there, so in bf16 the two differ by about one ro
 """
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from wallperf.kernels._triton import require_triton, tl, triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

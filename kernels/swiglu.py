@@ -8,7 +8,7 @@ silu(gate) to the activation dtype before the multiply, one rounding more).
 """
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from wallperf.kernels._triton import require_triton, tl, triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import mlperf_loadgen as lg
 import numpy as np
 
-from sut.engine import SamplingParams
-from sut.queues import ScenarioQueue, WorkItem
+from wallperf.sut.engine import SamplingParams
+from wallperf.sut.queues import ScenarioQueue, WorkItem
 
 
 @dataclass

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sut.atomic import atomic_file
+from wallperf.sut.atomic import atomic_file
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 # Rows generated and written at a time: bounded memory whatever the bank's size.

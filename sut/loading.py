@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from sut.models.llama import LlamaConfig, LlamaModel, synthetic_state_dict
-from sut.models.mixtral import MixtralConfig, synthetic_state_dict as mixtral_synthetic
-from sut.tokenizer import Tokenizer
-from sut.weights import build_model, load_checkpoint
+from wallperf.sut.models.llama import LlamaConfig, LlamaModel, synthetic_state_dict
+from wallperf.sut.models.mixtral import MixtralConfig, synthetic_state_dict as mixtral_synthetic
+from wallperf.sut.tokenizer import Tokenizer
+from wallperf.sut.weights import build_model, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,7 +103,7 @@ def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Lla
 def _quantize(model, fp8_dtype) -> dict | None:
     if fp8_dtype is None:
         return None
-    from sut.quant import quantize_model_
+    from wallperf.sut.quant import quantize_model_
 
     return quantize_model_(model, fp8_dtype, per_channel=True).to_dict()
 
@@ -123,7 +123,7 @@ def load_mome(cfg: LlamaConfig, sd: dict, tokenizer: Tokenizer, memory, bank_dir
     """A dense base (`cfg`, `sd`: a checkpoint's or synthetic weights) with a mixture
     of memory experts (`memory`, a sut.models.mome.MemoryConfig): a seeded synthetic
     router, and an expert bank memory-mapped from `bank_dir` (created there once)."""
-    from sut.models.mome import build_mome_model, synthetic_bank, synthetic_memory_state_dict
+    from wallperf.sut.models.mome import build_mome_model, synthetic_bank, synthetic_memory_state_dict
 
     dt = torch_dtype(dtype)
     sd = {**sd, **synthetic_memory_state_dict(cfg, memory, memory.seed, dt)}

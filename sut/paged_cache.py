@@ -24,8 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels import dispatch
-from sut.quant import FP8_DTYPES, dequantize, quantize_kv_vectors
+from wallperf.kernels import dispatch
+from wallperf.sut.quant import FP8_DTYPES, dequantize, quantize_kv_vectors
 
 FP8_KV_DTYPES = tuple(FP8_DTYPES.values())
 

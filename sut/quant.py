@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import dispatch
+from wallperf.kernels import dispatch
 
 FP8_DTYPES = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
 # Matched against f"{module_name}." so that "moe.gate" matches "gate." but "gate_up_proj" does not.

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from torch import nn
 
-from sut.atomic import atomic_path
+from wallperf.sut.atomic import atomic_path
 
-from sut.quant import (FP8_DTYPES, FP8Linear, _replace, format_name, is_expert_module,
+from wallperf.sut.quant import (FP8_DTYPES, FP8Linear, _replace, format_name, is_expert_module,
                        mark_experts_quantized_)
 
 MANIFEST = "quant_manifest.json"

@@ -44,14 +44,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from sut.backends.native import NativeBackend
-from sut.completion_request import (MAX_BODY_BYTES, CompletionRequest, RequestError, decode_json_body,
+from wallperf.sut.backends.native import NativeBackend
+from wallperf.sut.completion_request import (MAX_BODY_BYTES, CompletionRequest, RequestError, decode_json_body,
                                     max_token_chars, parse_completion_request)
-from sut.engine import SamplingParams, TokenEvent
-from sut.engine_loop import EngineLoop
-from sut.http_limits import BoundedHTTPServer, DeadlineReader, RequestDeadline, ServerLimits, is_loopback
-from sut.text_stream import TextStream
-from sut.loading import LoadedModel
+from wallperf.sut.engine import SamplingParams, TokenEvent
+from wallperf.sut.engine_loop import EngineLoop
+from wallperf.sut.http_limits import BoundedHTTPServer, DeadlineReader, RequestDeadline, ServerLimits, is_loopback
+from wallperf.sut.text_stream import TextStream
+from wallperf.sut.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 

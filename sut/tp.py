@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sut.models.llama import Block, LlamaConfig, LlamaModel
+from wallperf.sut.models.llama import Block, LlamaConfig, LlamaModel
 
 
 @dataclass(frozen=True)

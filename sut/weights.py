@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
+from wallperf.sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
 
 _GGUF_BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -81,7 +81,7 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
     folder = Path(folder)
     hf_cfg = json.loads((folder / "config.json").read_text())
     if hf_cfg.get("model_type") == "mixtral":
-        from sut.models.mixtral import MixtralConfig
+        from wallperf.sut.models.mixtral import MixtralConfig
 
         config_cls = MixtralConfig
     else:
@@ -103,7 +103,7 @@ def build_model(cfg: LlamaConfig, sd: dict, dtype: torch.dtype, device="cpu", co
     """Build on the meta device (no memory touched), then assign the weights.
     `consume=True` empties `sd` as it goes, so each checkpoint tensor is freed once
     fused (Q/K/V, gate/up) instead of living beside its copy until the end."""
-    from sut.models.mixtral import MixtralConfig, MixtralModel
+    from wallperf.sut.models.mixtral import MixtralConfig, MixtralModel
 
     with torch.device("meta"):
         model = MixtralModel(cfg) if isinstance(cfg, MixtralConfig) else LlamaModel(cfg)

@@ -21,31 +21,31 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     """No nanobind "leaked" lines from Triton after pytest's summary (see quiet_triton_exit)."""
-    from harness.cli import quiet_triton_exit
+    from wallperf.cli import quiet_triton_exit
 
     quiet_triton_exit()
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_path():
-    from harness.artifacts import resolve_model_file
-    from harness.config import load_model_config
+    from wallperf.harness.artifacts import resolve_model_file
+    from wallperf.harness.config import load_model_config
 
     return resolve_model_file(load_model_config("smollm2-135m"))
 
 
 @pytest.fixture(scope="session")
 def mmlu_path():
-    from harness.artifacts import resolve_dataset_file
-    from harness.config import load_dataset_config
+    from wallperf.harness.artifacts import resolve_dataset_file
+    from wallperf.harness.config import load_dataset_config
 
     return resolve_dataset_file(load_dataset_config("mmlu"))
 
 
 @pytest.fixture(scope="session")
 def sharegpt_path():
-    from harness.artifacts import resolve_dataset_file
-    from harness.config import load_dataset_config
+    from wallperf.harness.artifacts import resolve_dataset_file
+    from wallperf.harness.config import load_dataset_config
 
     return resolve_dataset_file(load_dataset_config("sharegpt"))
 
@@ -82,7 +82,7 @@ class Probes(list):
     def result(read=47.0, at=1_000_000.0):
         """A CPU measurement as harness.hardware.probe returns it: `read` GB/s read-only, copy 35,
         triad 38, GEMM 0.8 TFLOP/s bf16 and 0.3 fp32, on 2 threads, taken at `at`."""
-        from harness.hardware.probe import CPU_QUICK_SETTINGS, ProbeResult
+        from wallperf.harness.hardware.probe import CPU_QUICK_SETTINGS, ProbeResult
 
         return ProbeResult(name="cpu", description="test CPU", vendor="cpu", memory_gb=24.0, read_gbps=read,
                            copy_gbps=35.0, triad_gbps=38.0, peak_tflops={"float32": 0.3, "bfloat16": 0.8},
@@ -91,9 +91,9 @@ class Probes(list):
 
 @pytest.fixture
 def probes(tmp_path, monkeypatch):
-    """harness.hardware.wall's probe replaced by a fake that measures Probes.result() (47 GB/s)
+    """wallperf.harness.hardware.wall's probe replaced by a fake that measures Probes.result() (47 GB/s)
     'now' on a fake clock, with host measurements kept under tmp_path ($WALLPERF_CACHE)."""
-    from harness.hardware import wall
+    from wallperf.harness.hardware import wall
 
     monkeypatch.setenv("WALLPERF_CACHE", str(tmp_path))
     calls = Probes()
@@ -134,7 +134,7 @@ class StepBackend:
         self.emitted[request_id] = 0
 
     def step(self):
-        from sut.engine import TokenEvent
+        from wallperf.sut.engine import TokenEvent
 
         seconds = self.step_seconds(len(self.running))
         if self.clock is not None:
@@ -164,7 +164,7 @@ def tiny_llama_folder(tmp_path_factory):
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sut.tokenizer import Tokenizer
+    from wallperf.sut.tokenizer import Tokenizer
 
     merges = [f"Ġ {c}" for c in "ABCDt"] + ["h e", "t he"]
     tokens = sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]

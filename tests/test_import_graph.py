@@ -1,8 +1,11 @@
 """The package layout's rules, read from the source with `ast`: no import cycles
-between files, and imports that go one way down the layers
+between files, and imports that go one way down the layers, one folder each
 
-    harness CLI / run driver / bench / tools  ->  audit  ->  harness mechanics
-    (loadgen, hardware, config, artifacts)  ->  sut  ->  kernels
+    wallperf/ (CLI, run driver, bench, tools)  ->  audit/  ->  harness/ (LoadGen,
+    hardware and config mechanics)  ->  sut/  ->  kernels/
+
+Every top-level folder is one layer, so no folder sits both above and below
+another. Modules are named as installed: the folder harness/ is `wallperf.harness`.
 
 Every import counts, the ones inside functions too: a lazy import still ties the
 two files together. `python tests/test_import_graph.py` prints the graph's summary.
@@ -14,24 +17,23 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("harness", "sut", "kernels", "audit")
-# Highest first; a module may import its own layer or any below it.
+# Highest first: (layer, the folder that holds it, its import name). A module
+# may import its own layer or any below it.
 LAYERS = (
-    ("top", ("harness.cli", "harness.driver", "harness.bench", "harness.tools")),
-    ("audit", ("audit",)),
-    ("mechanics", ("harness.loadgen", "harness.hardware", "harness.config", "harness.artifacts", "harness")),
-    ("sut", ("sut",)),
-    ("kernels", ("kernels",)),
+    ("top", "wallperf", "wallperf"),
+    ("audit", "audit", "wallperf.audit"),
+    ("mechanics", "harness", "wallperf.harness"),
+    ("sut", "sut", "wallperf.sut"),
+    ("kernels", "kernels", "wallperf.kernels"),
 )
 
 
 def layer_of(module: str) -> int:
-    """0 for the top layer, larger further down; the longest matching prefix wins."""
+    """0 for the top layer, larger further down; the longest matching name wins."""
     best, rank = -1, None
-    for i, (_, prefixes) in enumerate(LAYERS):
-        for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best:
-                best, rank = len(p), i
+    for i, (_, _, name) in enumerate(LAYERS):
+        if (module == name or module.startswith(name + ".")) and len(name) > best:
+            best, rank = len(name), i
     if rank is None:
         raise ValueError(f"module {module} is in no layer")
     return rank
@@ -39,10 +41,11 @@ def layer_of(module: str) -> int:
 
 def modules_under(root: Path) -> dict[str, Path]:
     found = {}
-    for pkg in PACKAGES:
-        for path in sorted((root / pkg).rglob("*.py")):
-            parts = path.relative_to(root).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    for _, folder, package in LAYERS:
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            name = ".".join((package,) + parts)
             found[name] = path
     return found
 
@@ -67,7 +70,7 @@ def imports_of(path: Path, module: str, known: dict) -> set[str]:
         for t in targets:
             while t and t not in known:
                 t = t.rpartition(".")[0]
-            if t and t.split(".")[0] in PACKAGES and t != module:
+            if t and t != module:
                 out.add(t)
     return out
 
@@ -138,9 +141,9 @@ def _tree(root: Path, files: dict) -> Path:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    for pkg in PACKAGES:
-        (root / pkg).mkdir(exist_ok=True)
-        (root / pkg / "__init__.py").touch()
+    for _, folder, _ in LAYERS:
+        (root / folder).mkdir(exist_ok=True)
+    (root / "wallperf" / "__init__.py").touch()
     return root
 
 
@@ -150,24 +153,24 @@ def test_the_check_catches_an_upward_import_and_a_cycle(tmp_path):
     root = _tree(tmp_path, {
         "harness/loadgen/__init__.py": "",
         "harness/loadgen/logs.py": "X = 1\n",
-        "sut/engine.py": "def f():\n    from harness.loadgen.logs import X\n    return X\n",
-        "kernels/a.py": "from kernels import b\n",
+        "sut/engine.py": "def f():\n    from wallperf.harness.loadgen.logs import X\n    return X\n",
+        "kernels/a.py": "from wallperf.kernels import b\n",
         "kernels/b.py": "from . import a\n",
-        "harness/cli.py": "import audit.gate\nfrom sut import engine\n",
-        "audit/gate.py": "from harness.loadgen import logs\n",
+        "wallperf/cli.py": "import wallperf.audit.gate\nfrom wallperf.sut import engine\n",
+        "audit/gate.py": "from wallperf.harness.loadgen import logs\n",
     })
     graph = import_graph(root)
-    assert graph["sut.engine"] == {"harness.loadgen.logs"}
-    assert upward_imports(graph) == ["sut.engine (sut) imports harness.loadgen.logs (mechanics)"]
-    assert cycles(graph) == [["kernels.a", "kernels.b"]]
+    assert graph["wallperf.sut.engine"] == {"wallperf.harness.loadgen.logs"}
+    assert upward_imports(graph) == ["wallperf.sut.engine (sut) imports wallperf.harness.loadgen.logs (mechanics)"]
+    assert cycles(graph) == [["wallperf.kernels.a", "wallperf.kernels.b"]]
 
 
 if __name__ == "__main__":
     g = import_graph()
     edges = sum(len(v) for v in g.values())
-    for i, (name, prefixes) in enumerate(LAYERS):
+    for i, (name, folder, package) in enumerate(LAYERS):
         members = sorted(m for m in g if layer_of(m) == i)
-        print(f"{name:9s} {len(members):3d} modules  ({', '.join(prefixes)})")
+        print(f"{name:9s} {len(members):3d} modules  ({folder}/ = {package})")
     print(f"{len(g)} modules, {edges} imports between them")
     print(f"cycles: {cycles(g) or 'none'}")
     print("upward imports: " + ("\n  ".join([""] + upward_imports(g)) if upward_imports(g) else "none"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from harness.loadgen.logs import read_accuracy_log
+from wallperf.harness.loadgen.logs import read_accuracy_log
 
 VIEWABLE_BYTES = 4096
 

@@ -6,8 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-from audit.submission.package import DIVISIONS, package, run_checker
-from harness.config.benchmarks import CHECKER_VERSIONS
+from wallperf.audit.submission.package import DIVISIONS, package, run_checker
+from wallperf.harness.config.benchmarks import CHECKER_VERSIONS
 
 _HELP = """\
 Assemble the official MLPerf submission tree from `wallperf run --submission`

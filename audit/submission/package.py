@@ -22,13 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from audit.submission.accuracy_txt import write_accuracy_dir
-from audit.submission.rules import submission_notes
-from audit.submission.system_desc import read_system_desc, system_json
-from audit.test06 import verify_test06
-from harness.config import ConfigError
-from harness.config.benchmarks import BENCHMARKS, CHECKER_VERSIONS
-from harness.loadgen.settings import embedded_mlperf_conf
+from wallperf.audit.submission.accuracy_txt import write_accuracy_dir
+from wallperf.audit.submission.rules import submission_notes
+from wallperf.audit.submission.system_desc import read_system_desc, system_json
+from wallperf.audit.test06 import verify_test06
+from wallperf.harness.config import ConfigError
+from wallperf.harness.config.benchmarks import BENCHMARKS, CHECKER_VERSIONS
+from wallperf.harness.loadgen.settings import embedded_mlperf_conf
 
 DIVISIONS = ("open", "closed")
 

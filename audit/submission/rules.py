@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.config.benchmarks import (BENCHMARKS, CHECKER_VERSIONS, MIN_QUERIES, SEEDS,
+from wallperf.harness.config.benchmarks import (BENCHMARKS, CHECKER_VERSIONS, MIN_QUERIES, SEEDS,
                                        SUBMISSION_MIN_DURATION_MS)
-from harness.loadgen.logs import read_detail_log
+from wallperf.harness.loadgen.logs import read_detail_log
 
 
 def submission_notes(record: dict, checker_version: str = "v6.1") -> list[str]:

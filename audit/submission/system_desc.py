@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from harness.config import ConfigError, read_yaml
-from harness.hardware.probe import _cpu_name, _physical_memory_gb
-from harness.loadgen.results import wallperf_version
+from wallperf.harness.config import ConfigError, read_yaml
+from wallperf.harness.hardware.probe import _cpu_name, _physical_memory_gb
+from wallperf.harness.loadgen.results import wallperf_version
 
 # Asked of the user: nothing on the machine says them.
 USER_FIELDS = ("system_name", "status", "host_memory_configuration", "host_storage_capacity", "host_storage_type",

@@ -4,12 +4,12 @@
 dataclasses (what each file may say), `load` the reading and checking of files
 and the resolution of a run YAML. Callers import from here.
 """
-from harness.config.checks import (BACKENDS, DTYPE_ALIASES, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError,
+from wallperf.harness.config.checks import (BACKENDS, DTYPE_ALIASES, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError,
                                    FieldError, canonical_dtype, conf_dir, folder_inside, plain_name_problem, positive,
                                    positive_list)
-from harness.config.load import (ResolvedRun, available, build, load_dataset_config, load_hardware_config,
+from wallperf.harness.config.load import (ResolvedRun, available, build, load_dataset_config, load_hardware_config,
                                  load_model_config, load_run, load_scenario_config, read_yaml)
-from harness.config.schema import (PEAK_DTYPES, ArtifactSource, DatasetConfig, HardwareConfig, ModelConfig, ModelShape,
+from wallperf.harness.config.schema import (PEAK_DTYPES, ArtifactSource, DatasetConfig, HardwareConfig, ModelConfig, ModelShape,
                                    MoMESection, OpenAIConfig, OutputLength, RunConfig, ScenarioConfig)
 
 __all__ = [

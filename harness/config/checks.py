@@ -107,7 +107,8 @@ def positive_list(kind, zero_ok: bool = False):
 
 
 def conf_dir() -> Path:
-    """conf/ beside the packages (a source checkout), or $WALLPERF_CONF."""
+    """conf/: beside the packages in a checkout, inside the wallperf package in a wheel
+    (the same relative path from here); or $WALLPERF_CONF."""
     return Path(os.environ.get("WALLPERF_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 

@@ -12,9 +12,9 @@ from typing import Literal, Union
 
 import yaml
 
-from harness.config.checks import (SCENARIOS, ConfigError, FieldError, canonical_dtype, conf_dir,
+from wallperf.harness.config.checks import (SCENARIOS, ConfigError, FieldError, canonical_dtype, conf_dir,
                                    plain_name_problem)
-from harness.config.schema import DatasetConfig, HardwareConfig, ModelConfig, RunConfig, ScenarioConfig
+from wallperf.harness.config.schema import DatasetConfig, HardwareConfig, ModelConfig, RunConfig, ScenarioConfig
 
 # Numbers beyond these are no one's setting, and overflow the C++ types LoadGen takes.
 MAX_FLOAT = 1e12
@@ -162,7 +162,7 @@ def _check_tp(run: RunConfig, model: ModelConfig, file) -> None:
         raise ConfigError(file, "tp", f"tp {run.tp}: tensor parallelism shards the dense Llama decoder; "
                           f"model {model.name} is family {model.family} (use tp 1)")
     if model.shape is not None:
-        from sut.tp import check_shardable
+        from wallperf.sut.tp import check_shardable
 
         try:
             check_shardable(model.shape, run.tp)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlsplit
 
-from harness.config.checks import MODES, SCENARIOS, FieldError, check_plain_names, check_sha256
-from sut.redact import redact
+from wallperf.harness.config.checks import MODES, SCENARIOS, FieldError, check_plain_names, check_sha256
+from wallperf.sut.redact import redact
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class ModelConfig:
         if (self.family == "mome") != (self.mome is not None):
             raise ValueError("a 'mome' section is needed exactly when family is mome")
         if self.mome is not None:
-            from sut.models.mome import MemoryConfig
+            from wallperf.sut.models.mome import MemoryConfig
 
             MemoryConfig(**dataclasses.asdict(self.mome))
         if self.format == "synthetic" and (self.shape is None or self.tokenizer_from is None):
@@ -170,7 +170,7 @@ class ModelConfig:
         if self.format != "synthetic" and self.source is None:
             raise ValueError(f"format {self.format!r} needs 'source'")
         if self.benchmark is not None:
-            from harness.config.benchmarks import BENCHMARKS
+            from wallperf.harness.config.benchmarks import BENCHMARKS
 
             if self.benchmark not in BENCHMARKS:
                 raise FieldError("benchmark", f"unknown MLPerf benchmark {self.benchmark!r}; allowed: "

@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.config import ModelShape
+from wallperf.harness.config import ModelShape
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 # sut.quant keeps one fp32 scale per output row of every fp8 projection.

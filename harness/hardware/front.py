@@ -28,9 +28,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from harness.config import HardwareConfig, ModelShape
-from harness.hardware.counts import flops_per_token
-from harness.hardware.roofline import bytes_per_step, peak_flops
+from wallperf.harness.config import HardwareConfig, ModelShape
+from wallperf.harness.hardware.counts import flops_per_token
+from wallperf.harness.hardware.roofline import bytes_per_step, peak_flops
 
 
 @dataclass(frozen=True)

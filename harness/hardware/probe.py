@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from harness.loadgen.results import write_text_atomic
+from wallperf.harness.loadgen.results import write_text_atomic
 
 MIB = 1 << 20
 TRIAD_SCALAR = 3.0
@@ -138,7 +138,7 @@ def read_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
     """GB/s of the faster read-only pass over `array_mib` MiB, best of `repeats` each:
     torch.sum of a float32 array, and on a CPU with the compiled kernel a bf16 GEMV."""
     best = _sum_bandwidth(device, array_mib, repeats)
-    from kernels.cpu_linear import cpu_linear, cpu_linear_available
+    from wallperf.kernels.cpu_linear import cpu_linear, cpu_linear_available
 
     if device.type == "cpu" and cpu_linear_available():
         cols = 4096
@@ -220,7 +220,7 @@ def probe(device: str = "auto", quick: bool = False, settings: ProbeSettings | N
 
 def measured_profile_path(name: str) -> Path:
     """Where `wallperf probe` keeps the measured profile `name` (cpu or local-gpu)."""
-    from harness.artifacts import cache_dir
+    from wallperf.harness.artifacts import cache_dir
 
     return cache_dir() / "hardware" / f"{name}.yaml"
 

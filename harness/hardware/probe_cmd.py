@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from harness.hardware.probe import BUSY_LOAD_AVERAGE, ProbeResult, probe, write_profile
-from harness.hardware.wall import store_host_measurement
+from wallperf.harness.hardware.probe import BUSY_LOAD_AVERAGE, ProbeResult, probe, write_profile
+from wallperf.harness.hardware.wall import store_host_measurement
 
 
 def format_result(result: ProbeResult) -> str:
@@ -46,14 +46,14 @@ def add_probe_parser(subparsers):
 
 
 def cmd_probe(args) -> int:
-    from harness.config import ConfigError
+    from wallperf.harness.config import ConfigError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("command line", "--device", "torch sees no GPU here; allowed: auto, cpu")
     if args.hardware is not None and not args.measured_wall:
         raise ConfigError("command line", "--hardware", "only used with --measured-wall")
     if args.hardware is not None:
-        from harness.config import load_hardware_config
+        from wallperf.harness.config import load_hardware_config
 
         load_hardware_config(args.hardware, "command line", "--hardware")
     result = probe(args.device, args.quick)

@@ -7,8 +7,8 @@ import dataclasses
 
 import torch
 
-from harness.config import HardwareConfig
-from harness.hardware.wall import run_wall
+from wallperf.harness.config import HardwareConfig
+from wallperf.harness.hardware.wall import run_wall
 
 
 def hardware_profile(configured: HardwareConfig) -> tuple[HardwareConfig, str]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.config import DTYPE_ALIASES, ConfigError, HardwareConfig, ModelShape
-from harness.hardware.counts import (BYTES_PER_ELEMENT, Embedding, WeightBytes, active_parameters,
+from wallperf.harness.config import DTYPE_ALIASES, ConfigError, HardwareConfig, ModelShape
+from wallperf.harness.hardware.counts import (BYTES_PER_ELEMENT, Embedding, WeightBytes, active_parameters,
                                      flops_per_token, kv_bytes_per_sequence, prefill_flops, shape_weight_bytes)
 
 # What the command line and a run YAML accept for a dtype, and the dtype each name means.

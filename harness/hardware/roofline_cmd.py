@@ -9,11 +9,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from harness.config import ConfigError, HardwareConfig, ModelShape
-from harness.hardware.counts import flops_per_token, shape_weight_bytes
-from harness.hardware.roofline import (DTYPE_NAMES, RooflineRow, activation_dtype, peak_flops, ridge_point,
+from wallperf.harness.config import ConfigError, HardwareConfig, ModelShape
+from wallperf.harness.hardware.counts import flops_per_token, shape_weight_bytes
+from wallperf.harness.hardware.roofline import (DTYPE_NAMES, RooflineRow, activation_dtype, peak_flops, ridge_point,
                                        roofline_rows)
-from harness.loadgen.results import write_figure_atomic
+from wallperf.harness.loadgen.results import write_figure_atomic
 
 
 def measured_points(results: Path) -> list[tuple[str, float, float]]:
@@ -111,7 +111,7 @@ def add_roofline_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_roofline(args) -> int:
-    from harness.config import load_hardware_config, load_model_config
+    from wallperf.harness.config import load_hardware_config, load_model_config
 
     model = load_model_config(args.model, "command line", "--model")
     if model.shape is None:

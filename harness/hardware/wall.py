@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from harness.config import ConfigError, HardwareConfig, build, read_yaml
-from harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe
-from harness.loadgen.results import write_text_atomic
+from wallperf.harness.config import ConfigError, HardwareConfig, build, read_yaml
+from wallperf.harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe
+from wallperf.harness.loadgen.results import write_text_atomic
 
 # How long a measurement of this host stands in for a new one.
 MAX_AGE_S = 3600.0
@@ -79,7 +79,7 @@ def host_id() -> str:
 
 
 def host_measurement_path() -> Path:
-    from harness.artifacts import cache_dir
+    from wallperf.harness.artifacts import cache_dir
 
     return cache_dir() / "hardware" / f"host-{host_id()}.json"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.loadgen.workload import length_distribution
+from wallperf.harness.loadgen.workload import length_distribution
 
 
 def issued_lengths(queries, prompts, output_lengths=None) -> dict:

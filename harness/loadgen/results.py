@@ -11,10 +11,10 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from harness.loadgen.logs import read_accuracy_log, read_detail_log, scenario_metrics
-from harness.loadgen.qsl import parse_answer_letter
-from sut.atomic import atomic_file
-from sut.redact import redact, redact_obj
+from wallperf.harness.loadgen.logs import read_accuracy_log, read_detail_log, scenario_metrics
+from wallperf.harness.loadgen.qsl import parse_answer_letter
+from wallperf.sut.atomic import atomic_file
+from wallperf.sut.redact import redact, redact_obj
 
 # MLPerf's minimum duration for a submission run.
 SUBMISSION_MIN_DURATION_S = 600

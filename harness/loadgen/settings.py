@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlperf_loadgen as lg
 
-from harness.config import ConfigError, ScenarioConfig
+from wallperf.harness.config import ConfigError, ScenarioConfig
 
 LOADGEN_SCENARIO = {
     "SingleStream": lg.TestScenario.SingleStream,

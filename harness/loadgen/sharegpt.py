@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.loadgen.qsl import DatasetError
+from wallperf.harness.loadgen.qsl import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.config import DatasetConfig
-from harness.loadgen.qsl import build_prompts, load_mmlu, select_per_subject
-from harness.loadgen.sharegpt import sample_sharegpt
+from wallperf.harness.config import DatasetConfig
+from wallperf.harness.loadgen.qsl import build_prompts, load_mmlu, select_per_subject
+from wallperf.harness.loadgen.sharegpt import sample_sharegpt
 
 
 @dataclass(frozen=True)

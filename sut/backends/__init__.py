@@ -48,23 +48,23 @@ def create(kind: str, loaded, max_batch: int, max_seq_len: int, openai=None, kv_
     if kv_dtype is not None and kind != "native":
         raise ValueError(f"an fp8 KV cache is the native engine's; backend {kind!r} keeps its own")
     if kind == "native":
-        from sut.backends.native import NativeBackend
+        from wallperf.sut.backends.native import NativeBackend
 
         return NativeBackend(loaded, max_batch=max_batch, max_seq_len=max_seq_len, kv_dtype=kv_dtype)
     if kind == "openai":
-        from sut.backends.openai import OpenAIBackend
+        from wallperf.sut.backends.openai import OpenAIBackend
 
         return OpenAIBackend(list(openai.endpoints), openai.model, max_concurrency=max_batch,
                              timeout_s=openai.timeout_s, retries=openai.retries, tokenizer=loaded.tokenizer,
                              api_key_env=openai.api_key_env, routing=openai.routing)
     if kind == "hf":
         check_available(kind)
-        from sut.backends.hf import HFBackend
+        from wallperf.sut.backends.hf import HFBackend
 
         return HFBackend(loaded, max_batch=max_batch, max_seq_len=max_seq_len)
     if kind == "llamacpp":
         check_available(kind)
-        from sut.backends.llamacpp import LlamaCppBackend
+        from wallperf.sut.backends.llamacpp import LlamaCppBackend
 
         return LlamaCppBackend(loaded, max_batch=max_batch, max_seq_len=max_seq_len)
     raise ValueError(f"unknown backend {kind!r}; available: {', '.join(BACKENDS)}")

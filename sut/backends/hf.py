@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sut.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
-from sut.models.llama import LlamaModel
+from wallperf.sut.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
+from wallperf.sut.models.llama import LlamaModel
 
 
 def hf_config(cfg, dtype: torch.dtype):

@@ -2,8 +2,8 @@
 over a model loaded by sut.loading."""
 from __future__ import annotations
 
-from sut.engine import Engine
-from sut.loading import LoadedModel
+from wallperf.sut.engine import Engine
+from wallperf.sut.loading import LoadedModel
 
 
 class NativeBackend(Engine):

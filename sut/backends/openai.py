@@ -46,11 +46,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from sut.backends.openai_endpoint import Endpoint
-from sut.backends.sse import (DONE, MAX_REASON_CHARS, RequestFailed, choice_content, choices, error_message,
+from wallperf.sut.backends.openai_endpoint import Endpoint
+from wallperf.sut.backends.sse import (DONE, MAX_REASON_CHARS, RequestFailed, choice_content, choices, error_message,
                              parse_event, usage)
-from sut.engine import SamplingParams, TokenEvent
-from sut.redact import redact, register_secret
+from wallperf.sut.engine import SamplingParams, TokenEvent
+from wallperf.sut.redact import redact, register_secret
 
 ROUTINGS = ("round_robin", "least_outstanding")
 # How long step() waits for the first event: short, so new samples are admitted promptly.

@@ -7,7 +7,7 @@ import http.client
 import threading
 from urllib.parse import urlsplit
 
-from sut.redact import redact
+from wallperf.sut.redact import redact
 
 # What sending on a keep-alive connection the server has since closed looks like.
 _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)

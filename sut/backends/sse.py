@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from sut.redact import redact
+from wallperf.sut.redact import redact
 
 # The end of the stream: `data: [DONE]`.
 DONE = "[DONE]"

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kernels import dispatch
+from wallperf.kernels import dispatch
 
 
 # GGUF `general.architecture` values this decoder runs: qwen2 is the Llama block

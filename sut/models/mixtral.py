@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.dispatch import fused_moe
-from sut.models.llama import Block, LlamaConfig, LlamaModel
-from sut.models.llama import synthetic_state_dict as dense_synthetic
-from sut.quant import dequantize_experts
+from wallperf.kernels.dispatch import fused_moe
+from wallperf.sut.models.llama import Block, LlamaConfig, LlamaModel
+from wallperf.sut.models.llama import synthetic_state_dict as dense_synthetic
+from wallperf.sut.quant import dequantize_experts
 
 
 @dataclass(frozen=True)

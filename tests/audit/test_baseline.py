@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from audit.baseline import BaselineComparison, ModelCost
-from audit.mmlu import MMLUResult, QuestionScore
-from harness.config import load_hardware_config
+from wallperf.audit.baseline import BaselineComparison, ModelCost
+from wallperf.audit.mmlu import MMLUResult, QuestionScore
+from wallperf.harness.config import load_hardware_config
 
 
 def _result(correct):
@@ -24,7 +24,7 @@ def _correct(n, accuracy, seed):
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_llama_folder):
-    from audit.specs import load_spec, parse_spec
+    from wallperf.audit.specs import load_spec, parse_spec
 
     cpu = load_hardware_config("cpu")
     return {dtype: load_spec(parse_spec(f"{tiny_llama_folder}@{dtype}"), cpu, device="cpu")
@@ -88,7 +88,7 @@ def test_an_untied_table_counts_the_one_row_a_token_gathers(tiny_llama_folder, t
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from audit.specs import load_spec, parse_spec
+    from wallperf.audit.specs import load_spec, parse_spec
 
     folder = tmp_path / "untied"
     cfg = LlamaConfig.from_pretrained(tiny_llama_folder)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness.cli import main
+from wallperf.cli import main
 
 MISSING = "–"
 

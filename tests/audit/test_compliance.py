@@ -1,4 +1,4 @@
-"""audit.compliance (TEST06) on accuracy logs written by the real LoadGen.
+"""wallperf.audit.compliance (TEST06) on accuracy logs written by the real LoadGen.
 
 The oracle is `reference_test06`, a plain transcription of the rules in
 mlcommons/inference compliance/nvidia/TEST06/run_verification.py (walk back from
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from audit.compliance import MAX_LISTED_FAILURES, check_test06
+from wallperf.audit.compliance import MAX_LISTED_FAILURES, check_test06
 
 NULL_SUT = Path(__file__).parents[1] / "harness" / "loadgen" / "loadgen_null_sut.py"
 EOS = 2

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import audit.gate as gate
-from audit.gate import audit, cmd_audit, draw_order
-from audit.specs import AuditInputError
-from harness.loadgen.qsl import load_mmlu
+import wallperf.audit.gate as gate
+from wallperf.audit.gate import audit, cmd_audit, draw_order
+from wallperf.audit.specs import AuditInputError
+from wallperf.harness.loadgen.qsl import load_mmlu
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -111,7 +111,7 @@ CLEAR_QUESTIONS = {
 
 @pytest.mark.slow
 def test_smollm2_with_noisy_weights_fails(mmlu_path):
-    from harness.loadgen.qsl import select_per_subject
+    from wallperf.harness.loadgen.qsl import select_per_subject
 
     seen, pool = Counter(), []
     for q in select_per_subject(load_mmlu(mmlu_path), 3):

@@ -6,9 +6,9 @@ from fractions import Fraction
 import pytest
 import torch
 
-from audit.mmlu import Accuracy, build_context, choose_exemplars, evaluate
-from audit.stats import binomial_sf, wilson_interval
-from harness.loadgen.qsl import MMLUQuestion
+from wallperf.audit.mmlu import Accuracy, build_context, choose_exemplars, evaluate
+from wallperf.audit.stats import binomial_sf, wilson_interval
+from wallperf.harness.loadgen.qsl import MMLUQuestion
 
 LETTERS = "ABCD"
 
@@ -54,7 +54,7 @@ def tiny_models(tiny_llama_folder):
     """The tiny random Llama as HF transformers reads it and as our loader does."""
     from transformers import LlamaForCausalLM
 
-    from sut.loading import load_model
+    from wallperf.sut.loading import load_model
 
     hf = LlamaForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32).eval()
     ours = load_model(tiny_llama_folder, "float32")
@@ -81,8 +81,8 @@ def test_loglikelihoods_match_hf(tiny_models, fmt):
 def test_packing_does_not_change_the_scores(tiny_models, fmt):
     """One question per row, padded rows side by side in one pass, and one row for all: the same
     log-likelihoods as one question per forward pass."""
-    from audit.mmlu import prepare
-    from audit.scoring import score_requests
+    from wallperf.audit.mmlu import prepare
+    from wallperf.audit.scoring import score_requests
 
     _, ours, tokenizer = tiny_models
     requests = prepare(tokenizer, QUESTIONS * 3, fmt)
@@ -97,10 +97,10 @@ def test_fp8_kv_scoring_matches_the_engines_fp8_cache(tiny_models, fp8):
     """Letter answers over an emulated fp8 KV cache against the engine's paged fp8 cache
     (sut.paged_cache, keys stored less the model's calibrated centres) prefilling each
     question alone: the same log-likelihoods, and not those of the unquantized cache."""
-    from audit.mmlu import prepare
-    from audit.scoring import score_requests
-    from sut.kv_calibration import key_centres
-    from sut.paged_cache import PagedKVCache
+    from wallperf.audit.mmlu import prepare
+    from wallperf.audit.scoring import score_requests
+    from wallperf.sut.kv_calibration import key_centres
+    from wallperf.sut.paged_cache import PagedKVCache
 
     _, ours, tokenizer = tiny_models
     requests = prepare(tokenizer, QUESTIONS, "letter")
@@ -176,8 +176,8 @@ def test_smollm2_cloze_matches_hf(smollm2_gguf_path, mmlu_path):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from harness.loadgen.qsl import load_mmlu, select_per_subject
-    from sut.loading import load_model
+    from wallperf.harness.loadgen.qsl import load_mmlu, select_per_subject
+    from wallperf.sut.loading import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine's cores are shared: OpenMP threads would wait on each other

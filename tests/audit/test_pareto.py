@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from audit.pareto import read_sweep, series_front, sweep_point, write_pareto_png
-from harness.config import ConfigError
-from harness.hardware.front import StepCost
-from harness.loadgen.results import OutputError
+from wallperf.audit.pareto import read_sweep, series_front, sweep_point, write_pareto_png
+from wallperf.harness.config import ConfigError
+from wallperf.harness.hardware.front import StepCost
+from wallperf.harness.loadgen.results import OutputError
 
 COST = StepCost(weight_bytes=2.7e8, kv_bytes_per_position=23040.0, flops_per_token=2.7e8,
                 flops_per_position=34560.0, bandwidth_bytes_per_s=32e9, peak_flops_per_s=4e11)
@@ -88,7 +88,7 @@ def test_read_sweep_errors(tmp_path):
 
 
 def test_compare_draws_several_sweeps_on_one_chart(tmp_path, capsys):
-    from harness.cli import main
+    from wallperf.cli import main
 
     dirs = []
     for backend, scale in (("native", 1.0), ("llamacpp", 0.5)):

@@ -1,4 +1,4 @@
-"""audit.perf_audit on hand-made result records: each flag fires on its input and not on a clean run.
+"""wallperf.audit.perf_audit on hand-made result records: each flag fires on its input and not on a clean run.
 
 Roofline figures come from harness.hardware.roofline for real shapes (Llama 3.1 8B on an
 H100 SXM5), checked first against FACTS.md's memory wall (~209 tok/s at batch
@@ -11,9 +11,9 @@ import copy
 
 import pytest
 
-from audit.perf_audit import Finding, audit_results, roofline_trust
-from harness.config import load_hardware_config, load_model_config
-from harness.hardware.roofline import run_roofline
+from wallperf.audit.perf_audit import Finding, audit_results, roofline_trust
+from wallperf.harness.config import load_hardware_config, load_model_config
+from wallperf.harness.hardware.roofline import run_roofline
 
 H100_WALL_8B = 209  # FACTS.md: Llama 3.1 8B bf16 on H100 SXM5, batch 1
 LIMITS = {"ttft_ms": 2000.0, "tpot_ms": 100.0}

@@ -1,4 +1,4 @@
-"""audit.report on synthetic results folders: tables, escaping, self-containedness, comparisons, bad input.
+"""wallperf.audit.report on synthetic results folders: tables, escaping, self-containedness, comparisons, bad input.
 
 The results.json written here has the shape `wallperf run` writes (README.md's
 contract), with figures taken from a real 2-core CPU run, so the expected cells
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from audit.report import add_report_parser, cmd_report, render_report, write_run_reports
-from harness.config import ConfigError
+from wallperf.audit.report import add_report_parser, cmd_report, render_report, write_run_reports
+from wallperf.harness.config import ConfigError
 
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
@@ -280,12 +280,12 @@ def test_cmd_report_writes_both_reports_into_the_first_folder_by_default(tmp_pat
 
 
 def test_the_cli_exits_2_on_bad_input(tmp_path, capsys):
-    from harness import cli
+    from wallperf import cli
 
     try:
         code = cli.main(["report", str(tmp_path / "nowhere")])
     except SystemExit:  # argparse: no such command
-        pytest.skip("harness.cli does not offer `wallperf report` yet")
+        pytest.skip("wallperf.cli does not offer `wallperf report` yet")
     assert code == 2
     assert f"{tmp_path / 'nowhere' / 'results.json'}: results.json not found" in capsys.readouterr().err
 

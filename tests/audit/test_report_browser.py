@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audit.report import render_report
+from wallperf.audit.report import render_report
 from test_report import AUDIT, HOSTILE, write_folder
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)

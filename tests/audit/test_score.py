@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from audit.gate import audit
-from audit.score import cmd_mmlu, score_model, to_json
+from wallperf.audit.gate import audit
+from wallperf.audit.score import cmd_mmlu, score_model, to_json
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +48,7 @@ def test_bad_input_exits_2_before_any_loading(capsys):
 @pytest.mark.parametrize("flag, value", [("--max-questions", "nan"), ("--per-subject", "0"), ("--k-shot", "-1"),
                                          ("--max-questions", "1e9x")])
 def test_bad_numbers_on_the_command_line_exit_2(flag, value, capsys):
-    from harness.cli import main
+    from wallperf.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["mmlu", "--model", "smollm2-135m", flag, value])

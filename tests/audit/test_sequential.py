@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from audit.sequential import (ALPHA, betting_fractions, confidence_interval, first_decisions, log_capitals,
+from wallperf.audit.sequential import (ALPHA, betting_fractions, confidence_interval, first_decisions, log_capitals,
                               side_of)
 
 RUNS = 1000

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from audit.specs import AuditInputError, ModelSpec, fp8_format, load_spec, parse_spec, resolve_spec
-from harness.config import load_hardware_config
+from wallperf.audit.specs import AuditInputError, ModelSpec, fp8_format, load_spec, parse_spec, resolve_spec
+from wallperf.harness.config import load_hardware_config
 
 
 @pytest.mark.parametrize("spec,message", [

@@ -1,10 +1,10 @@
-"""audit.stats: the paired bootstrap against a naive resampling and McNemar's normal interval."""
+"""wallperf.audit.stats: the paired bootstrap against a naive resampling and McNemar's normal interval."""
 import math
 
 import numpy as np
 import pytest
 
-from audit.stats import Z95, kl_divergence, paired_bootstrap_ci
+from wallperf.audit.stats import Z95, kl_divergence, paired_bootstrap_ci
 
 
 def _paired_sample(rng, n, p_ref_only, p_cand_only, p_both):

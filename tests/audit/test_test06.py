@@ -1,4 +1,4 @@
-"""audit.test06 (the official TEST06 procedure) against the official files:
+"""wallperf.audit.test06 (the official TEST06 procedure) against the official files:
 our audit.config says what compliance/TEST06/audit.config says, LoadGen reads it
 in a real run (the null SUT), and our verification writes what the official
 run_verification.py writes, on passing and on failing runs."""
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from audit.test06 import audit_config_was_read, audit_config_text, verify_test06
+from wallperf.audit.test06 import audit_config_was_read, audit_config_text, verify_test06
 
 NULL_SUT = Path(__file__).parents[1] / "harness" / "loadgen" / "loadgen_null_sut.py"
 TEST06 = Path("/work/shared/mlcommons-inference/compliance/TEST06")

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from audit.mmlu import MMLUResult, QuestionScore
-from audit.sequential import confidence_interval
-from audit.specs import AuditInputError
-from audit.verdict import Verdict, check_max_drop, decide
+from wallperf.audit.mmlu import MMLUResult, QuestionScore
+from wallperf.audit.sequential import confidence_interval
+from wallperf.audit.specs import AuditInputError
+from wallperf.audit.verdict import Verdict, check_max_drop, decide
 
 
 def _result(correct, answers=None, subjects=None, fmt="letter"):

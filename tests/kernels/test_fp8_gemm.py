@@ -3,8 +3,8 @@ for both e4m3 formats: e4m3fn (NVIDIA) and e4m3fnuz (AMD MI300X)."""
 import pytest
 import torch
 
-from kernels._triton import INTERPRETED
-from kernels.fp8_gemm import (
+from wallperf.kernels._triton import INTERPRETED
+from wallperf.kernels.fp8_gemm import (
     FP8_DTYPES, fp8_gemm_w8a8, fp8_gemm_w8a8_ref, fp8_gemm_w8a16, fp8_gemm_w8a16_ref, fp8_max,
     quantize_fp8, quantize_fp8_rows,
 )

@@ -16,7 +16,7 @@ fp32, fp16 and fp8 (e4m3fn and e4m3fnuz) dots, and fp8 loads, work.
 import pytest
 import torch
 
-from kernels._triton import INTERPRETED, tl, triton
+from wallperf.kernels._triton import INTERPRETED, tl, triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.skipif(not INTERPRETED, reason="checks Triton's CPU interpreter")]
 

@@ -3,7 +3,7 @@ reference, and that reference vs a per-token computation of Mixtral's MoE MLP.""
 import pytest
 import torch
 
-from kernels.moe import fused_moe, fused_moe_ref, moe_align_block_size
+from wallperf.kernels.moe import fused_moe, fused_moe_ref, moe_align_block_size
 
 pytestmark = pytest.mark.triton
 

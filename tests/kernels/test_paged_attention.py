@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from wallperf.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
 pytestmark = pytest.mark.triton
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.rmsnorm import rms_norm, rms_norm_ref
+from wallperf.kernels.rmsnorm import rms_norm, rms_norm_ref
 
 pytestmark = pytest.mark.triton
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.rope import rope, rope_ref
+from wallperf.kernels.rope import rope, rope_ref
 
 pytestmark = pytest.mark.triton
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.swiglu import swiglu, swiglu_ref
+from wallperf.kernels.swiglu import swiglu, swiglu_ref
 
 pytestmark = pytest.mark.triton
 

@@ -1,9 +1,9 @@
-"""sut.atomic: the one atomic-write helper (results, caches, exports, test records)."""
+"""wallperf.sut.atomic: the one atomic-write helper (results, caches, exports, test records)."""
 import stat
 
 import pytest
 
-from sut.atomic import atomic_file, atomic_path
+from wallperf.sut.atomic import atomic_file, atomic_path
 
 
 def test_a_completed_block_replaces_the_file_with_the_given_mode(tmp_path):

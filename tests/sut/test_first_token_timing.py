@@ -14,11 +14,11 @@ import mlperf_loadgen as lg
 import numpy as np
 import pytest
 
-from harness.loadgen.qsl import LoadGenQSL
-from harness.loadgen.settings import log_settings
-from sut.adapter import LoadGenSUT
-from sut.engine import SamplingParams
-from sut.queues import queue_for
+from wallperf.harness.loadgen.qsl import LoadGenQSL
+from wallperf.harness.loadgen.settings import log_settings
+from wallperf.sut.adapter import LoadGenSUT
+from wallperf.sut.engine import SamplingParams
+from wallperf.sut.queues import queue_for
 
 STEP_S = 0.01
 TOKENS = 8

@@ -1,9 +1,9 @@
-"""sut.backends.openai against real servers on loopback.
+"""wallperf.sut.backends.openai against real servers on loopback.
 
 The reference is the native backend on the same tiny model, driven the same
 way the LoadGen adapter drives any backend; the servers are `wallperf serve`
 (sut.server) and, for what it cannot do (text-only streams, refusing token
-ids, stalling), the mock of harness.bench.client and a socket that never answers.
+ids, stalling), the mock of wallperf.bench.client and a socket that never answers.
 """
 import json
 import socket
@@ -12,11 +12,11 @@ import time
 import pytest
 from test_server import MAX_SEQ_LEN, prompt_of, tiny_loaded_model
 
-from harness.bench.client import MockOptions, mock_token_ids, start_mock_server
-from sut.backends.native import NativeBackend
-from sut.backends.openai import OpenAIBackend
-from sut.engine import SamplingParams
-from sut.server import start_server
+from wallperf.bench.client import MockOptions, mock_token_ids, start_mock_server
+from wallperf.sut.backends.native import NativeBackend
+from wallperf.sut.backends.openai import OpenAIBackend
+from wallperf.sut.engine import SamplingParams
+from wallperf.sut.server import start_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -215,10 +215,10 @@ def test_loadgen_gets_every_answer_through_the_backend(tmp_path, tiny, serve):
     import mlperf_loadgen as lg
     import numpy as np
 
-    from harness.loadgen.qsl import LoadGenQSL
-    from harness.loadgen.settings import log_settings
-    from sut.adapter import LoadGenSUT
-    from sut.queues import queue_for
+    from wallperf.harness.loadgen.qsl import LoadGenQSL
+    from wallperf.harness.loadgen.settings import log_settings
+    from wallperf.sut.adapter import LoadGenSUT
+    from wallperf.sut.queues import queue_for
 
     url, _ = serve()
     prompts = [np.array(p, dtype=np.int32) for p in PROMPTS.values()]

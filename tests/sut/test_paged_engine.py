@@ -7,10 +7,10 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from kernels import _triton
-from sut.block_manager import BlockManager, OutOfBlocks
-from sut.engine import Engine, SamplingParams
-from sut.weights import build_model, load_hf_checkpoint
+from wallperf.kernels import _triton
+from wallperf.sut.block_manager import BlockManager, OutOfBlocks
+from wallperf.sut.engine import Engine, SamplingParams
+from wallperf.sut.weights import build_model, load_hf_checkpoint
 
 PROMPTS = [[5, 9, 13, 2, 7], [3] * 21, [11, 4], list(range(1, 40))]
 

@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.config import HardwareConfig, build
-from sut.kv_cache import SlotKVCache
-from sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
-from sut.quant import (FP8Linear, choose_format, dequantize_kv, is_excluded, quantize_kv, quantize_model_,
+from wallperf.harness.config import HardwareConfig, build
+from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
+from wallperf.sut.quant import (FP8Linear, choose_format, dequantize_kv, is_excluded, quantize_kv, quantize_model_,
                        quantize_weight)
-from sut.quant_store import load_quantized, save_quantized
-from sut.weights import build_model
-from sut.models.llama import synthetic_state_dict
+from wallperf.sut.quant_store import load_quantized, save_quantized
+from wallperf.sut.weights import build_model
+from wallperf.sut.models.llama import synthetic_state_dict
 
 # (max, exponent of the smallest normal) from the OCP fp8 spec and AMD's FNUZ variant (bias 8).
 FORMATS = {torch.float8_e4m3fn: (448.0, -6), torch.float8_e4m3fnuz: (240.0, -7)}
@@ -307,7 +307,7 @@ def test_bad_requests():
                                                     ("h100-sxm", "fp8_e4m3fn"), ("h200", "fp8_e4m3fn"),
                                                     ("mi300x", "fp8_e4m3fnuz")])
 def test_auto_format_on_the_shipped_hardware_profiles(profile, weight_format):
-    from harness.config import load_hardware_config
+    from wallperf.harness.config import load_hardware_config
 
     choice = choose_format(load_hardware_config(profile), "auto", "bfloat16")
     assert choice.weight_format == weight_format and not choice.emulated

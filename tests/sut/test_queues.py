@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from sut.queues import MultiStreamQueue, OfflineQueue, ScenarioQueue, WorkItem, queue_for
+from wallperf.sut.queues import MultiStreamQueue, OfflineQueue, ScenarioQueue, WorkItem, queue_for
 
 
 def items(*indices):

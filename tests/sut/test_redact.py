@@ -1,4 +1,4 @@
-"""sut.redact: what it masks (keys from the environment or registered, URL
+"""wallperf.sut.redact: what it masks (keys from the environment or registered, URL
 user-info, bearer tokens), that it masks before it cuts, and that logging and
 uncaught exceptions go through it once installed."""
 import logging
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from sut import redact as r
+from wallperf.sut import redact as r
 
 KEY = "sk-test-redact-abcdef123456"
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from harness.cli import main
+from wallperf.cli import main
 
 SYSTEM = {"system_name": "vm", "status": "available", "host_memory_configuration": "x",
           "host_storage_capacity": "1 GB", "host_storage_type": "disk", "host_networking": "N/A",

@@ -1,4 +1,4 @@
-"""audit.submission.rules: each checker rule wallperf enforces, on detail logs
+"""wallperf.audit.submission.rules: each checker rule wallperf enforces, on detail logs
 written here with the effective_* values LoadGen logs (key names as in
 mlcommons-loadgen 6.0.17's logs; the checker's own verdicts on real logs are in
 test_submission_checker.py)."""
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from audit.submission.rules import submission_notes
+from wallperf.audit.submission.rules import submission_notes
 
 V61_SEEDS = {"qsl_rng_seed": 2085463073848966840, "sample_index_rng_seed": 2747215439041700203,
              "schedule_rng_seed": 16159082839903944936}

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from audit.submission.package import package, run_checker
-from harness.cli import main
+from wallperf.audit.submission.package import package, run_checker
+from wallperf.cli import main
 
 pytestmark = pytest.mark.slow
 INFERENCE = Path("/work/shared/mlcommons-inference")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.config.benchmarks import BENCHMARKS, CHECKER_VERSIONS, MIN_QUERIES, SEEDS
-from harness.loadgen.settings import embedded_mlperf_conf
+from wallperf.harness.config.benchmarks import BENCHMARKS, CHECKER_VERSIONS, MIN_QUERIES, SEEDS
+from wallperf.harness.loadgen.settings import embedded_mlperf_conf
 
 INFERENCE = Path(__file__).resolve().parents[4] / "shared" / "mlcommons-inference"
 if not INFERENCE.is_dir():

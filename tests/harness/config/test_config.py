@@ -1,4 +1,4 @@
-"""harness.config: YAML files validated into frozen dataclasses; every error
+"""wallperf.harness.config: YAML files validated into frozen dataclasses; every error
 names the file and the key. Each test works on a copy of conf/ (WALLPERF_CONF)
 and writes its broken YAML there; expected values are read from the YAML
 files themselves with PyYAML, not from the loader.
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import config
-from harness.config import ConfigError, load_model_config, load_run
+from wallperf.harness import config
+from wallperf.harness.config import ConfigError, load_model_config, load_run
 
 REPO_CONF = Path(__file__).resolve().parents[3] / "conf"
 
@@ -221,7 +221,7 @@ def test_invalid_yaml_syntax(conf):
 
 
 def test_cli_run_with_bad_config_exits_2_and_writes_nothing(conf, tmp_path, capsys):
-    from harness.cli import main
+    from wallperf.cli import main
 
     path = run_yaml(conf, colour="red")
     out = tmp_path / "out"

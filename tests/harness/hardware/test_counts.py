@@ -3,10 +3,10 @@ holds after loading and fp8 quantization, and Mixtral-8x7B's fp8 bytes by hand."
 import pytest
 import torch
 
-from harness.config import ModelShape
-from harness.hardware.counts import held_weight_bytes, prefill_flops, flops_per_token, shape_weight_bytes
-from harness.hardware.roofline import bytes_per_step
-from sut.loading import config_for_shape, load_synthetic
+from wallperf.harness.config import ModelShape
+from wallperf.harness.hardware.counts import held_weight_bytes, prefill_flops, flops_per_token, shape_weight_bytes
+from wallperf.harness.hardware.roofline import bytes_per_step
+from wallperf.sut.loading import config_for_shape, load_synthetic
 
 MIXTRAL = ModelShape(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336, vocab_size=32000,
                      head_dim=128, n_experts=8, experts_per_token=2)
@@ -77,8 +77,8 @@ def test_prefill_flops_by_hand():
 @pytest.mark.parametrize("name, non_embedding", [("qwen2.5-coder-1.5b", 1.31e9), ("qwen2.5-coder-0.5b", 0.36e9)])
 def test_qwen2_shapes_count_their_published_non_embedding_parameters(name, non_embedding):
     """Qwen's model cards: 1.31B and 0.36B parameters besides the embeddings (Q/K/V biases included)."""
-    from harness.config import load_model_config
-    from harness.hardware.counts import count_parameters
+    from wallperf.harness.config import load_model_config
+    from wallperf.harness.hardware.counts import count_parameters
 
     shape = load_model_config(name).shape
     p = count_parameters(shape)

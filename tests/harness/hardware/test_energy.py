@@ -1,4 +1,4 @@
-"""harness.hardware.energy: this machine's answer must be honest (real RAPL figures, or
+"""wallperf.harness.hardware.energy: this machine's answer must be honest (real RAPL figures, or
 unavailable with a reason), and the vendor paths turn counters into joules by
 their documented units, checked with fake libraries whose counters the test
 moves by known amounts (NVML: mJ; amdsmi: ticks x counter_resolution uJ; RAPL:
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.hardware.energy import EnergyMeter
+from wallperf.harness.hardware.energy import EnergyMeter
 
 NUMBERS = ("duration_s", "energy_j", "average_power_w", "joules_per_token")
 

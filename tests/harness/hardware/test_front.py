@@ -2,10 +2,10 @@
 counts, the crossing batch, and where measured points sit."""
 import pytest
 
-from harness.config import load_hardware_config, load_model_config
-from harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front, step_cost
-from harness.hardware.counts import WeightBytes, flops_per_token
-from harness.hardware.roofline import bytes_per_step, peak_flops
+from wallperf.harness.config import load_hardware_config, load_model_config
+from wallperf.harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front, step_cost
+from wallperf.harness.hardware.counts import WeightBytes, flops_per_token
+from wallperf.harness.hardware.roofline import bytes_per_step, peak_flops
 
 
 @pytest.fixture(scope="module")

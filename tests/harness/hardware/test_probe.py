@@ -6,12 +6,12 @@ import argparse
 import pytest
 import torch
 
-from harness.hardware import probe as probe_module
-from harness.config import ConfigError, HardwareConfig, build, load_model_config, read_yaml
-from harness.hardware.probe import measured_profile_path, probe, write_profile
-from harness.hardware.probe_cmd import add_probe_parser, cmd_probe
-from harness.hardware.roofline import memory_wall
-from harness.loadgen.results import OutputError
+from wallperf.harness.hardware import probe as probe_module
+from wallperf.harness.config import ConfigError, HardwareConfig, build, load_model_config, read_yaml
+from wallperf.harness.hardware.probe import measured_profile_path, probe, write_profile
+from wallperf.harness.hardware.probe_cmd import add_probe_parser, cmd_probe
+from wallperf.harness.hardware.roofline import memory_wall
+from wallperf.harness.loadgen.results import OutputError
 
 
 @pytest.fixture(scope="module")

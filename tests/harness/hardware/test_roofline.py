@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, ModelShape, load_hardware_config, load_model_config
-from harness.hardware.counts import active_parameters, count_parameters, flops_per_token, weight_parameters
-from harness.hardware.roofline import bytes_per_step, memory_wall, roofline_row, roofline_rows, run_roofline
-from harness.hardware.roofline_cmd import add_roofline_parser, cmd_roofline
-from harness.loadgen.results import OutputError
+from wallperf.harness.config import ConfigError, ModelShape, load_hardware_config, load_model_config
+from wallperf.harness.hardware.counts import active_parameters, count_parameters, flops_per_token, weight_parameters
+from wallperf.harness.hardware.roofline import bytes_per_step, memory_wall, roofline_row, roofline_rows, run_roofline
+from wallperf.harness.hardware.roofline_cmd import add_roofline_parser, cmd_roofline
+from wallperf.harness.loadgen.results import OutputError
 
 ROW_KEYS = {"batch", "bytes_per_step", "memory_bound_tokens_per_second", "compute_bound_tokens_per_second",
             "bound", "ridge_point", "active_parameters"}

@@ -8,10 +8,10 @@ import json
 import pytest
 import yaml
 
-from harness.config import ConfigError, load_hardware_config
-from harness.hardware import wall as wall_module
-from harness.hardware.probe import measured_profile_path, write_profile
-from harness.hardware.wall import MAX_AGE_S, read_wall, run_wall, write_wall
+from wallperf.harness.config import ConfigError, load_hardware_config
+from wallperf.harness.hardware import wall as wall_module
+from wallperf.harness.hardware.probe import measured_profile_path, write_profile
+from wallperf.harness.hardware.wall import MAX_AGE_S, read_wall, run_wall, write_wall
 
 
 def test_cpu_is_measured_then_reused_for_an_hour(probes):
@@ -68,7 +68,7 @@ def test_the_wall_is_never_below_copy_or_triad(probes, monkeypatch):
 
 
 def test_hardware_profile_never_measures(probes):
-    from harness.hardware.profiles import hardware_profile
+    from wallperf.harness.hardware.profiles import hardware_profile
 
     cpu = load_hardware_config("cpu")
     assert hardware_profile(cpu) == (cpu, "profile") and probes == []

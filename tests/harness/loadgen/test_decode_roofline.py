@@ -1,7 +1,7 @@
 """Decode-phase MBU from LoadGen's TPOT: bytes per step over time per output token."""
 import pytest
 
-from harness.loadgen.results import decode_roofline
+from wallperf.harness.loadgen.results import decode_roofline
 
 
 def test_decode_mbu_from_tpot_median_and_p99():

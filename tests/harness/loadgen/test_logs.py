@@ -1,4 +1,4 @@
-"""harness.loadgen.logs against logs the real LoadGen wrote.
+"""wallperf.harness.loadgen.logs against logs the real LoadGen wrote.
 
 The oracle is LoadGen's own human-readable `mlperf_log_summary.txt`, read here
 with small regexes: it is printed by a different code path (results.cc
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.loadgen.logs import (
+from wallperf.harness.loadgen.logs import (
     LogParseError,
     decode_tokens,
     read_accuracy_log,

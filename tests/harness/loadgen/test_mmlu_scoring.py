@@ -8,12 +8,12 @@ import mlperf_loadgen as lg
 import numpy as np
 import pytest
 
-from harness.loadgen.qsl import LoadGenQSL, MMLUQuestion, parse_answer_letter
-from harness.loadgen.results import score_mmlu
-from harness.loadgen.settings import log_settings
-from sut.adapter import LoadGenSUT
-from sut.engine import SamplingParams
-from sut.queues import queue_for
+from wallperf.harness.loadgen.qsl import LoadGenQSL, MMLUQuestion, parse_answer_letter
+from wallperf.harness.loadgen.results import score_mmlu
+from wallperf.harness.loadgen.settings import log_settings
+from wallperf.sut.adapter import LoadGenSUT
+from wallperf.sut.engine import SamplingParams
+from wallperf.sut.queues import queue_for
 
 # (generated text, the letter a reader takes it to answer; None: no answer given)
 LABELLED = [

@@ -1,8 +1,8 @@
 """Issued lengths and goodput from per-query timings, against hand-worked figures."""
 import pytest
 
-from harness.loadgen.queries import goodput, issued_lengths
-from sut.adapter import QueryTiming
+from wallperf.harness.loadgen.queries import goodput, issued_lengths
+from wallperf.sut.adapter import QueryTiming
 
 
 def _q(sample, issued, first, done, n):

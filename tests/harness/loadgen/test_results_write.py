@@ -1,4 +1,4 @@
-"""harness.loadgen.results' writes: whole or not at all, synced before the
+"""wallperf.harness.loadgen.results' writes: whole or not at all, synced before the
 rename, 0644, redacted; a failed write is an OutputError naming the file and
 leaves no temp file behind."""
 import errno
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from sut import atomic
-from harness.loadgen.results import OutputError, write_json_atomic, write_text_atomic
+from wallperf.sut import atomic
+from wallperf.harness.loadgen.results import OutputError, write_json_atomic, write_text_atomic
 
 
 def test_json_is_synced_then_renamed_readable_by_all_and_redacted(tmp_path, monkeypatch):

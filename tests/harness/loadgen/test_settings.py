@@ -7,8 +7,8 @@ from pathlib import Path
 import mlperf_loadgen as lg
 import pytest
 
-from harness.config import ConfigError, ScenarioConfig
-from harness.loadgen.settings import (USER_CONF_KEYS, build_test_settings, check_user_conf,
+from wallperf.harness.config import ConfigError, ScenarioConfig
+from wallperf.harness.loadgen.settings import (USER_CONF_KEYS, build_test_settings, check_user_conf,
                                       loadgen_model_name)
 
 SERVER = ScenarioConfig(name="Server", min_duration_s=12, min_query_count=7, max_batch=4,
@@ -62,8 +62,8 @@ def test_user_conf_is_applied_over_the_yaml(tmp_path):
     s = _settings_in_fresh_process("""
 import json, sys
 from pathlib import Path
-from harness.config import ScenarioConfig
-from harness.loadgen.settings import build_test_settings
+from wallperf.harness.config import ScenarioConfig
+from wallperf.harness.loadgen.settings import build_test_settings
 sc = ScenarioConfig(name="Server", min_duration_s=12, min_query_count=7, max_batch=4, target_qps=1.5,
                     ttft_ms=2000, tpot_ms=100)
 s = build_test_settings(sc, "performance", "smollm2-135m", sample_count=57, user_conf=Path(sys.argv[1]))
@@ -118,7 +118,7 @@ _TINY_TEST = """
 import sys
 from pathlib import Path
 import mlperf_loadgen as lg
-from harness.loadgen.settings import start_test
+from wallperf.harness.loadgen.settings import start_test
 def issue(qs):
     lg.QuerySamplesComplete([lg.QuerySampleResponse(q.id, 0, 0) for q in qs])
 sut = lg.ConstructSUT(issue, lambda: None)

@@ -9,9 +9,9 @@ import statistics
 import numpy as np
 import pytest
 
-from harness.loadgen.sharegpt import (ShareGPTError, is_valid_pair, load_conversations, read_records,
+from wallperf.harness.loadgen.sharegpt import (ShareGPTError, is_valid_pair, load_conversations, read_records,
                                       sample_sharegpt)
-from harness.loadgen.workload import length_distribution
+from wallperf.harness.loadgen.workload import length_distribution
 
 
 def _records(n):
@@ -169,9 +169,9 @@ def test_real_sharegpt_file_counts(sharegpt_path):
 def test_real_sample_lengths_match_an_independent_count(sharegpt_path, smollm2_gguf_path):
     """The set a run draws from, against the same records and filters applied here from scratch:
     json.loads on the complete part, the pair search, vLLM's shuffle, the statistics module."""
-    from harness.config import load_dataset_config
-    from harness.loadgen.workload import load_workload
-    from sut.loading import load_tokenizer
+    from wallperf.harness.config import load_dataset_config
+    from wallperf.harness.loadgen.workload import load_workload
+    from wallperf.sut.loading import load_tokenizer
 
     tok = load_tokenizer(smollm2_gguf_path)
     raw = sharegpt_path.read_bytes()

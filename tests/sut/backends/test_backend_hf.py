@@ -13,12 +13,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from sut.backends import MissingPackage, create  # noqa: E402
-from sut.backends.hf import HFBackend, build_hf_model  # noqa: E402
-from sut.engine import Engine, SamplingParams  # noqa: E402
-from sut.models.llama import LlamaConfig  # noqa: E402
-from sut.weights import build_model  # noqa: E402
-from sut.models.llama import synthetic_state_dict
+from wallperf.sut.backends import MissingPackage, create  # noqa: E402
+from wallperf.sut.backends.hf import HFBackend, build_hf_model  # noqa: E402
+from wallperf.sut.engine import Engine, SamplingParams  # noqa: E402
+from wallperf.sut.models.llama import LlamaConfig  # noqa: E402
+from wallperf.sut.weights import build_model  # noqa: E402
+from wallperf.sut.models.llama import synthetic_state_dict
 
 EOS = 2
 
@@ -75,7 +75,7 @@ def test_split_weights_give_hf_the_native_logits(tied, bias):
     ids = torch.tensor(_prompts([21]))
     with torch.no_grad():
         got = hf(ids).logits[0, -1].float()
-    from sut.paged_cache import PagedKVCache
+    from wallperf.sut.paged_cache import PagedKVCache
 
     cache = PagedKVCache(2, 4, 8, 2, 16, torch.float32)
     positions = torch.arange(21).unsqueeze(0)
@@ -149,7 +149,7 @@ def test_missing_transformers_names_the_package(monkeypatch):
 
 
 def test_cli_reports_a_missing_peer_package_without_traceback(monkeypatch, tmp_path, capsys):
-    from harness.cli import main
+    from wallperf.cli import main
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     rc = main(["run", "--backend", "hf", "--scenario", "SingleStream", "--out", str(tmp_path / "out"),
@@ -166,7 +166,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
 
 @pytest.mark.slow
 def test_smollm2_hf_backend_batch_matches_native(smollm2_gguf_path):
-    from sut.loading import load_model
+    from wallperf.sut.loading import load_model
 
     loaded = load_model(smollm2_gguf_path, "float32")
     tok = loaded.tokenizer
@@ -183,7 +183,7 @@ def test_smollm2_hf_backend_batch_matches_native(smollm2_gguf_path):
 
 @pytest.mark.slow
 def test_wallperf_run_backend_hf_end_to_end(tmp_path, smollm2_gguf_path, mmlu_path):
-    from harness.cli import main
+    from wallperf.cli import main
 
     out = tmp_path / "out"
     rc = main(["run", "--backend", "hf", "--scenario", "Offline", "--mode", "both", "--max-samples", "4",

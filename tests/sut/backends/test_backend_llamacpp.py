@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-from harness.cli import main
-from sut.backends import MissingPackage, check_available
-from sut.engine import SamplingParams
-from sut.loading import CheckpointError
+from wallperf.cli import main
+from wallperf.sut.backends import MissingPackage, check_available
+from wallperf.sut.engine import SamplingParams
+from wallperf.sut.loading import CheckpointError
 
 EOS = 2  # <|im_end|>
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 * 23?",
@@ -56,7 +56,7 @@ def test_gguf_choice_needs_the_llamacpp_backend(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["truncated.gguf", "random.gguf", "header-only.gguf"])
 def test_a_corrupt_gguf_is_a_checkpoint_error_naming_it(name, broken_checkpoints):
-    from sut.backends.llamacpp import load_gguf_model
+    from wallperf.sut.backends.llamacpp import load_gguf_model
 
     path = broken_checkpoints / name
     with pytest.raises(CheckpointError) as e:
@@ -67,7 +67,7 @@ def test_a_corrupt_gguf_is_a_checkpoint_error_naming_it(name, broken_checkpoints
 
 def test_a_file_llama_cpp_refuses_is_a_checkpoint_error_naming_it(broken_checkpoints):
     pytest.importorskip("llama_cpp")
-    from sut.backends.llamacpp import LlamaCppContext
+    from wallperf.sut.backends.llamacpp import LlamaCppContext
 
     path = broken_checkpoints / "random.gguf"
     with pytest.raises(CheckpointError, match="llama.cpp could not load it") as e:
@@ -80,15 +80,15 @@ def gguf_models(smollm2_gguf_path, tmp_path_factory):
     """The source Q4_1 GGUF and its BF16 export, loaded (sut.backends.llamacpp.GGUFModel),
     with llama-cpp-python present."""
     pytest.importorskip("llama_cpp")
-    from harness.tools.gguf_export import export_gguf
-    from sut.backends.llamacpp import load_gguf_model
+    from wallperf.tools.gguf_export import export_gguf
+    from wallperf.sut.backends.llamacpp import load_gguf_model
 
     bf16 = export_gguf(smollm2_gguf_path, tmp_path_factory.mktemp("gguf") / "bf16.gguf")
     return load_gguf_model(smollm2_gguf_path), load_gguf_model(bf16)
 
 
 def _backend(model, max_batch=1, max_seq_len=256):
-    from sut.backends.llamacpp import LlamaCppBackend
+    from wallperf.sut.backends.llamacpp import LlamaCppBackend
 
     return LlamaCppBackend(model, max_batch=max_batch, max_seq_len=max_seq_len)
 
@@ -114,9 +114,9 @@ def test_bf16_export_logits_match_native_on_the_same_weights(gguf_models):
     import numpy as np
     import torch
 
-    from sut.backends.llamacpp import LlamaCppContext
-    from sut.loading import load_model
-    from sut.paged_cache import PagedKVCache
+    from wallperf.sut.backends.llamacpp import LlamaCppContext
+    from wallperf.sut.loading import load_model
+    from wallperf.sut.paged_cache import PagedKVCache
 
     bf16 = gguf_models[1].path
     native = load_model(bf16, "float32")
@@ -143,8 +143,8 @@ def test_bf16_export_agrees_with_native_bf16(gguf_models):
     rounding (two bf16 engines sum in different orders) does not derail the rest."""
     import torch
 
-    from sut.loading import load_model
-    from sut.paged_cache import PagedKVCache
+    from wallperf.sut.loading import load_model
+    from wallperf.sut.paged_cache import PagedKVCache
 
     source, bf16 = gguf_models
     native = load_model(source.path, "bfloat16")
@@ -197,7 +197,7 @@ def test_min_new_tokens_and_ignore_eos(gguf_models):
 
 @pytest.mark.slow
 def test_wallperf_run_backend_llamacpp_end_to_end(gguf_models, tmp_path, mmlu_path):
-    from sut.backends.llamacpp import KV_BYTES_PER_ELEMENT
+    from wallperf.sut.backends.llamacpp import KV_BYTES_PER_ELEMENT
 
     out = tmp_path / "out"
     rc = main(["run", "--backend", "llamacpp", "--scenario", "Offline", "--mode", "both", "--max-samples", "4",

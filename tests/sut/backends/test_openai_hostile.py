@@ -1,4 +1,4 @@
-"""sut.backends.openai against a server that misbehaves on purpose (a raw
+"""wallperf.sut.backends.openai against a server that misbehaves on purpose (a raw
 socket in this test): what it echoes of the request's key never reaches the
 backend's stats, a line without end cannot fill the memory, and every request
 still ends (two placeholder tokens, a recorded failure)."""
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from sut.backends.openai import MAX_LINE_BYTES, OpenAIBackend
-from sut.engine import SamplingParams
+from wallperf.sut.backends.openai import MAX_LINE_BYTES, OpenAIBackend
+from wallperf.sut.engine import SamplingParams
 
 KEY = "sk-hostile-backend-0123456789"
 

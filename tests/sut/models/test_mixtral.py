@@ -1,4 +1,4 @@
-"""sut.models.mixtral against HF transformers' MixtralForCausalLM, and its MoE block
+"""wallperf.sut.models.mixtral against HF transformers' MixtralForCausalLM, and its MoE block
 against a per-token loop written from HF's routing rule (softmax over all experts,
 top k, renormalize)."""
 import json
@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from sut.kv_cache import SlotKVCache
-from sut.models.llama import rope_inv_freq
-from sut.models.mixtral import MixtralConfig, MixtralModel, SparseMoeBlock, synthetic_state_dict
-from sut.quant import is_excluded
-from sut.weights import load_hf_checkpoint
+from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.models.llama import rope_inv_freq
+from wallperf.sut.models.mixtral import MixtralConfig, MixtralModel, SparseMoeBlock, synthetic_state_dict
+from wallperf.sut.quant import is_excluded
+from wallperf.sut.weights import load_hf_checkpoint
 
 # fp32 over 2 tiny layers, as the Llama comparison: summation order only.
 TINY_ATOL = 1e-5
@@ -36,7 +36,7 @@ def _tiny_hf_model(seed: int = 0) -> transformers.MixtralForCausalLM:
 
 
 def _build(cfg: MixtralConfig, sd: dict, dtype=torch.float32) -> MixtralModel:
-    """sut.weights.build_model's recipe: on meta, assign the weights, real RoPE table."""
+    """wallperf.sut.weights.build_model's recipe: on meta, assign the weights, real RoPE table."""
     with torch.device("meta"):
         model = MixtralModel(cfg)
     model.load_hf_state_dict(dict(sd), dtype)
@@ -109,7 +109,7 @@ def test_router_is_left_out_of_fp8_and_from_shape_keeps_the_experts():
     linears = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     assert {n for n in linears if is_excluded(n)} == {"layers.0.block_sparse_moe.router", "lm_head"}
 
-    from harness.config import ModelShape
+    from wallperf.harness.config import ModelShape
 
     shape = ModelShape(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336,
                        vocab_size=32000, rope_theta=1e6, max_position=32768, n_experts=8, experts_per_token=2)

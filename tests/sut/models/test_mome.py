@@ -1,4 +1,4 @@
-"""sut.models.mome and sut.expert_cache against independent references: product-key
+"""wallperf.sut.models.mome and sut.expert_cache against independent references: product-key
 retrieval against brute-force top-k over all N full keys, the memory layer against a
 loop over experts whose rows are read with the safetensors library, the whole model
 against HF's Llama with that reference added beside each memory layer's MLP, and the
@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 
-from sut.engine import Engine, SamplingParams
-from sut.expert_cache import ExpertBank, ExpertCache, write_synthetic_bank
-from sut.kv_cache import SlotKVCache
-from sut.models.llama import LlamaConfig
-from sut.models.mome import (MemoryConfig, MemoryLayer, bank_tensor_name, build_mome_model, product_key_topk,
+from wallperf.sut.engine import Engine, SamplingParams
+from wallperf.sut.expert_cache import ExpertBank, ExpertCache, write_synthetic_bank
+from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.models.llama import LlamaConfig
+from wallperf.sut.models.mome import (MemoryConfig, MemoryLayer, bank_tensor_name, build_mome_model, product_key_topk,
                              synthetic_bank, synthetic_memory_state_dict)
 
 HIDDEN = 64
@@ -193,7 +193,7 @@ def test_mome_model_matches_hf_llama_plus_reference_memory(tmp_path):
     assert set(stats["layers"]) == {"0", "1"}
 
     # An fp8 KV cache's key calibration runs the model once more, outside the counters.
-    from sut.kv_calibration import key_centres
+    from wallperf.sut.kv_calibration import key_centres
 
     centres = key_centres(model)
     assert centres.shape == (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) and bool(centres.abs().sum() > 0)

@@ -19,8 +19,8 @@ import pytest
 import torch
 import transformers
 
-from sut.paged_cache import PagedKVCache
-from sut.weights import build_model, load_checkpoint, load_hf_checkpoint
+from wallperf.sut.paged_cache import PagedKVCache
+from wallperf.sut.weights import build_model, load_checkpoint, load_hf_checkpoint
 
 # fp32 over 2 tiny layers, as for the tiny Llama (measured ~3e-6).
 TINY_ATOL = 1e-5
@@ -117,7 +117,7 @@ def test_tiny_qwen2_matches_hf_forward(tmp_path, source):
 
 def test_bf16_export_keeps_the_biases_and_the_untied_head(tmp_path):
     """`wallperf export-gguf` of a qwen2 GGUF: what llama.cpp runs is the native bf16 weights."""
-    from harness.tools.gguf_export import export_gguf
+    from wallperf.tools.gguf_export import export_gguf
 
     _write_qwen2_gguf(tmp_path / "tiny.gguf", _tiny_hf_qwen2(seed=4))
     export_gguf(tmp_path / "tiny.gguf", tmp_path / "tiny.bf16.gguf")
@@ -171,7 +171,7 @@ def _hf_reference(hf, tok, mmlu_questions=(), prompts=PROMPTS) -> dict:
     """HF's greedy tokens and last-position logits on the chat `prompts`, and its
     tokenization of TOKENIZER_TEXTS and of the chats (`tok`: HF's tokenizer from the
     GGUF); with `mmlu_questions`, its letter log-probabilities for each."""
-    from audit.mmlu import LETTERS, build_context
+    from wallperf.audit.mmlu import LETTERS, build_context
 
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              for p in prompts]
@@ -195,7 +195,7 @@ def _hf_reference(hf, tok, mmlu_questions=(), prompts=PROMPTS) -> dict:
 
 
 def _check_against_reference(ref: dict, ours) -> None:
-    from sut.engine import Engine, SamplingParams
+    from wallperf.sut.engine import Engine, SamplingParams
 
     tok = ours.tokenizer
     assert [tok.encode(t) for t in TOKENIZER_TEXTS + ref["chats"]] == ref["texts"]
@@ -210,8 +210,8 @@ def _check_against_reference(ref: dict, ours) -> None:
 
 
 def _gguf(name: str):
-    from harness.artifacts import resolve_model_file
-    from harness.config import load_model_config
+    from wallperf.harness.artifacts import resolve_model_file
+    from wallperf.harness.config import load_model_config
 
     path = resolve_model_file(load_model_config(name))
     return path, transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -220,7 +220,7 @@ def _gguf(name: str):
 @pytest.mark.slow
 def test_qwen2_5_coder_0_5b_tokens_greedy_and_logits_match_hf():
     """HF's own GGUF loader is the reference here: weights, architecture, tokenizer."""
-    from sut.loading import load_model
+    from wallperf.sut.loading import load_model
 
     path, tok = _gguf("qwen2.5-coder-0.5b")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -239,10 +239,10 @@ def test_qwen2_5_coder_1_5b_matches_hf_in_float32_and_mmlu_in_bf16(mmlu_path):
     against HF's loader on every prompt; here the first one keeps CI's time (greedy
     decoding of a 1.5B in float32 is most of this test's minutes). Then the same weights rounded to bf16, as a bf16 load
     rounds them, for MMLU answers question by question."""
-    from audit.mmlu import evaluate
-    from harness.loadgen.qsl import load_mmlu
-    from sut.backends.hf import build_hf_model
-    from sut.loading import LoadedModel, load_model
+    from wallperf.audit.mmlu import evaluate
+    from wallperf.harness.loadgen.qsl import load_mmlu
+    from wallperf.sut.backends.hf import build_hf_model
+    from wallperf.sut.loading import LoadedModel, load_model
 
     path, tok = _gguf("qwen2.5-coder-1.5b")
     ours = load_model(path, "float32")

@@ -1,0 +1,76 @@
+"""`wallperf bench decode` on a tiny model: the byte count it divides by, and a report with every path."""
+import pytest
+import torch
+
+from wallperf.bench import decode as bench_decode
+from wallperf.harness.config.schema import ModelShape
+from wallperf.harness.hardware.counts import flops_per_token
+from wallperf.sut.models.llama import LlamaConfig
+from wallperf.sut.weights import build_model
+from wallperf.sut.models.llama import synthetic_state_dict
+
+
+def tiny(tie: bool):
+    cfg = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+                      tie_embeddings=tie, max_position=256)
+    return build_model(cfg, synthetic_state_dict(cfg, 0, torch.bfloat16), torch.bfloat16, "cpu")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_step_bytes_counts_weights_once_and_the_kv_read(tie):
+    model = tiny(tie)
+    h, f, v, layers, kv = 64, 96, 300, 2, 2 * 16  # kv heads * head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 2 * h * f + f * h + 2 * h  # qkv, o, gate_up, down, two norms
+    head = v * h
+    embedding_read = h if not tie else 0  # untied: one row looked up; tied: the head reads the table
+    expected = 2 * (layers * per_layer + h + head + embedding_read)
+    kv_bytes = 2 * layers * kv * 2 * 10.5  # K and V, bf16, at context 10.5
+    assert bench_decode.step_bytes(model, 10.5) == pytest.approx(expected + kv_bytes)
+
+
+def test_bench_reports_each_row_count_path_and_thread(monkeypatch):
+    model = tiny(True)
+    monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
+    monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
+    shape = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+                       tie_embeddings=True)
+    report = bench_decode.bench(model, [0], shape, rows=(1, 3), context=20, tokens=4, repeats=1)
+    assert {(r["rows"], r["path"], r["thread"]) for r in report["rows"]} == {
+        (n, p, t) for n in (1, 3) for p in ("fused", "eager") for t in ("worker", "main")}
+    assert report["gemm_peak_tflops"] == 0.5
+    for r in report["rows"]:
+        seconds = r["ms_per_step"] / 1e3
+        # Every window starts after the prompt and its first token: the context is past the prompt.
+        assert r["context"] > 20
+        assert r["tokens_per_second"] == pytest.approx(r["rows"] / seconds)
+        assert r["gbps"] == pytest.approx(bench_decode.step_bytes(model, r["context"], r["rows"]) / seconds / 1e9)
+        assert r["fraction_of_copy"] == pytest.approx(r["gbps"] / 10.0)
+        assert r["tflops"] == pytest.approx(r["rows"] * flops_per_token(shape, r["context"]) / seconds / 1e12)
+        assert r["fraction_of_peak"] == pytest.approx(r["tflops"] / 0.5)
+    text = bench_decode.format_report(report, "tiny")
+    assert "fused" in text and "eager" in text and "10.0 GB/s" in text and "0.500 TFLOP/s" in text
+
+
+def test_bench_times_only_the_paths_and_threads_asked_for(monkeypatch):
+    monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
+    monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
+    shape = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+                       tie_embeddings=True)
+    report = bench_decode.bench(tiny(True), [0], shape, rows=(2,), context=8, tokens=2, repeats=1,
+                                paths=("fused",), threads=("worker",))
+    assert [(r["rows"], r["path"], r["thread"]) for r in report["rows"]] == [(2, "fused", "worker")]
+
+
+def test_step_bytes_counts_each_rows_kv_and_embedding_row():
+    model = tiny(False)
+    one, four = bench_decode.step_bytes(model, 10.0), bench_decode.step_bytes(model, 10.0, rows=4)
+    kv, row = 2 * 2 * 32 * 2 * 10.0, 64 * 2
+    assert four - one == pytest.approx(3 * (kv + row))
+
+
+@pytest.mark.parametrize("argv", [["--tokens", "0"], ["--rows", "0"], ["--rows", "65"], ["--rows", "8,x"],
+                                  ["--paths", "fused,fast"], ["--threads", "main,main"]])
+def test_bad_arguments_exit_with_usage_error(argv):
+    with pytest.raises(SystemExit) as e:
+        bench_decode.main(argv)
+    assert e.value.code == 2

@@ -1,0 +1,158 @@
+"""`wallperf run`: every test of a run config under LoadGen, one process per test.
+
+Data flow, in each test's process (wallperf.driver.one_test): artifacts -> model and
+tokenizer -> the data set's prompts -> a backend, a scenario queue, the LoadGen SUT
+and QSL -> LoadGen's logs -> the test's record.
+
+The parent plans the tests (each scenario and mode, --find-peak's tries, and under
+--submission the compliance tests the checker requires), runs each in a fresh
+process (wallperf.driver.test_process.run_test) and assembles results.json from
+their records. results.json exists with `complete: false` before the first test
+and is rewritten atomically after each one, so an interrupted run keeps every
+finished result; Ctrl-C and SIGTERM end the running test (wallperf.driver.interrupt).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from wallperf.audit.report import write_run_reports
+from wallperf.audit.submission.system_desc import host_facts
+from wallperf.harness.config import ResolvedRun
+from wallperf.harness.config.benchmarks import BENCHMARKS
+from wallperf.driver.find_peak import find_peak, format_curve, try_log_dir
+from wallperf.driver.model import check_synthetic
+from wallperf.driver.one_test import TestSpec, calibrate, log_dir_for
+from wallperf.driver.options import RunOptions
+from wallperf.driver.peers import check_peer
+from wallperf.driver.progress import say
+from wallperf.driver.interrupt import Interrupts, TestInterrupted
+from wallperf.driver.test_process import BAD_INPUT, run_in_process, run_test
+from wallperf.driver.tp_run import check_tp
+from wallperf.harness.hardware.wall import run_wall
+from wallperf.harness.loadgen.results import wallperf_version, write_json_atomic
+
+
+def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
+    """Every test of the run; results.json's content. Raises TestInterrupted
+    (after writing what finished) when a signal stopped the run."""
+    run = resolved.run
+    preflight(resolved)
+    started = time.time()
+    # The wall is measured once, here, unless the run was given one; every test process is given it.
+    opts = dataclasses.replace(opts, wall=opts.wall or run_wall(resolved.hardware, opts.wall_from_profile))
+    given = f"; given by {opts.wall.given_by}" if opts.wall.given_by else ""
+    say(f"memory wall: {opts.wall.hardware.bandwidth_gbps:g} GB/s ({opts.wall.source}: {opts.wall.how}{given})")
+    results = {
+        "wallperf_version": wallperf_version(),
+        "tp": run.tp,
+        "format": None,
+        "host": host_facts(),
+        "config": _config(resolved, opts),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "hardware_wall": opts.wall.to_dict(),
+        "calibration": None,
+        "complete": False,
+        "runs": [],
+    }
+    results_path = opts.out_dir / "results.json"
+    created = not opts.out_dir.exists()
+    write_json_atomic(results_path, results)
+    say(f"output dir {opts.out_dir}; each LoadGen test runs in a process of its own")
+
+    with Interrupts() as interrupts:
+        def test(sc, mode, log_dir=None, compliance=None) -> dict:
+            log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode, compliance)
+            spec = TestSpec(resolved, opts, sc, mode, log_dir, compliance)
+            try:
+                out = run_test(spec, interrupts)
+            except TestInterrupted as e:
+                results.setdefault("interrupted", []).append(
+                    {"scenario": sc.name, "mode": mode, "compliance_test": compliance, "log_dir": str(log_dir),
+                     "interrupted": True, "signal": signal.Signals(e.signum).name})
+                raise
+            results["format"] = results["format"] or out["format"]
+            results["dataset"] = results.get("dataset") or out["dataset"]
+            results["runs"].append(out["record"])
+            write_json_atomic(results_path, results)
+            return out["record"]
+
+        try:
+            if opts.calibrate:
+                # The performance tests' load, measured on this machine (in a process of its own).
+                resolved, calibration = run_in_process("the calibration", calibrate, (resolved, opts), interrupts)
+                results["config"] = _config(resolved, opts)
+                results["calibration"] = calibration.to_dict() if calibration else None
+                write_json_atomic(results_path, results)
+            for sc in resolved.scenarios:
+                for mode in run.modes:
+                    if opts.find_peak and mode == "performance" and sc.name in ("Server", "Interactive"):
+                        results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
+                        write_json_atomic(results_path, results)
+                    else:
+                        test(sc, mode)
+                for name in compliance_tests(resolved, opts):
+                    test(sc, "performance", compliance=name)
+        except TestInterrupted as e:
+            _finish(results, results_path, started, complete=False, signal_name=signal.Signals(e.signum).name)
+            raise
+        except BAD_INPUT:
+            # Bad input found by the first test's process: leave nothing half-written.
+            if not results["runs"]:
+                shutil.rmtree(opts.out_dir) if created else results_path.unlink(missing_ok=True)
+            raise
+    _finish(results, results_path, started, complete=True)
+    return results
+
+
+def _config(resolved: ResolvedRun, opts: RunOptions) -> dict:
+    dataset = resolved.dataset
+    return {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
+            "submission": opts.submission, "checker_version": opts.checker_version,
+            "output_length": dataclasses.asdict(dataset.output_length),
+            "ignore_eos_in_performance": dataset.output_length.ignore_eos}
+
+
+def preflight(resolved: ResolvedRun) -> None:
+    """What can be refused before anything is written or any model loaded."""
+    check_peer(resolved)
+    check_synthetic(resolved)
+    if resolved.run.tp > 1:
+        check_tp(resolved)
+
+
+def compliance_tests(resolved: ResolvedRun, opts: RunOptions) -> tuple:
+    """The compliance tests a --submission run adds to each scenario: those the
+    checker version requires for the benchmark (TEST06 for the LLMs wallperf can
+    stand for; TEST07/TEST09 only for benchmarks it has no model for)."""
+    bench = BENCHMARKS.get(resolved.model.benchmark or "")
+    if not opts.submission or bench is None:
+        return ()
+    return tuple(t for t in bench.compliance_tests.get(opts.checker_version, ()) if t == "TEST06")
+
+
+def _finish(results: dict, results_path: Path, started: float, complete: bool, signal_name: str | None = None):
+    results["complete"] = complete
+    if signal_name:
+        results["interrupted_by"] = signal_name
+    results["wall_time_s"] = round(time.time() - started, 1)
+    write_json_atomic(results_path, results)
+    html, md = write_run_reports(results_path.parent)
+    say(f"reports: {html}, {md}" + ("" if complete else f" (from the {len(results['runs'])} finished tests)"))
+
+
+def _find_peak(resolved, sc, opts, test) -> dict:
+    """Bisect the Server target QPS; every try is a LoadGen test with its own logs and process."""
+    perf_dir = log_dir_for(opts.out_dir, resolved, sc.name, "performance").parent
+
+    def run_one(qps: float) -> dict:
+        record = test(dataclasses.replace(sc, target_qps=qps), "performance", try_log_dir(perf_dir, qps))
+        record["find_peak_try"] = True
+        return record
+
+    peak = find_peak(run_one, *opts.peak_range, opts.peak_tolerance, opts.peak_max_runs)
+    say(f"{sc.name} peak search:\n{format_curve(peak)}")
+    return peak.to_dict()
