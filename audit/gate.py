@@ -32,7 +32,7 @@ from wallperf.audit.sequential import confidence_interval
 from wallperf.harness.config.checks import positive
 from wallperf.audit.specs import AuditInputError, load_spec, parse_spec, release_checkpoints, resolve_spec
 from wallperf.audit.verdict import EXIT_BAD_INPUT, EXIT_CODES, Verdict, check_max_drop, decide
-from wallperf.sut.quant import kv_cache_dtype
+from wallperf.sut.quant.fp8 import kv_cache_dtype
 
 DEFAULT_MAX_QUESTIONS = 2000
 LOOK_EVERY = 32

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from wallperf.sut.kv_calibration import key_centres
-from wallperf.sut.quant import dequantize, quantize_kv_vectors
+from wallperf.sut.quant.kv_calibration import key_centres
+from wallperf.sut.quant.fp8 import dequantize, quantize_kv_vectors
 
 DEFAULT_MAX_TOKENS = 1024
 DEFAULT_ROW_TOKENS = 256

@@ -95,7 +95,7 @@ def resolve_spec(spec: ModelSpec) -> tuple[Path, str]:
 def fp8_format(dtype: str, hardware) -> tuple[torch.dtype | None, str]:
     """The fp8 variant a dtype means on `hardware` (a harness.config.HardwareConfig),
     and the dtype of the math; (None, dtype) for a dtype that is not fp8."""
-    from wallperf.sut.quant import FP8_DTYPES, choose_format
+    from wallperf.sut.quant.fp8 import FP8_DTYPES, choose_format
 
     if dtype in FP8_VARIANTS:
         return FP8_DTYPES[dtype.removeprefix("fp8_")], "bfloat16"
@@ -110,7 +110,7 @@ def _read_checkpoint(path: Path):
     """The last checkpoint read, so that reference and candidate of one file are read once.
     Models built from it never write into its tensors (noise and fp8 replace weights).
     The audit clears it once every model is built."""
-    from wallperf.sut.loading import read_checkpoint
+    from wallperf.sut.loading.load import read_checkpoint
 
     return read_checkpoint(path)
 
@@ -131,9 +131,9 @@ def add_weight_noise_(model: nn.Module, relative_std: float, seed: int = NOISE_S
 
 def load_spec(spec: ModelSpec, hardware, device: str | None = None):
     """A sut.loading.LoadedModel as the spec describes it, fp8 in `hardware`'s variant."""
-    from wallperf.sut.loading import LoadedModel, torch_dtype
-    from wallperf.sut.quant import quantize_model_
-    from wallperf.sut.weights import build_model
+    from wallperf.sut.loading.load import LoadedModel, torch_dtype
+    from wallperf.sut.quant.fp8 import quantize_model_
+    from wallperf.sut.loading.weights import build_model
 
     path, dtype = resolve_spec(spec)
     fp8_dtype, math_dtype = fp8_format(dtype, hardware)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import mlperf_loadgen as lg
 import numpy as np
 
-from wallperf.sut.engine import SamplingParams
+from wallperf.sut.engine.engine import SamplingParams
 from wallperf.sut.queues import ScenarioQueue, WorkItem
 
 

@@ -134,7 +134,7 @@ class StepBackend:
         self.emitted[request_id] = 0
 
     def step(self):
-        from wallperf.sut.engine import TokenEvent
+        from wallperf.sut.engine.engine import TokenEvent
 
         seconds = self.step_seconds(len(self.running))
         if self.clock is not None:
@@ -164,7 +164,7 @@ def tiny_llama_folder(tmp_path_factory):
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from wallperf.sut.tokenizer import Tokenizer
+    from wallperf.sut.loading.tokenizer import Tokenizer
 
     merges = [f"Ġ {c}" for c in "ABCDt"] + ["h e", "t he"]
     tokens = sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in merges]

@@ -11,7 +11,7 @@ import wallperf.driver.run
 import wallperf.tools.serve
 from wallperf.cli import main
 
-REPO_CONF = Path(__file__).resolve().parents[2] / "conf"
+REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture

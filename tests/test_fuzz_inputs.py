@@ -20,7 +20,7 @@ from wallperf.harness.config import ConfigError, ModelConfig, RunConfig, Scenari
 from wallperf.harness.loadgen.logs import LogParseError, read_detail_log, scenario_metrics
 from wallperf.harness.loadgen.settings import check_user_conf
 from wallperf.sut.backends.sse import DONE, RequestFailed, choice_content, choices, error_message, parse_event, usage
-from wallperf.sut.completion_request import RequestError, decode_json_body, parse_completion_request
+from wallperf.sut.serving.completion_request import RequestError, decode_json_body, parse_completion_request
 
 EXAMPLES = int(os.environ.get("WALLPERF_FUZZ_EXAMPLES", 150))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -131,7 +131,7 @@ prompts = st.one_of(st.text(max_size=40), st.lists(st.integers(-5, 70000), max_s
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_gguf_path):
-    from wallperf.sut.loading import load_tokenizer
+    from wallperf.sut.loading.load import load_tokenizer
 
     return load_tokenizer(smollm2_gguf_path)
 

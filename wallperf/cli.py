@@ -206,8 +206,8 @@ def cmd_sweep(args, run_args: list[str]) -> int:
 def cmd_generate(args) -> int:
     from wallperf.harness.artifacts import resolve_model_file
     from wallperf.harness.config import load_model_config
-    from wallperf.sut.loading import load_model
-    from wallperf.sut.engine import Engine, SamplingParams
+    from wallperf.sut.loading.load import load_model
+    from wallperf.sut.engine.engine import Engine, SamplingParams
 
     path = Path(args.model)
     if not path.exists():
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
     from wallperf.harness.loadgen.logs import LogParseError
     from wallperf.harness.loadgen.qsl import DatasetError
     from wallperf.harness.loadgen.results import OutputError
-    from wallperf.sut.loading import CheckpointError
+    from wallperf.sut.loading.load import CheckpointError
 
     from wallperf.audit.gate import cmd_audit
     from wallperf.audit.score import cmd_mmlu

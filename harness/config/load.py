@@ -162,7 +162,7 @@ def _check_tp(run: RunConfig, model: ModelConfig, file) -> None:
         raise ConfigError(file, "tp", f"tp {run.tp}: tensor parallelism shards the dense Llama decoder; "
                           f"model {model.name} is family {model.family} (use tp 1)")
     if model.shape is not None:
-        from wallperf.sut.tp import check_shardable
+        from wallperf.sut.engine.tp import check_shardable
 
         try:
             check_shardable(model.shape, run.tp)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wallperf.sut.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
+from wallperf.sut.engine.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
 from wallperf.sut.models.llama import LlamaModel
 
 

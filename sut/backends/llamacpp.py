@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wallperf.sut.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
-from wallperf.sut.loading import reading_checkpoint, unreadable_checkpoint
+from wallperf.sut.engine.engine import EngineStats, SamplingParams, TokenEvent, checked_prompt
+from wallperf.sut.loading.load import reading_checkpoint, unreadable_checkpoint
 from wallperf.sut.models.llama import LlamaConfig
-from wallperf.sut.tokenizer import Tokenizer
+from wallperf.sut.loading.tokenizer import Tokenizer
 
 # llama.cpp's KV cache is float16 unless a context asks otherwise.
 KV_BYTES_PER_ELEMENT = 2
@@ -64,7 +64,7 @@ def load_gguf_model(path: Path) -> GGUFModel:
     CheckpointError naming it."""
     from gguf import GGUFReader
 
-    from wallperf.sut.weights import gguf_metadata
+    from wallperf.sut.loading.weights import gguf_metadata
 
     with reading_checkpoint(Path(path)):
         reader = GGUFReader(str(path))

@@ -2,8 +2,8 @@
 over a model loaded by sut.loading."""
 from __future__ import annotations
 
-from wallperf.sut.engine import Engine
-from wallperf.sut.loading import LoadedModel
+from wallperf.sut.engine.engine import Engine
+from wallperf.sut.loading.load import LoadedModel
 
 
 class NativeBackend(Engine):

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from wallperf.sut.backends.openai_endpoint import Endpoint
 from wallperf.sut.backends.sse import (DONE, MAX_REASON_CHARS, RequestFailed, choice_content, choices, error_message,
                              parse_event, usage)
-from wallperf.sut.engine import SamplingParams, TokenEvent
+from wallperf.sut.engine.engine import SamplingParams, TokenEvent
 from wallperf.sut.redact import redact, register_secret
 
 ROUTINGS = ("round_robin", "least_outstanding")

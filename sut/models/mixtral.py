@@ -26,7 +26,7 @@ from torch import nn
 from wallperf.kernels.dispatch import fused_moe
 from wallperf.sut.models.llama import Block, LlamaConfig, LlamaModel
 from wallperf.sut.models.llama import synthetic_state_dict as dense_synthetic
-from wallperf.sut.quant import dequantize_experts
+from wallperf.sut.quant.fp8 import dequantize_experts
 
 
 @dataclass(frozen=True)

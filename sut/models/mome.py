@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wallperf.sut.expert_cache import ExpertBank, ExpertCache, ExpertCacheStats, write_synthetic_bank
+from wallperf.sut.models.expert_cache import ExpertBank, ExpertCache, ExpertCacheStats, write_synthetic_bank
 from wallperf.sut.models.llama import MLP, LlamaConfig, LlamaModel
-from wallperf.sut.weights import build_model
+from wallperf.sut.loading.weights import build_model
 
 BANK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 

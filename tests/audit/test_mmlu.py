@@ -54,7 +54,7 @@ def tiny_models(tiny_llama_folder):
     """The tiny random Llama as HF transformers reads it and as our loader does."""
     from transformers import LlamaForCausalLM
 
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     hf = LlamaForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32).eval()
     ours = load_model(tiny_llama_folder, "float32")
@@ -99,8 +99,8 @@ def test_fp8_kv_scoring_matches_the_engines_fp8_cache(tiny_models, fp8):
     question alone: the same log-likelihoods, and not those of the unquantized cache."""
     from wallperf.audit.mmlu import prepare
     from wallperf.audit.scoring import score_requests
-    from wallperf.sut.kv_calibration import key_centres
-    from wallperf.sut.paged_cache import PagedKVCache
+    from wallperf.sut.quant.kv_calibration import key_centres
+    from wallperf.sut.engine.paged_cache import PagedKVCache
 
     _, ours, tokenizer = tiny_models
     requests = prepare(tokenizer, QUESTIONS, "letter")
@@ -177,7 +177,7 @@ def test_smollm2_cloze_matches_hf(smollm2_gguf_path, mmlu_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from wallperf.harness.loadgen.qsl import load_mmlu, select_per_subject
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine's cores are shared: OpenMP threads would wait on each other

@@ -6,7 +6,7 @@ from wallperf.bench import decode as bench_decode
 from wallperf.harness.config.schema import ModelShape
 from wallperf.harness.hardware.counts import flops_per_token
 from wallperf.sut.models.llama import LlamaConfig
-from wallperf.sut.weights import build_model
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 

@@ -25,7 +25,7 @@ from wallperf.driver.options import RunOptions
 from wallperf.harness.loadgen.qsl import LoadGenQSL
 from wallperf.harness.loadgen.settings import build_test_settings, log_settings
 from wallperf.sut.adapter import LoadGenSUT
-from wallperf.sut.engine import SamplingParams
+from wallperf.sut.engine.engine import SamplingParams
 from wallperf.sut.queues import queue_for
 
 STEP_S, PER_ROW_S = 0.0048, 0.0005

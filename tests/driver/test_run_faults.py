@@ -27,7 +27,7 @@ from wallperf.harness.loadgen.logs import read_detail_log
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 QUICK = ["--duration", "1", "--max-samples", "4", "--output-tokens", "4", "--no-progress"]
 # Loading SmolLM2 and MMLU, one short test, the reports: minutes at most on a loaded 2-core machine.
 BOUND_S = 300
@@ -36,7 +36,7 @@ BOUND_S = 300
 # Each LoadGen test runs in a process of its own, so the fault goes in through
 # sitecustomize, which every Python process on the path imports at start.
 INJECT = """
-from wallperf.sut.engine import Engine
+from wallperf.sut.engine.engine import Engine
 
 _real_step, _steps = Engine.step, [0]
 

@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-wallperf-hostile-0123456789abcdef"
 PASSWORD = "pw-in-the-url-9876"
 

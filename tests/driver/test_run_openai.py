@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from wallperf.cli import main
-from wallperf.sut.loading import load_model
-from wallperf.sut.engine import Engine, SamplingParams
-from wallperf.sut.server import start_server
+from wallperf.sut.loading.load import load_model
+from wallperf.sut.engine.engine import Engine, SamplingParams
+from wallperf.sut.serving.server import start_server
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from wallperf.harness.loadgen.logs import read_detail_log
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 DURATION_S = 15
 # Loading SmolLM2 (server) and its tokenizer and MMLU (run) on a loaded 2-core machine.
 START_S = 300

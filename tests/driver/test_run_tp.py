@@ -21,7 +21,7 @@ from wallperf.harness.config import ConfigError, load_hardware_config, load_run
 from wallperf.driver.tp_launch import launch
 from wallperf.harness.hardware.profiles import system_hardware
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def test_tp_defaults_to_one():
@@ -118,7 +118,7 @@ def write_checkpoint(folder: Path, gguf: Path, n_heads: int, n_kv_heads: int, se
     from safetensors.torch import save_file
 
     from wallperf.sut.models.llama import LlamaConfig
-    from wallperf.sut.tokenizer import Tokenizer
+    from wallperf.sut.loading.tokenizer import Tokenizer
     from wallperf.sut.models.llama import synthetic_state_dict
 
     tok = Tokenizer.from_gguf(gguf)

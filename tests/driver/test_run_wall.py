@@ -18,7 +18,7 @@ from wallperf.cli import main
 
 pytestmark = pytest.mark.slow
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from wallperf.harness.hardware import wall as wall_module
 from wallperf.harness.hardware.front import StepCost
 from wallperf.harness.hardware.wall import run_wall
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _record(qps, scenario="Server", wall=None):

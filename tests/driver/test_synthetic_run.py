@@ -8,7 +8,7 @@ import pytest
 
 from wallperf.cli import main
 
-CONF = Path(__file__).resolve().parents[3] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 TINY_MIXTRAL = """\
 name: tiny-mixtral

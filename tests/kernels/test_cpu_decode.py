@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
-from wallperf.sut.engine import Engine, SamplingParams
+from wallperf.sut.engine.engine import Engine, SamplingParams
 from wallperf.sut.models.llama import LlamaConfig
-from wallperf.sut.paged_cache import PagedKVCache
-from wallperf.sut.weights import build_model
+from wallperf.sut.engine.paged_cache import PagedKVCache
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 CFG = LlamaConfig(n_layers=3, hidden_size=128, n_heads=4, n_kv_heads=2, ffn_size=320, vocab_size=500,
@@ -198,7 +198,7 @@ def test_more_rows_than_the_fused_limit_take_the_eager_path(models):
 
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_equal_eager(smollm2_gguf_path, monkeypatch):
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     loaded = load_model(smollm2_gguf_path, "bfloat16")
     if fused_decode_problem(loaded.model, PagedKVCache(1, 1, 1, 1, 1, torch.bfloat16)) is not None:

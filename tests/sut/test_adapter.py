@@ -12,7 +12,7 @@ import pytest
 from wallperf.harness.loadgen.qsl import LoadGenQSL
 from wallperf.harness.loadgen.settings import log_settings
 from wallperf.sut.adapter import LoadGenSUT
-from wallperf.sut.engine import SamplingParams, TokenEvent
+from wallperf.sut.engine.engine import SamplingParams, TokenEvent
 from wallperf.sut.queues import queue_for
 
 

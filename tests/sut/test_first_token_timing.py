@@ -17,7 +17,7 @@ import pytest
 from wallperf.harness.loadgen.qsl import LoadGenQSL
 from wallperf.harness.loadgen.settings import log_settings
 from wallperf.sut.adapter import LoadGenSUT
-from wallperf.sut.engine import SamplingParams
+from wallperf.sut.engine.engine import SamplingParams
 from wallperf.sut.queues import queue_for
 
 STEP_S = 0.01

@@ -15,8 +15,8 @@ from test_server import MAX_SEQ_LEN, prompt_of, tiny_loaded_model
 from wallperf.bench.client import MockOptions, mock_token_ids, start_mock_server
 from wallperf.sut.backends.native import NativeBackend
 from wallperf.sut.backends.openai import OpenAIBackend
-from wallperf.sut.engine import SamplingParams
-from wallperf.sut.server import start_server
+from wallperf.sut.engine.engine import SamplingParams
+from wallperf.sut.serving.server import start_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

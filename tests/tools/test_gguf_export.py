@@ -150,7 +150,7 @@ def test_smollm2_weight_bytes_from_ggml_block_sizes(smollm2_gguf_path):
 
 @pytest.mark.slow
 def test_smollm2_bf16_export_holds_the_native_bf16_weights(smollm2_gguf_path, tmp_path):
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     out = export_gguf(smollm2_gguf_path, tmp_path / "smollm2.bf16.gguf")
     src, got = GGUFReader(str(smollm2_gguf_path)), GGUFReader(str(out))

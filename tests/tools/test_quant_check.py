@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-import wallperf.sut.loading
+import wallperf.sut.loading.load
 from wallperf.harness.config import ConfigError
 from wallperf.tools.quant_check import (add_quant_check_parser, cmd_quant_check, common_prefix, compare_logits,
                                  quant_check)
-from wallperf.sut.quant import FP8Linear, quantize_model_
+from wallperf.sut.quant.fp8 import FP8Linear, quantize_model_
 
 # Measured on SmolLM2-135M, fp8 e4m3fn per-channel vs bf16: top-1 agreement 0.897 and
 # mean KL 0.036 nats on the 4 prompts below (493 positions); 0.906 and 0.031 on 16
@@ -32,14 +32,14 @@ def parse(argv):
 
 @pytest.fixture(scope="module")
 def loaded(smollm2_gguf_path):
-    return wallperf.sut.loading.load_model(smollm2_gguf_path, "bfloat16")
+    return wallperf.sut.loading.load.load_model(smollm2_gguf_path, "bfloat16")
 
 
 @pytest.fixture
 def cached_load(loaded, monkeypatch):
-    """quant_check loads through wallperf.sut.loading.load_model: hand it the module's copy
+    """quant_check loads through wallperf.sut.loading.load.load_model: hand it the module's copy
     (it quantizes a deep copy, so the shared one stays bf16)."""
-    monkeypatch.setattr(wallperf.sut.loading, "load_model", lambda path, dtype: loaded)
+    monkeypatch.setattr(wallperf.sut.loading.load, "load_model", lambda path, dtype: loaded)
     return loaded
 
 

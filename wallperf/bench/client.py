@@ -26,8 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from wallperf.harness.config import positive, positive_list
 from wallperf.sut.backends.openai import OpenAIBackend
-from wallperf.sut.engine import SamplingParams
-from wallperf.sut.server import send_json
+from wallperf.sut.engine.engine import SamplingParams
+from wallperf.sut.serving.server import send_json
 
 MOCK_MODEL = "mock"
 # Token ids the mock streams: cycling past the few special ids a tokenizer puts first.

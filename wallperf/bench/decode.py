@@ -40,7 +40,7 @@ from wallperf.harness.config import positive
 from wallperf.harness.hardware.probe import CPU_SETTINGS, gemm_tflops, stream_bandwidth
 from wallperf.harness.hardware.counts import flops_per_token
 from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS
-from wallperf.sut.engine import Engine, SamplingParams
+from wallperf.sut.engine.engine import Engine, SamplingParams
 
 PATHS = ("fused", "eager")
 THREADS = ("worker", "main")
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     paths, threads = _choices(p, "paths", args.paths, PATHS), _choices(p, "threads", args.threads, THREADS)
     from wallperf.harness.artifacts import resolve_model_file
     from wallperf.harness.config import load_model_config
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     model_config = load_model_config(args.model)
     if model_config.shape is None:

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     from wallperf.harness.artifacts import resolve_dataset_file, resolve_model_file
     from wallperf.harness.config import load_dataset_config, load_model_config
     from wallperf.harness.loadgen.qsl import load_mmlu
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     pool = load_mmlu(resolve_dataset_file(load_dataset_config("mmlu")))
     questions = [pool[i] for i in draw_order(len(pool))[: args.questions]]

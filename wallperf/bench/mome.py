@@ -33,12 +33,12 @@ import torch
 
 from wallperf.harness.artifacts import cache_dir
 from wallperf.harness.config import positive, positive_list
-from wallperf.sut.expert_cache import ExpertCache
-from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.models.expert_cache import ExpertCache
+from wallperf.sut.engine.kv_cache import SlotKVCache
 from wallperf.sut.models.llama import LlamaConfig
 from wallperf.sut.models.mome import (MemoryConfig, MemoryLayer, bank_tensor_name, build_mome_model, synthetic_bank,
                              synthetic_bank_path, synthetic_memory_state_dict)
-from wallperf.sut.weights import build_model
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 # SmolLM2-135M (FACTS.md): 30 layers, hidden 576, 9 heads, 3 KV heads, FFN 1536, vocab 49152.

@@ -13,7 +13,7 @@ from wallperf.harness.artifacts import cache_dir, resolve_model_file
 from wallperf.harness.config import ConfigError, ModelShape, ResolvedRun, load_model_config
 from wallperf.driver.peers import load_llamacpp_model
 from wallperf.driver.progress import say
-from wallperf.sut.loading import (config_for_shape, load_model, load_mome, load_synthetic, load_tokenizer, read_checkpoint,
+from wallperf.sut.loading.load import (config_for_shape, load_model, load_mome, load_synthetic, load_tokenizer, read_checkpoint,
                          torch_dtype)
 from wallperf.sut.models.llama import synthetic_state_dict
 

@@ -38,8 +38,8 @@ from wallperf.harness.loadgen.results import accuracy_record, counter_delta, dec
 from wallperf.harness.loadgen.settings import build_test_settings, start_test
 from wallperf.sut.adapter import LoadGenSUT
 from wallperf.sut.backends import create
-from wallperf.sut.engine import SamplingParams
-from wallperf.sut.quant import choose_format, kv_cache_dtype
+from wallperf.sut.engine.engine import SamplingParams
+from wallperf.sut.quant.fp8 import choose_format, kv_cache_dtype
 from wallperf.sut.queues import queue_for
 
 

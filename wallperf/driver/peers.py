@@ -13,7 +13,7 @@ from __future__ import annotations
 from wallperf.harness.config import ConfigError, ResolvedRun
 from wallperf.harness.hardware.counts import WeightBytes, held_weight_bytes
 from wallperf.sut.backends import MissingPackage, check_available
-from wallperf.sut.quant import FormatChoice, format_name, kv_cache_dtype
+from wallperf.sut.quant.fp8 import FormatChoice, format_name, kv_cache_dtype
 
 PEERS = ("hf", "llamacpp")
 
@@ -102,7 +102,7 @@ def kv_storage_bytes(loaded, kv_dtype) -> float | None:
     """The native engine's KV bytes per element with an fp8 cache (scales included), else None."""
     if kv_dtype is None:
         return None
-    from wallperf.sut.paged_cache import kv_bytes_per_element
+    from wallperf.sut.engine.paged_cache import kv_bytes_per_element
 
     return kv_bytes_per_element(loaded.config.head_dim, kv_dtype)
 

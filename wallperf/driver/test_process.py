@@ -31,7 +31,7 @@ from wallperf.harness.loadgen.qsl import DatasetError
 from wallperf.harness.loadgen.results import OutputError
 from wallperf.sut import redact
 from wallperf.sut.atomic import atomic_file
-from wallperf.sut.loading import CheckpointError
+from wallperf.sut.loading.load import CheckpointError
 
 
 # Errors the command line reports as one line (bad input, a full disk, a cut-off log):

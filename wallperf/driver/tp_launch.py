@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wallperf.sut.engine import Engine, SamplingParams
-from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.engine.engine import Engine, SamplingParams
+from wallperf.sut.engine.kv_cache import SlotKVCache
 from wallperf.sut.models.llama import LlamaConfig
-from wallperf.sut.tp import shard_model_
-from wallperf.sut.weights import build_model
+from wallperf.sut.engine.tp import shard_model_
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 

@@ -28,8 +28,8 @@ from wallperf.driver.model import choose_device, load_for_run
 from wallperf.driver.one_test import TestSpec, execute
 from wallperf.driver.progress import say
 from wallperf.driver.tp_launch import TPContext, TPSession, default_backend, follow_session, launch
-from wallperf.sut.quant import choose_format
-from wallperf.sut.tp import shard_model_
+from wallperf.sut.quant.fp8 import choose_format
+from wallperf.sut.engine.tp import shard_model_
 
 TIMEOUT_S = 600.0
 

@@ -19,9 +19,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from wallperf.sut.engine import Engine, SamplingParams
-from wallperf.sut.kv_cache import SlotKVCache
-from wallperf.sut.quant import FP8_DTYPES, quantize_model_
+from wallperf.sut.engine.engine import Engine, SamplingParams
+from wallperf.sut.engine.kv_cache import SlotKVCache
+from wallperf.sut.quant.fp8 import FP8_DTYPES, quantize_model_
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def resolve_model_path(model_name_or_path: str) -> Path:
 def quant_check(model_name_or_path: str = "smollm2-135m", per_channel: bool = True, n_prompts: int = 16,
                 n_greedy: int = 4, greedy_len: int = 16, fp8_format: str = "e4m3fn") -> dict:
     """fp8 weights (bf16 activations) vs bf16 on MMLU prompts; a JSON-ready dict."""
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     if fp8_format not in FP8_DTYPES:
         raise ValueError(f"fp8 format {fp8_format!r}; allowed: {', '.join(FP8_DTYPES)}")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from wallperf.harness.artifacts import resolve_model_file
 from wallperf.harness.config import ConfigError, load_model_config, positive
-from wallperf.sut.http_limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, REQUEST_TIMEOUT_MARGIN_S, ServerLimits
-from wallperf.sut.loading import DTYPES, load_model
-from wallperf.sut.server import start_server
+from wallperf.sut.serving.http_limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, REQUEST_TIMEOUT_MARGIN_S, ServerLimits
+from wallperf.sut.loading.load import DTYPES, load_model
+from wallperf.sut.serving.server import start_server
 
 API_KEY_ENV = "WALLPERF_API_KEY"
 

@@ -6,7 +6,7 @@ import torch
 from wallperf.harness.config import ModelShape
 from wallperf.harness.hardware.counts import held_weight_bytes, prefill_flops, flops_per_token, shape_weight_bytes
 from wallperf.harness.hardware.roofline import bytes_per_step
-from wallperf.sut.loading import config_for_shape, load_synthetic
+from wallperf.sut.loading.load import config_for_shape, load_synthetic
 
 MIXTRAL = ModelShape(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336, vocab_size=32000,
                      head_dim=128, n_experts=8, experts_per_token=2)

@@ -12,7 +12,7 @@ from wallperf.harness.loadgen.qsl import LoadGenQSL, MMLUQuestion, parse_answer_
 from wallperf.harness.loadgen.results import score_mmlu
 from wallperf.harness.loadgen.settings import log_settings
 from wallperf.sut.adapter import LoadGenSUT
-from wallperf.sut.engine import SamplingParams
+from wallperf.sut.engine.engine import SamplingParams
 from wallperf.sut.queues import queue_for
 
 # (generated text, the letter a reader takes it to answer; None: no answer given)

@@ -171,7 +171,7 @@ def test_real_sample_lengths_match_an_independent_count(sharegpt_path, smollm2_g
     json.loads on the complete part, the pair search, vLLM's shuffle, the statistics module."""
     from wallperf.harness.config import load_dataset_config
     from wallperf.harness.loadgen.workload import load_workload
-    from wallperf.sut.loading import load_tokenizer
+    from wallperf.sut.loading.load import load_tokenizer
 
     tok = load_tokenizer(smollm2_gguf_path)
     raw = sharegpt_path.read_bytes()

@@ -15,9 +15,9 @@ pytest.importorskip("transformers")
 
 from wallperf.sut.backends import MissingPackage, create  # noqa: E402
 from wallperf.sut.backends.hf import HFBackend, build_hf_model  # noqa: E402
-from wallperf.sut.engine import Engine, SamplingParams  # noqa: E402
+from wallperf.sut.engine.engine import Engine, SamplingParams  # noqa: E402
 from wallperf.sut.models.llama import LlamaConfig  # noqa: E402
-from wallperf.sut.weights import build_model  # noqa: E402
+from wallperf.sut.loading.weights import build_model  # noqa: E402
 from wallperf.sut.models.llama import synthetic_state_dict
 
 EOS = 2
@@ -75,7 +75,7 @@ def test_split_weights_give_hf_the_native_logits(tied, bias):
     ids = torch.tensor(_prompts([21]))
     with torch.no_grad():
         got = hf(ids).logits[0, -1].float()
-    from wallperf.sut.paged_cache import PagedKVCache
+    from wallperf.sut.engine.paged_cache import PagedKVCache
 
     cache = PagedKVCache(2, 4, 8, 2, 16, torch.float32)
     positions = torch.arange(21).unsqueeze(0)
@@ -166,7 +166,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Wh
 
 @pytest.mark.slow
 def test_smollm2_hf_backend_batch_matches_native(smollm2_gguf_path):
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     loaded = load_model(smollm2_gguf_path, "float32")
     tok = loaded.tokenizer

@@ -15,8 +15,8 @@ import pytest
 
 from wallperf.cli import main
 from wallperf.sut.backends import MissingPackage, check_available
-from wallperf.sut.engine import SamplingParams
-from wallperf.sut.loading import CheckpointError
+from wallperf.sut.engine.engine import SamplingParams
+from wallperf.sut.loading.load import CheckpointError
 
 EOS = 2  # <|im_end|>
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 * 23?",
@@ -115,8 +115,8 @@ def test_bf16_export_logits_match_native_on_the_same_weights(gguf_models):
     import torch
 
     from wallperf.sut.backends.llamacpp import LlamaCppContext
-    from wallperf.sut.loading import load_model
-    from wallperf.sut.paged_cache import PagedKVCache
+    from wallperf.sut.loading.load import load_model
+    from wallperf.sut.engine.paged_cache import PagedKVCache
 
     bf16 = gguf_models[1].path
     native = load_model(bf16, "float32")
@@ -143,8 +143,8 @@ def test_bf16_export_agrees_with_native_bf16(gguf_models):
     rounding (two bf16 engines sum in different orders) does not derail the rest."""
     import torch
 
-    from wallperf.sut.loading import load_model
-    from wallperf.sut.paged_cache import PagedKVCache
+    from wallperf.sut.loading.load import load_model
+    from wallperf.sut.engine.paged_cache import PagedKVCache
 
     source, bf16 = gguf_models
     native = load_model(source.path, "bfloat16")

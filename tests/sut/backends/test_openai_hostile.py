@@ -10,7 +10,7 @@ import time
 import pytest
 
 from wallperf.sut.backends.openai import MAX_LINE_BYTES, OpenAIBackend
-from wallperf.sut.engine import SamplingParams
+from wallperf.sut.engine.engine import SamplingParams
 
 KEY = "sk-hostile-backend-0123456789"
 

@@ -17,7 +17,7 @@ import transformers
 
 from wallperf.sut.models.llama import LlamaConfig as OurLlamaConfig
 from wallperf.sut.models.llama import rope_inv_freq
-from wallperf.sut.weights import build_model, load_checkpoint, load_gguf, load_hf_checkpoint
+from wallperf.sut.loading.weights import build_model, load_checkpoint, load_gguf, load_hf_checkpoint
 
 # fp32 over 2 tiny layers: measured max abs error about 2.5e-6 on logits up to ~4.
 TINY_ATOL = 1e-5
@@ -84,12 +84,12 @@ class _Cache:
     def __init__(self, kind: str, cfg, rows: int, max_len: int = 64):
         self.kind = kind
         if kind == "slot":
-            from wallperf.sut.kv_cache import SlotKVCache
+            from wallperf.sut.engine.kv_cache import SlotKVCache
 
             self.cache = SlotKVCache(cfg.n_layers, 3, cfg.n_kv_heads, max_len, cfg.head_dim, torch.float32)
             self.slots = [1] if rows == 1 else [0, 2]
         else:
-            from wallperf.sut.paged_cache import PagedKVCache
+            from wallperf.sut.engine.paged_cache import PagedKVCache
 
             per_row = -(-max_len // 8)
             n_blocks = 2 * rows * per_row
@@ -266,7 +266,7 @@ SMOLLM2_LOGIT_ATOL = 2e-4
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf_path):
     """Our float32 model and HF's, both from the same GGUF (loaded once)."""
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     ours = load_model(smollm2_gguf_path, "float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(
@@ -294,7 +294,7 @@ def _hf_greedy(hf, prompts: list, max_new_tokens: int, eos: int) -> list:
 
 @pytest.mark.slow
 def test_smollm2_greedy_tokens_and_logits_match_hf(smollm2):
-    from wallperf.sut.engine import Engine, SamplingParams
+    from wallperf.sut.engine.engine import Engine, SamplingParams
 
     ours, hf = smollm2
     tok = ours.tokenizer
@@ -318,7 +318,7 @@ def test_smollm2_greedy_tokens_and_logits_match_hf(smollm2):
 
 @pytest.mark.slow
 def test_cli_generate_json_matches_hf(smollm2, smollm2_gguf_path, monkeypatch, capsys):
-    import wallperf.sut.loading
+    import wallperf.sut.loading.load
     from wallperf.cli import main
 
     ours, hf = smollm2
@@ -328,7 +328,7 @@ def test_cli_generate_json_matches_hf(smollm2, smollm2_gguf_path, monkeypatch, c
         assert path == smollm2_gguf_path and dtype == "float32"
         return ours
 
-    monkeypatch.setattr(wallperf.sut.loading, "load_model", cached_load_model)
+    monkeypatch.setattr(wallperf.sut.loading.load, "load_model", cached_load_model)
     assert main(["generate", "--prompt", "Name three colors of the rainbow.", "--json",
                  "--max-new-tokens", "16", "--model", str(smollm2_gguf_path)]) == 0
     printed = json.loads(capsys.readouterr().out)

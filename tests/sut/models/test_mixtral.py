@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.engine.kv_cache import SlotKVCache
 from wallperf.sut.models.llama import rope_inv_freq
 from wallperf.sut.models.mixtral import MixtralConfig, MixtralModel, SparseMoeBlock, synthetic_state_dict
-from wallperf.sut.quant import is_excluded
-from wallperf.sut.weights import load_hf_checkpoint
+from wallperf.sut.quant.fp8 import is_excluded
+from wallperf.sut.loading.weights import load_hf_checkpoint
 
 # fp32 over 2 tiny layers, as the Llama comparison: summation order only.
 TINY_ATOL = 1e-5
@@ -36,7 +36,7 @@ def _tiny_hf_model(seed: int = 0) -> transformers.MixtralForCausalLM:
 
 
 def _build(cfg: MixtralConfig, sd: dict, dtype=torch.float32) -> MixtralModel:
-    """wallperf.sut.weights.build_model's recipe: on meta, assign the weights, real RoPE table."""
+    """wallperf.sut.loading.weights.build_model's recipe: on meta, assign the weights, real RoPE table."""
     with torch.device("meta"):
         model = MixtralModel(cfg)
     model.load_hf_state_dict(dict(sd), dtype)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 
-from wallperf.sut.engine import Engine, SamplingParams
-from wallperf.sut.expert_cache import ExpertBank, ExpertCache, write_synthetic_bank
-from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.engine.engine import Engine, SamplingParams
+from wallperf.sut.models.expert_cache import ExpertBank, ExpertCache, write_synthetic_bank
+from wallperf.sut.engine.kv_cache import SlotKVCache
 from wallperf.sut.models.llama import LlamaConfig
 from wallperf.sut.models.mome import (MemoryConfig, MemoryLayer, bank_tensor_name, build_mome_model, product_key_topk,
                              synthetic_bank, synthetic_memory_state_dict)
@@ -193,7 +193,7 @@ def test_mome_model_matches_hf_llama_plus_reference_memory(tmp_path):
     assert set(stats["layers"]) == {"0", "1"}
 
     # An fp8 KV cache's key calibration runs the model once more, outside the counters.
-    from wallperf.sut.kv_calibration import key_centres
+    from wallperf.sut.quant.kv_calibration import key_centres
 
     centres = key_centres(model)
     assert centres.shape == (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim) and bool(centres.abs().sum() > 0)

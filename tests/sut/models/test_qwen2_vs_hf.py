@@ -19,8 +19,8 @@ import pytest
 import torch
 import transformers
 
-from wallperf.sut.paged_cache import PagedKVCache
-from wallperf.sut.weights import build_model, load_checkpoint, load_hf_checkpoint
+from wallperf.sut.engine.paged_cache import PagedKVCache
+from wallperf.sut.loading.weights import build_model, load_checkpoint, load_hf_checkpoint
 
 # fp32 over 2 tiny layers, as for the tiny Llama (measured ~3e-6).
 TINY_ATOL = 1e-5
@@ -195,7 +195,7 @@ def _hf_reference(hf, tok, mmlu_questions=(), prompts=PROMPTS) -> dict:
 
 
 def _check_against_reference(ref: dict, ours) -> None:
-    from wallperf.sut.engine import Engine, SamplingParams
+    from wallperf.sut.engine.engine import Engine, SamplingParams
 
     tok = ours.tokenizer
     assert [tok.encode(t) for t in TOKENIZER_TEXTS + ref["chats"]] == ref["texts"]
@@ -220,7 +220,7 @@ def _gguf(name: str):
 @pytest.mark.slow
 def test_qwen2_5_coder_0_5b_tokens_greedy_and_logits_match_hf():
     """HF's own GGUF loader is the reference here: weights, architecture, tokenizer."""
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     path, tok = _gguf("qwen2.5-coder-0.5b")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -242,7 +242,7 @@ def test_qwen2_5_coder_1_5b_matches_hf_in_float32_and_mmlu_in_bf16(mmlu_path):
     from wallperf.audit.mmlu import evaluate
     from wallperf.harness.loadgen.qsl import load_mmlu
     from wallperf.sut.backends.hf import build_hf_model
-    from wallperf.sut.loading import LoadedModel, load_model
+    from wallperf.sut.loading.load import LoadedModel, load_model
 
     path, tok = _gguf("qwen2.5-coder-1.5b")
     ours = load_model(path, "float32")

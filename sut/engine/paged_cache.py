@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from wallperf.kernels import dispatch
-from wallperf.sut.quant import FP8_DTYPES, dequantize, quantize_kv_vectors
+from wallperf.sut.quant.fp8 import FP8_DTYPES, dequantize, quantize_kv_vectors
 
 FP8_KV_DTYPES = tuple(FP8_DTYPES.values())
 

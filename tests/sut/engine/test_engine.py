@@ -1,4 +1,4 @@
-"""wallperf.sut.engine on a tiny synthetic Llama, against a plain greedy loop over HF
+"""wallperf.sut.engine.engine on a tiny synthetic Llama, against a plain greedy loop over HF
 transformers' LlamaForCausalLM holding the same weights (full forward, no cache).
 
 The synthetic state dict uses HF names, so HF loads it as is; the reference
@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from wallperf.sut.engine import Engine, SamplingParams, TokenEvent
+from wallperf.sut.engine.engine import Engine, SamplingParams, TokenEvent
 from wallperf.sut.models.llama import LlamaConfig
-from wallperf.sut.weights import build_model
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=128, vocab_size=128,

@@ -45,13 +45,13 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 from wallperf.sut.backends.native import NativeBackend
-from wallperf.sut.completion_request import (MAX_BODY_BYTES, CompletionRequest, RequestError, decode_json_body,
+from wallperf.sut.serving.completion_request import (MAX_BODY_BYTES, CompletionRequest, RequestError, decode_json_body,
                                     max_token_chars, parse_completion_request)
-from wallperf.sut.engine import SamplingParams, TokenEvent
-from wallperf.sut.engine_loop import EngineLoop
-from wallperf.sut.http_limits import BoundedHTTPServer, DeadlineReader, RequestDeadline, ServerLimits, is_loopback
-from wallperf.sut.text_stream import TextStream
-from wallperf.sut.loading import LoadedModel
+from wallperf.sut.engine.engine import SamplingParams, TokenEvent
+from wallperf.sut.serving.engine_loop import EngineLoop
+from wallperf.sut.serving.http_limits import BoundedHTTPServer, DeadlineReader, RequestDeadline, ServerLimits, is_loopback
+from wallperf.sut.serving.text_stream import TextStream
+from wallperf.sut.loading.load import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""wallperf.sut.tokenizer against independent references.
+"""wallperf.sut.loading.tokenizer against independent references.
 
 The real model is checked against HF transformers' tokenizer loaded from the
 same GGUF, and, where the two differ on purpose (digits, see below), against
@@ -10,7 +10,7 @@ import json
 import jinja2
 import pytest
 
-from wallperf.sut.tokenizer import Tokenizer
+from wallperf.sut.loading.tokenizer import Tokenizer
 
 # -- synthetic vocabulary -----------------------------------------------------
 

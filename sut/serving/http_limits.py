@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 
-from wallperf.sut.completion_request import RequestError
+from wallperf.sut.serving.completion_request import RequestError
 
 log = logging.getLogger(__name__)
 

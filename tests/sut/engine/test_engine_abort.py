@@ -5,9 +5,9 @@ engine of their own)."""
 import pytest
 import torch
 
-from wallperf.sut.engine import Engine, SamplingParams
+from wallperf.sut.engine.engine import Engine, SamplingParams
 from wallperf.sut.models.llama import LlamaConfig, synthetic_state_dict
-from wallperf.sut.weights import build_model
+from wallperf.sut.loading.weights import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)

@@ -14,8 +14,8 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from wallperf.sut.completion_request import RequestError
-from wallperf.sut.engine import SamplingParams
+from wallperf.sut.serving.completion_request import RequestError
+from wallperf.sut.engine.engine import SamplingParams
 
 log = logging.getLogger(__name__)
 

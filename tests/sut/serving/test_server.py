@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from wallperf.sut.loading import LoadedModel
-from wallperf.sut.engine import Engine, SamplingParams
+from wallperf.sut.loading.load import LoadedModel
+from wallperf.sut.engine.engine import Engine, SamplingParams
 from wallperf.sut.models.llama import LlamaConfig
-from wallperf.sut.server import start_server
-from wallperf.sut.tokenizer import Tokenizer
-from wallperf.sut.weights import build_model
+from wallperf.sut.serving.server import start_server
+from wallperf.sut.loading.tokenizer import Tokenizer
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 MAX_SEQ_LEN = 128
@@ -233,7 +233,7 @@ def test_models_lists_the_served_model(served):
 
 @pytest.mark.slow
 def test_smollm2_served_equals_engine_generate(smollm2_gguf_path):
-    from wallperf.sut.loading import load_model
+    from wallperf.sut.loading.load import load_model
 
     loaded = load_model(smollm2_gguf_path, "bfloat16")
     tok = loaded.tokenizer

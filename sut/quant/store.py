@@ -10,7 +10,7 @@ from torch import nn
 
 from wallperf.sut.atomic import atomic_path
 
-from wallperf.sut.quant import (FP8_DTYPES, FP8Linear, _replace, format_name, is_expert_module,
+from wallperf.sut.quant.fp8 import (FP8_DTYPES, FP8Linear, _replace, format_name, is_expert_module,
                        mark_experts_quantized_)
 
 MANIFEST = "quant_manifest.json"

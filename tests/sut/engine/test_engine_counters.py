@@ -9,9 +9,9 @@ token k, 1-based, is prompt + k - 1)."""
 import pytest
 import torch
 
-from wallperf.sut.engine import Engine, SamplingParams
+from wallperf.sut.engine.engine import Engine, SamplingParams
 from wallperf.sut.models.llama import LlamaConfig, synthetic_state_dict
-from wallperf.sut.weights import build_model
+from wallperf.sut.loading.weights import build_model
 
 CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=128, vocab_size=128,
                   rms_eps=1e-5, max_position=256)

@@ -8,9 +8,9 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 from wallperf.kernels import _triton
-from wallperf.sut.block_manager import BlockManager, OutOfBlocks
-from wallperf.sut.engine import Engine, SamplingParams
-from wallperf.sut.weights import build_model, load_hf_checkpoint
+from wallperf.sut.engine.block_manager import BlockManager, OutOfBlocks
+from wallperf.sut.engine.engine import Engine, SamplingParams
+from wallperf.sut.loading.weights import build_model, load_hf_checkpoint
 
 PROMPTS = [[5, 9, 13, 2, 7], [3] * 21, [11, 4], list(range(1, 40))]
 

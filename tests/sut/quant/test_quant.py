@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from wallperf.harness.config import HardwareConfig, build
-from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.engine.kv_cache import SlotKVCache
 from wallperf.sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
-from wallperf.sut.quant import (FP8Linear, choose_format, dequantize_kv, is_excluded, quantize_kv, quantize_model_,
+from wallperf.sut.quant.fp8 import (FP8Linear, choose_format, dequantize_kv, is_excluded, quantize_kv, quantize_model_,
                        quantize_weight)
-from wallperf.sut.quant_store import load_quantized, save_quantized
-from wallperf.sut.weights import build_model
+from wallperf.sut.quant.store import load_quantized, save_quantized
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 # (max, exponent of the smallest normal) from the OCP fp8 spec and AMD's FNUZ variant (bias 8).

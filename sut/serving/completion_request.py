@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from wallperf.sut.engine import SamplingParams
+from wallperf.sut.engine.engine import SamplingParams
 
 # OpenAI's default for the legacy completions endpoint.
 DEFAULT_MAX_TOKENS = 16

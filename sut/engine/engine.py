@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
-from wallperf.sut.block_manager import BlockManager
-from wallperf.sut.kv_calibration import key_centres
-from wallperf.sut.paged_cache import FP8_KV_DTYPES, PagedKVCache, available_memory_bytes, kv_bytes_per_token, pool_blocks
+from wallperf.sut.engine.block_manager import BlockManager
+from wallperf.sut.quant.kv_calibration import key_centres
+from wallperf.sut.engine.paged_cache import FP8_KV_DTYPES, PagedKVCache, available_memory_bytes, kv_bytes_per_token, pool_blocks
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from wallperf.driver.tp_launch import run_tp_generate
-from wallperf.sut.engine import Engine, SamplingParams
-from wallperf.sut.kv_cache import SlotKVCache
+from wallperf.sut.engine.engine import Engine, SamplingParams
+from wallperf.sut.engine.kv_cache import SlotKVCache
 from wallperf.sut.models.llama import LlamaConfig
 from wallperf.sut.models.mixtral import MixtralConfig, MixtralModel
-from wallperf.sut.tp import shard_model_
-from wallperf.sut.weights import build_model
+from wallperf.sut.engine.tp import shard_model_
+from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import synthetic_state_dict
 
 CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=128, vocab_size=256,

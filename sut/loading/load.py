@@ -14,8 +14,8 @@ import torch
 
 from wallperf.sut.models.llama import LlamaConfig, LlamaModel, synthetic_state_dict
 from wallperf.sut.models.mixtral import MixtralConfig, synthetic_state_dict as mixtral_synthetic
-from wallperf.sut.tokenizer import Tokenizer
-from wallperf.sut.weights import build_model, load_checkpoint
+from wallperf.sut.loading.tokenizer import Tokenizer
+from wallperf.sut.loading.weights import build_model, load_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,7 +103,7 @@ def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Lla
 def _quantize(model, fp8_dtype) -> dict | None:
     if fp8_dtype is None:
         return None
-    from wallperf.sut.quant import quantize_model_
+    from wallperf.sut.quant.fp8 import quantize_model_
 
     return quantize_model_(model, fp8_dtype, per_channel=True).to_dict()
 

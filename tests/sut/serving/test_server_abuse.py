@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from wallperf.sut.http_limits import ServerLimits
-from wallperf.sut.loading import load_synthetic, load_tokenizer
+from wallperf.sut.serving.http_limits import ServerLimits
+from wallperf.sut.loading.load import load_synthetic, load_tokenizer
 from wallperf.sut.models.llama import LlamaConfig
-from wallperf.sut.server import start_server
+from wallperf.sut.serving.server import start_server
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -202,7 +202,7 @@ def test_a_client_that_disconnects_frees_its_sequence(serve, stream, caplog):
     engine = _engine(server)
     s = socket.create_connection(("127.0.0.1", port))
     body = json.dumps({"prompt": "Hello there", "max_tokens": LONG, "ignore_eos": True, "stream": stream}).encode()
-    with caplog.at_level(logging.WARNING, logger="wallperf.sut.engine_loop"):
+    with caplog.at_level(logging.WARNING, logger="wallperf.sut.serving.engine_loop"):
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                   % (len(body), body))
         if stream:
@@ -290,11 +290,11 @@ def test_api_key_is_required_on_every_request_when_set(serve):
 
 
 def test_binding_beyond_loopback_without_a_key_warns(serve, caplog):
-    with caplog.at_level(logging.WARNING, logger="wallperf.sut.server"):
+    with caplog.at_level(logging.WARNING, logger="wallperf.sut.serving.server"):
         serve(host="0.0.0.0")
     assert any("without an API key" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="wallperf.sut.server"):
+    with caplog.at_level(logging.WARNING, logger="wallperf.sut.serving.server"):
         serve(host="0.0.0.0", api_key="wp-test-key-0123456789")
         serve(host="127.0.0.1")
     assert not any("without an API key" in r.getMessage() for r in caplog.records)

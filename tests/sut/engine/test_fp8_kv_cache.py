@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wallperf.sut.engine import Engine, SamplingParams
-from wallperf.sut.kv_calibration import key_centres
+from wallperf.sut.engine.engine import Engine, SamplingParams
+from wallperf.sut.quant.kv_calibration import key_centres
 from wallperf.sut.models.llama import LlamaConfig, synthetic_state_dict
-from wallperf.sut.paged_cache import PagedKVCache, kv_bytes_per_element, kv_bytes_per_token
-from wallperf.sut.weights import build_model
+from wallperf.sut.engine.paged_cache import PagedKVCache, kv_bytes_per_element, kv_bytes_per_token
+from wallperf.sut.loading.weights import build_model
 
 FORMATS = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
 CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=128,

@@ -1,0 +1,1 @@
+"""The native engine: sequences, scheduling over the paged KV cache, the model runner, tensor parallelism."""

@@ -1,0 +1,1 @@
+"""Checkpoints to models: GGUF and safetensors readers, the one loading function, the tokenizer."""

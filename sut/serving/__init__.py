@@ -1,0 +1,1 @@
+"""`wallperf serve`: the OpenAI-compatible server over the native engine, its limits and request parsing."""
