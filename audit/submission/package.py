@@ -22,12 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from wallperf.audit.submission.accuracy_txt import write_accuracy_dir
+from wallperf.audit.submission.accuracy_txt import require_accuracy, write_accuracy_dir
 from wallperf.audit.submission.rules import submission_notes
 from wallperf.audit.submission.system_desc import read_system_desc, system_json
 from wallperf.audit.test06 import verify_test06
 from wallperf.harness.config import ConfigError
 from wallperf.harness.config.benchmarks import BENCHMARKS, CHECKER_VERSIONS
+from wallperf.harness.loadgen.results import wallperf_version
 from wallperf.harness.loadgen.settings import embedded_mlperf_conf
 
 DIVISIONS = ("open", "closed")
@@ -154,14 +155,29 @@ def _readme(slot: dict, bench, scenario: str) -> str:
 
 
 def _src_readme(slots: dict) -> str:
-    version = "unknown"
-    try:
-        version = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                 capture_output=True, text=True, timeout=10).stdout.strip() or version
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return (f"# wallperf\n\nThe harness and SUT of these results: the wallperf repository at commit {version}.\n"
+    return (f"# wallperf\n\nThe harness and SUT of these results, as found when they were packaged: "
+            f"{source_state(Path(__file__).resolve())}.\n"
             "Every result was produced by `wallperf run --submission` and packaged by `wallperf submission`.\n")
+
+
+def source_state(source_file: Path) -> str:
+    """The code `source_file` belongs to: its git commit and whether the working tree had changes
+    (`git status --porcelain`), or, outside a checkout that tracks the file (an installed wheel),
+    the installed wallperf version."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=source_file.parent, capture_output=True, text=True, timeout=10)
+    try:
+        # A wheel installed inside some other repository's tree must not report that repository.
+        tracked = git("ls-files", "--error-unmatch", source_file.name).returncode == 0
+        head, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        tracked = False
+    if not tracked or head.returncode or status.returncode:
+        return (f"installed wallperf {wallperf_version()}, not a git checkout: its commit and whether it was "
+                "modified are unknown")
+    changed = len(status.stdout.splitlines())
+    tree = "clean" if not changed else f"dirty, {changed} changed or untracked files not in that commit"
+    return f"the wallperf repository at commit {head.stdout.strip()}, working tree {tree}"
 
 
 def run_checker(inference_dir: Path, tree: Path, checker_version: str) -> tuple[int, str]:
@@ -192,6 +208,8 @@ def package(run_dirs: list[Path], out: Path, submitter: str, division: str, chec
         raise ConfigError(None, "--submitter", f"{submitter!r} must be a plain name")
     slots = plan([RunDir(p) for p in run_dirs], division, checker_version)
     desc = read_system_desc(system_desc)
+    for slot in slots.values():
+        require_accuracy(slot["accuracy"])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -1,8 +1,16 @@
 """Result records: one per (scenario, mode), built from LoadGen's own logs.
 
-results.json is a public contract that scripts read. Every figure in it is
-parsed from mlperf_log_detail.txt or scored from mlperf_log_accuracy.json;
-a figure LoadGen did not log is null, never estimated.
+results.json is a public contract that scripts read. Its LoadGen figures
+(throughput, TTFT/TPOT/latency percentiles, sample counts, validity) are
+parsed from mlperf_log_detail.txt, and MMLU accuracy is scored from
+mlperf_log_accuracy.json; a figure LoadGen did not log is null, never
+estimated. The run driver adds figures of other origin beside them:
+`goodput` and `lengths` from the SUT's own clock and counts per query
+(harness.loadgen.queries), `energy` from the hardware's counters over the
+whole test (harness.hardware.energy), `roofline` computed from the model's
+shape, the hardware profile or measured wall and the engine's batch and
+context counters (harness.hardware.roofline), `engine`/`client` from the
+backend's own counters.
 """
 from __future__ import annotations
 

@@ -284,8 +284,8 @@ def test_the_cli_exits_2_on_bad_input(tmp_path, capsys):
 
     try:
         code = cli.main(["report", str(tmp_path / "nowhere")])
-    except SystemExit:  # argparse: no such command
-        pytest.skip("wallperf.cli does not offer `wallperf report` yet")
+    except SystemExit as exc:  # argparse exits on a subcommand it does not know
+        pytest.fail(f"`wallperf report` is missing from wallperf.cli (argparse exited {exc.code})")
     assert code == 2
     assert f"{tmp_path / 'nowhere' / 'results.json'}: results.json not found" in capsys.readouterr().err
 
