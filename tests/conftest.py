@@ -83,10 +83,11 @@ class Probes(list):
         """A CPU measurement as harness.hardware.probe returns it: `read` GB/s read-only, copy 35,
         triad 38, GEMM 0.8 TFLOP/s bf16 and 0.3 fp32, on 2 threads, taken at `at`."""
         from wallperf.harness.hardware.probe import CPU_QUICK_SETTINGS, ProbeResult
+        from wallperf.harness.hardware.quiet import Quiet
 
         return ProbeResult(name="cpu", description="test CPU", vendor="cpu", memory_gb=24.0, read_gbps=read,
                            copy_gbps=35.0, triad_gbps=38.0, peak_tflops={"float32": 0.3, "bfloat16": 0.8},
-                           threads=2, settings=CPU_QUICK_SETTINGS, load_average=0.1, measured_at=at)
+                           threads=2, settings=CPU_QUICK_SETTINGS, quiet=Quiet(2, 0.1, 0.0, 1.0), measured_at=at)
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ def probes(tmp_path, monkeypatch):
     calls = Probes()
     calls.clock = {"now": 1_000_000.0}
 
-    def fake_probe(device, quick=False, settings=None):
+    def fake_probe(device, quick=False, settings=None, **quiet_wait):
         calls.append(settings)
         return calls.result(at=calls.clock["now"])
 

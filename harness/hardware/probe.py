@@ -17,16 +17,25 @@ vendor figure included).
   and 3 arrays moved; write-allocate traffic not counted). torch runs them on
   all its threads (numpy's copy is one thread). The wall is the read figure (or
   copy/triad, should a busy machine make one of them come out higher).
-- Compute: torch.matmul on square matrices per dtype, after warm-up, median
-  of N, at 2*n^3 FLOPs per product. fp8 is left null: measuring it needs
-  scaled-matmul kernels per vendor, and the CPU has no fp8 math.
+- Compute: the peak of the kernel the engine runs, per dtype, after warm-up,
+  median of N (harness.hardware.peak_kernels chooses and times it). float32 is
+  torch.matmul; bf16 on a CPU is the compiled cpu_linear at a compute-bound
+  shape where it runs, torch.matmul in bf16 where the CPU has bf16 math, and
+  otherwise torch.matmul in float32: with neither, the engine's bf16 math can
+  go no faster than fp32 FMA, and torch's bf16 matmul there (no native path:
+  0.00077 TFLOP/s on an AVX2 Zen 3) is no roof at all (an MFU of 897% came of
+  it). The record names each peak's kernel. fp8 is left null: measuring it
+  needs scaled-matmul kernels per vendor, and the CPU has no fp8 math.
+- Quiet: figures measured while other work shares the cores are low (12.6 GB/s
+  against 22.3 idle on one VM). The probe first waits, up to a bound, for the
+  machine to be quiet (harness.hardware.quiet), then checks its own repeats'
+  spread; the record says whether it was quiet and why not.
 
 Timing on a GPU synchronizes before the clock starts and before it stops.
 """
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +43,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from wallperf.harness.hardware.peak_kernels import peak, timings
+from wallperf.harness.hardware.quiet import Quiet, spread, wait_for_quiet
 from wallperf.harness.loadgen.results import write_text_atomic
 
 MIB = 1 << 20
@@ -56,8 +67,8 @@ CPU_QUICK_SETTINGS = ProbeSettings(array_mib=64, bandwidth_repeats=3, gemm_n=256
 GPU_SETTINGS = ProbeSettings(array_mib=1024, bandwidth_repeats=20, gemm_n=8192, gemm_repeats=20, gemm_warmup=3)
 GPU_QUICK_SETTINGS = ProbeSettings(array_mib=1024, bandwidth_repeats=3, gemm_n=2048, gemm_repeats=3, gemm_warmup=1)
 
-# A load average this high means other work kept a CPU busy while probing.
-BUSY_LOAD_AVERAGE = 1.0
+# How long `wallperf probe` waits for other work to end before measuring anyway (and saying so).
+QUIET_WAIT_S = 60.0
 
 CPU_DTYPES = ("float32", "bfloat16")
 # float16 matmul on CPU is slow and not what the engine runs there.
@@ -76,11 +87,17 @@ class ProbeResult:
     peak_tflops: dict
     threads: int | None  # CPU threads torch ran on; None on a GPU
     settings: ProbeSettings
-    # The 1-minute load average before measuring: other work on the machine
+    # Whether other work shared the machine (before, and in the repeats' spread): it
     # lowers every figure (on a CPU, OpenMP threads then wait on each other).
-    load_average: float
+    quiet: Quiet
     # When it was measured (seconds since the epoch).
     measured_at: float = 0.0
+    # dtype -> the kernel whose peak peak_tflops[dtype] is (harness.hardware.peak_kernels).
+    peak_kernels: dict | None = None
+
+    @property
+    def load_average(self) -> float:
+        return self.quiet.load_1min
 
     @property
     def bandwidth_gbps(self) -> float:
@@ -96,10 +113,12 @@ class ProbeResult:
         """How the figures were measured, in one line."""
         s = self.settings
         threads = f", {self.threads} threads" if self.threads else ""
+        kernels = "; ".join(f"{dt}: {k}" for dt, k in (self.peak_kernels or {}).items()) or "torch.matmul"
         return (f"wallperf probe, torch {torch.__version__}{threads}: read-only {self.read_gbps:.1f} GB/s, "
                 f"STREAM copy {self.copy_gbps:.1f} GB/s and triad {self.triad_gbps:.1f} GB/s over "
-                f"{s.array_mib} MiB arrays (best of {s.bandwidth_repeats}); torch.matmul n={s.gemm_n}, "
-                f"median of {s.gemm_repeats}; load average {self.load_average:.1f} before")
+                f"{s.array_mib} MiB arrays (best of {s.bandwidth_repeats}); peaks n={s.gemm_n}, "
+                f"median of {s.gemm_repeats} ({kernels}); load average {self.load_average:.1f} before; "
+                f"{self.quiet.summary()}")
 
     def profile(self, name: str | None = None) -> dict:
         """The measured figures as a conf/hardware mapping (HardwareConfig's keys), named `name`."""
@@ -116,63 +135,49 @@ class ProbeResult:
         }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timings(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def read_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
+def read_bandwidth(device: torch.device, array_mib: int, repeats: int, spreads: dict | None = None) -> float:
     """GB/s of the faster read-only pass over `array_mib` MiB, best of `repeats` each:
-    torch.sum of a float32 array, and on a CPU with the compiled kernel a bf16 GEMV."""
-    best = _sum_bandwidth(device, array_mib, repeats)
+    torch.sum of a float32 array, and on a CPU with the compiled kernel a bf16 GEMV.
+    Each pass's repeat spread goes into `spreads`."""
+    spreads = {} if spreads is None else spreads
+    a = torch.full((array_mib * MIB // 4,), 1.0, device=device)
+    times = timings(lambda: torch.sum(a), device, repeats)
+    spreads["read (sum)"] = spread(times)
+    best = a.numel() * 4 / min(times) / 1e9
+    del a
     from wallperf.kernels.cpu_linear import cpu_linear, cpu_linear_available
 
     if device.type == "cpu" and cpu_linear_available():
         cols = 4096
         w = torch.full((array_mib * MIB // 2 // cols, cols), 0.5, dtype=torch.bfloat16)
         x = torch.ones(1, cols, dtype=torch.bfloat16)
-        best = max(best, w.numel() * 2 / min(_timings(lambda: cpu_linear(x, w), device, repeats)) / 1e9)
+        times = timings(lambda: cpu_linear(x, w), device, repeats)
+        spreads["read (GEMV)"] = spread(times)
+        best = max(best, w.numel() * 2 / min(times) / 1e9)
     return best
 
 
-def _sum_bandwidth(device: torch.device, array_mib: int, repeats: int) -> float:
-    a = torch.full((array_mib * MIB // 4,), 1.0, device=device)
-    return a.numel() * 4 / min(_timings(lambda: torch.sum(a), device, repeats)) / 1e9
-
-
-def stream_bandwidth(device: torch.device, array_mib: int, repeats: int) -> tuple[float, float]:
-    """(copy, triad) GB/s, best of `repeats`, on float32 arrays of `array_mib` MiB each."""
+def stream_bandwidth(device: torch.device, array_mib: int, repeats: int,
+                     spreads: dict | None = None) -> tuple[float, float]:
+    """(copy, triad) GB/s, best of `repeats`, on float32 arrays of `array_mib` MiB each;
+    their repeat spreads go into `spreads`."""
     n = array_mib * MIB // 4
     # Filled, not torch.empty: untouched pages would be faulted in on the first timed pass.
     a = torch.full((n,), 1.0, device=device)
     b = torch.full((n,), 2.0, device=device)
     c = torch.full((n,), 0.5, device=device)
     nbytes = n * 4
-    copy = min(_timings(lambda: a.copy_(b), device, repeats))
-    triad = min(_timings(lambda: torch.add(b, c, alpha=TRIAD_SCALAR, out=a), device, repeats))
-    return 2 * nbytes / copy / 1e9, 3 * nbytes / triad / 1e9
+    copy = timings(lambda: a.copy_(b), device, repeats)
+    triad = timings(lambda: torch.add(b, c, alpha=TRIAD_SCALAR, out=a), device, repeats)
+    if spreads is not None:
+        spreads.update({"copy": spread(copy), "triad": spread(triad)})
+    return 2 * nbytes / min(copy) / 1e9, 3 * nbytes / min(triad) / 1e9
 
 
 def gemm_tflops(device: torch.device, dtype: str, n: int, repeats: int, warmup: int) -> float:
-    """Median TFLOP/s of an n x n x n matmul in `dtype`."""
-    x = torch.randn(n, n, device=device).to(getattr(torch, dtype))
-    y = torch.randn(n, n, device=device).to(getattr(torch, dtype))
-    out = torch.empty(n, n, device=device, dtype=x.dtype)
-    seconds = statistics.median(_timings(lambda: torch.matmul(x, y, out=out), device, repeats, warmup))
-    return 2 * n**3 / seconds / 1e12
+    """Median TFLOP/s of the engine's `dtype` math at size n (harness.hardware.peak_kernels):
+    on a CPU without bf16 math, bf16's is fp32 FMA's, never torch's emulated bf16 matmul."""
+    return peak(device, dtype, n, repeats, warmup)[0]
 
 
 def _cpu_name() -> str:
@@ -189,12 +194,15 @@ def _physical_memory_gb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
-def probe(device: str = "auto", quick: bool = False, settings: ProbeSettings | None = None) -> ProbeResult:
+def probe(device: str = "auto", quick: bool = False, settings: ProbeSettings | None = None,
+          quiet_wait_s: float = 0.0, on_wait=None) -> ProbeResult:
     """Measure `device` ("cpu", "cuda", or "auto": the GPU when torch sees one), with
-    `settings`, or the full (or `quick`) ones of the device."""
+    `settings`, or the full (or `quick`) ones of the device, after waiting up to
+    `quiet_wait_s` for other work to leave the CPUs (`on_wait(busy_cores)` is told when
+    it waits); the result says how quiet it was (harness.hardware.quiet)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    load_average = os.getloadavg()[0]
+    quiet = wait_for_quiet(quiet_wait_s, on_wait=on_wait)
     dev = torch.device(device)
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
@@ -208,14 +216,17 @@ def probe(device: str = "auto", quick: bool = False, settings: ProbeSettings | N
         description = f"{_cpu_name()}, {os.cpu_count()} CPUs (measured)"
         memory_gb = _physical_memory_gb()
     measured_at = time.time()
-    read = read_bandwidth(dev, settings.array_mib, settings.bandwidth_repeats)
-    copy, triad = stream_bandwidth(dev, settings.array_mib, settings.bandwidth_repeats)
-    peaks = {dt: gemm_tflops(dev, dt, settings.gemm_n, settings.gemm_repeats, settings.gemm_warmup)
-             for dt in dtypes}
+    spreads = {}
+    read = read_bandwidth(dev, settings.array_mib, settings.bandwidth_repeats, spreads)
+    copy, triad = stream_bandwidth(dev, settings.array_mib, settings.bandwidth_repeats, spreads)
+    peaks, kernels = {}, {}
+    for dt in dtypes:
+        peaks[dt], kernels[dt], times = peak(dev, dt, settings.gemm_n, settings.gemm_repeats, settings.gemm_warmup)
+        spreads[f"{dt} peak"] = spread(times)
     return ProbeResult(name=name, description=description, vendor=vendor, memory_gb=memory_gb,
                        read_gbps=read, copy_gbps=copy, triad_gbps=triad, peak_tflops=peaks,
                        threads=torch.get_num_threads() if dev.type == "cpu" else None, settings=settings,
-                       load_average=load_average, measured_at=measured_at)
+                       quiet=quiet.with_spreads(spreads), measured_at=measured_at, peak_kernels=kernels)
 
 
 def measured_profile_path(name: str) -> Path:

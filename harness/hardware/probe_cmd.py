@@ -7,13 +7,15 @@ import sys
 
 import torch
 
-from wallperf.harness.hardware.probe import BUSY_LOAD_AVERAGE, ProbeResult, probe, write_profile
+from wallperf.harness.hardware.probe import QUIET_WAIT_S, ProbeResult, probe, write_profile
 from wallperf.harness.hardware.wall import store_host_measurement
 
 
 def format_result(result: ProbeResult) -> str:
     s = result.settings
-    gemm = "  ".join(f"{dt} {tf:.3g} TFLOP/s" for dt, tf in result.peak_tflops.items())
+    kernels = result.peak_kernels or {}
+    gemm = "\n".join(f"  peak       {dt} {tf:.3g} TFLOP/s: {kernels.get(dt, 'torch.matmul')}"
+                     for dt, tf in result.peak_tflops.items())
     return "\n".join((
         f"{result.name}: {result.description}, {result.memory_gb:.1f} GB"
         + (f", {result.threads} threads" if result.threads else ""),
@@ -22,7 +24,8 @@ def format_result(result: ProbeResult) -> str:
         f"({s.array_mib} MiB arrays, best of {s.bandwidth_repeats})",
         f"  wall       {result.bandwidth_gbps:.1f} GB/s (the highest of the three: an MBU is never set "
         f"against less than the machine was seen to stream)",
-        f"  GEMM       {gemm}  (n={s.gemm_n}, median of {s.gemm_repeats})",
+        gemm + f"  (n={s.gemm_n}, median of {s.gemm_repeats})",
+        f"  machine    {result.quiet.summary()}",
     ))
 
 
@@ -42,6 +45,9 @@ def add_probe_parser(subparsers):
                    "--hardware names, so runs on this machine use them instead of conf/hardware's")
     p.add_argument("--hardware", help="with --measured-wall: the profile to replace (default: cpu, or "
                    "local-gpu on a GPU)")
+    p.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S, metavar="S",
+                   help=f"seconds to wait for other work to leave the CPUs before measuring anyway "
+                        f"(default {QUIET_WAIT_S:g}); the figures then say the machine was not quiet")
     return p
 
 
@@ -56,14 +62,20 @@ def cmd_probe(args) -> int:
         from wallperf.harness.config import load_hardware_config
 
         load_hardware_config(args.hardware, "command line", "--hardware")
-    result = probe(args.device, args.quick)
+    if not (args.quiet_wait >= 0 and args.quiet_wait < float("inf")):
+        raise ConfigError("command line", "--quiet-wait", f"{args.quiet_wait!r}: give the seconds to wait, >= 0")
+
+    def waiting(busy):
+        print(f"wallperf: other work keeps {busy:.1f} cores busy; waiting up to {args.quiet_wait:.0f} s for it "
+              f"to end before measuring", file=sys.stderr, flush=True)
+
+    result = probe(args.device, args.quick, quiet_wait_s=args.quiet_wait, on_wait=waiting)
     if not args.quick:
         store_host_measurement(result)
     print(format_result(result))
-    if result.load_average >= BUSY_LOAD_AVERAGE:
-        print(f"wallperf: warning: the load average was {result.load_average:.1f} before probing: other "
-              f"work shared the machine and the figures are likely low; probe again when it is idle",
-              file=sys.stderr)
+    if not result.quiet.quiet:
+        print(f"wallperf: warning: the machine was not quiet ({'; '.join(result.quiet.reasons)}): the figures "
+              f"are likely low, and runs will not reuse them; probe again when it is idle", file=sys.stderr)
     if args.measured_wall:
         print(f"wallperf: wrote {write_profile(result, name=args.hardware)}", file=sys.stderr)
     return 0

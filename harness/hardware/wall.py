@@ -6,7 +6,11 @@ achieves makes every MBU wrong. So for a CPU profile `wallperf run` measures
 the machine at its start (harness.hardware.probe: a read-only streaming pass
 as decode reads weights, copy and triad for reference, GEMM peaks), in a few
 seconds, or reuses a measurement of the same host from the last hour kept in
-$WALLPERF_CACHE/hardware/. A GPU keeps its profile's vendor figures. Either
+$WALLPERF_CACHE/hardware/, if the machine was quiet while it was taken
+(harness.hardware.quiet: a wall measured beside other work is low, and an hour
+of runs would be set against it). Before measuring, it waits up to
+RUN_QUIET_WAIT_S for other work to end; measured anyway, the record says it
+was not quiet. A GPU keeps its profile's vendor figures. Either
 way a profile written by `wallperf probe --measured-wall` wins, and
 `--wall-from-profile` takes the profile's figures as written, unmeasured.
 
@@ -36,12 +40,13 @@ import torch
 
 from wallperf.harness.config import ConfigError, HardwareConfig, build, read_yaml
 from wallperf.harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe
-from wallperf.harness.loadgen.results import write_text_atomic
+from wallperf.harness.loadgen.results import write_json_atomic
 
 # How long a measurement of this host stands in for a new one.
 MAX_AGE_S = 3600.0
 # A few seconds on a 2-core CPU: arrays 8x its last-level cache, GEMMs big enough to reach the peak.
 RUN_SETTINGS = ProbeSettings(array_mib=256, bandwidth_repeats=5, gemm_n=1536, gemm_repeats=3, gemm_warmup=1)
+RUN_QUIET_WAIT_S = 20.0
 SOURCES = ("measured", "measured profile", "profile")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
@@ -59,6 +64,8 @@ class Wall:
     triad_gbps: float | None = None
     # Where the run was given these figures instead of resolving them itself (read_wall).
     given_by: str | None = None
+    # How quiet the machine was while measured (harness.hardware.quiet's to_dict); None when not measured here.
+    quiet: dict | None = None
 
     def to_dict(self) -> dict:
         """results.json's `hardware_wall`, and a wall file's content (write_wall)."""
@@ -66,7 +73,8 @@ class Wall:
         return {"hardware": self.hardware.name, "source": self.source, "how": self.how, "measured_at": when,
                 "bandwidth_gbps": self.hardware.bandwidth_gbps, "read_gbps": self.read_gbps,
                 "copy_gbps": self.copy_gbps, "triad_gbps": self.triad_gbps,
-                "peak_tflops": dict(self.hardware.peak_tflops), "given_by": self.given_by}
+                "peak_tflops": dict(self.hardware.peak_tflops), "given_by": self.given_by,
+                "quiet": self.quiet}
 
 
 def host_id() -> str:
@@ -89,31 +97,44 @@ def store_host_measurement(result: ProbeResult) -> Path:
     path = host_measurement_path()
     record = {"host": host_id(), "threads": result.threads, "measured_at": result.measured_at, "how": result.method,
               "read_gbps": result.read_gbps, "copy_gbps": result.copy_gbps, "triad_gbps": result.triad_gbps,
-              "peak_tflops": result.peak_tflops, "load_average": result.load_average}
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+              "peak_tflops": result.peak_tflops, "peak_kernels": result.peak_kernels,
+              "quiet": result.quiet.to_dict()}
+    write_json_atomic(path, record)
     return path
 
 
 def recent_host_measurement(max_age_s: float = MAX_AGE_S) -> dict | None:
-    """This host's stored measurement, if it is under `max_age_s` old and was taken on as
+    """This host's stored measurement, if it is under `max_age_s` old, was taken on as
     many torch threads as this process runs (a measurement on one thread halves a 2-core
-    machine's figures)."""
+    machine's figures) and on a quiet machine."""
     path = host_measurement_path()
     try:
         record = json.loads(path.read_text())
         fresh = (record["host"] == host_id() and record["threads"] == torch.get_num_threads()
-                 and 0 <= time.time() - float(record["measured_at"]) < max_age_s)
+                 and 0 <= time.time() - float(record["measured_at"]) < max_age_s
+                 and record["quiet"]["quiet"] is True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record if fresh else None
 
 
 def _measure_host() -> dict:
-    print("wallperf: measuring this machine's memory bandwidth and GEMM peak (a few seconds; reused "
-          "for an hour)", file=sys.stderr, flush=True)
-    result = probe("cpu", settings=RUN_SETTINGS)
-    store_host_measurement(result)
-    return recent_host_measurement() or {}
+    def waiting(busy):
+        print(f"wallperf: other work keeps {busy:.1f} cores busy; waiting up to {RUN_QUIET_WAIT_S:.0f} s for "
+              f"it to end before measuring the wall", file=sys.stderr, flush=True)
+
+    print("wallperf: measuring this machine's memory bandwidth and compute peak (a few seconds; reused "
+          "for an hour if the machine was quiet)", file=sys.stderr, flush=True)
+    result = probe("cpu", settings=RUN_SETTINGS, quiet_wait_s=RUN_QUIET_WAIT_S, on_wait=waiting)
+    if not result.quiet.quiet:
+        print(f"wallperf: warning: the machine was not quiet while its wall was measured "
+              f"({'; '.join(result.quiet.reasons)}): the wall is likely low and every MBU high",
+              file=sys.stderr, flush=True)
+    path = store_host_measurement(result)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bool = True,
@@ -146,12 +167,13 @@ def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bo
     hardware = dataclasses.replace(configured, bandwidth_gbps=round(bandwidth, 2),
                                    peak_tflops=peaks, sources=[record["how"]])
     return Wall(hardware, "measured", record["how"], measured_at=float(record["measured_at"]),
-                read_gbps=record["read_gbps"], copy_gbps=record["copy_gbps"], triad_gbps=record["triad_gbps"])
+                read_gbps=record["read_gbps"], copy_gbps=record["copy_gbps"], triad_gbps=record["triad_gbps"],
+                quiet=record.get("quiet"))
 
 
 def write_wall(path: Path, wall: Wall) -> None:
     """`wall` as a file a run can be given (`wallperf run --wall-file`, read_wall)."""
-    write_text_atomic(path, json.dumps(wall.to_dict(), indent=2) + "\n")
+    write_json_atomic(path, wall.to_dict())
 
 
 def read_wall(path: Path, configured: HardwareConfig) -> Wall:
@@ -188,4 +210,5 @@ def read_wall(path: Path, configured: HardwareConfig) -> Wall:
                                       "peak_tflops": data.get("peak_tflops"), "sources": [data["how"]]}, path)
     return Wall(hardware, data["source"], data["how"], measured_at=measured_at, read_gbps=data.get("read_gbps"),
                 copy_gbps=data.get("copy_gbps"), triad_gbps=data.get("triad_gbps"),
+                quiet=data["quiet"] if isinstance(data.get("quiet"), dict) else None,
                 given_by=f"{path} (the wall `wallperf sweep` took once, at its start, for all its runs)")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from wallperf.harness.hardware import probe as probe_module
+from wallperf.harness.hardware import quiet as quiet_module
 from wallperf.harness.config import ConfigError, HardwareConfig, build, load_model_config, read_yaml
 from wallperf.harness.hardware.probe import measured_profile_path, probe, write_profile
 from wallperf.harness.hardware.probe_cmd import add_probe_parser, cmd_probe
@@ -33,6 +34,12 @@ def test_quick_probe_gives_positive_figures(cpu_result):
     assert cpu_result.bandwidth_gbps == max(cpu_result.read_gbps, cpu_result.copy_gbps, cpu_result.triad_gbps)
     assert set(cpu_result.peak_tflops) == {"float32", "bfloat16"}
     assert all(v > 0 for v in cpu_result.peak_tflops.values())
+    # Each peak names its kernel, and the record says how quiet the machine was.
+    assert set(cpu_result.peak_kernels) == {"float32", "bfloat16"}
+    assert cpu_result.peak_kernels["float32"] == "torch.matmul float32"
+    record = cpu_result.quiet.to_dict()
+    assert isinstance(record["quiet"], bool) and record["load_1min"] >= 0 and record["spread"] >= 0
+    assert set(record["spreads"]) >= {"read (sum)", "copy", "triad", "float32 peak", "bfloat16 peak"}
     assert cpu_result.memory_gb > 0 and cpu_result.threads >= 1
 
 
@@ -67,19 +74,31 @@ def test_write_is_atomic(cpu_result, cache, monkeypatch):
 
 
 def test_cmd_probe_prints_writes_and_warns_when_busy(cache, capsys, monkeypatch):
-    monkeypatch.setattr(probe_module.os, "getloadavg", lambda: (3.5, 1.0, 0.5))
+    monkeypatch.setattr(quiet_module.os, "getloadavg", lambda: (3.5, 1.0, 0.5))
+    monkeypatch.setattr(quiet_module, "busy_cores", lambda: 1.5)  # other work holds 1.5 cores
     parser = argparse.ArgumentParser(prog="wallperf")
     add_probe_parser(parser.add_subparsers())
-    assert cmd_probe(parser.parse_args(["probe", "--quick", "--device", "cpu"])) == 0
+    assert cmd_probe(parser.parse_args(["probe", "--quick", "--device", "cpu", "--quiet-wait", "0"])) == 0
     assert not (cache / "hardware" / "cpu.yaml").exists()  # a profile only with --measured-wall
     capsys.readouterr()
-    assert cmd_probe(parser.parse_args(["probe", "--quick", "--device", "cpu", "--measured-wall"])) == 0
+    assert cmd_probe(parser.parse_args(["probe", "--quick", "--device", "cpu", "--measured-wall",
+                                        "--quiet-wait", "0"])) == 0
     out = capsys.readouterr()
     assert "read" in out.out and "copy" in out.out and "triad" in out.out and "bfloat16" in out.out
+    assert "NOT QUIET: other work kept 1.5 of" in out.out
     assert str(cache / "hardware" / "cpu.yaml") in out.err
-    assert "load average was 3.5" in out.err
+    assert "was not quiet (other work kept 1.5 of" in out.err
     hardware = build(HardwareConfig, read_yaml(cache / "hardware" / "cpu.yaml"))
-    assert "load average 3.5" in hardware.sources[0]
+    assert "load average 3.5" in hardware.sources[0] and "NOT QUIET" in hardware.sources[0]
+
+
+def test_bad_quiet_wait_is_a_config_error(cache):
+    parser = argparse.ArgumentParser(prog="wallperf")
+    add_probe_parser(parser.add_subparsers())
+    for bad in ("-1", "inf", "nan"):
+        with pytest.raises(ConfigError) as e:
+            cmd_probe(parser.parse_args(["probe", "--quick", "--quiet-wait", bad]))
+        assert e.value.key == "--quiet-wait"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -62,7 +62,7 @@ def test_gpu_keeps_vendor_figures_unless_probe_wrote_a_measured_wall(probes):
 
 
 def test_the_wall_is_never_below_copy_or_triad(probes, monkeypatch):
-    monkeypatch.setattr(wall_module, "probe", lambda device, quick=False, settings=None: dataclasses.replace(
+    monkeypatch.setattr(wall_module, "probe", lambda device, quick=False, settings=None, **quiet_wait: dataclasses.replace(
         probes.result(read=30.0, at=probes.clock["now"]), triad_gbps=38.0))
     assert run_wall(load_hardware_config("cpu")).hardware.bandwidth_gbps == 38.0
 
