@@ -1,82 +1,31 @@
-"""The native engine: continuous batching over a paged KV cache, greedy decoding.
+"""The native engine: continuous batching over a paged KV cache, greedy decoding,
+optionally speculative.
 
 The engine knows nothing of LoadGen. Callers add requests (prompt token ids and
 SamplingParams) and call `step()`, which returns the tokens produced as
-TokenEvents. Each step has a token budget shared by decodes (one token per
-running sequence) and prefill chunks (waiting prompts, or the rest of prompts
-already started). When the KV pool runs out of blocks, the most recently
-admitted sequence is preempted: its blocks are freed and it waits again, to be
-recomputed (prompt and output so far) when blocks are free.
+TokenEvents. The parts, as vLLM and nano-vllm divide them: sequences
+(sut.engine.sequence), the scheduler (sut.engine.scheduler: what runs each step
+within the token budget and the KV pool, and preemption), the model runner
+(sut.engine.model_runner: prefill, the decode step and the verify step), and
+under speculative decoding a drafter with the acceptance rule
+(sut.engine.speculative). This file ties them into a step.
 """
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import torch
 
-from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
 from wallperf.sut.engine.block_manager import BlockManager
-from wallperf.sut.quant.kv_calibration import key_centres
+from wallperf.sut.engine.model_runner import ModelRunner
 from wallperf.sut.engine.paged_cache import FP8_KV_DTYPES, PagedKVCache, available_memory_bytes, kv_bytes_per_token, pool_blocks
+from wallperf.sut.engine.scheduler import Scheduler
+from wallperf.sut.engine.sequence import SamplingParams, Sequence, TokenEvent, checked_prompt
+from wallperf.sut.engine.speculative import Speculation, SpecStats, accepted_prefix
+from wallperf.sut.quant.kv_calibration import key_centres
 
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_new_tokens: int
-    # EOS is suppressed until this many tokens exist (LoadGen needs n_tokens > 1).
-    min_new_tokens: int = 0
-    # Decode exactly max_new_tokens, as serving benchmarks' ignore_eos does.
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1 or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"need 1 <= max_new_tokens and 0 <= min_new_tokens <= max_new_tokens: {self}")
-
-
-def checked_prompt(request_id: int, prompt_ids, params: SamplingParams, max_seq_len: int) -> list:
-    """The prompt as a list, or ValueError if it is empty or it and its new tokens overflow max_seq_len
-    (every backend's add_request check)."""
-    prompt = list(prompt_ids)
-    if not prompt:
-        raise ValueError(f"request {request_id}: empty prompt")
-    if len(prompt) + params.max_new_tokens > max_seq_len:
-        raise ValueError(f"request {request_id}: prompt of {len(prompt)} tokens + {params.max_new_tokens} "
-                         f"new tokens exceeds max_seq_len {max_seq_len}")
-    return prompt
-
-
-@dataclass(slots=True)
-class Sequence:
-    request_id: int
-    prompt_ids: list
-    params: SamplingParams
-    output_ids: list = field(default_factory=list)
-    block_table: list = field(default_factory=list)
-    # Tokens whose keys and values are in the cache.
-    num_cached: int = 0
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    @property
-    def decoding(self) -> bool:
-        """Everything but the last sampled token is cached: the next step feeds it."""
-        return bool(self.output_ids) and self.num_cached == self.length - 1
-
-    def token(self, i: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
-
-
-@dataclass(frozen=True, slots=True)
-class TokenEvent:
-    request_id: int
-    token_id: int
-    # 1 for the first generated token.
-    index: int
-    finished: bool
+__all__ = ["Engine", "EngineStats", "SamplingParams", "Sequence", "TokenEvent", "checked_prompt", "Speculation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +50,12 @@ class EngineStats:
 class Engine:
     def __init__(self, model, eos_token_ids, max_batch: int, max_seq_len: int,
                  max_tokens_per_step: int = 2048, block_size: int = 16, num_blocks: int | None = None,
-                 kv_memory_fraction: float = 0.3, device="cpu", kv_dtype: torch.dtype | None = None):
+                 kv_memory_fraction: float = 0.3, device="cpu", kv_dtype: torch.dtype | None = None,
+                 speculation: Speculation | None = None):
         """`kv_dtype`: how the KV cache stores keys and values (default: the model's
-        dtype; torch.float8_e4m3fn or float8_e4m3fnuz for an fp8 cache with scales)."""
+        dtype; torch.float8_e4m3fn or float8_e4m3fnuz for an fp8 cache with scales).
+        `speculation`: a drafter and its k (sut.engine.speculative); None decodes one
+        token per step."""
         cfg = model.cfg
         if max_seq_len > cfg.max_position:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context {cfg.max_position}")
@@ -111,36 +63,59 @@ class Engine:
         self.eos_token_ids = torch.tensor(sorted(eos_token_ids), dtype=torch.long)
         self._eos_set = frozenset(eos_token_ids)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self.max_tokens_per_step = max(max_tokens_per_step, max_batch)
         dtype = model.embed_tokens.weight.dtype
+        # Drafted tokens need cache slots past the sequence's end while they are verified.
+        lookahead = speculation.k if speculation else 0
         if num_blocks is None:
             per_block = block_size * kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_dtype or dtype)
-            needed = max_batch * -(-max_seq_len // block_size)
+            needed = max_batch * -(-(max_seq_len + lookahead) // block_size)
             num_blocks = pool_blocks(per_block, available_memory_bytes(self.device), kv_memory_fraction, needed)
-        if num_blocks * block_size < max_seq_len:
+        if num_blocks * block_size < max_seq_len + lookahead:
             raise ValueError(f"a KV pool of {num_blocks} blocks of {block_size} cannot hold one sequence "
-                             f"of max_seq_len {max_seq_len}")
+                             f"of max_seq_len {max_seq_len}" + (f" and {lookahead} drafted tokens" if lookahead else ""))
         self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_batch, max_tokens_per_step)
         # An fp8 cache stores keys less their calibrated centres (sut.kv_calibration).
         centres = key_centres(model) if kv_dtype in FP8_KV_DTYPES else None
         self.cache = PagedKVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim,
                                   dtype, self.device, kv_dtype, centres)
-        self._fused, self.decode_path = self._fused_decoder(model, dtype)
-        self.waiting: deque[Sequence] = deque()
-        # In admission order: the last one is the first to be preempted.
-        self.running: list[Sequence] = []
-        self.preemptions = 0
+        self.runner = ModelRunner(model, self.cache, self.device)
+        self.decode_path = self.runner.decode_path
+        self.speculation = speculation
+        self.spec_stats = SpecStats(speculation.k) if speculation else None
+        if speculation:
+            self.scheduler.on_release = speculation.drafter.release
+        # Per sequence under adaptive speculation: its current k.
+        self._k: dict[int, int] = {}
+        # Called as on_logits(request_id, logits) with the float32 logits behind each
+        # emitted token, before EOS suppression (tests compare them bit for bit).
+        self.on_logits = None
         self._decode_steps = self._decode_tokens = self._decode_context = 0
 
-    def _fused_decoder(self, model, dtype):
-        """The one-call C++ decode step where it runs (bf16 on the CPU), and a
-        sentence saying which decode path this engine takes and why."""
-        if self.device.type != "cpu" or dtype != torch.bfloat16:
-            return None, "eager PyTorch"
-        problem = fused_decode_problem(model, self.cache)
-        if problem is not None:
-            return None, f"eager PyTorch (fused C++ step unavailable: {problem})"
-        return FusedDecoder(model, self.cache), f"fused C++ step (kernels/cpu_decode.py) up to {MAX_FUSED_ROWS} rows"
+    # The fused decoder is the runner's; tests swap it for a spy through here.
+    @property
+    def _fused(self):
+        return self.runner.fused
+
+    @_fused.setter
+    def _fused(self, value):
+        self.runner.fused = value
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self):
+        return self.scheduler.running
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions
+
+    @property
+    def max_tokens_per_step(self) -> int:
+        return self.scheduler.max_tokens_per_step
 
     @property
     def free_slots(self) -> int:
@@ -163,13 +138,7 @@ class Engine:
         """End a request that has not finished (its client went away): it leaves the
         queues and its blocks are freed. The number of blocks freed, or None when
         no such request is unfinished."""
-        for seq in [*self.running, *self.waiting]:
-            if seq.request_id == request_id:
-                (self.running if seq in self.running else self.waiting).remove(seq)
-                freed = len(seq.block_table)
-                self.blocks.free(seq.block_table)
-                return freed
-        return None
+        return self.scheduler.abort(request_id)
 
     def generate(self, prompt_ids, params: SamplingParams) -> list[int]:
         """Greedy tokens for one prompt (the engine must be idle)."""
@@ -184,120 +153,108 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         events: list[TokenEvent] = []
-        decoding = self._reserve_decodes()
-        chunks = self._schedule_prefill(self.max_tokens_per_step - len(decoding))
+        decoding = self.scheduler.reserve_decodes(self._lookahead if self.speculation else lambda s: 0)
+        rows = len(decoding) + (sum(self._lookahead(s) for s in decoding) if self.speculation else 0)
+        chunks = self.scheduler.schedule_prefill(self.max_tokens_per_step - rows)
         if chunks:
             self._prefill(chunks, events)
         if decoding:
-            self._decode(decoding, events)
+            if self.speculation:
+                self._speculate(decoding, events)
+            else:
+                self._decode(decoding, events)
         return events
 
-    def _reserve_decodes(self) -> list[Sequence]:
-        """Running sequences that decode this step, each with room for its new token."""
-        decoding = [s for s in self.running if s.decoding]
-        for seq in list(decoding):
-            if seq not in self.running:
-                continue
-            while not self.blocks.can_grow(seq.block_table, seq.length):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim in decoding:
-                    decoding.remove(victim)
-                if victim is seq:
-                    break
-            else:
-                self.blocks.grow(seq.block_table, seq.length)
-        return decoding
-
-    def _schedule_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens) chunks: unfinished prefills first, then new admissions.
-
-        The chunks run as one padded batch, every row as wide as the widest, so the
-        budget bounds rows x width rather than the chunks' sum: one 1000-token prompt
-        beside 31 short ones would otherwise compute 32 rows of 1000 positions, and
-        attention over the padded span grows with its square (MMLU's prompts run from
-        ~100 to ~1100 tokens; an Offline run over them slowed ~10x as long prompts
-        came up). A row that would widen the batch past the budget is cut to fit or waits."""
-        chunks, width = [], 0
-        candidates = [s for s in self.running if not s.decoding]
-        for seq in candidates + list(self.waiting):
-            room = budget // (len(chunks) + 1)  # the widest any row may be with this one added
-            if room < max(width, 1):
-                break
-            admitting = seq not in self.running
-            if admitting and len(self.running) >= self.max_batch:
-                break
-            n = min(seq.length - seq.num_cached, room)
-            if not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
-                break
-            self.blocks.grow(seq.block_table, seq.num_cached + n)
-            if admitting:
-                self.waiting.remove(seq)
-                self.running.append(seq)
-            chunks.append((seq, n))
-            width = max(width, n)
-        return chunks
+    def _lookahead(self, seq: Sequence) -> int:
+        """Drafts this sequence may have verified this step: k, less what would pass
+        its max_new_tokens (the last verify row emits one token of its own) or max_seq_len."""
+        k = self._k.get(seq.request_id, self.speculation.k)
+        return max(0, min(k, seq.params.max_new_tokens - len(seq.output_ids) - 1, self.max_seq_len - seq.length))
 
     def _prefill(self, chunks, events: list) -> None:
-        width = max(n for _, n in chunks)
-        ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        positions = torch.zeros(len(chunks), width, dtype=torch.long)
-        valid = torch.zeros(len(chunks), width, dtype=torch.bool)
-        for row, (seq, n) in enumerate(chunks):
-            start = seq.num_cached
-            ids[row, :n] = torch.tensor([seq.token(i) for i in range(start, start + n)])
-            # Padding continues the positions (masked, never written).
-            positions[row] = torch.arange(start, start + width)
-            valid[row, :n] = True
-        last = torch.tensor([[n - 1] for _, n in chunks])
-        self.cache.bind([s.block_table for s, _ in chunks], positions, valid)
-        logits = self.model(ids.to(self.device), positions.to(self.device), self.cache,
-                            logits_at=last.to(self.device))
+        logits = self.runner.prefill([([seq.token(i) for i in range(seq.num_cached, seq.num_cached + n)],
+                                       seq.num_cached, seq.block_table) for seq, n in chunks])
         done = []
         for row, (seq, n) in enumerate(chunks):
             seq.num_cached += n
             if seq.num_cached == seq.length:
                 done.append(row)
         if done:
-            self._sample([chunks[r][0] for r in done], logits[done, -1], events)
+            self._sample([chunks[r][0] for r in done], logits[done], events)
 
     def _decode(self, seqs: list[Sequence], events: list) -> None:
-        if self._fused is not None and len(seqs) <= MAX_FUSED_ROWS:
-            logits = self._fused([s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
-                                 [s.block_table for s in seqs])
-        else:
-            ids = torch.tensor([[s.output_ids[-1]] for s in seqs])
-            positions = torch.tensor([[s.length - 1] for s in seqs])
-            self.cache.bind([s.block_table for s in seqs], positions, torch.ones_like(positions, dtype=torch.bool))
-            logits = self.model(ids.to(self.device), positions.to(self.device), self.cache)[:, -1]
+        logits = self.runner.decode([s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
+                                    [s.block_table for s in seqs])
         for s in seqs:
             s.num_cached += 1
-        self._decode_steps += 1
-        self._decode_tokens += len(seqs)
-        self._decode_context += sum(s.length for s in seqs)
+        self._count_decode(seqs, len(seqs))
         self._sample(seqs, logits, events)
+
+    def _count_decode(self, seqs, tokens: int) -> None:
+        self._decode_steps += 1
+        self._decode_tokens += tokens
+        self._decode_context += sum(s.length for s in seqs)
+
+    def _targets(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """The target's greedy token after each row, EOS banned where the output
+        before that row is still short of min_new_tokens (as _sample bans it)."""
+        short = max(0, min(seq.params.min_new_tokens - len(seq.output_ids), logits.shape[0]))
+        if short:
+            logits = logits.clone()
+            logits[:short, self.eos_token_ids] = float("-inf")
+        return logits.argmax(dim=-1).tolist()
+
+    def _speculate(self, seqs: list[Sequence], events: list) -> None:
+        """Draft, verify every sequence's drafts in one pass, keep the confirmed prefix
+        and the target's token after it."""
+        spec, stats = self.speculation, self.spec_stats
+        t0 = time.perf_counter()
+        drafts = spec.drafter.propose(seqs, [self._lookahead(s) for s in seqs])
+        t1 = time.perf_counter()
+        rows = [([s.output_ids[-1]] + d, s.length - 1, s.block_table) for s, d in zip(seqs, drafts)]
+
+        def keep_going(i, got):  # replay: continue while the last verified draft held
+            return self._targets(seqs[i], torch.stack(got))[-1] == drafts[i][len(got) - 1]
+
+        logits = self.runner.verify(rows, keep_going)
+        stats.verify_seconds += time.perf_counter() - t1
+        stats.draft_seconds += t1 - t0
+        stats.steps += 1
+        self._count_decode(seqs, sum(len(r[0]) for r in rows))
+        for seq, d, lg in zip(seqs, drafts, logits):
+            targets = self._targets(seq, lg)
+            # Replay may stop after a rejection: n drafts confirmed need n + 1 rows.
+            n = accepted_prefix(d[:len(targets) - 1], targets[:len(targets) - 1])
+            start_len = seq.length
+            emitted = 0
+            for j in range(min(n + 1, len(targets))):
+                seq.num_cached += 1
+                emitted += 1
+                if self._emit(seq, targets[j], lg[j], events):
+                    break
+            stats.record(len(d), n, emitted)
+            # The drafter's cache holds the sequence's tokens and its drafts: keep what still matches.
+            seq.draft_cached = min(seq.draft_cached, start_len + n)
+            if spec.adaptive and d:
+                k = self._k.get(seq.request_id, spec.k)
+                self._k[seq.request_id] = min(spec.k, k + 1) if n == len(d) else max(1, k - 1) if n == 0 else k
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, events: list) -> None:
         """Greedy choice per row; rows still short of min_new_tokens cannot pick EOS."""
-        suppress = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.params.min_new_tokens]
-        if suppress:
-            logits[torch.tensor(suppress).unsqueeze(1), self.eos_token_ids] = float("-inf")
-        tokens = logits.argmax(dim=-1).tolist()
-        for seq, tok in zip(seqs, tokens):
-            seq.output_ids.append(tok)
-            n = len(seq.output_ids)
-            done = (n >= seq.params.max_new_tokens
-                    or (not seq.params.ignore_eos and tok in self._eos_set)
-                    or seq.length >= self.max_seq_len)
-            events.append(TokenEvent(seq.request_id, tok, n, done))
-            if done:
-                self.running.remove(seq)
-                self.blocks.free(seq.block_table)
+        for seq, row in zip(seqs, logits):
+            self._emit(seq, self._targets(seq, row.unsqueeze(0))[0], row, events)
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Free a sequence's blocks; it waits first in line and is recomputed."""
-        self.running.remove(seq)
-        self.blocks.free(seq.block_table)
-        seq.num_cached = 0
-        self.waiting.appendleft(seq)
-        self.preemptions += 1
+    def _emit(self, seq: Sequence, tok: int, logits: torch.Tensor, events: list) -> bool:
+        """Append one token; True when it finishes the sequence (its blocks are freed)."""
+        if self.on_logits is not None:
+            self.on_logits(seq.request_id, logits)
+        seq.output_ids.append(tok)
+        n = len(seq.output_ids)
+        done = (n >= seq.params.max_new_tokens
+                or (not seq.params.ignore_eos and tok in self._eos_set)
+                or seq.length >= self.max_seq_len)
+        events.append(TokenEvent(seq.request_id, tok, n, done))
+        if done:
+            self.scheduler.finish(seq)
+            self._k.pop(seq.request_id, None)
+        return done

@@ -90,11 +90,18 @@ class PagedKVCache:
         self.device = torch.device(device)
         self._write_slots = self._read_slots = self._write_rows = None
         self._span = 0
+        self._row_spans = None
         # Decode steps on a GPU attend with the paged kernel, straight from the blocks.
         self._kernel_args = None
 
-    def bind(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor):
-        """Rows' block tables, positions (B, T), and which (b, t) are real tokens."""
+    def bind(self, block_tables: list[list[int]], positions: torch.Tensor, valid: torch.Tensor,
+             row_spans: bool = False):
+        """Rows' block tables, positions (B, T), and which (b, t) are real tokens.
+        `row_spans` (one-token rows only): each row attends in a call of its own over
+        exactly its context, as it would alone, instead of all rows over the longest
+        context with the rest masked: PyTorch's CPU attention sums masked tiles and
+        batched rows in orders that change the low bits (speculative verification
+        needs a row's bits to be the one-row step's)."""
         bs = self.block_size
         span = int(positions[valid].max()) + 1
         width = -(-span // bs)
@@ -110,9 +117,10 @@ class PagedKVCache:
         self._read_slots, self._write_slots = read.to(self.device), write.to(self.device)
         self._write_rows = (rows.to(self.device), cols.to(self.device))
         self._span = span
+        self._row_spans = (positions[:, 0] + 1).tolist() if row_spans else None
         self._kernel_args = None
         # The paged kernel reads bf16/fp16 blocks; an fp8 cache is gathered and dequantized.
-        if positions.shape[1] == 1 and not self.fp8 and dispatch.uses_triton(self.k):
+        if positions.shape[1] == 1 and not self.fp8 and not row_spans and dispatch.uses_triton(self.k):
             seq_lens = (positions[:, 0] + 1).to(torch.int32)
             self._kernel_args = (tables.to(torch.int32).to(self.device), seq_lens.to(self.device))
         return self
@@ -149,8 +157,19 @@ class _PagedLayer:
             out = dispatch.paged_decode_attention(q[:, :, 0].contiguous(), c.k[self.i], c.v[self.i],
                                                   tables, seq_lens)  # (B, H, D)
             return out.unsqueeze(2)
+        if c._row_spans is not None:
+            return torch.cat([self._attend_alone(q[b:b + 1], flat_k, flat_v, b, n)
+                              for b, n in enumerate(c._row_spans)])
         k_all = flat_k[c._read_slots].transpose(1, 2)  # (B, H_kv, span, D)
         v_all = flat_v[c._read_slots].transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+
+    def _attend_alone(self, q, flat_k, flat_v, b: int, n: int):
+        """Row b's attention over its n positions, the call a one-row step makes."""
+        slots = self.cache._read_slots[b, :n]
+        k_all = flat_k[slots].transpose(0, 1).unsqueeze(0)  # (1, H_kv, n, D)
+        v_all = flat_v[slots].transpose(0, 1).unsqueeze(0)
+        mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device=q.device)
         return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
 
     def _store_fp8(self, store: torch.Tensor, scales: torch.Tensor, new: torch.Tensor,
