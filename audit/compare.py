@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wallperf.harness.config import ConfigError
+from wallperf.sut.scenarios import SCENARIO_NAMES
 
 MISSING = "–"
-SCENARIO_ORDER = ("Offline", "Server", "Interactive", "SingleStream", "MultiStream")
+SCENARIO_ORDER = SCENARIO_NAMES
 VS = ("best", "first")
 # Below these a baseline is far from its own wall (see the module docstring).
 WEAK_DECODE_MBU = 0.5

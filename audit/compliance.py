@@ -24,10 +24,11 @@ from typing import Any, Callable
 import numpy as np
 
 from wallperf.harness.loadgen.logs import AccuracyEntry, read_accuracy_log
+from wallperf.sut.scenarios import LOADGEN_SCENARIOS
 
 DTYPES = ("int64", "int32", "int16", "float32")
 MAX_LISTED_FAILURES = 10
-_SCENARIOS = ("Offline", "Server", "SingleStream", "MultiStream")
+_SCENARIOS = tuple(LOADGEN_SCENARIOS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ def _run_check(
 def _first_token_check(
     entries: list[AccuracyEntry], decoded: list[np.ndarray | str], dtype: str, scenario: str | None
 ) -> CheckOutcome:
-    if scenario == "Offline":
+    if scenario is not None and not LOADGEN_SCENARIOS[scenario].reports_first_token:
         return _skipped("first_token", "TEST06 skips it in Offline: no first token is reported there")
     if scenario is None and all(e.token_data is None for e in entries):
         return _skipped(

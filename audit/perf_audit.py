@@ -40,11 +40,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from wallperf.harness.loadgen.results import SUBMISSION_MIN_DURATION_S
+from wallperf.sut.scenarios import SCENARIOS
 
 Severity = Literal["error", "warning", "info"]
 SEVERITIES = ("error", "warning", "info")
 # Scenarios that LoadGen judges on token latencies (Interactive is its Server scenario).
-LATENCY_SCENARIOS = ("Server", "Interactive")
+LATENCY_SCENARIOS = tuple(s.name for s in SCENARIOS.values() if s.server_like)
 # The words harness.loadgen.logs uses for LoadGen's result_perf_constraints_met = false.
 _CONSTRAINTS_WORDS = "performance constraints"
 

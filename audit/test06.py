@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from wallperf.audit.compliance import Test06Result, check_test06
+from wallperf.sut import scenarios
 
 # TEST06's audit.config settings: a performance run (mode 2) of at least 100
 # queries, every response logged (sampling target 100), no minimum duration and
@@ -44,7 +45,8 @@ def audit_config_was_read(run_dir: Path) -> bool:
 
 def verification_text(result: Test06Result, scenario: str) -> str:
     """verify_accuracy.txt as the official run_verification.py words it."""
-    first = "Skipped" if scenario == "Offline" else str(result.first_token.status != "failed")
+    first = ("Skipped" if not scenarios.scenario(scenario).reports_first_token
+             else str(result.first_token.status != "failed"))
     eos, length = result.eos.status != "failed", result.sample_length.status != "failed"
     passed = eos and length and first != "False"
     return (f"First token check pass: {first}\nEOS check pass: {eos}\nSample length check pass: {length}\n"
@@ -54,7 +56,7 @@ def verification_text(result: Test06Result, scenario: str) -> str:
 def verify_test06(run_dir: Path, output_dir: Path, scenario: str, eos_token_id: int) -> tuple[bool, Path]:
     """Verify a TEST06 run in `run_dir`; write OUTPUT_DIR/TEST06/verify_accuracy.txt
     and OUTPUT_DIR/TEST06/accuracy/mlperf_log_accuracy.json. (passed, that folder)."""
-    scenario = "Server" if scenario == "Interactive" else scenario
+    scenario = scenarios.scenario(scenario).loadgen_name
     result = check_test06(Path(run_dir) / "mlperf_log_accuracy.json", eos_token_id, scenario=scenario)
     text = verification_text(result, scenario)
     out = Path(output_dir) / "TEST06"

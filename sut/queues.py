@@ -15,6 +15,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from wallperf.sut.scenarios import QUEUE_BY_LENGTH, QUEUE_WHOLE_QUERY, scenario
+
 
 @dataclass(frozen=True, slots=True)
 class WorkItem:
@@ -77,12 +79,11 @@ class MultiStreamQueue(ScenarioQueue):
             return out
 
 
-def queue_for(scenario: str, prompt_lengths) -> ScenarioQueue:
-    """The queue for a scenario name (Interactive is Server's)."""
-    if scenario == "Offline":
+def queue_for(name: str, prompt_lengths) -> ScenarioQueue:
+    """The queue for a scenario name (Interactive is Server's); a ValueError lists the allowed names."""
+    kind = scenario(name).queue
+    if kind == QUEUE_BY_LENGTH:
         return OfflineQueue(prompt_lengths)
-    if scenario == "MultiStream":
+    if kind == QUEUE_WHOLE_QUERY:
         return MultiStreamQueue()
-    if scenario in ("SingleStream", "Server", "Interactive"):
-        return ScenarioQueue()
-    raise ValueError(f"unknown scenario {scenario!r}")
+    return ScenarioQueue()

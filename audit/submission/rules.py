@@ -14,6 +14,7 @@ from pathlib import Path
 from wallperf.harness.config.benchmarks import (BENCHMARKS, CHECKER_VERSIONS, MIN_QUERIES, SEEDS,
                                        SUBMISSION_MIN_DURATION_MS)
 from wallperf.harness.loadgen.logs import read_detail_log
+from wallperf.sut.scenarios import OFFLINE, SCENARIOS
 
 
 def submission_notes(record: dict, checker_version: str = "v6.1") -> list[str]:
@@ -66,7 +67,7 @@ def _settings_notes(detail, record: dict, bench, checker_version: str) -> list[s
             notes.append(f"min_duration {duration} ms is below MLPerf's {SUBMISSION_MIN_DURATION_MS} ms")
         # The checker counts queries only where no early stopping judges the run (Offline).
         need = MIN_QUERIES.get(record["scenario"], 1)
-        if record["scenario"] == "Offline" and (eff("effective_min_query_count") or 0) < need:
+        if SCENARIOS.get(record["scenario"]) is OFFLINE and (eff("effective_min_query_count") or 0) < need:
             notes.append(f"min_query_count {eff('effective_min_query_count')} is below the checker's {need} "
                          f"for {record['scenario']}")
         if record.get("valid") is not True:

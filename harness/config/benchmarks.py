@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wallperf.sut import scenarios
+from wallperf.sut.scenarios import OFFLINE, SERVER, SINGLE_STREAM
+
 CHECKER_VERSIONS = ("v6.0", "v6.1")
 CATEGORIES = ("datacenter", "edge")
 
@@ -41,19 +44,19 @@ _ROUGE = ("ROUGE1", "ROUGE2", "ROUGEL", "ROUGELSUM", "GEN_LEN")
 
 BENCHMARKS = {b.name: b for b in (
     Benchmark("llama3_1-8b", "llama3.1-8b", 128, 13368, "datacenter",
-              {"v6.0": ("Offline",), "v6.1": ("Offline",)},
+              {"v6.0": (OFFLINE.name,), "v6.1": (OFFLINE.name,)},
               {"v6.0": ("TEST06",), "v6.1": ("TEST06",)}, _ROUGE),
     Benchmark("llama3_1-8b-edge", "llama3.1-8b-edge", 128, 5000, "edge",
-              {"v6.0": ("SingleStream", "Offline"), "v6.1": ("SingleStream", "Offline")},
+              {"v6.0": (SINGLE_STREAM.name, OFFLINE.name), "v6.1": (SINGLE_STREAM.name, OFFLINE.name)},
               {"v6.0": (), "v6.1": ()}, _ROUGE),
     Benchmark("llama2-70b", "llama2-70b-99", 1024, 24576, "datacenter",
-              {"v6.0": ("Offline",)}, {"v6.0": ("TEST06",)},
+              {"v6.0": (OFFLINE.name,)}, {"v6.0": ("TEST06",)},
               ("ROUGE1", "ROUGE2", "ROUGEL", "TOKENS_PER_SAMPLE")),
     Benchmark("mixtral-8x7b", "mixtral-8x7b", 1024, 15000, "datacenter",
-              {"v6.0": ("Offline", "Server")}, {"v6.0": ("TEST06",)},
+              {"v6.0": (OFFLINE.name, SERVER.name)}, {"v6.0": ("TEST06",)},
               ("ROUGE1", "ROUGE2", "ROUGEL", "TOKENS_PER_SAMPLE", "gsm8k_accuracy", "mbxp_accuracy")),
     Benchmark("llama3_1-405b", "llama3.1-405b", 20000, 8313, "datacenter",
-              {"v6.0": ("Offline",)}, {"v6.0": ("TEST06",)},
+              {"v6.0": (OFFLINE.name,)}, {"v6.0": ("TEST06",)},
               ("ROUGEL", "exact_match", "TOKENS_PER_SAMPLE")),
 )}
 
@@ -73,14 +76,14 @@ SEEDS = {
     "v6.1": {"qsl_rng_seed": 2085463073848966840, "sample_index_rng_seed": 2747215439041700203,
              "schedule_rng_seed": 16159082839903944936},
 }
-# The checker's minimum query count per scenario for the LLM benchmarks.
-MIN_QUERIES = {"SingleStream": 1024, "Server": 270336, "Offline": 1, "MultiStream": 270336}
+# The checker's minimum query count per LoadGen scenario for the LLM benchmarks.
+MIN_QUERIES = {s.name: s.min_query_count for s in scenarios.LOADGEN_SCENARIOS.values()}
 SUBMISSION_MIN_DURATION_MS = 600_000
 
 
 def benchmark_for(name: str | None, scenario: str) -> str | None:
     """The benchmark a test of `scenario` runs under: SingleStream exists only in
     the edge variant of a benchmark (llama3_1-8b's SingleStream is llama3_1-8b-edge)."""
-    if name is not None and scenario == "SingleStream" and f"{name}-edge" in BENCHMARKS:
+    if name is not None and scenarios.scenario(scenario) is SINGLE_STREAM and f"{name}-edge" in BENCHMARKS:
         return f"{name}-edge"
     return name

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from wallperf.sut.scenarios import SCENARIO_NAMES
 
-
-SCENARIOS = ("SingleStream", "MultiStream", "Server", "Offline", "Interactive")
+SCENARIOS = SCENARIO_NAMES
 MODES = ("performance", "accuracy")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
 # The usual short names, accepted wherever a dtype is named (YAML and command line).

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from wallperf.harness.config.checks import MODES, SCENARIOS, FieldError, check_plain_names, check_sha256
 from wallperf.sut.redact import redact
+from wallperf.sut.scenarios import MULTI_STREAM, scenario
 
 
 @dataclass(frozen=True)
@@ -278,12 +279,12 @@ class ScenarioConfig:
     def __post_init__(self):
         if self.min_duration_s <= 0 or self.min_query_count < 1 or self.max_batch < 1:
             raise ValueError("min_duration_s must be > 0, min_query_count and max_batch >= 1")
-        server_like = self.name in ("Server", "Interactive")
+        server_like = scenario(self.name).server_like
         if server_like and (self.target_qps is None or self.ttft_ms is None or self.tpot_ms is None):
             raise ValueError(f"{self.name} needs target_qps, ttft_ms and tpot_ms")
         if self.target_qps is not None and self.target_qps <= 0:
             raise ValueError("target_qps must be > 0")
-        if self.name == "MultiStream" and (self.samples_per_query or 0) < 1:
+        if scenario(self.name) is MULTI_STREAM and (self.samples_per_query or 0) < 1:
             raise ValueError("MultiStream needs samples_per_query >= 1")
 
 

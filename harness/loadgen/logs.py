@@ -14,28 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from wallperf.sut.scenarios import LOADGEN_SCENARIOS
+
 _MLLOG_PREFIX = ":::MLLOG "
 _HEX = re.compile(r"(?:[0-9A-Fa-f]{2})*")
 
-# The checker scores result_samples_per_second (Offline) and
-# result_completed_samples_per_sec (Server; note "_sec"). SingleStream is scored
-# by latency; its logged throughput is the "QPS w/ loadgen overhead" line.
-# MultiStream logs no samples/s at all.
-_SAMPLES_PER_SECOND_KEY = {
-    "Offline": "result_samples_per_second",
-    "Server": "result_completed_samples_per_sec",
-    "SingleStream": "result_qps_with_loadgen_overhead",
-}
-# LLM benchmarks are scored in tokens/s: result_tokens_per_second (Offline) and
-# result_completed_tokens_per_second (Server). For SingleStream and MultiStream
-# the with-overhead figure pairs with the QPS above ("TPS w/ loadgen overhead");
-# 6.0.17's result_token_throughput is off by 1e9 (tokens per ns), so it is not used.
-_TOKENS_PER_SECOND_KEY = {
-    "Offline": "result_tokens_per_second",
-    "Server": "result_completed_tokens_per_second",
-    "SingleStream": "result_token_throughput_with_loadgen_overhead",
-    "MultiStream": "result_token_throughput_with_loadgen_overhead",
-}
+# Each LoadGen scenario's samples/s and tokens/s keys (the scenario table says which and why).
+_SAMPLES_PER_SECOND_KEY = {s.name: s.samples_per_second_key for s in LOADGEN_SCENARIOS.values()}
+_TOKENS_PER_SECOND_KEY = {s.name: s.tokens_per_second_key for s in LOADGEN_SCENARIOS.values()}
 _PERCENTILES = {"p50": "50.00", "p90": "90.00", "p99": "99.00"}
 _LATENCY_KEY = "result_{}_percentile_latency_ns"
 _QUERY_LATENCY_KEY = "result_{}_percentile_per_query_latency_ns"

@@ -12,14 +12,9 @@ from pathlib import Path
 import mlperf_loadgen as lg
 
 from wallperf.harness.config import ConfigError, ScenarioConfig
+from wallperf.sut import scenarios
 
-LOADGEN_SCENARIO = {
-    "SingleStream": lg.TestScenario.SingleStream,
-    "MultiStream": lg.TestScenario.MultiStream,
-    "Server": lg.TestScenario.Server,
-    "Interactive": lg.TestScenario.Server,
-    "Offline": lg.TestScenario.Offline,
-}
+LOADGEN_SCENARIO = {s.name: s.loadgen_enum for s in scenarios.SCENARIOS.values()}
 LOADGEN_MODE = {"performance": lg.TestMode.PerformanceOnly, "accuracy": lg.TestMode.AccuracyOnly}
 
 # Every key LoadGen's TestSettings::FromConfig looks up (mlcommons-loadgen 6.0.17,
@@ -42,7 +37,7 @@ _CONF_LINE = re.compile(r"^\s*([\w.\-*]+)\.([\w*]+)\.(\w+)\s*=\s*(\S+)\s*$")
 
 
 def loadgen_model_name(model_name: str, scenario: str) -> str:
-    return f"{model_name}-interactive" if scenario == "Interactive" else model_name
+    return scenarios.scenario(scenario).loadgen_model(model_name)
 
 
 def check_user_conf(path: Path) -> None:
@@ -64,9 +59,9 @@ def check_user_conf(path: Path) -> None:
             raise ConfigError(f"{path}:{lineno}", None,
                               f"expected 'model.Scenario.key = value', got {raw.strip()!r}")
         _, scenario, key, value = m.groups()
-        if scenario != "*" and scenario not in LOADGEN_SCENARIO:
+        if scenario != "*" and scenario not in scenarios.LOADGEN_SCENARIOS:
             raise ConfigError(f"{path}:{lineno}", key, f"unknown scenario {scenario!r}; allowed: "
-                              f"*, {', '.join(s for s in LOADGEN_SCENARIO if s != 'Interactive')}")
+                              f"*, {', '.join(scenarios.LOADGEN_SCENARIOS)}")
         if key not in USER_CONF_KEYS:
             raise ConfigError(f"{path}:{lineno}", key, f"unknown LoadGen key; allowed: {', '.join(sorted(USER_CONF_KEYS))}")
         try:
@@ -90,8 +85,8 @@ def build_test_settings(sc: ScenarioConfig, mode: str, model_name: str, sample_c
         _yaml_settings(s, sc, mode, sample_count)
         return s
     check_user_conf(user_conf)
-    scenario = "Server" if sc.name == "Interactive" else sc.name
-    rc = s.FromConfig(str(user_conf), loadgen_model_name(model_name, sc.name), scenario)
+    kind = scenarios.scenario(sc.name)
+    rc = s.FromConfig(str(user_conf), kind.loadgen_model(model_name), kind.loadgen_name)
     if rc != 0:
         raise ConfigError(user_conf, None, f"LoadGen could not apply it (FromConfig returned {rc})")
     return s
@@ -101,7 +96,8 @@ def _yaml_settings(s: lg.TestSettings, sc: ScenarioConfig, mode: str, sample_cou
     s.min_duration_ms = int(sc.min_duration_s * 1000)
     s.min_query_count = sc.min_query_count
     s.performance_sample_count_override = sample_count
-    if sc.name in ("Server", "Interactive"):
+    kind = scenarios.scenario(sc.name)
+    if kind.server_like:
         s.server_target_qps = sc.target_qps
         if mode == "accuracy":
             # Accuracy runs judge answers, not latency: issue every sample within
@@ -109,11 +105,11 @@ def _yaml_settings(s: lg.TestSettings, sc: ScenarioConfig, mode: str, sample_cou
             s.server_target_qps = max(sc.target_qps, sample_count / 10)
         s.ttft_latency = int(sc.ttft_ms * 1e6)
         s.tpot_latency = int(sc.tpot_ms * 1e6)
-    elif sc.name == "Offline":
+    elif kind is scenarios.OFFLINE:
         s.offline_expected_qps = sc.offline_expected_qps or 1.0
-    elif sc.name == "SingleStream":
+    elif kind is scenarios.SINGLE_STREAM:
         s.single_stream_expected_latency_ns = int((sc.expected_latency_ms or 1000) * 1e6)
-    elif sc.name == "MultiStream":
+    elif kind is scenarios.MULTI_STREAM:
         s.multi_stream_samples_per_query = sc.samples_per_query
         s.multi_stream_expected_latency_ns = int((sc.expected_latency_ms or 1000) * 1e6)
 

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass
 
 from wallperf.harness.config import ScenarioConfig
+from wallperf.sut.scenarios import OFFLINE, SINGLE_STREAM, scenario
 from wallperf.driver.progress import say
 
 OFFLINE_MARGIN = 2.0
@@ -54,7 +55,6 @@ SERVER_LOAD = 0.6
 SERVER_MAX_LOAD = 0.85
 # The default run's performance tests, all of them, should fit in this.
 BUDGET_S = 600.0
-SERVER_LIKE = ("Server", "Interactive")
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,10 @@ class Calibration:
 
 
 def _settings(sc: ScenarioConfig) -> dict:
-    keys = {"Offline": ("offline_expected_qps", "min_query_count"),
-            "SingleStream": ("expected_latency_ms", "min_query_count")}.get(
-        sc.name, ("target_qps", "min_query_count") if sc.name in SERVER_LIKE else ("min_query_count",))
-    return {k: getattr(sc, k) for k in keys}
+    kind = scenario(sc.name)
+    load = (("offline_expected_qps",) if kind is OFFLINE else ("expected_latency_ms",) if kind is SINGLE_STREAM
+            else ("target_qps",) if kind.server_like else ())
+    return {k: getattr(sc, k) for k in (*load, "min_query_count")}
 
 
 def batch_throughput(make_backend, prompts, params, batch: int, shortest_first: bool = False) -> float:
@@ -140,21 +140,22 @@ def choose(scenarios, m: Measurement, budget_s: float = BUDGET_S) -> Calibration
     chosen, predicted = [], {}
     others = 0.0
     for sc in scenarios:
-        if sc.name == "Offline":
+        kind = scenario(sc.name)
+        if kind is OFFLINE:
             qps = OFFLINE_MARGIN * m.throughput[sc.max_batch]
             sc = dataclasses.replace(sc, offline_expected_qps=round(qps, 3))
             predicted[sc.name] = 1.1 * qps * sc.min_duration_s / m.throughput[sc.max_batch]
-        elif sc.name == "SingleStream":
+        elif kind is SINGLE_STREAM:
             queries = max(sc.min_query_count, SINGLE_STREAM_QUERIES)
             sc = dataclasses.replace(sc, expected_latency_ms=round(1e3 * m.single_stream_latency_s, 1),
                                      min_query_count=queries)
             predicted[sc.name] = max(sc.min_duration_s, queries * m.single_stream_latency_s)
-        elif sc.name not in SERVER_LIKE:
+        elif not kind.server_like:
             predicted[sc.name] = sc.min_duration_s
-        if sc.name not in SERVER_LIKE:
+        if not kind.server_like:
             others += predicted[sc.name]
         chosen.append(sc)
-    server = [i for i, sc in enumerate(chosen) if sc.name in SERVER_LIKE]
+    server = [i for i, sc in enumerate(chosen) if scenario(sc.name).server_like]
     for i in server:
         sc = chosen[i]
         capacity = m.throughput[sc.max_batch]
@@ -170,10 +171,10 @@ def choose(scenarios, m: Measurement, budget_s: float = BUDGET_S) -> Calibration
 
 def calibrate(scenarios, make_backend, prompts, params) -> Calibration:
     """Measure this machine through `make_backend(max_batch)` and choose the settings."""
-    batches = [sc.max_batch for sc in scenarios if sc.name == "Offline" or sc.name in SERVER_LIKE]
+    batches = [sc.max_batch for sc in scenarios if scenario(sc.name) is OFFLINE or scenario(sc.name).server_like]
     # Offline's batch is admitted as its queue admits; a Server test sharing its batch size
     # then gets the sorted (faster) rate, bounded by SERVER_LOAD's margin.
-    offline = {sc.max_batch for sc in scenarios if sc.name == "Offline"}
+    offline = {sc.max_batch for sc in scenarios if scenario(sc.name) is OFFLINE}
     return choose(scenarios, measure(make_backend, prompts, params, batches, sorted_batches=offline))
 
 
@@ -184,7 +185,7 @@ def calibrated_run(resolved, opts, make_backend, prompts, params):
     run = resolved.run
     if not opts.calibrate or "performance" not in run.modes or run.tp > 1 or run.backend == "openai":
         return resolved, None
-    scenarios = [sc for sc in resolved.scenarios if not (opts.find_peak and sc.name in SERVER_LIKE)]
+    scenarios = [sc for sc in resolved.scenarios if not (opts.find_peak and scenario(sc.name).server_like)]
     say("calibrating the performance tests' load on this machine (--no-calibrate keeps the YAML's)")
     calibration = calibrate(scenarios, make_backend, prompts, params)
     say(calibration.summary())

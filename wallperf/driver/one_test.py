@@ -36,6 +36,7 @@ from wallperf.harness.loadgen.workload import Workload, load_workload
 from wallperf.audit.submission.rules import submission_notes
 from wallperf.harness.loadgen.results import accuracy_record, counter_delta, decode_roofline, performance_record, summary_line
 from wallperf.harness.loadgen.settings import build_test_settings, start_test
+from wallperf.sut import scenarios
 from wallperf.sut.adapter import LoadGenSUT
 from wallperf.sut.backends import create
 from wallperf.sut.engine.engine import SamplingParams
@@ -110,11 +111,7 @@ def log_dir_for(out_dir: Path, resolved: ResolvedRun, scenario: str, mode: str, 
 
 
 def _max_batch(sc: ScenarioConfig) -> int:
-    if sc.name == "SingleStream":
-        return 1
-    if sc.name == "MultiStream":
-        return max(sc.max_batch, sc.samples_per_query)
-    return sc.max_batch
+    return scenarios.scenario(sc.name).max_batch(sc.max_batch, sc.samples_per_query)
 
 
 def loadgen_name(resolved: ResolvedRun, scenario: str) -> str:
@@ -193,7 +190,7 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
     label = f"{sc.name} {spec.compliance or mode}"
     t0 = time.monotonic()
     with LoadGenQSL(len(prompts), len(prompts)) as qsl, \
-            LoadGenSUT(backend, queue, prompts, params, report_first_token=sc.name != "Offline") as sut, \
+            LoadGenSUT(backend, queue, prompts, params, report_first_token=scenarios.scenario(sc.name).reports_first_token) as sut, \
             Progress(label, sut.stats, expected, enabled=opts.progress), \
             EnergyMeter(getattr(loaded, "device", "cpu")) as meter:
         sut.run_test(lambda: start_test(sut.handle, qsl.handle, settings, log_dir, audit_config))
@@ -224,7 +221,7 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
         body["roofline"] = None
     if spec.compliance == "TEST06" or mode == "accuracy":
         body["compliance"] = {"test06": check_test06(log_dir / "mlperf_log_accuracy.json", eos,
-                                                     scenario="Server" if sc.name == "Interactive" else sc.name
+                                                     scenario=scenarios.scenario(sc.name).loadgen_name
                                                      ).to_dict()}
     if spec.compliance == "TEST06":
         body["audit_config_read"] = audit_config_was_read(log_dir)

@@ -34,6 +34,7 @@ from wallperf.driver.test_process import BAD_INPUT, run_in_process, run_test
 from wallperf.driver.tp_run import check_tp
 from wallperf.harness.hardware.wall import run_wall
 from wallperf.harness.loadgen.results import wallperf_version, write_json_atomic
+from wallperf.sut.scenarios import scenario
 
 
 def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
@@ -89,7 +90,7 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
                 write_json_atomic(results_path, results)
             for sc in resolved.scenarios:
                 for mode in run.modes:
-                    if opts.find_peak and mode == "performance" and sc.name in ("Server", "Interactive"):
+                    if opts.find_peak and mode == "performance" and scenario(sc.name).server_like:
                         results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
                         write_json_atomic(results_path, results)
                     else:

@@ -41,11 +41,12 @@ from wallperf.audit.report import write_run_reports
 from wallperf.harness.config import ConfigError, HardwareConfig, positive_list
 from wallperf.driver.find_peak import qps_label
 from wallperf.driver.progress import say
+from wallperf.sut.scenarios import OFFLINE, SCENARIOS, SERVER
 from wallperf.harness.hardware.wall import Wall, run_wall, write_wall
 from wallperf.harness.loadgen.results import wallperf_version, write_json_atomic
 
 AUTO_FACTORS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-SWEEP_SCENARIOS = ("Server", "Interactive")
+SWEEP_SCENARIOS = tuple(s.name for s in SCENARIOS.values() if s.server_like)
 # `wallperf run` options a sweep sets itself for every point.
 _OWNED = ("--scenario", "--mode", "--target-qps", "--out", "--find-peak", "--peak-range", "--peak-tolerance",
           "--peak-max-runs", "--no-progress", "--wall-file")
@@ -74,7 +75,7 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--qps", type=_qps_list, required=True, help="comma list of target QPS, or 'auto': an "
                    "Offline calibration run, then " + ", ".join(f"{f:g}" for f in AUTO_FACTORS) +
                    " x its samples/s")
-    p.add_argument("--scenario", choices=SWEEP_SCENARIOS, default="Server", help="default Server")
+    p.add_argument("--scenario", choices=SWEEP_SCENARIOS, default=SERVER.name, help="default Server")
     p.add_argument("--out", type=Path, help="output folder (default: results/sweep-<timestamp>); must be new")
     return p
 
@@ -202,8 +203,8 @@ def _same_wall(results: dict, wall: Wall, out: Path) -> dict:
 
 def _calibrate(run_args: list[str], out: Path, wall: Wall) -> dict:
     say("sweep: calibrating the peak with an Offline run")
-    results = _same_wall(_child(run_args, ["--scenario", "Offline"], out), wall, out)
-    record = _performance_record(results, "Offline", out)
+    results = _same_wall(_child(run_args, ["--scenario", OFFLINE.name], out), wall, out)
+    record = _performance_record(results, OFFLINE.name, out)
     sps = record["metrics"]["samples_per_second"]
     if not sps:
         raise RuntimeError(f"the Offline calibration run logged no samples/s; see {out}")
