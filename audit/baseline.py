@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from wallperf.audit.mmlu import MMLUResult
 from wallperf.audit.sequential import confidence_interval
 from wallperf.audit.verdict import points, same_questions
-from wallperf.harness.config import ModelShape
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import held_weight_bytes
 from wallperf.harness.hardware.roofline import bytes_per_token, memory_wall
 
@@ -44,7 +44,7 @@ class ModelCost:
         (fp8 weights with their scales, the bf16 embeddings and head beside them), and
         by what a decode step reads of them: one row of an untied embedding table, as
         a run's roofline counts it (harness.hardware.counts, embedding="rows")."""
-        shape = ModelShape.of(loaded.config)
+        shape = loaded.config
         dtype = "fp8" if loaded.quantization else loaded.dtype
         weights = held_weight_bytes(loaded.model)
         return cls(spec, dtype, bytes_per_token(shape, dtype, weights=weights, embedding="rows"),

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from wallperf.sut import scenarios
 from wallperf.sut.scenarios import OFFLINE, SERVER, SINGLE_STREAM
 
+from wallperf.harness.config.checks import shorten
+
 CHECKER_VERSIONS = ("v6.0", "v6.1")
 CATEGORIES = ("datacenter", "edge")
 
@@ -64,7 +66,7 @@ BENCHMARKS = {b.name: b for b in (
 def benchmark(name: str) -> Benchmark:
     """The benchmark of that mlperf.conf name; a ValueError names the allowed ones."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown MLPerf benchmark {name!r}; allowed: {', '.join(BENCHMARKS)}")
+        raise ValueError(f"unknown MLPerf benchmark {shorten(name)}; allowed: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[name]
 
 

@@ -7,10 +7,14 @@ import argparse
 import math
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Optional
 
+from wallperf.sut.backends import BACKENDS  # noqa: F401 (the CLI's choices)
 from wallperf.sut.scenarios import SCENARIO_NAMES
+
+
 
 SCENARIOS = SCENARIO_NAMES
 MODES = ("performance", "accuracy")
@@ -22,9 +26,22 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 def canonical_dtype(name: str) -> str:
     """The dtype a name means: a short name's full one, any other name as it is."""
     return DTYPE_ALIASES.get(name, name)
-BACKENDS = ("native", "openai", "hf", "llamacpp")
 # The GGUF the llamacpp backend runs: the model's own file, or its BF16 export.
 GGUF_CHOICES = ("source", "bf16")
+
+
+# A value quoted in an error message is cut to this: a file's value may be megabytes,
+# or (YAML aliases) a structure whose full repr is gigabytes.
+SHORT_REPR_CHARS = 80
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxdict, _short.maxlist, _short.maxtuple, _short.maxset = 2, 3, 3, 3, 3
+_short.maxstring, _short.maxother, _short.maxlong = SHORT_REPR_CHARS, SHORT_REPR_CHARS, 40
+
+
+def shorten(value) -> str:
+    """repr(value), bounded in length and in the work to make it (a shared sub-structure is not expanded)."""
+    text = _short.repr(value)
+    return text if len(text) <= 2 * SHORT_REPR_CHARS else text[:2 * SHORT_REPR_CHARS] + "..."
 
 
 class FieldError(ValueError):
@@ -57,7 +74,7 @@ def plain_name_problem(value) -> str | None:
     """Why `value` cannot be a name that becomes a path, or None when it can."""
     if isinstance(value, str) and PLAIN_NAME.fullmatch(value):
         return None
-    return (f"{value!r} is not a plain name: use letters, digits, '.', '_' and '-' (at most 128, not starting "
+    return (f"{shorten(value)} is not a plain name: use letters, digits, '.', '_' and '-' (at most 128, not starting "
             "with '.'); it becomes part of a path")
 
 
@@ -77,19 +94,37 @@ def folder_inside(root: Path, folder: Path) -> Path:
     return folder
 
 
-def positive(kind, zero_ok: bool = False):
+def check_out_folder(out: Path) -> None:
+    """--out names a folder to create, or an empty one: checked before any test runs, so a
+    bad --out costs nothing (a file in its path, a full folder, no write permission)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(None, "--out", f"{out} is a file; --out names a folder to create")
+    if out.is_dir():
+        if any(out.iterdir()):
+            raise ConfigError(None, "--out", f"{out} exists and is not empty; choose a new folder")
+        existing = out
+    else:
+        existing = next(p for p in out.absolute().parents if p.exists() or p == p.parent)
+        if not existing.is_dir():
+            raise ConfigError(None, "--out", f"cannot create {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(None, "--out", f"cannot create {out}: no write permission in {existing}")
+
+
+def positive(kind, zero_ok: bool = False, most=None):
     """An argparse type: a finite number of `kind` (int or float) above 0, or from 0
-    with `zero_ok`. Anything else (nan, inf, a negative) is argparse's one line naming
-    the flag and the value, exit 2."""
+    with `zero_ok`, and at most `most`. Anything else (nan, inf, a negative, too big)
+    is argparse's one line naming the flag, the value and the range, exit 2."""
     bound = ">= 0" if zero_ok else "> 0"
+    bound += f" and <= {most}" if most is not None else ""
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not ((0 <= value) if zero_ok else (0 < value)) or not value < math.inf:
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {bound}")
+            raise argparse.ArgumentTypeError(f"{shorten(text)} is not {'an integer' if kind is int else 'a number'}") from None
+        if not ((0 <= value) if zero_ok else (0 < value)) or not value < math.inf or most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{shorten(text)} must be a finite number {bound}")
         return value
     return parse
 
@@ -101,7 +136,7 @@ def positive_list(kind, zero_ok: bool = False):
     def parse(text):
         items = [x.strip() for x in text.split(",") if x.strip()]
         if not items:
-            raise argparse.ArgumentTypeError(f"{text!r}: need a comma list of numbers")
+            raise argparse.ArgumentTypeError(f"{shorten(text)}: need a comma list of numbers")
         return [one(x) for x in items]
     return parse
 
@@ -114,4 +149,4 @@ def conf_dir() -> Path:
 
 def check_sha256(key: str, value: Optional[str]) -> None:
     if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
-        raise ValueError(f"{key} must be 64 lowercase hex digits, got {value!r}")
+        raise ValueError(f"{key} must be 64 lowercase hex digits, got {shorten(value)}")

@@ -12,8 +12,9 @@ from typing import Literal, Union
 
 import yaml
 
+from wallperf.sut.models.families import family as model_family
 from wallperf.harness.config.checks import (SCENARIOS, ConfigError, FieldError, canonical_dtype, conf_dir,
-                                   plain_name_problem)
+                                   plain_name_problem, shorten)
 from wallperf.harness.config.schema import DatasetConfig, HardwareConfig, ModelConfig, RunConfig, ScenarioConfig
 
 # Numbers beyond these are no one's setting, and overflow the C++ types LoadGen takes.
@@ -40,17 +41,19 @@ def _convert(value, tp, file, key):
         if isinstance(value, str) and canonical_dtype(value) in typing.get_args(tp):
             return canonical_dtype(value)
         if value not in typing.get_args(tp):
-            raise ConfigError(file, key, f"{value!r} is not allowed; allowed: {_type_name(tp)[7:]}")
+            raise ConfigError(file, key, f"{shorten(value)} is not allowed; allowed: {_type_name(tp)[7:]}")
         return value
     if dataclasses.is_dataclass(tp):
         return build(tp, value, file, f"{key}.")
+    if tp is tuple:
+        tp, value = list, list(value) if isinstance(value, (list, tuple)) else value
     expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,), list: (list,), dict: (dict,)}[tp]
     if isinstance(value, bool) and tp is not bool or not isinstance(value, expected):
-        raise ConfigError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(file, key, f"expected {_type_name(tp)}, got {type(value).__name__} {shorten(value)}")
     if tp is float and not (math.isfinite(value) and abs(value) <= MAX_FLOAT):
-        raise ConfigError(file, key, f"expected a finite number of magnitude at most {MAX_FLOAT:g}, got {value!r}")
+        raise ConfigError(file, key, f"expected a finite number of magnitude at most {MAX_FLOAT:g}, got {shorten(value)}")
     if tp is int and abs(value) > MAX_INT:
-        raise ConfigError(file, key, f"expected an integer of magnitude at most 2**63 - 1, got {value!r}")
+        raise ConfigError(file, key, f"expected an integer of magnitude at most 2**63 - 1, got {shorten(value)}")
     return float(value) if tp is float else value
 
 
@@ -80,18 +83,72 @@ def build(cls, data, file=None, prefix: str = ""):
         raise ConfigError(file, key, str(e)) from None
 
 
+# conf/'s files are a few KiB; a bigger file is not a configuration, and is not read whole.
+MAX_YAML_BYTES = 1 << 20
+# Values a file may hold once its aliases are expanded: an anchor used ten times in each
+# of nine nested levels (billion laughs) is 10**9 values, held as shared references
+# until a check or a message walks it.
+MAX_YAML_VALUES = 100_000
+
+
+class _AliasBomb(Exception):
+    pass
+
+
+def _expanded_values(root: yaml.Node) -> int:
+    """How many values the document holds with every alias expanded, counted once per node."""
+    counted: dict[int, int | None] = {}
+
+    def count(node) -> int:
+        if id(node) in counted:
+            if counted[id(node)] is None:
+                raise _AliasBomb("an alias refers to a value that contains it")
+            return counted[id(node)]
+        counted[id(node)] = None
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(count(k) + count(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(count(v) for v in node.value)
+        if total > MAX_YAML_VALUES:
+            raise _AliasBomb(f"its aliases expand to more than {MAX_YAML_VALUES} values")
+        counted[id(node)] = total
+        return total
+
+    return count(root)
+
+
+def _safe_load(text: str):
+    """yaml.safe_load, refusing a document whose aliases expand past MAX_YAML_VALUES."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_values(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(path, None, "file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError(path, None, f"larger than {MAX_YAML_BYTES >> 20} MiB: not a wallperf configuration")
+        data = _safe_load(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, f"not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
                           "save it as UTF-8") from None
     except OSError as e:
         raise ConfigError(path, None, f"cannot read it: {e.strerror or e}") from None
+    except _AliasBomb as e:
+        raise ConfigError(path, None, f"not accepted: {e}; write the values out") from None
     except (yaml.YAMLError, RecursionError) as e:
-        raise ConfigError(path, None, f"not valid YAML: {e}") from None
+        raise ConfigError(path, None, f"not valid YAML: {shorten(str(e))}") from None
     if not isinstance(data, dict):
         raise ConfigError(path, None, "expected a mapping at the top level")
     return data
@@ -127,7 +184,7 @@ def load_hardware_config(name: str, file=None, key=None) -> HardwareConfig:
 
 def load_scenario_config(name: str, file=None, key=None) -> ScenarioConfig:
     if name not in SCENARIOS:
-        raise ConfigError(file, key, f"unknown scenario {name!r}; allowed: {', '.join(SCENARIOS)}")
+        raise ConfigError(file, key, f"unknown scenario {shorten(name)}; allowed: {', '.join(SCENARIOS)}")
     return _load_named("scenarios", name.lower(), ScenarioConfig, file, key)
 
 
@@ -158,7 +215,7 @@ def _check_tp(run: RunConfig, model: ModelConfig, file) -> None:
     shape in conf/ is checked again once loaded."""
     if run.tp == 1:
         return
-    if model.family != "llama":
+    if not model_family(model.family).plain_llama:
         raise ConfigError(file, "tp", f"tp {run.tp}: tensor parallelism shards the dense Llama decoder; "
                           f"model {model.name} is family {model.family} (use tp 1)")
     if model.shape is not None:
@@ -181,6 +238,7 @@ def load_run(path: Path | None = None, overrides: dict | None = None,
     """
     path = Path(path) if path else conf_dir() / "runs" / "default.yaml"
     data = {**read_yaml(path), **(overrides or {})}
+    _check_model_is_a_name(data.get("model"), "--model" if "model" in (overrides or {}) else path)
     run = build(RunConfig, data, path)
     model = load_model_config(run.model, path, "model")
     if benchmark is not None:
@@ -200,6 +258,17 @@ def load_run(path: Path | None = None, overrides: dict | None = None,
             sc = build(ScenarioConfig, {**_shallow(sc), **scenario_overrides}, "command line")
         scenarios.append(sc)
     return ResolvedRun(path, run, model, hardware, dataset, tuple(scenarios))
+
+
+def _check_model_is_a_name(model, where) -> None:
+    """A run names its model from conf/models; a path given instead gets an answer about the path."""
+    if not isinstance(model, str) or not ("/" in model or model.endswith((".gguf", ".safetensors"))):
+        return
+    how = (f"a run names a model from conf/models ({', '.join(available('models')) or 'none'}); a checkpoint of "
+           "your own goes in a conf/models YAML as source: {kind: path, path: ...}")
+    if not Path(model).expanduser().exists():
+        raise ConfigError(where, "model", f"{shorten(model)}: no such file or folder; {how}")
+    raise ConfigError(where, "model", f"{shorten(model)} is a path, not a model name; {how}")
 
 
 def _shallow(obj) -> dict:

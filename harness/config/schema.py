@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Literal, Optional
 from urllib.parse import urlsplit
 
-from wallperf.harness.config.checks import MODES, SCENARIOS, FieldError, check_plain_names, check_sha256
-from wallperf.sut.redact import redact
+from wallperf.harness.config.checks import MODES, SCENARIOS, FieldError, check_plain_names, check_sha256, shorten
+from wallperf.sut.backends import BACKEND_TABLE, backend_spec
+from wallperf.sut.models.config import LlamaConfig, MemoryConfig
+from wallperf.sut.models.families import config_for_shape, family as model_family
+from wallperf.sut.redact import public_url, register_url, split_url
 from wallperf.sut.scenarios import MULTI_STREAM, scenario
 
 
@@ -73,7 +76,7 @@ class ArtifactSource:
         if missing:
             raise ValueError(f"a pypi_wheel_parts source needs {', '.join(missing)}")
         if Path(self.file).name != self.file or self.file in (".", ".."):
-            raise FieldError("file", f"file must be a plain file name, got {self.file!r}")
+            raise FieldError("file", f"file must be a plain file name, got {shorten(self.file)}")
         fields = [f.name for f in dataclasses.fields(WheelPart)]
         built = []
         for n, part in enumerate(self.parts, 1):
@@ -92,80 +95,37 @@ class ArtifactSource:
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """Published shapes, for synthetic weights and for the roofline without a download."""
-
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_size: int
-    vocab_size: int
-    tie_embeddings: bool = False
-    # Q/K/V projection biases (Qwen2).
-    attention_bias: bool = False
-    head_dim: Optional[int] = None
-    rope_theta: float = 10000.0
-    max_position: int = 8192
-    # Mixture of experts: experts per MoE layer and how many each token uses.
-    n_experts: int = 1
-    experts_per_token: int = 1
-
-    def __post_init__(self):
-        if min(self.n_layers, self.hidden_size, self.n_heads, self.n_kv_heads, self.ffn_size,
-               self.vocab_size) < 1:
-            raise ValueError("every shape figure must be >= 1")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        if not 1 <= self.experts_per_token <= self.n_experts:
-            raise ValueError("need 1 <= experts_per_token <= n_experts")
-
-    @classmethod
-    def of(cls, config) -> "ModelShape":
-        """The shape of a loaded model's config (sut.models.llama.LlamaConfig)."""
-        return cls(n_layers=config.n_layers, hidden_size=config.hidden_size, n_heads=config.n_heads,
-                   n_kv_heads=config.n_kv_heads, ffn_size=config.ffn_size, vocab_size=config.vocab_size,
-                   tie_embeddings=config.tie_embeddings, attention_bias=config.attention_bias,
-                   head_dim=config.head_dim, rope_theta=config.rope_theta,
-                   max_position=config.max_position)
-
-
-@dataclass(frozen=True)
-class MoMESection:
-    """A mixture of memory experts over the dense base (sut/models/mome.py)."""
-
-    n_experts: int
-    layers: list
-    topk: int = 32
-    query_dim: int = 256
-    cache_experts: int = 65536
-    bank_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     name: str
-    family: Literal["llama", "mixtral", "mome"]
+    # A row of sut/models/families.py.
+    family: str
     format: Literal["gguf", "safetensors", "synthetic"]
     source: Optional[ArtifactSource] = None
-    shape: Optional[ModelShape] = None
+    # Published shapes (synthetic weights, the roofline without a download), built
+    # straight into the model's own config class (sut/models/config.py).
+    shape: Optional[LlamaConfig] = None
     published_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     # The MLPerf benchmark the model stands for: its mlperf.conf name (e.g. llama3_1-8b,
     # harness/loadgen/benchmarks.py), whose settings apply under official settings.
     benchmark: Optional[str] = None
     # Synthetic weights borrow this model's tokenizer (its vocab must fit the shape's).
     tokenizer_from: Optional[str] = None
-    mome: Optional[MoMESection] = None
+    # Memory experts over the dense base (sut/models/mome.py).
+    mome: Optional[MemoryConfig] = None
 
     def __post_init__(self):
         check_plain_names(self, "name", "tokenizer_from")
-        if (self.family == "mome") != (self.mome is not None):
-            raise ValueError("a 'mome' section is needed exactly when family is mome")
-        if self.mome is not None:
-            from wallperf.sut.models.mome import MemoryConfig
-
-            MemoryConfig(**dataclasses.asdict(self.mome))
+        try:
+            fam = model_family(self.family)
+        except ValueError as e:
+            raise FieldError("family", str(e)) from None
+        if fam.memory_experts != (self.mome is not None):
+            raise ValueError(f"a 'mome' section is needed exactly when the family has memory experts "
+                             f"(family {self.family}: {'it does' if fam.memory_experts else 'it does not'})")
+        if self.shape is not None:
+            if fam.config_cls is LlamaConfig and self.shape.n_experts != 1:
+                raise FieldError("shape.n_experts", f"family {self.family} is dense: n_experts must be 1")
+            object.__setattr__(self, "shape", config_for_shape(self.family, self.shape))
         if self.format == "synthetic" and (self.shape is None or self.tokenizer_from is None):
             raise ValueError("synthetic weights need 'shape' and 'tokenizer_from'")
         if self.format != "synthetic" and self.source is None:
@@ -174,8 +134,24 @@ class ModelConfig:
             from wallperf.harness.config.benchmarks import BENCHMARKS
 
             if self.benchmark not in BENCHMARKS:
-                raise FieldError("benchmark", f"unknown MLPerf benchmark {self.benchmark!r}; allowed: "
+                raise FieldError("benchmark", f"unknown MLPerf benchmark {shorten(self.benchmark)}; allowed: "
                                  f"{', '.join(BENCHMARKS)}")
+
+
+# The most a YAML or a flag may ask of the engine and of LoadGen: beyond these a run
+# hangs or allocates without end, or a value overflows LoadGen's C++ types (times go
+# to LoadGen in integer ns: milliseconds up to 2**63 / 1e6). Far above any real run.
+MAX_BATCH = 4096
+# Llama 3.1's context, the longest of the supported families.
+MAX_OUTPUT_TOKENS = 131072
+MAX_DURATION_S = 1e7
+MAX_LATENCY_MS = 1e12
+MAX_COUNT = 10**7
+MAX_QPS = 1e9
+SCENARIO_RANGES = (("min_duration_s", 1e-3, MAX_DURATION_S), ("min_query_count", 1, MAX_COUNT),
+                   ("max_batch", 1, MAX_BATCH), ("target_qps", 1e-6, MAX_QPS), ("ttft_ms", 1e-6, MAX_LATENCY_MS),
+                   ("tpot_ms", 1e-6, MAX_LATENCY_MS), ("offline_expected_qps", 1e-6, MAX_QPS),
+                   ("expected_latency_ms", 1e-6, MAX_LATENCY_MS), ("samples_per_query", 1, MAX_COUNT))
 
 
 OUTPUT_POLICIES = ("eos", "fixed", "dataset")
@@ -198,8 +174,9 @@ class OutputLength:
     def __post_init__(self):
         if self.policy in ("eos", "fixed") and self.max_tokens is None:
             raise FieldError("max_tokens", f"policy {self.policy!r} needs max_tokens")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise FieldError("max_tokens", "must be >= 2 (LoadGen needs n_tokens > 1)")
+        if self.max_tokens is not None and not 2 <= self.max_tokens <= MAX_OUTPUT_TOKENS:
+            raise FieldError("max_tokens", f"must be from 2 (LoadGen needs n_tokens > 1) to {MAX_OUTPUT_TOKENS}, "
+                             f"got {self.max_tokens}")
 
     @property
     def ignore_eos(self) -> bool:
@@ -227,8 +204,9 @@ class DatasetConfig:
             raise FieldError("per_subject", f"applies to MMLU only (format {self.format}); leave it null")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError("max_samples must be >= 1 or null")
-        if self.max_new_tokens < 2:
-            raise ValueError("max_new_tokens must be >= 2 (LoadGen needs n_tokens > 1)")
+        if not 2 <= self.max_new_tokens <= MAX_OUTPUT_TOKENS:
+            raise FieldError("max_new_tokens", f"must be from 2 (LoadGen needs n_tokens > 1) to {MAX_OUTPUT_TOKENS}, "
+                             f"got {self.max_new_tokens}")
         if self.output_length.policy == "dataset" and self.format == "mmlu_jsonl":
             raise FieldError("output_length", "MMLU has no per-sample output lengths; use policy eos or fixed")
 
@@ -255,10 +233,10 @@ class HardwareConfig:
             raise ValueError("memory_gb and bandwidth_gbps must be > 0")
         for key, value in self.peak_tflops.items():
             if key not in PEAK_DTYPES:
-                raise ValueError(f"peak_tflops: unknown dtype {key!r}; allowed: {', '.join(PEAK_DTYPES)}")
+                raise ValueError(f"peak_tflops: unknown dtype {shorten(key)}; allowed: {', '.join(PEAK_DTYPES)}")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value < float("inf")):
-                raise ValueError(f"peak_tflops.{key} must be a positive number or null, got {value!r}")
+                raise ValueError(f"peak_tflops.{key} must be a positive number or null, got {shorten(value)}")
         if (self.peak_tflops.get("fp8") is not None) != (self.fp8_format is not None):
             raise ValueError("fp8_format must be set exactly when peak_tflops.fp8 is")
 
@@ -277,31 +255,42 @@ class ScenarioConfig:
     samples_per_query: Optional[int] = None
 
     def __post_init__(self):
-        if self.min_duration_s <= 0 or self.min_query_count < 1 or self.max_batch < 1:
-            raise ValueError("min_duration_s must be > 0, min_query_count and max_batch >= 1")
+        for key, low, high in SCENARIO_RANGES:
+            value = getattr(self, key)
+            if value is not None and not low <= value <= high:
+                raise FieldError(key, f"must be from {low:g} to {high:g}, got {shorten(value)}")
         server_like = scenario(self.name).server_like
         if server_like and (self.target_qps is None or self.ttft_ms is None or self.tpot_ms is None):
             raise ValueError(f"{self.name} needs target_qps, ttft_ms and tpot_ms")
-        if self.target_qps is not None and self.target_qps <= 0:
-            raise ValueError("target_qps must be > 0")
         if scenario(self.name) is MULTI_STREAM and (self.samples_per_query or 0) < 1:
             raise ValueError("MultiStream needs samples_per_query >= 1")
 
 
 def endpoint_problem(url) -> str | None:
-    """Why `url` is not an http(s)://host[:port][/path] URL, or None. User-info in it is masked."""
+    """Why `url` is not an http(s)://host[:port][/path] URL, or None. Only its public part is shown."""
+    if not isinstance(url, str):
+        return f"expected a URL string, got {type(url).__name__}"
+    scheme, _, rest = split_url(url)
     try:
-        parts = urlsplit(url) if isinstance(url, str) else None
-        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts = urlsplit(f"{scheme}://{rest}")
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
         ok = ok and (parts.port is None or parts.port > 0)
     except ValueError:
         ok = False
-    return None if ok else f"{redact(url)!r} is not an http(s)://host[:port] URL"
+    return None if ok else f"{shorten(public_url(url))} is not an http(s)://host[:port] URL"
+
+
+# A client retrying more often than this against a failing server only hangs the run.
+MAX_RETRIES = 100
 
 
 @dataclass(frozen=True)
 class OpenAIConfig:
-    """OpenAI-compatible endpoints as the SUT (sut/backends/openai.py)."""
+    """OpenAI-compatible endpoints as the SUT (sut/backends/openai.py).
+
+    An endpoint's user-info and query string are credentials: they are registered as
+    secrets, and the config keeps only each URL's public part (the backend sends
+    neither), so no record of the run can hold them."""
 
     endpoints: list
     model: str
@@ -315,10 +304,15 @@ class OpenAIConfig:
         if not self.endpoints:
             raise ValueError("endpoints must be a non-empty list of http(s):// URLs")
         for i, url in enumerate(self.endpoints):
+            if isinstance(url, str):
+                register_url(url)
             if problem := endpoint_problem(url):
                 raise FieldError(f"endpoints[{i}]", problem)
-        if self.timeout_s <= 0 or self.retries < 0:
-            raise ValueError("timeout_s must be > 0 and retries >= 0")
+        object.__setattr__(self, "endpoints", [public_url(url) for url in self.endpoints])
+        if self.timeout_s <= 0:
+            raise FieldError("timeout_s", f"must be > 0, got {self.timeout_s}")
+        if not 0 <= self.retries <= MAX_RETRIES:
+            raise FieldError("retries", f"must be an integer from 0 to {MAX_RETRIES}, got {self.retries}")
 
 
 @dataclass(frozen=True)
@@ -328,7 +322,8 @@ class RunConfig:
     dataset: str
     scenarios: list
     system: str = "cpu-native"
-    backend: Literal["native", "openai", "hf", "llamacpp"] = "native"
+    # A row of sut/backends/__init__.py's BACKEND_TABLE.
+    backend: str = "native"
     openai: Optional[OpenAIConfig] = None
     # llamacpp only: run the model's own GGUF (source) or its BF16 export (bf16).
     gguf: Literal["source", "bf16"] = "source"
@@ -348,23 +343,29 @@ class RunConfig:
         check_plain_names(self, "system", "model", "hardware", "dataset")
         for i, s in enumerate(self.scenarios):
             if s not in SCENARIOS:
-                raise FieldError(f"scenarios[{i}]", f"unknown scenario {s!r}; allowed: {', '.join(SCENARIOS)}")
+                raise FieldError(f"scenarios[{i}]", f"unknown scenario {shorten(s)}; allowed: {', '.join(SCENARIOS)}")
         for i, m in enumerate(self.modes):
             if m not in MODES:
-                raise FieldError(f"modes[{i}]", f"unknown mode {m!r}; allowed: {', '.join(MODES)}")
+                raise FieldError(f"modes[{i}]", f"unknown mode {shorten(m)}; allowed: {', '.join(MODES)}")
         if not self.scenarios or not self.modes:
             raise ValueError("scenarios and modes must not be empty")
-        if (self.backend == "openai") != (self.openai is not None):
-            raise ValueError("an 'openai' section (endpoints, model) is needed exactly when backend is openai")
-        if self.gguf != "source" and self.backend != "llamacpp":
-            raise FieldError("gguf", f"{self.gguf!r} applies to the llamacpp backend only (backend is "
+        try:
+            spec = backend_spec(self.backend)
+        except ValueError as e:
+            raise FieldError("backend", str(e)) from None
+        if (spec.weights == "remote") != (self.openai is not None):
+            raise ValueError("an 'openai' section (endpoints, model) is needed exactly when the backend serves "
+                             f"the model elsewhere (backend {self.backend!r})")
+        if self.gguf != "source" and spec.weights != "gguf":
+            runs_gguf = " or ".join(n for n, b in BACKEND_TABLE.items() if b.weights == "gguf")
+            raise FieldError("gguf", f"{self.gguf!r} applies to the {runs_gguf} backend only (backend is "
                              f"{self.backend!r}); leave it at 'source'")
         if self.tp < 1:
             raise FieldError("tp", f"must be an integer >= 1, got {self.tp}")
-        if self.tp > 1 and self.backend != "native":
+        if self.tp > 1 and not spec.native_engine:
             raise FieldError("tp", f"tp {self.tp} shards the native engine's model; backend {self.backend!r} "
                              "runs its own (use tp 1)")
-        if self.kv_dtype != "auto" and (self.backend != "native" or self.tp > 1):
+        if self.kv_dtype != "auto" and (not spec.native_engine or self.tp > 1):
             raise FieldError("kv_dtype", f"{self.kv_dtype!r} is the native engine's cache, without tensor "
                              f"parallelism (backend {self.backend!r}, tp {self.tp}); leave it at 'auto'")
         if self.tp > 1 and self.dtype == "fp8":

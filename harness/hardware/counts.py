@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from wallperf.harness.config import ModelShape
+from wallperf.sut.models.config import LlamaConfig
 
 BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 # sut.quant keeps one fp32 scale per output row of every fp8 projection.
@@ -71,11 +71,11 @@ class ParameterCount:
                 + self.lm_head + self.biases)
 
 
-def head_dim(shape: ModelShape) -> int:
+def head_dim(shape: LlamaConfig) -> int:
     return shape.head_dim or shape.hidden_size // shape.n_heads
 
 
-def count_parameters(shape: ModelShape) -> ParameterCount:
+def count_parameters(shape: LlamaConfig) -> ParameterCount:
     """Llama-family parameters: GQA attention (with Q/K/V biases when the shape says so),
     SwiGLU FFN (dense or experts), RMSNorm."""
     h, d, L = shape.hidden_size, head_dim(shape), shape.n_layers
@@ -95,12 +95,12 @@ def count_parameters(shape: ModelShape) -> ParameterCount:
     )
 
 
-def experts_touched(shape: ModelShape, batch: int) -> int:
+def experts_touched(shape: LlamaConfig, batch: int) -> int:
     """Distinct experts a step over `batch` tokens reads, at most (see the module docstring)."""
     return min(shape.n_experts, batch * shape.experts_per_token)
 
 
-def weight_parameters(shape: ModelShape, batch: int = 1, embedding: Embedding = "table") -> float:
+def weight_parameters(shape: LlamaConfig, batch: int = 1, embedding: Embedding = "table") -> float:
     """Parameters one decode step over `batch` sequences reads from memory."""
     p = count_parameters(shape)
     experts = p.experts * experts_touched(shape, batch) / shape.n_experts
@@ -111,7 +111,7 @@ def weight_parameters(shape: ModelShape, batch: int = 1, embedding: Embedding = 
     return table + p.attention + p.ffn + experts + p.router + p.norms + p.lm_head + p.biases
 
 
-def active_parameters(shape: ModelShape) -> int:
+def active_parameters(shape: LlamaConfig) -> int:
     """Weights one token multiplies through: its FLOPs are twice this (without attention)."""
     p = count_parameters(shape)
     lm_head = p.lm_head or p.embedding
@@ -136,7 +136,7 @@ class WeightBytes:
     def total(self) -> float:
         return self.table + self.dense + self.experts
 
-    def per_step(self, shape: ModelShape, batch: int = 1, embedding: Embedding = "table") -> float:
+    def per_step(self, shape: LlamaConfig, batch: int = 1, embedding: Embedding = "table") -> float:
         experts = self.experts * experts_touched(shape, batch) / shape.n_experts if self.experts else 0.0
         table = self.table
         if embedding == "rows" and not shape.tie_embeddings:
@@ -144,7 +144,7 @@ class WeightBytes:
         return table + self.dense + experts + self.extra
 
 
-def shape_weight_bytes(shape: ModelShape, dtype: str, activation_dtype: str = "bfloat16") -> WeightBytes:
+def shape_weight_bytes(shape: LlamaConfig, dtype: str, activation_dtype: str = "bfloat16") -> WeightBytes:
     """The weights of a published shape stored in `dtype`; fp8 as sut.quant lays it out
     (see the module docstring), the unquantized tensors in `activation_dtype`."""
     p = count_parameters(shape)
@@ -187,17 +187,17 @@ def held_weight_bytes(model, extra: float = 0.0) -> WeightBytes:
     return WeightBytes(table=table, dense=dense, experts=experts, extra=extra)
 
 
-def kv_bytes_per_sequence(shape: ModelShape, context: int, bytes_per_element: float) -> float:
+def kv_bytes_per_sequence(shape: LlamaConfig, context: int, bytes_per_element: float) -> float:
     """K and V of every layer for `context` positions of one sequence."""
     return 2 * shape.n_layers * shape.n_kv_heads * head_dim(shape) * context * bytes_per_element
 
 
-def flops_per_token(shape: ModelShape, context: int = 0) -> float:
+def flops_per_token(shape: LlamaConfig, context: int = 0) -> float:
     attention = 4 * shape.n_layers * shape.n_heads * head_dim(shape) * context
     return 2 * active_parameters(shape) + attention
 
 
-def prefill_flops(shape: ModelShape, prompt_tokens: float) -> float:
+def prefill_flops(shape: LlamaConfig, prompt_tokens: float) -> float:
     """FLOPs of prefilling one prompt of `prompt_tokens`: every token through the
     weights, and causal attention over the positions before it (mean context n/2)."""
     return prompt_tokens * flops_per_token(shape, prompt_tokens / 2)

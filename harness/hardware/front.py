@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from wallperf.harness.config import HardwareConfig, ModelShape
+from wallperf.harness.config import HardwareConfig
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import flops_per_token
 from wallperf.harness.hardware.roofline import bytes_per_step, peak_flops
 
@@ -81,7 +82,7 @@ class StepCost:
         return max(1.0, min(memory_batch, compute_batch))
 
 
-def step_cost(shape: ModelShape, hardware: HardwareConfig, dtype: str, **counts) -> StepCost:
+def step_cost(shape: LlamaConfig, hardware: HardwareConfig, dtype: str, **counts) -> StepCost:
     """The roofline's counts for one model, dtype and hardware; `counts` (the engine's own
     weights and KV storage, as for run_roofline) go to bytes_per_step."""
     weights = bytes_per_step(shape, dtype, 1, 0, **counts)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from wallperf.harness.config import DTYPE_ALIASES, ConfigError, HardwareConfig, ModelShape
+from wallperf.harness.config import DTYPE_ALIASES, ConfigError, HardwareConfig
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import (BYTES_PER_ELEMENT, Embedding, WeightBytes, active_parameters,
                                      flops_per_token, kv_bytes_per_sequence, prefill_flops, shape_weight_bytes)
 
@@ -50,7 +51,7 @@ def compute_dtype(dtype: str, published: str = "bfloat16") -> str:
     return activation_dtype(dtype, published)
 
 
-def bytes_per_step(shape: ModelShape, dtype: str, batch: int = 1, context: float = 0,
+def bytes_per_step(shape: LlamaConfig, dtype: str, batch: int = 1, context: float = 0,
                    embedding: Embedding = "table", weights: WeightBytes | None = None,
                    kv_bytes_per_element: float | None = None) -> float:
     """Weights and KV cache one decode step over `batch` sequences reads.
@@ -67,7 +68,7 @@ def bytes_per_step(shape: ModelShape, dtype: str, batch: int = 1, context: float
                                                                                      kv_bytes_per_element)
 
 
-def bytes_per_token(shape: ModelShape, dtype: str, context: float = 0, **counts) -> float:
+def bytes_per_token(shape: LlamaConfig, dtype: str, context: float = 0, **counts) -> float:
     """Bytes one token costs at batch 1: the baseline figure of the memory wall."""
     return bytes_per_step(shape, dtype, 1, context, **counts)
 
@@ -88,7 +89,7 @@ def ridge_point(hardware: HardwareConfig, dtype: str) -> float:
     return peak_flops(hardware, dtype) / (hardware.bandwidth_gbps * 1e9)
 
 
-def roofline_row(shape: ModelShape, hardware: HardwareConfig, dtype: str, batch: int, context: int = 0,
+def roofline_row(shape: LlamaConfig, hardware: HardwareConfig, dtype: str, batch: int, context: int = 0,
                  embedding: Embedding = "table") -> RooflineRow:
     step = bytes_per_step(shape, dtype, batch, context, embedding)
     memory = batch * hardware.bandwidth_gbps * 1e9 / step
@@ -99,17 +100,17 @@ def roofline_row(shape: ModelShape, hardware: HardwareConfig, dtype: str, batch:
                        ridge_point=ridge_point(hardware, dtype), active_parameters=active_parameters(shape))
 
 
-def roofline_rows(shape: ModelShape, hardware: HardwareConfig, dtype: str, batches, context: int = 0,
+def roofline_rows(shape: LlamaConfig, hardware: HardwareConfig, dtype: str, batches, context: int = 0,
                   embedding: Embedding = "table") -> list[RooflineRow]:
     return [roofline_row(shape, hardware, dtype, b, context, embedding) for b in batches]
 
 
-def memory_wall(shape: ModelShape, hardware: HardwareConfig, dtype: str, context: float = 0, **counts) -> float:
+def memory_wall(shape: LlamaConfig, hardware: HardwareConfig, dtype: str, context: float = 0, **counts) -> float:
     """Tokens/s at batch 1 when every step streams its bytes at the peak bandwidth."""
     return hardware.bandwidth_gbps * 1e9 / bytes_per_token(shape, dtype, context, **counts)
 
 
-def run_roofline(shape: ModelShape, hardware: HardwareConfig, dtype: str, tokens_per_second: float,
+def run_roofline(shape: LlamaConfig, hardware: HardwareConfig, dtype: str, tokens_per_second: float,
                  batch: int, context: float, prompt_tokens: float = 0.0, output_tokens: float = 1.0,
                  **counts) -> dict:
     """A measured run set against its real bound.

@@ -9,7 +9,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from wallperf.harness.config import ConfigError, HardwareConfig, ModelShape
+from wallperf.harness.config import ConfigError, HardwareConfig
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import flops_per_token, shape_weight_bytes
 from wallperf.harness.hardware.roofline import (DTYPE_NAMES, RooflineRow, activation_dtype, peak_flops, ridge_point,
                                        roofline_rows)
@@ -30,7 +31,7 @@ def measured_points(results: Path) -> list[tuple[str, float, float]]:
             for run in runs if isinstance(run.get("roofline"), dict)]
 
 
-def plot_roofline(path: Path, shape: ModelShape, hardware: HardwareConfig, dtype: str, rows: list[RooflineRow],
+def plot_roofline(path: Path, shape: LlamaConfig, hardware: HardwareConfig, dtype: str, rows: list[RooflineRow],
                   context: int, title: str, measured: list[tuple[str, float, float]]) -> None:
     """Draw the roof (min of peak and bandwidth x intensity), the decode steps of `rows` on it,
     and measured runs beneath it, on log-log axes."""

@@ -123,6 +123,10 @@ class _Batch:
 class HFBackend:
     name = "hf"
 
+    @classmethod
+    def create(cls, loaded, *, max_batch: int, max_seq_len: int, **_):
+        return cls(loaded, max_batch=max_batch, max_seq_len=max_seq_len)
+
     def __init__(self, loaded, max_batch: int, max_seq_len: int):
         self.model = build_hf_model(loaded.model, loaded.device)
         self.device = torch.device(loaded.device)

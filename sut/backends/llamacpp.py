@@ -152,6 +152,10 @@ class _Seq:
 class LlamaCppBackend:
     name = "llamacpp"
 
+    @classmethod
+    def create(cls, loaded: "GGUFModel", *, max_batch: int, max_seq_len: int, **_):
+        return cls(loaded, max_batch=max_batch, max_seq_len=max_seq_len)
+
     def __init__(self, loaded: GGUFModel, max_batch: int, max_seq_len: int, n_threads: int | None = None):
         self.tokenizer = loaded.tokenizer
         self.eos_token_ids = sorted(loaded.tokenizer.eos_token_ids)

@@ -50,13 +50,14 @@ from wallperf.sut.backends.openai_endpoint import Endpoint
 from wallperf.sut.backends.sse import (DONE, MAX_REASON_CHARS, RequestFailed, choice_content, choices, error_message,
                              parse_event, usage)
 from wallperf.sut.engine.engine import SamplingParams, TokenEvent
-from wallperf.sut.redact import redact, register_secret
+from wallperf.sut.redact import hold_back, redact, register_secret
 
 ROUTINGS = ("round_robin", "least_outstanding")
 # How long step() waits for the first event: short, so new samples are admitted promptly.
 STEP_WAIT_S = 0.002
 # Failure and mismatch examples kept in stats (the counts are complete).
 MAX_EXAMPLES = 10
+# Bytes of an error body kept (redacted, then cut to MAX_REASON_CHARS).
 MAX_ERROR_BODY = 2000
 # One server-sent event is one token's chunk, a few hundred bytes: a server that sends
 # far more without a newline is broken or hostile, and must not fill the memory.
@@ -85,6 +86,13 @@ class _Stream:
 
 class OpenAIBackend:
     name = "openai"
+
+    @classmethod
+    def create(cls, loaded, *, max_batch: int, openai, **_):
+        """Over the run's `openai:` section (harness.config.OpenAIConfig); `loaded` carries the tokenizer."""
+        return cls(list(openai.endpoints), openai.model, max_concurrency=max_batch, timeout_s=openai.timeout_s,
+                   retries=openai.retries, tokenizer=loaded.tokenizer, api_key_env=openai.api_key_env,
+                   routing=openai.routing)
 
     def __init__(self, endpoints: list[str], model: str, max_concurrency: int, timeout_s: float = 60.0,
                  retries: int = 2, tokenizer=None, api_key_env: str = "OPENAI_API_KEY",
@@ -247,7 +255,8 @@ class OpenAIBackend:
                 with self._lock:
                     self._counts["text_prompt_fallbacks"] += 1
         if resp.status != 200:
-            detail = error_message(resp.read(MAX_ERROR_BODY))
+            # A key's length more than is kept: a key that starts before the cut is whole when redacted.
+            detail = error_message(resp.read(MAX_ERROR_BODY + hold_back()), MAX_ERROR_BODY)
             conn.close()
             raise RequestFailed(f"HTTP {resp.status}: {detail}",
                                 retryable=resp.status >= 500 or resp.status == 429)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from wallperf.sut.models.llama import LlamaConfig, LlamaModel, synthetic_state_dict
-from wallperf.sut.models.mixtral import MixtralConfig, synthetic_state_dict as mixtral_synthetic
+from wallperf.sut.models.families import family_of_config
+from wallperf.sut.models.llama import LlamaConfig, LlamaModel
 from wallperf.sut.loading.tokenizer import Tokenizer
 from wallperf.sut.loading.weights import build_model, load_checkpoint
 
@@ -71,16 +71,6 @@ def load_tokenizer(path: Path) -> Tokenizer:
         return Tokenizer.from_gguf(path) if path.is_file() else Tokenizer.from_tokenizer_json(path / "tokenizer.json")
 
 
-def config_for_shape(family: str, shape) -> LlamaConfig:
-    """The model config of a published shape (anything with harness.config.ModelShape's fields)."""
-    if family == "mixtral":
-        return MixtralConfig.from_shape(shape)
-    return LlamaConfig(n_layers=shape.n_layers, hidden_size=shape.hidden_size, n_heads=shape.n_heads,
-                       n_kv_heads=shape.n_kv_heads, ffn_size=shape.ffn_size, vocab_size=shape.vocab_size,
-                       rope_theta=shape.rope_theta, head_dim=shape.head_dim, tie_embeddings=shape.tie_embeddings,
-                       attention_bias=shape.attention_bias, max_position=shape.max_position)
-
-
 def load_model(path: Path, dtype: str, device: str = "cpu", fp8_dtype: torch.dtype | None = None) -> LoadedModel:
     """A GGUF file or HF checkpoint folder, with its own tokenizer, in `dtype`;
     with `fp8_dtype`, its projection weights quantized to that fp8 format."""
@@ -112,8 +102,7 @@ def load_synthetic(cfg: LlamaConfig, tokenizer: Tokenizer, dtype: str, device: s
                    seed: int = 0, fp8_dtype: torch.dtype | None = None) -> LoadedModel:
     """Seeded random weights of a published shape, with a borrowed tokenizer, for
     timing shapes whose checkpoints are not at hand. Its outputs mean nothing."""
-    make = mixtral_synthetic if isinstance(cfg, MixtralConfig) else synthetic_state_dict
-    sd = make(cfg, seed, torch_dtype(dtype), device)
+    sd = family_of_config(cfg).synthetic_state_dict(cfg, seed, torch_dtype(dtype), device)
     model = build_model(cfg, sd, torch_dtype(dtype), device)
     return LoadedModel(Path("synthetic"), cfg, model, tokenizer, dtype, device, _quantize(model, fp8_dtype))
 

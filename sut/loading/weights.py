@@ -5,13 +5,16 @@ use HF parameter names. Seeded synthetic weights live with each model family.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wallperf.sut.models.llama import LlamaConfig, LlamaModel, rope_inv_freq
+from wallperf.sut.models.families import family_for_gguf, family_for_hf, family_of_config
+from wallperf.sut.models.build import build_model as _build
+from wallperf.sut.models.llama import LlamaConfig, LlamaModel
 
 _GGUF_BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -57,7 +60,8 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaConf
     reader = GGUFReader(str(path))
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
-    cfg = LlamaConfig.from_gguf_metadata(meta, names)
+    fam = family_for_gguf(meta["general.architecture"])
+    cfg = dataclasses.replace(fam.config_cls.from_gguf_metadata(meta, names), family=fam.name)
     permuted = meta["general.architecture"] == "llama"
     sd = {}
     for t in reader.tensors:
@@ -80,12 +84,7 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
 
     folder = Path(folder)
     hf_cfg = json.loads((folder / "config.json").read_text())
-    if hf_cfg.get("model_type") == "mixtral":
-        from wallperf.sut.models.mixtral import MixtralConfig
-
-        config_cls = MixtralConfig
-    else:
-        config_cls = LlamaConfig
+    fam = family_for_hf(hf_cfg.get("model_type"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -96,21 +95,13 @@ def load_hf_checkpoint(folder: Path) -> tuple[LlamaConfig, dict, dict]:
     sd = {}
     for name in files:
         sd.update(load_file(str(folder / name)))
-    return config_cls.from_hf_config(hf_cfg), sd, hf_cfg
+    return dataclasses.replace(fam.config_cls.from_hf_config(hf_cfg), family=fam.name), sd, hf_cfg
 
 
 def build_model(cfg: LlamaConfig, sd: dict, dtype: torch.dtype, device="cpu", consume: bool = False) -> LlamaModel:
-    """Build on the meta device (no memory touched), then assign the weights.
-    `consume=True` empties `sd` as it goes, so each checkpoint tensor is freed once
-    fused (Q/K/V, gate/up) instead of living beside its copy until the end."""
-    from wallperf.sut.models.mixtral import MixtralConfig, MixtralModel
-
-    with torch.device("meta"):
-        model = MixtralModel(cfg) if isinstance(cfg, MixtralConfig) else LlamaModel(cfg)
-    model.load_hf_state_dict(sd if consume else dict(sd), dtype)
-    # The RoPE table is a buffer, built on meta with the module: compute it for real.
-    model.inv_freq = rope_inv_freq(cfg)
-    return model.to(device).eval()
+    """The model of `cfg`'s family, built on the meta device, then given `sd`'s
+    weights (sut.models.build); `consume=True` empties `sd` as it goes."""
+    return _build(family_of_config(cfg).model_cls, cfg, sd, dtype, device, consume)
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaConfig, dict, dict]:

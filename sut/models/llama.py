@@ -17,114 +17,7 @@ import torch
 from torch import nn
 
 from wallperf.kernels import dispatch
-
-
-# GGUF `general.architecture` values this decoder runs: qwen2 is the Llama block
-# with Q/K/V biases (read from the tensors present, not from the name).
-GGUF_ARCHITECTURES = ("llama", "qwen2")
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3.1's frequency-dependent RoPE scaling ("rope_type": "llama3")."""
-
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position: int
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    n_layers: int
-    hidden_size: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_size: int
-    vocab_size: int
-    rope_theta: float = 10000.0
-    rms_eps: float = 1e-5
-    head_dim: Optional[int] = None
-    tie_embeddings: bool = False
-    max_position: int = 8192
-    rope_scaling: Optional[RopeScaling] = None
-    # Qwen2 adds a bias to the Q, K and V projections (no other Linear has one).
-    attention_bias: bool = False
-
-    def __post_init__(self):
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-
-    @property
-    def q_size(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: dict, tensor_names: set) -> "LlamaConfig":
-        arch = meta["general.architecture"]
-        if arch not in GGUF_ARCHITECTURES:
-            raise ValueError(f"GGUF architecture {arch!r} is not a Llama-family model; "
-                             f"supported: {', '.join(GGUF_ARCHITECTURES)}")
-
-        def key(name, default=None):
-            return meta.get(f"{arch}.{name}", default)
-
-        n_heads = int(key("attention.head_count"))
-        hidden = int(key("embedding_length"))
-        scaling = None
-        if key("rope.scaling.type") == "llama3":
-            raise ValueError("llama3 RoPE scaling in GGUF is stored as a rope_freqs tensor; use the HF checkpoint")
-        return cls(
-            n_layers=int(key("block_count")),
-            hidden_size=hidden,
-            n_heads=n_heads,
-            n_kv_heads=int(key("attention.head_count_kv", n_heads)),
-            ffn_size=int(key("feed_forward_length")),
-            vocab_size=int(key("vocab_size", 0)) or len(meta["tokenizer.ggml.tokens"]),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            head_dim=int(key("rope.dimension_count", hidden // n_heads)),
-            tie_embeddings="output.weight" not in tensor_names,
-            max_position=int(key("context_length", 8192)),
-            rope_scaling=scaling,
-            attention_bias="blk.0.attn_q.bias" in tensor_names,
-        )
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "LlamaConfig":
-        scaling = None
-        # transformers 5 nests theta and scaling under rope_parameters; older
-        # config.json files keep rope_theta and rope_scaling at the top level.
-        rs = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = rs.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_type = rs.get("rope_type", rs.get("type"))
-        if rope_type == "llama3":
-            scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]),
-                                  float(rs["high_freq_factor"]), int(rs["original_max_position_embeddings"]))
-        elif rope_type not in (None, "default"):
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported (only llama3)")
-        return cls(
-            n_layers=cfg["num_hidden_layers"],
-            hidden_size=cfg["hidden_size"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            ffn_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            rope_theta=float(theta),
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            head_dim=cfg.get("head_dim"),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position=int(cfg.get("max_position_embeddings", 8192)),
-            rope_scaling=scaling,
-            # Qwen2's config.json has no attention_bias key: its Q/K/V biases are implied.
-            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-        )
+from wallperf.sut.models.config import GGUF_ARCHITECTURES, LlamaConfig, RopeScaling  # noqa: F401 (their home is config.py)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -315,3 +208,4 @@ def synthetic_state_dict(cfg: LlamaConfig, seed: int = 0, dtype=torch.bfloat16, 
         sd[p + "input_layernorm.weight"] = ones(cfg.hidden_size)
         sd[p + "post_attention_layernorm.weight"] = ones(cfg.hidden_size)
     return sd
+

@@ -24,54 +24,10 @@ import torch
 from torch import nn
 
 from wallperf.kernels.dispatch import fused_moe
+from wallperf.sut.models.config import MixtralConfig
 from wallperf.sut.models.llama import Block, LlamaConfig, LlamaModel
 from wallperf.sut.models.llama import synthetic_state_dict as dense_synthetic
 from wallperf.sut.quant.fp8 import dequantize_experts
-
-
-@dataclass(frozen=True)
-class MixtralConfig(LlamaConfig):
-    """LlamaConfig's fields (ffn_size is one expert's), plus the experts."""
-
-    n_experts: int = 8
-    experts_per_token: int = 2
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 1 <= self.experts_per_token <= self.n_experts:
-            raise ValueError(f"need 1 <= experts_per_token ({self.experts_per_token}) <= n_experts "
-                             f"({self.n_experts})")
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> "MixtralConfig":
-        window = cfg.get("sliding_window")
-        if window is not None and window < cfg.get("max_position_embeddings", 0):
-            raise ValueError(f"sliding_window {window} is not supported (full attention only)")
-        base = super().from_hf_config(_top_level_rope_keys(cfg))
-        return dataclasses.replace(base, n_experts=int(cfg["num_local_experts"]),
-                                   experts_per_token=int(cfg["num_experts_per_tok"]))
-
-    @classmethod
-    def from_shape(cls, shape) -> "MixtralConfig":
-        """From harness.config.ModelShape (published shapes, synthetic weights)."""
-        return cls(n_layers=shape.n_layers, hidden_size=shape.hidden_size, n_heads=shape.n_heads,
-                   n_kv_heads=shape.n_kv_heads, ffn_size=shape.ffn_size, vocab_size=shape.vocab_size,
-                   rope_theta=shape.rope_theta, head_dim=shape.head_dim, tie_embeddings=shape.tie_embeddings,
-                   max_position=shape.max_position, n_experts=shape.n_experts,
-                   experts_per_token=shape.experts_per_token)
-
-
-def _top_level_rope_keys(cfg: dict) -> dict:
-    """transformers 5 writes rope_theta (and any scaling) inside `rope_parameters`; the
-    published Mixtral config.json and LlamaConfig.from_hf_config use top-level keys."""
-    params = dict(cfg.get("rope_parameters") or {})
-    if not params:
-        return cfg
-    out = {k: v for k, v in cfg.items() if k != "rope_parameters"}
-    out.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
-    if params.get("rope_type", "default") != "default":
-        out.setdefault("rope_scaling", params)
-    return out
 
 
 class SparseMoeBlock(nn.Module):
@@ -168,3 +124,4 @@ def synthetic_state_dict(cfg: MixtralConfig, seed: int = 0, dtype=torch.bfloat16
             sd[x + "w3.weight"] = randn(cfg.ffn_size, cfg.hidden_size)
             sd[x + "w2.weight"] = randn(cfg.hidden_size, cfg.ffn_size)
     return sd
+

@@ -40,44 +40,10 @@ from torch import nn
 
 from wallperf.sut.models.expert_cache import ExpertBank, ExpertCache, ExpertCacheStats, write_synthetic_bank
 from wallperf.sut.models.llama import MLP, LlamaConfig, LlamaModel
-from wallperf.sut.loading.weights import build_model
+from wallperf.sut.models.build import build_model
+from wallperf.sut.models.config import MemoryConfig
 
 BANK_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class MemoryConfig:
-    n_experts: int
-    layers: tuple
-    topk: int = 32
-    query_dim: int = 256
-    # Rows kept on the compute device per memory layer.
-    cache_experts: int = 65536
-    bank_dtype: str = "bfloat16"
-    seed: int = 0
-
-    def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(self.layers))
-        n_sub = math.isqrt(self.n_experts)
-        if self.n_experts < 1 or n_sub * n_sub != self.n_experts:
-            raise ValueError(f"n_experts must be a perfect square (product keys), got {self.n_experts}")
-        if not self.layers or len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
-            raise ValueError(f"layers must be distinct layer indices, got {self.layers}")
-        if self.query_dim < 2 or self.query_dim % 2:
-            raise ValueError(f"query_dim must be even and >= 2, got {self.query_dim}")
-        if not 1 <= self.topk <= n_sub:
-            raise ValueError(f"need 1 <= topk <= sqrt(n_experts) = {n_sub}, got {self.topk}")
-        if self.cache_experts < self.topk:
-            raise ValueError(f"cache_experts ({self.cache_experts}) must hold one token's {self.topk} experts")
-        if self.bank_dtype not in BANK_DTYPES:
-            raise ValueError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {self.bank_dtype!r}")
-
-    @property
-    def n_sub_keys(self) -> int:
-        return math.isqrt(self.n_experts)
-
-    def bytes_per_expert(self, hidden: int) -> int:
-        return 2 * hidden * BANK_DTYPES[self.bank_dtype].itemsize
 
 
 def bank_tensor_name(layer: int) -> str:
@@ -190,7 +156,7 @@ class MoMEModel(nn.Module):
 
 def build_mome_model(cfg: LlamaConfig, memory: MemoryConfig, sd: dict, bank: ExpertBank, dtype: torch.dtype,
                      device="cpu") -> MoMEModel:
-    """The base from `sd`'s Llama weights (sut.weights.build_model), plus a memory layer
+    """The base from `sd`'s Llama weights (sut.models.build), plus a memory layer
     in each of memory.layers from its weights in `sd` and its experts in `bank`."""
     if max(memory.layers) >= cfg.n_layers:
         raise ValueError(f"memory layers {memory.layers} outside the model's {cfg.n_layers} layers")
@@ -203,7 +169,7 @@ def build_mome_model(cfg: LlamaConfig, memory: MemoryConfig, sd: dict, bank: Exp
         layer.load_state_dict({"router_query.weight": sd.pop(p + "router_query.weight").to(dtype),
                                "sub_keys": sd.pop(p + "sub_keys").to(dtype)}, strict=True, assign=True)
         memories[i] = layer.to(device)
-    base = build_model(cfg, sd, dtype, device)
+    base = build_model(LlamaModel, cfg, sd, dtype, device)
     return MoMEModel(base, memory, memories).eval()
 
 
@@ -239,3 +205,4 @@ def synthetic_bank(cache_dir: Path, cfg: LlamaConfig, memory: MemoryConfig) -> E
                              {"format": "wallperf-mome-bank", "n_experts": memory.n_experts,
                               "hidden": cfg.hidden_size})
     return ExpertBank(path)
+

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from wallperf.bench import decode as bench_decode
-from wallperf.harness.config.schema import ModelShape
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import flops_per_token
 from wallperf.sut.models.llama import LlamaConfig
 from wallperf.sut.loading.weights import build_model
@@ -32,7 +32,7 @@ def test_bench_reports_each_row_count_path_and_thread(monkeypatch):
     model = tiny(True)
     monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
     monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
-    shape = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+    shape = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
                        tie_embeddings=True)
     report = bench_decode.bench(model, [0], shape, rows=(1, 3), context=20, tokens=4, repeats=1)
     assert {(r["rows"], r["path"], r["thread"]) for r in report["rows"]} == {
@@ -54,7 +54,7 @@ def test_bench_reports_each_row_count_path_and_thread(monkeypatch):
 def test_bench_times_only_the_paths_and_threads_asked_for(monkeypatch):
     monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
     monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
-    shape = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+    shape = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
                        tie_embeddings=True)
     report = bench_decode.bench(tiny(True), [0], shape, rows=(2,), context=8, tokens=2, repeats=1,
                                 paths=("fused",), threads=("worker",))

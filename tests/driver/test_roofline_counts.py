@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wallperf.driver.peers import memory_expert_bytes_per_step, roofline_counts
-from wallperf.harness.config import ModelShape
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import WeightBytes
 from wallperf.harness.hardware.roofline import bytes_per_step
 
@@ -29,7 +29,7 @@ def test_llamacpp_counts_its_gguf_and_float16_kv():
 
 def test_an_untied_table_counts_the_rows_a_step_gathers():
     # Untied: vocab 1000 x hidden 8, 2 bytes each = 16,000 table bytes; 50,000 other bytes.
-    shape = ModelShape(n_layers=1, hidden_size=8, n_heads=2, n_kv_heads=1, ffn_size=16, vocab_size=1000,
+    shape = LlamaConfig(n_layers=1, hidden_size=8, n_heads=2, n_kv_heads=1, ffn_size=16, vocab_size=1000,
                        tie_embeddings=False)
     counts = roofline_counts(SimpleNamespace(weight_bytes=66_000, table_bytes=16_000))
     # One row (16 bytes) per sequence of the batch, plus everything else whole; no context.

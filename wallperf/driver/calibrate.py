@@ -1,181 +1,220 @@
-"""A short calibration on the machine: the load settings of a run's performance
-tests chosen from measured speed, as submitters tune them by hand.
+"""A short calibration on the machine: how fast the engine runs the run's own
+prompts, measured in at most about CALIBRATION_BUDGET_S, from which
+wallperf.driver.plan sizes the performance tests, as submitters tune them by hand.
 
-LoadGen judges a performance test VALID only if it ran for min_duration, issued
-min_query_count queries, met its latency limits, and processed enough queries for
-early stopping. Fixed settings cannot do that on machines of different speeds: an
-Offline run whose expected QPS is too low finishes its samples before min_duration,
-a SingleStream run on a slow machine completes too few queries, and a Server run at
-a fixed QPS is either too light to gather enough queries or too heavy for its limits.
+Fixed settings cannot be VALID on machines of different speeds (an Offline run
+whose expected QPS is too low finishes before min_duration, a SingleStream run on
+a slow machine completes too few queries, a Server run at a fixed QPS is too light
+for early stopping or too heavy for its limits), and the run must still fit its
+ten minutes. On a 2-core AVX2 VM, where a full batch of 32 MMLU prompts took
+minutes to prefill, timing whole batches made the calibration itself take 376 s
+with nothing printed. So each part is timed only until it can be extrapolated,
+within its share of the budget, and each says what it does as it starts:
 
-So before the tests, the engine runs the run's own prompts three ways (each on a
-fresh backend, as the tests get): one request alone (SingleStream's latency), and
-a full batch at Offline's and at Server's max_batch (their throughputs, in samples
-per second). Offline's batch is admitted shortest prompt first, as its queue
-(sut.queues) admits the one big query, so that its prefill pads as little as the
-test's does; Server's comes in the data set's order, as arrivals do. From those:
+1. a short request to warm up (code paths, allocator, the kernel's first build);
+2. one request alone (SingleStream): the time to its first token, then its
+   median decode step: latency = TTFT + (tokens - 1) x step;
+3. a full batch at Offline's and at Server's max_batch (their throughputs):
+   the time until every request has its first token (the prefill), then the
+   median decode step over the whole batch, stopped after FULL_STEPS of them:
+   a batch lasts prefill + (tokens - 1) x step. Offline's batch is admitted
+   shortest prompt first, as its queue (sut.queues) admits the one big query;
+   Server's in the data set's order, as arrivals come.
 
-- Offline: `offline_expected_qps` = OFFLINE_MARGIN x the measured throughput, so
-  LoadGen issues enough samples to outlast min_duration even though a whole test
-  runs faster than one batch from a cold start (its batches refill as sequences
-  finish, over all samples sorted by length: on a 2-core VM the default run's
-  Offline test ran 1.2x the sorted batch's rate, and 1.45-1.65x an unsorted one's,
-  which left a 1.5x margin short of min_duration). The test then lasts about
-  1.1 x OFFLINE_MARGIN x min_duration at the measured rate.
-- SingleStream: `expected_latency_ms` = the measured latency, and
-  `min_query_count` = SINGLE_STREAM_QUERIES, above the 64 queries LoadGen's early
-  stopping needs to judge the 90th percentile (TTFT and TPOT alike).
-- Server (and Interactive): `target_qps` = SERVER_LOAD x the measured throughput at
-  its batch, light enough for its latency limits, and `min_query_count` =
-  SERVER_QUERIES, above the ~460 queries with none over the limits that early
-  stopping needs to judge the 99th percentiles; a test then lasts
-  SERVER_QUERIES / target_qps.
-
-The settings scale with the measured speed, so the tests stay VALID on machines
-from half to four times as fast as the one these constants were chosen on, within
-BUDGET_S for the default run (tests/harness/driver/test_calibrate.py shows the range
-on a slowed and a sped-up fake backend). What was measured and chosen is printed
-and recorded in results.json (`calibration`).
+A part cut short by its time share is extrapolated and says so (`notes`): from
+the share of requests that had their first token, and from the widest decode
+step seen. Each part runs on a fresh backend, as each test gets.
+What was measured is printed and recorded in results.json (`calibration`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from wallperf.harness.config import ScenarioConfig
-from wallperf.sut.scenarios import OFFLINE, SINGLE_STREAM, scenario
+from wallperf.driver.plan import Overheads, Plan, plan
 from wallperf.driver.progress import say
+from wallperf.sut.backends import backend_spec
+from wallperf.sut.scenarios import OFFLINE, scenario
 
-OFFLINE_MARGIN = 2.0
-SINGLE_STREAM_QUERIES = 80
-SERVER_QUERIES = 480
-SERVER_LOAD = 0.6
-# The most of its measured throughput a Server test is asked to carry to fit the budget.
-SERVER_MAX_LOAD = 0.85
-# The default run's performance tests, all of them, should fit in this.
-BUDGET_S = 600.0
+CALIBRATION_BUDGET_S = 60.0
+# The single request's share of the budget; the batches share what is left.
+SINGLE_SHARE = 0.3
+# Decode steps over the whole batch after which its rate is known well enough.
+FULL_STEPS = 16
+WARMUP_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """One batch of requests decoded together from one start."""
+
+    batch: int
+    first_token_s: float  # until every request had its first token
+    step_s: float  # one decode step over the whole batch
+    tokens: int  # per request
+    note: str | None = None  # how it was extrapolated, when cut short
+
+    @property
+    def seconds(self) -> float:
+        return self.first_token_s + (self.tokens - 1) * self.step_s
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.batch / self.seconds
+
+
+def time_batch(make_backend, prompts, params, batch: int, shortest_first: bool = False,
+               limit_s: float = math.inf, fallback_step_s: float | None = None) -> BatchTiming:
+    """Time `batch` requests (the first `batch` prompts, cycled, admitted in that order or
+    `shortest_first`) until their rate is known, or `limit_s` has passed (see the module
+    docstring); `fallback_step_s` stands for the batch's step when none was seen."""
+    chosen = [prompts[i % len(prompts)] for i in range(batch)]
+    if shortest_first:
+        chosen.sort(key=len)
+    backend = make_backend(batch)
+    firsts, all_first_s, full_steps, decode_steps, note = 0, None, [], [], None
+    try:
+        for i, prompt in enumerate(chosen):
+            backend.add_request(i, prompt, params)
+        start = last = time.perf_counter()
+        while backend.has_unfinished():
+            events = backend.step()
+            now = time.perf_counter()
+            took, last = now - last, now
+            new_firsts = sum(1 for e in events if e.index == 1)
+            firsts += new_firsts
+            if events and not new_firsts:
+                decode_steps.append((len(events), took))
+                if all_first_s is not None and len(events) == batch:
+                    full_steps.append(took)
+            if all_first_s is None and firsts >= batch:
+                all_first_s = now - start
+            if len(full_steps) >= FULL_STEPS or now - start >= limit_s:
+                break
+        elapsed = time.perf_counter() - start
+        unfinished = backend.has_unfinished()
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+    if all_first_s is None and unfinished:
+        all_first_s = elapsed * batch / max(firsts, 1)
+        note = f"cut at {elapsed:.0f} s with {firsts} of {batch} first tokens: prefill extrapolated"
+    elif all_first_s is None:  # finished, yet not every request reported a first token
+        all_first_s = elapsed
+    if full_steps:
+        step = statistics.median(full_steps)
+    elif decode_steps:
+        rows, step = max(decode_steps)
+        note = (note or f"cut at {elapsed:.0f} s") + f"; decode step of {rows} rows stands for {batch}"
+    else:
+        step = fallback_step_s if fallback_step_s is not None else all_first_s
+        note = (note or f"cut at {elapsed:.0f} s") + "; no decode step seen"
+    return BatchTiming(batch, all_first_s, step, params.max_new_tokens, note)
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """What the calibration measured: seconds for one request alone, samples/s per batch size."""
+    """What the calibration measured: one request alone, samples/s per batch size."""
 
     single_stream_latency_s: float
     throughput: dict  # max_batch -> samples per second
     seconds: float  # the calibration's own time
+    ttft_s: float | None = None  # one request alone: to its first token
+    token_s: float | None = None  # one request alone: each token after the first
+    notes: tuple = field(default_factory=tuple)  # what was extrapolated
 
     def to_dict(self) -> dict:
-        return {"single_stream_latency_s": self.single_stream_latency_s,
+        return {"single_stream_latency_s": self.single_stream_latency_s, "ttft_s": self.ttft_s,
+                "token_s": self.token_s,
                 "throughput_samples_per_second": {str(b): q for b, q in self.throughput.items()},
-                "seconds": self.seconds}
+                "seconds": self.seconds, "notes": list(self.notes)}
+
+    def summary(self) -> str:
+        parts = [f"one request {1e3 * self.single_stream_latency_s:.0f} ms"
+                 + (f" (TTFT {1e3 * self.ttft_s:.0f} ms, {1e3 * self.token_s:.1f} ms a token)"
+                    if self.ttft_s is not None else ""),
+                 *(f"{q:.2f} samples/s at batch {b}" for b, q in self.throughput.items())]
+        text = f"calibrated in {self.seconds:.1f} s: {', '.join(parts)}"
+        return text + ("; extrapolated: " + "; ".join(self.notes) if self.notes else "")
+
+
+def measure(make_backend, prompts, params, batches, sorted_batches=(),
+            budget_s: float = CALIBRATION_BUDGET_S) -> Measurement:
+    """A warm-up request, one request alone, then each batch size in `batches` (those in
+    `sorted_batches` admitted shortest prompt first), within about `budget_s`."""
+    started = time.perf_counter()
+    sizes = sorted(set(batches))
+    steps = 2 + len(sizes)
+
+    def left() -> float:
+        return max(budget_s - (time.perf_counter() - started), 0.0)
+
+    say(f"calibrating 1/{steps}: a short request to warm up")
+    warm = dataclasses.replace(params, max_new_tokens=WARMUP_TOKENS, min_new_tokens=min(params.min_new_tokens,
+                                                                                         WARMUP_TOKENS))
+    time_batch(make_backend, prompts, warm, 1)
+    share = SINGLE_SHARE * left() if sizes else left()
+    say(f"calibrating 2/{steps}: one request alone, {params.max_new_tokens} tokens (at most ~{share:.0f} s)")
+    single = time_batch(make_backend, prompts, params, 1, limit_s=share)
+    notes = [f"one request: {single.note}"] if single.note else []
+    throughput = {}
+    for i, b in enumerate(sizes):
+        share = left() / (len(sizes) - i)
+        how = "shortest prompt first" if b in sorted_batches else "in arrival order"
+        say(f"calibrating {3 + i}/{steps}: a batch of {b}, {how} (at most ~{share:.0f} s)")
+        timing = time_batch(make_backend, prompts, params, b, shortest_first=b in sorted_batches,
+                            limit_s=share, fallback_step_s=single.step_s)
+        throughput[b] = timing.samples_per_second
+        if timing.note:
+            notes.append(f"batch {b}: {timing.note}")
+    return Measurement(single.seconds, throughput, time.perf_counter() - started, ttft_s=single.first_token_s,
+                       token_s=single.step_s, notes=tuple(notes))
 
 
 @dataclass(frozen=True)
 class Calibration:
     measurement: Measurement
-    scenarios: tuple  # the ScenarioConfigs with their calibrated settings
-    predicted_s: dict  # scenario -> predicted duration of its performance test
+    plan: Plan
+
+    @property
+    def scenarios(self) -> tuple:
+        """The ScenarioConfigs with their planned settings."""
+        return self.plan.scenarios
+
+    @property
+    def predicted_s(self) -> dict:
+        """scenario -> predicted seconds of its performance test."""
+        return {k.split(" ")[0]: v for k, v in self.plan.predicted_s.items() if k.endswith(" performance")}
 
     def to_dict(self) -> dict:
         """results.json's `calibration`."""
+        from wallperf.driver.plan import settings_of
+
         return {"measured": self.measurement.to_dict(),
-                "settings": {sc.name: _settings(sc) for sc in self.scenarios},
-                "predicted_performance_s": self.predicted_s}
+                "settings": {sc.name: settings_of(sc) for sc in self.scenarios},
+                "predicted_performance_s": {k: round(v, 1) for k, v in self.predicted_s.items()},
+                "plan": self.plan.to_dict()}
 
     def summary(self) -> str:
-        m = self.measurement
-        measured = [f"one request {1e3 * m.single_stream_latency_s:.0f} ms",
-                    *(f"{q:.2f} samples/s at batch {b}" for b, q in m.throughput.items())]
-        parts = [f"calibrated in {m.seconds:.1f} s: {', '.join(measured)}"]
-        for sc in self.scenarios:
-            settings = ", ".join(f"{k} {v:g}" for k, v in _settings(sc).items())
-            parts.append(f"{sc.name}: {settings} (about {self.predicted_s[sc.name]:.0f} s)")
-        total = sum(self.predicted_s.values())
-        if total > BUDGET_S:
-            parts.append(f"this machine is slower than the settings were made for: the performance tests "
-                         f"will take about {total / 60:.0f} minutes")
-        return "; ".join(parts)
+        return self.measurement.summary() + "\n" + self.plan.text()
 
 
-def _settings(sc: ScenarioConfig) -> dict:
-    kind = scenario(sc.name)
-    load = (("offline_expected_qps",) if kind is OFFLINE else ("expected_latency_ms",) if kind is SINGLE_STREAM
-            else ("target_qps",) if kind.server_like else ())
-    return {k: getattr(sc, k) for k in (*load, "min_query_count")}
+def choose(scenarios, m: Measurement, overheads: Overheads = Overheads(), **budget) -> Calibration:
+    """The planned scenario configs for measurement `m` (wallperf.driver.plan)."""
+    return Calibration(m, plan(scenarios, m, overheads=overheads, **budget))
 
 
-def batch_throughput(make_backend, prompts, params, batch: int, shortest_first: bool = False) -> float:
-    """Samples per second of `batch` requests decoded together from one start: the
-    first `batch` prompts (cycled), admitted in that order or `shortest_first`."""
-    chosen = [prompts[i % len(prompts)] for i in range(batch)]
-    if shortest_first:
-        chosen.sort(key=len)
-    backend = make_backend(batch)
-    try:
-        for i, prompt in enumerate(chosen):
-            backend.add_request(i, prompt, params)
-        start = time.perf_counter()
-        while backend.has_unfinished():
-            backend.step()
-        return batch / (time.perf_counter() - start)
-    finally:
-        if hasattr(backend, "close"):
-            backend.close()
-
-
-def measure(make_backend, prompts, params, batches, sorted_batches=()) -> Measurement:
-    """One request alone (after one to warm up), then each batch size in `batches`,
-    those in `sorted_batches` admitted shortest prompt first."""
-    started = time.perf_counter()
-    batch_throughput(make_backend, prompts, params, 1)
-    latency = 1 / batch_throughput(make_backend, prompts, params, 1)
-    throughput = {b: batch_throughput(make_backend, prompts, params, b, shortest_first=b in sorted_batches)
-                  for b in sorted(set(batches))}
-    return Measurement(latency, throughput, time.perf_counter() - started)
-
-
-def choose(scenarios, m: Measurement, budget_s: float = BUDGET_S) -> Calibration:
-    """Calibrated scenario configs for measurement `m` (see the module docstring)."""
-    chosen, predicted = [], {}
-    others = 0.0
-    for sc in scenarios:
-        kind = scenario(sc.name)
-        if kind is OFFLINE:
-            qps = OFFLINE_MARGIN * m.throughput[sc.max_batch]
-            sc = dataclasses.replace(sc, offline_expected_qps=round(qps, 3))
-            predicted[sc.name] = 1.1 * qps * sc.min_duration_s / m.throughput[sc.max_batch]
-        elif kind is SINGLE_STREAM:
-            queries = max(sc.min_query_count, SINGLE_STREAM_QUERIES)
-            sc = dataclasses.replace(sc, expected_latency_ms=round(1e3 * m.single_stream_latency_s, 1),
-                                     min_query_count=queries)
-            predicted[sc.name] = max(sc.min_duration_s, queries * m.single_stream_latency_s)
-        elif not kind.server_like:
-            predicted[sc.name] = sc.min_duration_s
-        if not kind.server_like:
-            others += predicted[sc.name]
-        chosen.append(sc)
-    server = [i for i, sc in enumerate(chosen) if scenario(sc.name).server_like]
-    for i in server:
-        sc = chosen[i]
-        capacity = m.throughput[sc.max_batch]
-        queries = max(sc.min_query_count, SERVER_QUERIES)
-        # The load that fits this test's share of what the budget leaves, within the bounds.
-        share = max(budget_s - others, 1.0) / len(server)
-        load = min(max(SERVER_LOAD, queries / share / capacity), SERVER_MAX_LOAD)
-        qps = round(load * capacity, 3)
-        chosen[i] = dataclasses.replace(sc, target_qps=qps, min_query_count=queries)
-        predicted[sc.name] = max(sc.min_duration_s, queries / qps)
-    return Calibration(m, tuple(chosen), {k: round(v, 1) for k, v in predicted.items()})
-
-
-def calibrate(scenarios, make_backend, prompts, params) -> Calibration:
-    """Measure this machine through `make_backend(max_batch)` and choose the settings."""
-    batches = [sc.max_batch for sc in scenarios if scenario(sc.name) is OFFLINE or scenario(sc.name).server_like]
+def calibrate(scenarios, make_backend, prompts, params, overheads: Overheads = Overheads()) -> Calibration:
+    """Measure this machine through `make_backend(max_batch)` and plan the tests."""
+    kinds = [(sc, scenario(sc.name)) for sc in scenarios]
+    batches = [sc.max_batch for sc, kind in kinds if kind is OFFLINE or kind.server_like]
     # Offline's batch is admitted as its queue admits; a Server test sharing its batch size
     # then gets the sorted (faster) rate, bounded by SERVER_LOAD's margin.
-    offline = {sc.max_batch for sc in scenarios if scenario(sc.name) is OFFLINE}
-    return choose(scenarios, measure(make_backend, prompts, params, batches, sorted_batches=offline))
+    offline = {sc.max_batch for sc, kind in kinds if kind is OFFLINE}
+    return choose(scenarios, measure(make_backend, prompts, params, batches, sorted_batches=offline), overheads)
 
 
 def calibrated_run(resolved, opts, make_backend, prompts, params):
@@ -183,12 +222,25 @@ def calibrated_run(resolved, opts, make_backend, prompts, params):
     when the run asked for none (opts.calibrate), measures nothing, leads other ranks, or
     drives a remote server (whose load is its operator's to set)."""
     run = resolved.run
-    if not opts.calibrate or "performance" not in run.modes or run.tp > 1 or run.backend == "openai":
+    if not opts.calibrate or "performance" not in run.modes or run.tp > 1 or backend_spec(run.backend).weights == "remote":
         return resolved, None
     scenarios = [sc for sc in resolved.scenarios if not (opts.find_peak and scenario(sc.name).server_like)]
-    say("calibrating the performance tests' load on this machine (--no-calibrate keeps the YAML's)")
-    calibration = calibrate(scenarios, make_backend, prompts, params)
-    say(calibration.summary())
+    say(f"calibrating the performance tests' load on this machine, in at most about {CALIBRATION_BUDGET_S:.0f} s "
+        f"(--no-calibrate keeps the YAML's)")
+    calibration = calibrate(scenarios, make_backend, prompts, params,
+                            Overheads(modes=tuple(run.modes), accuracy_samples=len(prompts)))
+    say(calibration.measurement.summary())
+    return planned_run(resolved, calibration), calibration
+
+
+def replan(calibration: Calibration, spent_s: float, per_test_s: float) -> Calibration:
+    """The plan again, with what the run has spent before its tests (the wall, the
+    calibration) and what starting a test's process costs, both measured by the parent."""
+    o = dataclasses.replace(calibration.plan.overheads, spent_s=spent_s, per_test_s=per_test_s)
+    return choose(calibration.plan.original, calibration.measurement, o, budget_s=calibration.plan.budget_s)
+
+
+def planned_run(resolved, calibration: Calibration):
+    """`resolved` with the planned settings of the scenarios `calibration` planned."""
     by_name = {sc.name: sc for sc in calibration.scenarios}
-    return (dataclasses.replace(resolved, scenarios=tuple(by_name.get(sc.name, sc) for sc in resolved.scenarios)),
-            calibration)
+    return dataclasses.replace(resolved, scenarios=tuple(by_name.get(sc.name, sc) for sc in resolved.scenarios))

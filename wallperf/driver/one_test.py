@@ -36,6 +36,7 @@ from wallperf.harness.loadgen.workload import Workload, load_workload
 from wallperf.audit.submission.rules import submission_notes
 from wallperf.harness.loadgen.results import accuracy_record, counter_delta, decode_roofline, performance_record, summary_line
 from wallperf.harness.loadgen.settings import build_test_settings, start_test
+from wallperf.sut.backends import backend_spec
 from wallperf.sut import scenarios
 from wallperf.sut.adapter import LoadGenSUT
 from wallperf.sut.backends import create
@@ -197,7 +198,7 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
     elapsed = time.monotonic() - t0
 
     client = engine = stats = None
-    if run.backend == "openai":
+    if backend_spec(run.backend).weights == "remote":
         client = backend.stats()
         backend.close()
     else:

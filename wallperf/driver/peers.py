@@ -12,39 +12,39 @@ from __future__ import annotations
 
 from wallperf.harness.config import ConfigError, ResolvedRun
 from wallperf.harness.hardware.counts import WeightBytes, held_weight_bytes
-from wallperf.sut.backends import MissingPackage, check_available
+from wallperf.sut.backends import MissingPackage, backend_spec, check_available
+from wallperf.sut.models.families import family
 from wallperf.sut.quant.fp8 import FormatChoice, format_name, kv_cache_dtype
-
-PEERS = ("hf", "llamacpp")
-
 
 def check_peer(resolved: ResolvedRun) -> None:
     """ConfigError unless the run's peer backend is installed and can run its model."""
     run, model = resolved.run, resolved.model
-    if run.backend not in PEERS:
+    spec = backend_spec(run.backend)
+    if not spec.peer:
         return
     try:
         check_available(run.backend)
     except MissingPackage as e:
         raise ConfigError(resolved.path, "backend", str(e)) from None
-    if model.family != "llama":
+    if not family(model.family).plain_llama:
         raise ConfigError(resolved.path, "backend", f"the {run.backend} backend runs dense Llama-family "
                           f"models; {model.name} is {model.family}")
-    if run.backend == "llamacpp" and model.format != "gguf":
-        raise ConfigError(resolved.path, "backend", f"the llamacpp backend runs GGUF files; {model.name} is "
+    if spec.weights == "gguf" and model.format != "gguf":
+        raise ConfigError(resolved.path, "backend", f"the {run.backend} backend runs GGUF files; {model.name} is "
                           f"{model.format} (choose a GGUF model, e.g. smollm2-135m)")
-    if run.backend == "hf" and run.dtype == "fp8":
-        raise ConfigError(resolved.path, "dtype", "the hf backend runs float32, bfloat16 or float16 weights, "
+    if not spec.fp8_weights and spec.weights == "checkpoint" and run.dtype == "fp8":
+        raise ConfigError(resolved.path, "dtype", f"the {run.backend} backend runs float32, bfloat16 or float16 weights, "
                           "not fp8; use --dtype bfloat16 or auto")
 
 
 def peer_format(resolved: ResolvedRun, choice: FormatChoice) -> FormatChoice:
     """The format a peer runs: auto never means fp8 for hf; llamacpp's weights are its GGUF's."""
     run, published = resolved.run, resolved.model.published_dtype
-    if run.backend == "hf" and choice.fp8_dtype is not None:
-        return FormatChoice(published, None, False, f"auto: the hf backend runs the published format {published} "
+    spec = backend_spec(run.backend)
+    if not spec.fp8_weights and spec.weights == "checkpoint" and choice.fp8_dtype is not None:
+        return FormatChoice(published, None, False, f"auto: the {run.backend} backend runs the published format {published} "
                             "(no fp8 path)")
-    if run.backend == "llamacpp":
+    if spec.weights == "gguf":
         which = "its BF16 export" if run.gguf == "bf16" else "the model's own GGUF"
         return FormatChoice(published, None, False, f"llama.cpp runs {which} as stored (its weight types in "
                             f"weight_format); {published} is the math dtype of the compute roof")

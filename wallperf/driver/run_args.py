@@ -4,6 +4,7 @@ resolves its points' options the same way, to know the hardware they run on."""
 from __future__ import annotations
 
 from wallperf.harness.config import MODES, ConfigError, ResolvedRun, conf_dir, load_run
+from wallperf.sut.backends import backend_spec
 from wallperf.driver.submission_profile import submission_run
 
 
@@ -13,10 +14,10 @@ def resolve_run_args(args) -> ResolvedRun:
                                    ("scenarios", args.scenario), ("tp", args.tp), ("dataset", args.dataset),
                                    ("kv_dtype", args.kv_dtype))
                  if v is not None}
-    if args.endpoint or args.backend == "openai":
+    if args.endpoint or args.backend and backend_spec(args.backend).weights == "remote":
         if not args.endpoint:
-            raise ConfigError(None, "--endpoint", "--backend openai needs at least one --endpoint URL")
-        overrides["backend"] = "openai"
+            raise ConfigError(None, "--endpoint", f"--backend {args.backend} needs at least one --endpoint URL")
+        overrides["backend"] = args.backend or "openai"
         overrides["openai"] = {"endpoints": args.endpoint,
                                "model": args.served_model or args.model or "smollm2-135m"}
     elif args.backend:

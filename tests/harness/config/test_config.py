@@ -99,7 +99,7 @@ def test_nested_unknown_key_lists_allowed_keys(conf):
     ("system", 7, "expected str, got int"),
     ("scenarios", "Offline", "expected list, got str"),
     ("dtype", "float64", "'float64' is not allowed; allowed: 'auto', 'float32', 'bfloat16', 'float16', 'fp8'"),
-    ("backend", "vllm", "'vllm' is not allowed; allowed: 'native'"),
+    ("backend", "vllm", "unknown backend 'vllm'; available: native, openai, hf, llamacpp"),
 ])
 def test_wrong_type_names_file_key_and_expected_type(conf, key, value, expect):
     path = run_yaml(conf, **{key: value})

@@ -3,18 +3,19 @@ holds after loading and fp8 quantization, and Mixtral-8x7B's fp8 bytes by hand."
 import pytest
 import torch
 
-from wallperf.harness.config import ModelShape
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import held_weight_bytes, prefill_flops, flops_per_token, shape_weight_bytes
 from wallperf.harness.hardware.roofline import bytes_per_step
-from wallperf.sut.loading.load import config_for_shape, load_synthetic
+from wallperf.sut.loading.load import load_synthetic
+from wallperf.sut.models.families import config_for_shape
 
-MIXTRAL = ModelShape(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336, vocab_size=32000,
+MIXTRAL = LlamaConfig(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336, vocab_size=32000,
                      head_dim=128, n_experts=8, experts_per_token=2)
-TINY_MOE = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=48, vocab_size=128,
+TINY_MOE = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=48, vocab_size=128,
                       head_dim=16, n_experts=4, experts_per_token=2, tie_embeddings=False)
-TINY_DENSE = ModelShape(n_layers=3, hidden_size=96, n_heads=6, n_kv_heads=2, ffn_size=160, vocab_size=256,
+TINY_DENSE = LlamaConfig(n_layers=3, hidden_size=96, n_heads=6, n_kv_heads=2, ffn_size=160, vocab_size=256,
                         head_dim=16, tie_embeddings=True)
-TINY_QWEN2 = ModelShape(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=128,
+TINY_QWEN2 = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=128,
                         head_dim=16, tie_embeddings=False, attention_bias=True)
 
 

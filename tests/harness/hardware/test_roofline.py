@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from wallperf.harness.config import ConfigError, ModelShape, load_hardware_config, load_model_config
+from wallperf.harness.config import ConfigError, load_hardware_config, load_model_config
+from wallperf.sut.models.config import LlamaConfig
 from wallperf.harness.hardware.counts import active_parameters, count_parameters, flops_per_token, weight_parameters
 from wallperf.harness.hardware.roofline import bytes_per_step, memory_wall, roofline_row, roofline_rows, run_roofline
 from wallperf.harness.hardware.roofline_cmd import add_roofline_parser, cmd_roofline
@@ -24,7 +25,7 @@ ROW_KEYS = {"batch", "bytes_per_step", "memory_bound_tokens_per_second", "comput
             "bound", "ridge_point", "active_parameters"}
 
 # Mixtral 8x7B's published shape: 8 experts, 2 per token.
-MIXTRAL = ModelShape(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336, vocab_size=32000,
+MIXTRAL = LlamaConfig(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336, vocab_size=32000,
                      head_dim=128, n_experts=8, experts_per_token=2)
 MIXTRAL_EXPERT = 32 * 3 * 4096 * 14336  # one expert's SwiGLU weights over all layers
 

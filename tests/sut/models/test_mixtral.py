@@ -109,9 +109,11 @@ def test_router_is_left_out_of_fp8_and_from_shape_keeps_the_experts():
     linears = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
     assert {n for n in linears if is_excluded(n)} == {"layers.0.block_sparse_moe.router", "lm_head"}
 
-    from wallperf.harness.config import ModelShape
+    from wallperf.sut.models.config import LlamaConfig
+    from wallperf.sut.models.families import config_for_shape
 
-    shape = ModelShape(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336,
-                       vocab_size=32000, rope_theta=1e6, max_position=32768, n_experts=8, experts_per_token=2)
-    big = MixtralConfig.from_shape(shape)
+    shape = LlamaConfig(n_layers=32, hidden_size=4096, n_heads=32, n_kv_heads=8, ffn_size=14336,
+                        vocab_size=32000, rope_theta=1e6, max_position=32768, n_experts=8, experts_per_token=2)
+    big = config_for_shape("mixtral", shape)
+    assert type(big) is MixtralConfig
     assert (big.head_dim, big.n_experts, big.experts_per_token, big.max_position) == (128, 8, 2, 32768)
