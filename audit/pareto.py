@@ -133,3 +133,54 @@ def pareto_figure(series: list[dict]):
 
 def write_pareto_png(path: Path, series: list[dict]) -> None:
     write_figure_atomic(path, pareto_figure(series), metadata={"Software": None})
+
+
+def loadgen_series(sweep: dict) -> dict:
+    """A LoadGen Server sweep on the Endpoints axes: tokens/s per user as 1000 / TPOT p90,
+    each point labelled by its target QPS, so the two load models read side by side."""
+    points = [{"system_tokens_per_second": p.get("tokens_per_second"),
+               "tokens_per_second_per_user": 1e3 / p["tpot_ms_p90"] if p.get("tpot_ms_p90") else None,
+               "label": f"{p['target_qps']:g} QPS", "valid": p.get("valid")} for p in sweep.get("points") or []]
+    s = series_of(sweep)
+    return {**s, "label": f"LoadGen Server: {s['label']}", "points": points}
+
+
+def concurrency_figure(series: list[dict]):
+    """The MLPerf Endpoints chart: system tokens/s (y) against tokens/s per user (x), log-log,
+    each series as the rules' step function (a point's value held until the next one),
+    invalid points hollow, beside its roofline front (dashed) where it has one."""
+    from wallperf.audit.charts import chart_text, legend, new_figure
+
+    fig = new_figure(8, 4.4 + 0.14 * 2 * len(series))
+    ax = fig.add_subplot()
+    for s in series:
+        pts = sorted((p for p in s["points"] if p.get("system_tokens_per_second")
+                      and p.get("tokens_per_second_per_user")), key=lambda p: p["tokens_per_second_per_user"])
+        if not pts:
+            continue
+        xs = [p["tokens_per_second_per_user"] for p in pts]
+        ys = [p["system_tokens_per_second"] for p in pts]
+        line, = ax.step(xs, ys, where="post", label=chart_text(f"measured (step function): {s['label']}"))
+        color = line.get_color()
+        for p, x, y in zip(pts, xs, ys):
+            ax.scatter([x], [y], color=color if p.get("valid") else "none", edgecolors=color, zorder=3)
+            ax.annotate(p.get("label") or f"c={p['concurrency']}", (x, y), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+        front = s.get("front")
+        if front:
+            rows = front["rows"]
+            ax.plot([r["per_user_tokens_per_second"] for r in rows], [r["system_tokens_per_second"] for r in rows],
+                    linestyle="--", color=color, alpha=0.8,
+                    label=chart_text(f"roofline front: {s['label']}, context {front['context']:.0f}"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens/s per user (1000 / TPOT p90)")
+    ax.set_ylabel("system tokens/s")
+    ax.set_title("Pareto curve at fixed concurrency (hollow: invalid point)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    legend(fig, *ax.get_legend_handles_labels())
+    return fig
+
+
+def write_concurrency_png(path: Path, series: list[dict]) -> None:
+    write_figure_atomic(path, concurrency_figure(series), metadata={"Software": None})

@@ -1,4 +1,6 @@
-"""`wallperf bench client`: how fast the OpenAI client backend itself can go.
+"""`wallperf bench client`: how fast the OpenAI clients themselves can go: the
+openai backend LoadGen runs drive, and (--client workers) the fixed-concurrency
+client of `wallperf sweep --concurrency`.
 
 A mock OpenAI server (standard library, loopback only) answers every streamed
 completion at once: all its tokens, the usage chunk and [DONE] in one write.
@@ -174,6 +176,12 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=positive(float), default=3.0, help="measured time per concurrency")
     p.add_argument("--output-tokens", type=positive(int), default=16, help="tokens per answer")
     p.add_argument("--prompt-tokens", type=positive(int), default=128, help="token ids sent per prompt")
+    p.add_argument("--client", choices=("backend", "workers"), default="backend", help="backend: the openai "
+                   "backend LoadGen runs drive (default); workers: the fixed-concurrency client of `wallperf "
+                   "sweep --concurrency`, its capacity at p99 send lag within --lag-ms")
+    p.add_argument("--client-workers", type=positive(int), default=1, help="workers: client processes")
+    p.add_argument("--lag-ms", type=positive(float), default=1.0, help="workers: the p99 send lag a level may "
+                   "show and count toward the capacity (default 1)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
     # fork: the child needs no imports of its own, and starts at once.
@@ -183,6 +191,8 @@ def main(argv=None) -> int:
     mock.start()
     try:
         url = f"http://127.0.0.1:{parent.recv()}"
+        if args.client == "workers":
+            return _workers_capacity(url, args)
         rates = [measure(url, c, args.seconds, args.output_tokens, args.prompt_tokens) for c in args.concurrency]
     finally:
         mock.terminate()
@@ -207,3 +217,43 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+def _workers_capacity(url: str, args) -> int:
+    """The fixed-concurrency client against the mock: per concurrency, requests/s, streamed
+    chunks/s (one token a chunk) and the self-check; the capacity is the highest requests/s
+    of a level whose p99 send lag is within --lag-ms."""
+    from wallperf.audit.endpoints import point_figures
+    from wallperf.driver.client_workers import Load, run_point
+
+    load = Load((url,), MOCK_MODEL, (tuple(range(args.prompt_tokens)),), (args.output_tokens,),
+                (args.output_tokens,), ignore_eos=True, timeout_s=10)
+    levels = []
+    for c in args.concurrency:
+        results = run_point(load, c, args.client_workers, warmup_s=0.5, window_s=args.seconds)
+        reqs = [r for w in results for r in w.requests]
+        fig = point_figures(reqs, results[0].window, c, loop_lags_s=[x for w in results for x in w.loop_lag_s],
+                            lag_limit_ms=args.lag_ms)
+        done = [r for r in reqs if r.get("error") is None and not r.get("cut_at_window_end")
+                and results[0].window[0] <= r["done"] < results[0].window[1]]
+        ck = fig["client"]
+        levels.append({"concurrency": c, "requests_per_second": len(done) / args.seconds,
+                       "chunks_per_second": fig["system_tokens_per_second"], "failures": fig["failures"],
+                       "send_lag_ms_p99": (ck["send_lag_ms"] or {}).get("p99"),
+                       "loop_lag_ms_p99": (ck["loop_lag_ms"] or {}).get("p99"),
+                       "achieved_concurrency": ck["achieved_concurrency"]})
+    within = [lv for lv in levels if lv["send_lag_ms_p99"] is not None and lv["send_lag_ms_p99"] <= args.lag_ms]
+    best = max(within, key=lambda lv: lv["requests_per_second"]) if within else None
+    load_avg = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps({"client": "workers", "client_workers": args.client_workers, "lag_ms": args.lag_ms,
+                          "load_average": load_avg, "capacity": best, "levels": levels}))
+    else:
+        for lv in levels:
+            print(f"concurrency {lv['concurrency']:>4}: {lv['requests_per_second']:8.0f} requests/s "
+                  f"{lv['chunks_per_second']:9.0f} chunks/s  send lag p99 {lv['send_lag_ms_p99'] or 0:.2f} ms, "
+                  f"loop lag p99 {lv['loop_lag_ms_p99'] or 0:.2f} ms ({lv['failures']} failures)")
+        print("capacity: " + (f"{best['requests_per_second']:.0f} requests/s, {best['chunks_per_second']:.0f} "
+                              f"chunks/s at concurrency {best['concurrency']}" if best else "none")
+              + f" with p99 send lag <= {args.lag_ms:g} ms, {args.client_workers} worker process(es) "
+              f"(load average {load_avg:.1f} on {os.cpu_count()} CPUs)")
+    return 0 if best is not None and all(lv["failures"] == 0 for lv in levels) else 1

@@ -1,0 +1,75 @@
+"""`wallperf sweep --concurrency`: the in-process closed loop on the native engine,
+the refusals of bad options (one line, exit 2, nothing written), and the Endpoints
+chart's inputs (a LoadGen sweep's points on the same axes)."""
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sut" / "serving"))
+from test_server import MAX_SEQ_LEN, prompt_of, tiny_loaded_model  # noqa: E402
+
+from wallperf.audit.endpoints import point_figures  # noqa: E402
+from wallperf.audit.pareto import loadgen_series, write_concurrency_png  # noqa: E402
+from wallperf.cli import main  # noqa: E402
+from wallperf.driver.in_process_load import closed_loop  # noqa: E402
+from wallperf.sut.backends.native import NativeBackend  # noqa: E402
+from wallperf.sut.engine.engine import SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_closed_loop_holds_the_concurrency_on_the_native_engine():
+    loaded = tiny_loaded_model()[0]
+    prompts = [prompt_of(3 + i, seed=i) for i in range(4)]
+    params = SamplingParams(max_new_tokens=5, min_new_tokens=5, ignore_eos=True)
+    backend = NativeBackend(loaded, max_batch=3, max_seq_len=MAX_SEQ_LEN)
+    records, window = closed_loop(backend, prompts, params, concurrency=3, warmup_s=0.3, window_s=1.5)
+    done = [r for r in records if not r.get("cut_at_window_end")]
+    assert done and all(r["tokens"] == 5 for r in done)
+    # Never more than 3 in flight: at each send, fewer than 3 others were still open.
+    for r in records:
+        open_then = [o for o in records if o is not r and o["sent"] <= r["sent"] < o["done"]]
+        assert len(open_then) < 3
+    p = point_figures(records, window, 3)
+    assert p["client"]["achieved_concurrency"] > 0.98 * 3, p["client"]
+    # In process the step is the loop: no event-loop lag to report.
+    assert p["client"]["loop_lag_ms"] is None
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--concurrency", "0,4"], "--concurrency"),
+    (["--concurrency", "1,x"], "--concurrency"),
+    (["--concurrency", "auto", "--max-concurrency", "16"], "above 32"),
+    (["--concurrency", "auto", "--points", "40"], "7-32"),
+    (["--concurrency", "4", "--client-workers", "ray:2"], "Ray"),
+    (["--concurrency", "4", "--client-workers", "two"], "--client-workers"),
+    (["--concurrency", "4", "--window", "nan"], "--window"),
+    ([], "--qps"),
+])
+def test_bad_options_are_refused_in_one_line(tmp_path, capsys, argv, needle):
+    out = tmp_path / "out"
+    try:
+        rc = main(["sweep", *argv, "--out", str(out)])
+    except SystemExit as e:  # argparse's own refusal: its usage, then one line
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err.splitlines()[-1], err
+    assert not out.exists()
+
+
+def test_a_loadgen_sweep_reads_on_the_endpoints_axes(tmp_path):
+    sweep = {"backend": "native", "model": "m", "points": [
+        {"target_qps": 1.0, "tokens_per_second": 50.0, "tpot_ms_p90": 40.0, "valid": True},
+        {"target_qps": 2.0, "tokens_per_second": 80.0, "tpot_ms_p90": 80.0, "valid": False}]}
+    s = loadgen_series(sweep)
+    assert [p["tokens_per_second_per_user"] for p in s["points"]] == [25.0, 12.5]
+    assert [p["system_tokens_per_second"] for p in s["points"]] == [50.0, 80.0]
+    png = tmp_path / "pareto.png"
+    concurrency = {"label": "c", "points": [{"concurrency": 1, "system_tokens_per_second": 30.0,
+                                             "tokens_per_second_per_user": 30.0, "valid": True}], "front": None}
+    write_concurrency_png(png, [concurrency, s])
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 100
