@@ -155,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from wallperf.driver.options import RunOptions
     from wallperf.driver.run import run_benchmark
-    from wallperf.driver.run_args import resolve_run_args
+    from wallperf.driver.endpoints_arg import resolve_with_replicas
     from wallperf.driver.interrupt import TestInterrupted
     from wallperf.harness.hardware.wall import read_wall
 
-    resolved = resolve_run_args(args)
+    resolved = resolve_with_replicas(args)
     wall = read_wall(args.wall_file, resolved.hardware) if args.wall_file else None
     out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
@@ -200,6 +200,14 @@ def cmd_sweep(args, run_args: list[str]) -> int:
     # with the scenario and mode the sweep gives every point (a data set without reference answers,
     # such as ShareGPT, is refused in the default run's accuracy mode, which no point runs).
     run = build_parser().parse_args(["run", *run_args, "--scenario", args.scenario, "--mode", "performance"])
+    if args.concurrency is not None:
+        from wallperf.driver.concurrency import run_concurrency_sweep
+        from wallperf.driver.endpoints_arg import resolve_with_replicas
+
+        return run_concurrency_sweep(args, resolve_with_replicas(run), run.wall_from_profile)
+    if args.qps is None:
+        raise ConfigError(None, "--qps", "give --qps (LoadGen Server points) or --concurrency (fixed-concurrency "
+                          "points, MLPerf Endpoints)")
     return run_sweep(args, run_args, resolve_run_args(run).hardware, run.wall_from_profile)
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from wallperf.audit.pareto import series_front, series_of, step_cost_of, sweep_point, write_pareto_png
 from wallperf.audit.report import write_run_reports
 from wallperf.harness.config import ConfigError, HardwareConfig, positive_list
+from wallperf.driver.concurrency_points import add_concurrency_options
 from wallperf.driver.find_peak import qps_label
 from wallperf.driver.progress import say
 from wallperf.sut.scenarios import OFFLINE, SCENARIOS, SERVER
@@ -72,11 +73,12 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                     "roofline's Pareto front. Any other `wallperf run` option (--model, --backend, --dataset, "
                     "--duration, --min-queries, --max-batch, ...) is passed to every point. Writes "
                     "OUT/sweep/qps_<x>/, OUT/sweep.json, OUT/results.json, OUT/pareto.png and the reports.")
-    p.add_argument("--qps", type=_qps_list, required=True, help="comma list of target QPS, or 'auto': an "
+    p.add_argument("--qps", type=_qps_list, help="comma list of target QPS, or 'auto': an "
                    "Offline calibration run, then " + ", ".join(f"{f:g}" for f in AUTO_FACTORS) +
                    " x its samples/s")
     p.add_argument("--scenario", choices=SWEEP_SCENARIOS, default=SERVER.name, help="default Server")
     p.add_argument("--out", type=Path, help="output folder (default: results/sweep-<timestamp>); must be new")
+    add_concurrency_options(p)
     return p
 
 
