@@ -1,0 +1,259 @@
+"""`wallperf audit speculative`: is a backend's speculative decoding greedy decoding,
+token for token?
+
+MLPerf admits speculative decoding only where the output equals greedy decoding's.
+The audit runs a reference (the same backend without speculation, or a file of
+saved outputs) and a candidate (with speculation) greedily on the same prompts,
+one request at a time (SingleStream) and alternating between the two so that
+both see the same machine load, and reports:
+
+- the share of outputs identical token for token, and the verdict: PASS only at
+  100% (or at `--min-identical`, printed beside the verdict when set);
+- per divergent output, the first divergent position, the tokens on both sides
+  and, where the backend exposes logits (native), the margin between the top two
+  logits there: a tiny margin is a numerics difference, a large one a logic bug;
+- tokens/s of both, and for the native engine the drafter's acceptance figures
+  and the roofline's prediction of the speedup from them (`predicted_speedup`).
+
+Exit status: 0 PASS, 1 FAIL, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Divergence:
+    prompt: str
+    position: int
+    reference_token: int | None
+    candidate_token: int | None
+    # Top-1 minus top-2 logit at that position, on each side, where known.
+    reference_margin: float | None = None
+    candidate_margin: float | None = None
+
+
+@dataclass
+class SpecAudit:
+    prompts: int
+    identical: int
+    divergences: list
+    min_identical: float | None = None
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def share_identical(self) -> float:
+        return self.identical / self.prompts if self.prompts else 0.0
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.prompts and self.share_identical >= (self.min_identical or 1.0) else "FAIL"
+
+    def to_json(self) -> dict:
+        return {"verdict": self.verdict, "prompts": self.prompts, "identical": self.identical,
+                "share_identical": self.share_identical, "min_identical": self.min_identical,
+                "divergences": [d.__dict__ for d in self.divergences], "figures": self.figures}
+
+    def summary(self) -> str:
+        rule = f" (--min-identical {self.min_identical:.4f})" if self.min_identical is not None else \
+            " (MLPerf: 100% identical)"
+        lines = [f"speculative exactness: {self.identical}/{self.prompts} outputs identical "
+                 f"({100 * self.share_identical:.2f}%) -> {self.verdict}{rule}"]
+        if self.divergences:
+            lines.append("prompt | first divergent position | reference token | candidate token | margins (ref, cand)")
+            for d in self.divergences:
+                margins = ", ".join("-" if m is None else f"{m:.4g}" for m in (d.reference_margin, d.candidate_margin))
+                lines.append(f"{d.prompt} | {d.position} | {d.reference_token} | {d.candidate_token} | {margins}")
+        for key, value in self.figures.items():
+            lines.append(f"{key}: {json.dumps(value)}")
+        return "\n".join(lines)
+
+
+def compare(reference: dict, candidate: dict, ref_margins: dict | None = None, cand_margins: dict | None = None,
+            min_identical: float | None = None) -> SpecAudit:
+    """Token lists per prompt id on both sides (the same ids) -> the audit."""
+    if set(reference) != set(candidate):
+        missing = sorted(set(reference) ^ set(candidate))[:3]
+        raise ValueError(f"reference and candidate cover different prompts (e.g. {missing})")
+    divergences, identical = [], 0
+    for pid in reference:
+        ref, cand = list(reference[pid]), list(candidate[pid])
+        if ref == cand:
+            identical += 1
+            continue
+        pos = next((i for i, (a, b) in enumerate(zip(ref, cand)) if a != b), min(len(ref), len(cand)))
+        at = lambda seq, i: seq[i] if i < len(seq) else None  # noqa: E731
+        margin = lambda m: (m or {}).get(pid, [])[pos] if pos < len((m or {}).get(pid, [])) else None  # noqa: E731
+        divergences.append(Divergence(str(pid), pos, at(ref, pos), at(cand, pos), margin(ref_margins),
+                                      margin(cand_margins)))
+    return SpecAudit(len(reference), identical, divergences, min_identical)
+
+
+def top2_margin(logits) -> float:
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def run_greedy(backend, prompts: dict, max_new_tokens: int) -> tuple[dict, dict, float]:
+    """Tokens and per-token margins (native only) per prompt, one request at a time,
+    and the seconds spent generating."""
+    from wallperf.sut.engine.sequence import SamplingParams
+
+    tokens, margins, seconds = {}, {}, 0.0
+    for rid, (pid, ids) in enumerate(prompts.items()):
+        m = []
+        if hasattr(backend, "on_logits"):
+            backend.on_logits = lambda _rid, row: m.append(top2_margin(row))
+        out = []
+        t0 = time.perf_counter()
+        backend.add_request(rid, ids, SamplingParams(max_new_tokens=max_new_tokens))
+        while backend.has_unfinished():
+            out.extend(ev.token_id for ev in backend.step())
+        seconds += time.perf_counter() - t0
+        tokens[pid], margins[pid] = out, m
+    return tokens, margins, seconds
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads of `model`'s weights: all but the embedding table,
+    which a step gathers one row of (unless it is also the head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:
+        total -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
+def predicted_speedup(target_bytes: int, draft_bytes: int, k: float, mean_acceptance_length: float) -> float:
+    """The memory wall's speedup: without speculation a token costs one read of the
+    target's weights; with it, a verify step reads them once and the drafter's k
+    times, and emits `mean_acceptance_length` tokens."""
+    return target_bytes * mean_acceptance_length / (target_bytes + k * draft_bytes)
+
+
+def add_parser(subparsers=None) -> argparse.ArgumentParser:
+    kw = dict(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+              epilog="exit status: 0 PASS, 1 FAIL, 2 bad input")
+    a = subparsers.add_parser("speculative", **kw) if subparsers else argparse.ArgumentParser(
+        prog="wallperf audit speculative", **kw)
+    a.add_argument("--model", required=True, help="target model (conf/models name) for the native engine")
+    a.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    a.add_argument("--draft-model", metavar="NAME", help="draft model (conf/models name), same tokenizer")
+    a.add_argument("--draft", choices=("model", "ngram"), help="drafter (default: model with --draft-model)")
+    a.add_argument("--num-draft-tokens", type=int, default=4, metavar="K")
+    a.add_argument("--adaptive", action="store_true", help="adapt k per sequence within 1..K")
+    a.add_argument("--reference-file", type=Path, help="saved outputs ({\"outputs\": {id: [tokens]}}) as the "
+                   "reference instead of the engine without speculation")
+    a.add_argument("--save", type=Path, help="write the candidate's outputs here (a later --reference-file)")
+    a.add_argument("--prompts", default="humaneval", choices=("humaneval",))
+    a.add_argument("--num-prompts", type=int, default=200, help="at most this many prompts (HumanEval has 164: "
+                   "more than that cycles them with the chat template's wrapping as distinct prompts)")
+    a.add_argument("--max-new-tokens", type=int, default=64)
+    a.add_argument("--min-identical", type=float, help="pass at this share in [0, 1] (MLPerf: 1)")
+    a.add_argument("--json", action="store_true")
+    return a
+
+
+def _prompts(tokenizer, n: int) -> dict:
+    from wallperf.harness.loadgen.humaneval import humaneval_path, read_prompts
+
+    records = read_prompts(humaneval_path())
+    out = {}
+    for i in range(n):
+        rec = records[i % len(records)]
+        # Past 164, the same task as a chat turn: a distinct prompt of the same kind.
+        text = rec.prompt if i < len(records) else tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Complete this function:\n" + rec.prompt}])
+        out[rec.task_id if i < len(records) else f"{rec.task_id}/chat"] = tokenizer.encode(text)
+    return out
+
+
+def run(args) -> SpecAudit:
+    from wallperf.harness.artifacts import resolve_model_file
+    from wallperf.harness.config.load import load_model_config
+    from wallperf.sut.engine.engine import Engine
+    from wallperf.sut.engine.speculative import DraftModelDrafter, NgramDrafter, Speculation
+    from wallperf.sut.loading.load import load_model
+
+    if args.num_draft_tokens < 1 or args.max_new_tokens < 1 or args.num_prompts < 1:
+        raise ValueError("--num-draft-tokens, --max-new-tokens and --num-prompts must be >= 1")
+    if args.min_identical is not None and not 0 <= args.min_identical <= 1:
+        raise ValueError(f"--min-identical {args.min_identical}: give a share in [0, 1]")
+    drafter_kind = args.draft or ("model" if args.draft_model else None)
+    if drafter_kind is None or (drafter_kind == "model" and not args.draft_model):
+        raise ValueError("give --draft-model NAME or --draft ngram")
+    target = load_model(resolve_model_file(load_model_config(args.model)), args.dtype)
+    prompts = _prompts(target.tokenizer, args.num_prompts)
+    max_len = max(len(p) for p in prompts.values()) + args.max_new_tokens
+    draft_bytes, drafter = 0, NgramDrafter()
+    if drafter_kind == "model":
+        draft = load_model(resolve_model_file(load_model_config(args.draft_model)), args.dtype)
+        drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu")
+        draft_bytes = weight_bytes(draft.model)
+    eos = target.tokenizer.eos_token_ids
+    cand_engine = Engine(target.model, eos, 1, max_len,
+                         speculation=Speculation(drafter, args.num_draft_tokens, args.adaptive))
+    ref_engine = None if args.reference_file else Engine(target.model, eos, 1, max_len)
+    ref, cand, ref_m, cand_m, ref_s, cand_s = {}, {}, {}, {}, 0.0, 0.0
+    # Alternate prompt by prompt, so both sides see the same load on a shared machine.
+    for pid, ids in prompts.items():
+        if ref_engine is not None:
+            t, m, s = run_greedy(ref_engine, {pid: ids}, args.max_new_tokens)
+            ref.update(t), ref_m.update(m)
+            ref_s += s
+        t, m, s = run_greedy(cand_engine, {pid: ids}, args.max_new_tokens)
+        cand.update(t), cand_m.update(m)
+        cand_s += s
+    if args.reference_file:
+        ref = _read_reference(args.reference_file, prompts)
+    if args.save:
+        args.save.write_text(json.dumps({"model": args.model, "outputs": cand}))
+    result = compare(ref, cand, ref_m, cand_m, args.min_identical)
+    stats = cand_engine.spec_stats.summary()
+    target_bytes = weight_bytes(target.model)
+    figures = {"drafter": drafter.name if drafter_kind == "ngram" else f"draft-model {args.draft_model}",
+               "verify_path": cand_engine.runner.verify_path, **stats,
+               "candidate_tokens_per_s": sum(map(len, cand.values())) / cand_s if cand_s else None}
+    if ref_engine is not None and ref_s:
+        figures["reference_tokens_per_s"] = sum(map(len, ref.values())) / ref_s
+        figures["measured_speedup"] = figures["candidate_tokens_per_s"] / figures["reference_tokens_per_s"]
+    if stats["mean_acceptance_length"]:
+        k_mean = stats["drafted_tokens"] / max(1, stats["verify_steps"])
+        figures["target_bytes_per_verify_step"] = target_bytes
+        figures["draft_bytes_per_step"] = draft_bytes
+        figures["predicted_speedup"] = predicted_speedup(target_bytes, draft_bytes, k_mean,
+                                                         stats["mean_acceptance_length"])
+    result.figures = figures
+    return result
+
+
+def _read_reference(path: Path, prompts: dict) -> dict:
+    try:
+        outputs = json.loads(path.read_text())["outputs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--reference-file {path}: not a saved output file ({e}); write one with --save") from None
+    missing = [pid for pid in prompts if pid not in outputs]
+    if missing:
+        raise ValueError(f"--reference-file {path}: no output for prompt {missing[0]} ({len(missing)} missing)")
+    return {pid: outputs[pid] for pid in prompts}
+
+
+def main(argv=None) -> int:
+    args = add_parser().parse_args(argv)
+    from wallperf.harness.artifacts import ArtifactError
+    from wallperf.harness.config import ConfigError
+    from wallperf.harness.loadgen.qsl import DatasetError
+
+    try:
+        result = run(args)
+    except (ValueError, ConfigError, ArtifactError, DatasetError) as e:
+        print(f"wallperf audit speculative: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
+    return EXIT_PASS if result.verdict == "PASS" else EXIT_FAIL

@@ -1,0 +1,113 @@
+"""audit/speculative.py: the exactness comparison, its verdict and the roofline's
+predicted speedup; end to end on a tiny synthetic engine with a correct and a
+deliberately wrong speculative candidate."""
+import json
+
+import pytest
+import torch
+
+from wallperf.audit import speculative as audit
+from wallperf.sut.engine.engine import Engine, Speculation
+from wallperf.sut.engine.speculative import DraftModelDrafter, NgramDrafter, accepted_prefix
+from wallperf.sut.loading.weights import build_model
+from wallperf.sut.models.llama import LlamaConfig, synthetic_state_dict
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CFG = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=128, vocab_size=64,
+                  rms_eps=1e-5, max_position=256)
+
+
+def test_identical_outputs_pass_and_one_divergence_fails():
+    ref = {"a": [1, 2, 3], "b": [4, 5], "c": [6]}
+    assert audit.compare(ref, dict(ref)).verdict == "PASS"
+    cand = {"a": [1, 2, 3], "b": [4, 9, 7], "c": [6]}
+    result = audit.compare(ref, cand, {"b": [0.5, 0.25]}, {"b": [0.5, 0.125, 3.0]})
+    assert (result.identical, result.prompts, result.verdict) == (2, 3, "FAIL")
+    [d] = result.divergences
+    assert (d.prompt, d.position, d.reference_token, d.candidate_token) == ("b", 1, 5, 9)
+    assert (d.reference_margin, d.candidate_margin) == (0.25, 0.125)
+    assert "b | 1 | 5 | 9" in result.summary()
+
+
+def test_a_prefix_diverges_where_the_shorter_output_ends():
+    [d] = audit.compare({"x": [1, 2]}, {"x": [1, 2, 3]}).divergences
+    assert (d.position, d.reference_token, d.candidate_token) == (2, None, 3)
+
+
+def test_min_identical_is_the_threshold_and_is_printed():
+    ref = {i: [i] for i in range(10)}
+    cand = {**ref, 0: [99]}
+    assert audit.compare(ref, cand).verdict == "FAIL"
+    loose = audit.compare(ref, cand, min_identical=0.9)
+    assert loose.verdict == "PASS" and "--min-identical 0.9000" in loose.summary()
+    assert audit.compare(ref, cand, min_identical=0.95).verdict == "FAIL"
+
+
+def test_prompt_sets_must_match():
+    with pytest.raises(ValueError, match="different prompts"):
+        audit.compare({"a": [1]}, {"b": [1]})
+
+
+def test_predicted_speedup_is_bytes_per_emitted_token():
+    # Prompt lookup reads no weights: the speedup is the acceptance length.
+    assert audit.predicted_speedup(1000, 0, 4, 2.5) == 2.5
+    # Bytes per emitted token = (T + k D) / L; the speedup is T over that.
+    t, d, k, length = 3.0e9, 1.0e9, 4, 3.0
+    assert audit.predicted_speedup(t, d, k, length) == pytest.approx(t / ((t + k * d) / length))
+
+
+def test_weight_bytes_leave_out_a_separate_embedding_table():
+    model = build_model(CFG, synthetic_state_dict(CFG, seed=0, dtype=torch.float32), torch.float32)
+    every = sum(p.numel() * 4 for p in model.parameters())
+    assert audit.weight_bytes(model) == every - CFG.vocab_size * CFG.hidden_size * 4
+
+
+@pytest.fixture(scope="module")
+def engines():
+    model = build_model(CFG, synthetic_state_dict(CFG, seed=0, dtype=torch.bfloat16), torch.bfloat16)
+    draft = build_model(CFG, synthetic_state_dict(CFG, seed=5, dtype=torch.bfloat16), torch.bfloat16)
+    prompts = {f"p{i}": torch.randint(0, CFG.vocab_size, (n,), generator=torch.Generator().manual_seed(i)).tolist()
+               for i, n in enumerate([4, 19, 33])}
+    return model, draft, prompts
+
+
+def test_the_native_engine_with_a_drafter_passes(engines):
+    model, draft, prompts = engines
+    ref, ref_m, _ = audit.run_greedy(Engine(model, [1], 1, 96), prompts, 24)
+    for drafter in (NgramDrafter(), DraftModelDrafter(draft, 1, 96, 3, "cpu")):
+        cand, cand_m, _ = audit.run_greedy(Engine(model, [1], 1, 96, speculation=Speculation(drafter, 3)), prompts, 24)
+        result = audit.compare(ref, cand, ref_m, cand_m)
+        assert result.verdict == "PASS", result.summary()
+        assert cand_m == ref_m  # the margins too: same logits
+
+
+def test_a_wrong_candidate_fails_naming_its_first_divergence(engines, monkeypatch):
+    model, draft, prompts = engines
+    ref, _, _ = audit.run_greedy(Engine(model, [1], 1, 96), prompts, 24)
+    real = accepted_prefix
+    monkeypatch.setattr("wallperf.sut.engine.engine.accepted_prefix", lambda d, t: min(len(d), real(d, t) + 1))
+    cand, _, _ = audit.run_greedy(Engine(model, [1], 1, 96, speculation=Speculation(
+        DraftModelDrafter(draft, 1, 96, 3, "cpu"), 3)), prompts, 24)
+    result = audit.compare(ref, cand)
+    assert result.verdict == "FAIL" and result.divergences
+    for d in result.divergences:
+        assert ref[d.prompt][:d.position] == cand[d.prompt][:d.position]
+        assert ref[d.prompt][d.position] != cand[d.prompt][d.position]
+
+
+def test_a_reference_file_is_read_and_checked(tmp_path):
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps({"outputs": {"a": [1, 2]}}))
+    assert audit._read_reference(path, {"a": [0]}) == {"a": [1, 2]}
+    with pytest.raises(ValueError, match="no output for prompt b"):
+        audit._read_reference(path, {"a": [0], "b": [0]})
+    path.write_text("[1, 2")
+    with pytest.raises(ValueError, match="not a saved output file"):
+        audit._read_reference(path, {"a": [0]})
+
+
+def test_bad_flags_exit_2_with_one_line(capsys):
+    assert audit.main(["--model", "qwen2.5-coder-1.5b", "--num-draft-tokens", "0", "--draft", "ngram"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--num-draft-tokens" in err[0]
