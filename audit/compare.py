@@ -339,7 +339,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                     "second table. Of a --find-peak search only the peak try is shown. Missing figures "
                     f"print as {MISSING}.")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="a folder holding results.json (or the file itself)")
+                   help="a folder holding results.json (or the file itself), or one written by `wallperf sweep "
+                   "--concurrency` (its points as a table, and on --pareto's chart)")
     p.add_argument("--vs", choices=VS, default="best", help="the ratio column's reference: the scenario's "
                    "highest tokens/s (default), or the first RUN_DIR that has the scenario")
     output = p.add_mutually_exclusive_group()
@@ -348,22 +349,33 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     output.add_argument("--markdown", action="store_true", help="print Markdown tables")
     p.add_argument("--pareto", type=Path, metavar="FILE.png", help="draw the RUN_DIRs written by `wallperf "
                    "sweep` on one Pareto chart: tokens/s per user against system tokens/s, one series per "
-                   "sweep (backend), each beside its roofline front")
+                   "sweep (backend), each beside its roofline front; with a `--concurrency` sweep among them, "
+                   "the MLPerf Endpoints chart (system tokens/s against 1000 / TPOT p90, step functions) with "
+                   "the LoadGen Server sweeps on the same axes")
     return p
 
 
 def cmd_compare(args) -> int:
-    run_dirs = [read_run_dir(Path(d)) for d in args.run_dirs]
-    performance, accuracy, left_out = compare(run_dirs, args.vs)
-    if args.pareto is not None:
-        from wallperf.audit.pareto import series_of, write_pareto_png
+    from wallperf.audit.pareto import (concurrency_series, concurrency_table, loadgen_series,
+                                       read_concurrency_sweep, series_of, write_concurrency_png, write_pareto_png)
 
+    # `wallperf sweep --concurrency` folders (sweep.json only) beside `wallperf run`/`sweep` folders.
+    concurrency = [s for d in args.run_dirs if (s := read_concurrency_sweep(Path(d))) is not None]
+    run_dirs = [read_run_dir(Path(d)) for d in args.run_dirs if read_concurrency_sweep(Path(d)) is None]
+    performance, accuracy, left_out = compare(run_dirs, args.vs) if run_dirs else ([], [], 0)
+    if args.pareto is not None:
         sweeps = [d.results["sweep"] for d in run_dirs if isinstance(d.results.get("sweep"), dict)]
-        if not sweeps:
+        if not sweeps and not concurrency:
             raise ConfigError("command line", "--pareto", "none of the RUN_DIRs was written by `wallperf sweep`")
-        write_pareto_png(args.pareto, [series_of(s) for s in sweeps])
+        if concurrency:
+            # The Endpoints axes, LoadGen Server sweeps beside the fixed-concurrency ones.
+            write_concurrency_png(args.pareto, [*map(concurrency_series, concurrency), *map(loadgen_series, sweeps)])
+        else:
+            write_pareto_png(args.pareto, [series_of(s) for s in sweeps])
     if args.json:
-        print(json.dumps(performance + accuracy, indent=2))
+        print(json.dumps(performance + accuracy + [{"concurrency_sweep": concurrency_series(s)["label"], **p}
+                                                   for s in concurrency for p in s["points"]], indent=2))
     else:
-        print(render(performance, accuracy, left_out, args.vs, args.markdown))
+        parts = [render(performance, accuracy, left_out, args.vs, args.markdown)] if run_dirs else []
+        print("\n".join(parts + [concurrency_table(s) for s in concurrency]))
     return 0

@@ -184,3 +184,45 @@ def concurrency_figure(series: list[dict]):
 
 def write_concurrency_png(path: Path, series: list[dict]) -> None:
     write_figure_atomic(path, concurrency_figure(series), metadata={"Software": None})
+
+
+def concurrency_series(sweep: dict) -> dict:
+    label = f"{sweep.get('backend', '?')}, {sweep.get('model', '?')}"
+    if sweep.get("endpoints"):
+        label += f", {len(sweep['endpoints'])} replica(s)"
+    return {"label": label, "points": sweep.get("points") or [], "front": sweep.get("front")}
+
+
+def read_concurrency_sweep(path: Path) -> dict | None:
+    """The sweep.json of a `wallperf sweep --concurrency` folder (or the file), or None when
+    `path` is not one (a LoadGen run or sweep folder)."""
+    path = path / "sweep.json" if path.is_dir() else path
+    if path.name != "sweep.json" or not path.is_file():
+        return None
+    sweep = read_sweep(path)
+    return sweep if sweep.get("kind") == "concurrency" else None
+
+
+def _fmt(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def concurrency_table(sweep: dict) -> str:
+    """The sweep as a Markdown table, one row a point."""
+    lines = [f"# Concurrency sweep: {concurrency_series(sweep)['label']}", "",
+             "| concurrency | region | system tok/s | tok/s per user (1000/TPOT p90) | TTFT p50/p90/p99 ms | "
+             "goodput | decode batch | MBU | MFU | achieved conc. | send lag p99 ms | loop lag p99 ms | "
+             "accuracy | valid |", "|" + "---|" * 14]
+    for p in sweep["points"]:
+        t, ck = p.get("ttft_ms") or {}, p["client"]
+        acc = p.get("accuracy")
+        lines.append(
+            f"| {p['concurrency']} | {p.get('region') or '-'} | {_fmt(p['system_tokens_per_second'], '.1f')} | "
+            f"{_fmt(p['tokens_per_second_per_user'], '.2f')} | {_fmt(t.get('p50'), '.0f')}/{_fmt(t.get('p90'), '.0f')}/"
+            f"{_fmt(t.get('p99'), '.0f')} | {_fmt(p['goodput']['share'], '.0%')} | {_fmt(p.get('mean_decode_batch'), '.1f')} | "
+            f"{_fmt(p.get('decode_mbu'), '.0%')} | {_fmt(p.get('decode_mfu'), '.1%')} | {ck['achieved_concurrency']:.2f} | "
+            f"{_fmt((ck['send_lag_ms'] or {}).get('p99'), '.2f')} | {_fmt((ck['loop_lag_ms'] or {}).get('p99'), '.2f')} | "
+            f"{_fmt(acc and acc['exact_match'], '.1%')} | {'yes' if p['valid'] else 'no: ' + '; '.join(p['invalid_reasons'])} |")
+    if sweep.get("rules_problems"):
+        lines += ["", "Not as the Endpoints rules ask: " + "; ".join(sweep["rules_problems"])]
+    return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from wallperf.audit.endpoints import point_figures
-from wallperf.audit.pareto import FRONT_BATCHES, write_concurrency_png
+from wallperf.audit.pareto import FRONT_BATCHES, concurrency_series, concurrency_table, write_concurrency_png
 from wallperf.harness.config import ConfigError
 from wallperf.harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front, step_cost
 from wallperf.harness.hardware.wall import run_wall
@@ -139,7 +139,7 @@ def _sweep(args, resolved, levels, workers, out: Path, wall_from_profile: bool) 
     sweep["complete"] = True
     write_json_atomic(out / "sweep.json", sweep)
     write_concurrency_png(out / "pareto.png", [concurrency_series(sweep)])
-    (out / "sweep.md").write_text(markdown_table(sweep), encoding="utf-8")
+    (out / "sweep.md").write_text(concurrency_table(sweep), encoding="utf-8")
     say(f"sweep: wrote {out / 'sweep.json'}, {out / 'pareto.png'}, {out / 'sweep.md'}")
     print(json.dumps({"sweep": str(out / "sweep.json"), "points": len(sweep["points"])}))
     return 0
@@ -225,13 +225,6 @@ def _accuracy(resolved, loaded, workload, concurrency: int) -> dict:
             "unparsed": sum(letter is None for letter in letters), "concurrency": concurrency}
 
 
-def concurrency_series(sweep: dict) -> dict:
-    label = f"{sweep.get('backend', '?')}, {sweep.get('model', '?')}"
-    if sweep.get("endpoints"):
-        label += f", {len(sweep['endpoints'])} replica(s)"
-    return {"label": label, "points": sweep.get("points") or [], "front": sweep.get("front")}
-
-
 def _f(v, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -243,24 +236,3 @@ def _point_line(p: dict) -> str:
             f"{_f((p['ttft_ms'] or {}).get('p90'), '.0f')} ms, achieved concurrency "
             f"{ck['achieved_concurrency']:.2f}, send lag p99 {_f((ck['send_lag_ms'] or {}).get('p99'), '.2f')} ms, "
             + ("valid" if p["valid"] else "INVALID: " + "; ".join(p["invalid_reasons"])))
-
-
-def markdown_table(sweep: dict) -> str:
-    """The sweep as a Markdown table, one row a point."""
-    lines = [f"# Concurrency sweep: {concurrency_series(sweep)['label']}", "",
-             "| concurrency | region | system tok/s | tok/s per user (1000/TPOT p90) | TTFT p50/p90/p99 ms | "
-             "goodput | decode batch | MBU | MFU | achieved conc. | send lag p99 ms | loop lag p99 ms | "
-             "accuracy | valid |", "|" + "---|" * 14]
-    for p in sweep["points"]:
-        t, ck = p.get("ttft_ms") or {}, p["client"]
-        acc = p.get("accuracy")
-        lines.append(
-            f"| {p['concurrency']} | {p.get('region') or '-'} | {_f(p['system_tokens_per_second'], '.1f')} | "
-            f"{_f(p['tokens_per_second_per_user'], '.2f')} | {_f(t.get('p50'), '.0f')}/{_f(t.get('p90'), '.0f')}/"
-            f"{_f(t.get('p99'), '.0f')} | {_f(p['goodput']['share'], '.0%')} | {_f(p.get('mean_decode_batch'), '.1f')} | "
-            f"{_f(p.get('decode_mbu'), '.0%')} | {_f(p.get('decode_mfu'), '.1%')} | {ck['achieved_concurrency']:.2f} | "
-            f"{_f((ck['send_lag_ms'] or {}).get('p99'), '.2f')} | {_f((ck['loop_lag_ms'] or {}).get('p99'), '.2f')} | "
-            f"{_f(acc and acc['exact_match'], '.1%')} | {'yes' if p['valid'] else 'no: ' + '; '.join(p['invalid_reasons'])} |")
-    if sweep.get("rules_problems"):
-        lines += ["", "Not as the Endpoints rules ask: " + "; ".join(sweep["rules_problems"])]
-    return "\n".join(lines) + "\n"
