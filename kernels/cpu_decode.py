@@ -15,7 +15,8 @@ weight once for all its rows.
 
 It runs where `fused_decode_problem(model, cache)` returns None: a plain
 Llama-family model (not Mixtral, MoME, fp8 or tensor-parallel) in bf16 on a CPU
-with AVX512-BF16 whose extension built. Elsewhere the engine keeps the eager
+whose kernels built, on the instruction-set path kernels.cpu_linear chose
+(`cpu_isa()`; the step's logic is one C++ source for every path). Elsewhere the engine keeps the eager
 path. `WALLPERF_FUSED_DECODE=0` turns it off, for side-by-side measurements.
 """
 from __future__ import annotations
@@ -72,7 +73,8 @@ class FusedDecoder:
         cfg = model.cfg
         self.model, self.cache, self.cfg = model, cache, cfg
         layers = model.layers
-        pack = torch.ops.wallperf.pack_bf16
+        ops = _extension()[0]
+        pack = ops.pack_bf16
         head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
         self._vocab = head.size(0)
         self._weights = (
@@ -86,7 +88,7 @@ class FusedDecoder:
             model.norm.weight,
             pack(head),
         )
-        self._op = torch.ops.wallperf.llama_decode_bf16
+        self._op = ops.llama_decode_bf16
 
     @torch.inference_mode()
     def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:

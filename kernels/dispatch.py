@@ -39,7 +39,8 @@ def _cpu_bf16_op(name: str, *tensors):
         return None
     from wallperf.kernels.cpu_linear import _extension
 
-    return None if _extension()[0] is None else getattr(torch.ops.wallperf, name)
+    ops = _extension()[0]
+    return None if ops is None else getattr(ops, name)
 
 
 def rms_norm(x, weight, eps: float, residual=None):

@@ -24,9 +24,8 @@
 //   panels split evenly over 2 threads; 64 left 576 as 5 + 4 panels.
 // - Rows are cut into near-equal blocks of at most 8 (33 rows: 7,7,7,6,6), so
 //   no block is left with one row that would be bound by weight loads.
-// Packed size: ceil(N / 16) * 16 by K rounded up to even, zero padded; the
-// padding multiplies zeros, so it needs x's K to be padded too (the op does
-// that for odd K).
+// The packing (pack.h) is shared with the other instruction sets' kernels;
+// here its panels are 48 columns wide.
 #pragma once
 #include <immintrin.h>
 #include <omp.h>
@@ -36,6 +35,7 @@
 #include <cstring>
 
 #include "gemv_bf16.h"
+#include "pack.h"
 
 namespace wallperf_gemm {
 
@@ -46,23 +46,11 @@ constexpr int kPanelVecs = 3;  // zmm of output columns per panel
 constexpr int64_t kPanel = kLanes * kPanelVecs;
 constexpr int kRowBlock = 8;
 
-inline int64_t padded_n(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-inline int64_t padded_k(int64_t k) { return (k + 1) / 2 * 2; }
+using wallperf_pack::padded_k;
+using wallperf_pack::padded_n;
 
-// Packed W: panel p covers columns [p * kPanel, p * kPanel + width); its data
-// starts at p * kPanel * Kp and holds, for each pair kp, width (lo, hi) pairs.
 inline void pack_panels(const uint16_t* w, uint16_t* packed, int64_t N, int64_t K) {
-  const int64_t Np = padded_n(N), Kp = padded_k(K);
-  for (int64_t p0 = 0; p0 < Np; p0 += kPanel) {
-    const int64_t width = std::min(kPanel, Np - p0);
-    uint16_t* panel = packed + p0 * Kp;
-    for (int64_t kp = 0; kp < Kp / 2; ++kp)
-      for (int64_t c = 0; c < width; ++c)
-        for (int64_t e = 0; e < 2; ++e) {
-          const int64_t n = p0 + c, k = 2 * kp + e;
-          panel[(kp * width + c) * 2 + e] = (n < N && k < K) ? w[n * K + k] : 0;
-        }
-  }
+  wallperf_pack::pack_panels(w, packed, N, K, kPanel);
 }
 
 // Rows [0, MB) of x (leading dimension ldx, K padded to even) times one panel

@@ -13,6 +13,8 @@ import dataclasses
 import pytest
 import torch
 
+import wallperf.kernels.cpu_linear as cpu_linear_module
+from cpu_paths import cpu_ops, cpu_path  # noqa: F401 (fixtures)
 from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS, FusedDecoder, fused_decode_problem
 from wallperf.sut.engine.engine import Engine, SamplingParams
 from wallperf.sut.models.llama import LlamaConfig
@@ -29,7 +31,7 @@ POOL = 48
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
-def models(request):
+def models(request, cpu_path):
     cfg = FAMILIES[request.param]
     sd = synthetic_state_dict(cfg, seed=3, dtype=torch.bfloat16)
     m16 = build_model(cfg, {k: v.clone() for k, v in sd.items()}, torch.bfloat16, "cpu")
@@ -144,8 +146,26 @@ def test_fused_step_with_an_fp8_cache_matches_eager(models, fp8, centred):
             torch.testing.assert_close(got[0, block, off], want[0, block, off], rtol=2**-7, atol=0)
 
 
+# bf16 logits of a few units are a few hundredths apart: where the float32
+# model's two best tokens are closer than this, two bf16 engines that sum in
+# different orders may each pick either.
+TIE = 0.05
+
+
+def float32_margins(m32, prompt, tokens):
+    """The float32 model's top-1 minus top-2 logit before each of `tokens` (greedy after `prompt`)."""
+    seq = prompt + tokens
+    positions = torch.arange(len(seq)).unsqueeze(0)
+    cache = PagedKVCache(CFG.n_layers, POOL, BLOCK, CFG.n_kv_heads, CFG.head_dim, torch.float32)
+    cache.bind([list(range(-(-len(seq) // BLOCK)))], positions, torch.ones_like(positions, dtype=torch.bool))
+    logits = m32(torch.tensor([seq]), positions, cache)[0, len(prompt) - 1:-1]
+    top = logits.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
 def test_engine_tokens_equal_with_and_without_the_fused_step(models, monkeypatch):
-    m16, _ = models
+    """Greedy tokens agree up to the first near-tie of the float32 model (TIE)."""
+    m16, m32 = models
     prompts = prompts_of([12, 30, 5], seed=4)
     params = SamplingParams(max_new_tokens=12, min_new_tokens=12, ignore_eos=True)
     outputs = {}
@@ -160,7 +180,16 @@ def test_engine_tokens_equal_with_and_without_the_fused_step(models, monkeypatch
             for ev in engine.step():
                 got[ev.request_id].append(ev.token_id)
         outputs[flag] = got
-    assert outputs["1"] == outputs["0"]
+    compared = 0
+    for i, prompt in enumerate(prompts):
+        eager = outputs["0"][i]
+        margins = float32_margins(m32, prompt, eager)
+        agree_until = next((j for j, margin in enumerate(margins) if margin < TIE), len(eager))
+        assert outputs["1"][i][:agree_until] == eager[:agree_until], (i, margins)
+        compared += agree_until
+    # Not vacuous: the synthetic Qwen2 shape's own random head gives near-flat
+    # logits (ties from the first tokens); the tied Llama compares most tokens.
+    assert compared >= len(prompts)
 
 
 def test_problems_name_why_the_fused_step_cannot_run(models, monkeypatch):
@@ -196,36 +225,68 @@ def test_more_rows_than_the_fused_limit_take_the_eager_path(models):
     assert calls == []
 
 
+SMOLLM2_QUESTIONS = ("What is the capital of France?", "Name three prime numbers and explain why they are prime.")
+_smollm2 = {}
+
+
+def smollm2_generations(path, loaded, monkeypatch):
+    """Greedy generations of SmolLM2 for SMOLLM2_QUESTIONS: the fused step on the
+    forced path, or (path None) the eager step on PyTorch's own ops, the reference."""
+    tok = loaded.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in SMOLLM2_QUESTIONS]
+    params = SamplingParams(max_new_tokens=24)
+    if path is None:
+        monkeypatch.setattr(cpu_linear_module, "_state", (None, None, "the PyTorch reference"))
+    monkeypatch.setenv("WALLPERF_FUSED_DECODE", "0" if path is None else "1")
+    engine = Engine(loaded.model, [tok.eos_token_id], max_batch=1, max_seq_len=256, num_blocks=64)
+    assert engine.decode_path.startswith("eager" if path is None else "fused"), engine.decode_path
+    return [engine.generate(p, params) for p in prompts]
+
+
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_equal_eager(smollm2_gguf_path, monkeypatch):
+def test_smollm2_greedy_tokens_equal_the_reference_on_each_path(smollm2_gguf_path, cpu_path, monkeypatch):
     from wallperf.sut.loading.load import load_model
 
-    loaded = load_model(smollm2_gguf_path, "bfloat16")
-    if fused_decode_problem(loaded.model, PagedKVCache(1, 1, 1, 1, 1, torch.bfloat16)) is not None:
-        pytest.skip("the fused decode step is unavailable here")
-    tok = loaded.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in
-               ("What is the capital of France?", "Name three prime numbers and explain why they are prime.")]
-    params = SamplingParams(max_new_tokens=24)
-    outputs = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("WALLPERF_FUSED_DECODE", flag)
-        engine = Engine(loaded.model, [tok.eos_token_id], max_batch=1, max_seq_len=256, num_blocks=64)
-        outputs[flag] = [engine.generate(p, params) for p in prompts]
+    if "model" not in _smollm2:
+        _smollm2["model"] = load_model(smollm2_gguf_path, "bfloat16")
+    loaded = _smollm2["model"]
+    fused = smollm2_generations(cpu_path, loaded, monkeypatch)
+    if "reference" not in _smollm2:
+        with monkeypatch.context() as m:
+            _smollm2["reference"] = smollm2_generations(None, loaded, m)
     # Both are bf16 with different summation orders: once a generation reaches a
     # near-tie (here, a repetition loop after ~20 tokens) they may part, as two
     # bf16 engines do; before that they must agree.
-    for fused, eager in zip(outputs["1"], outputs["0"]):
-        assert fused[:16] == eager[:16]
+    for got, want in zip(fused, _smollm2["reference"]):
+        assert got[:16] == want[:16]
+
+
+@pytest.mark.parametrize("lengths", [[7, 33, 1, 18], [5] * 9])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(models, lengths):
+    """Bit for bit: each row's logits and cache writes are the same alone as in a
+    batch (speculative verification and batched decode rely on it)."""
+    m16, _ = models
+    prompts, tables = prompts_of(lengths, seed=6), scattered_tables(lengths, seed=2)
+    tokens, positions = [p[-1] * 5 % CFG.vocab_size for p in prompts], list(lengths)
+    cache = prefill(m16, prompts, tables)
+    before = cache.k.clone(), cache.v.clone()
+    together = FusedDecoder(m16, cache)(tokens, positions, tables)
+    written = cache.k.clone(), cache.v.clone()
+    cache.k.copy_(before[0])
+    cache.v.copy_(before[1])
+    step = FusedDecoder(m16, cache)
+    alone = torch.cat([step([t], [p], [b]) for t, p, b in zip(tokens, positions, tables)])
+    assert torch.equal(together, alone)
+    assert torch.equal(cache.k, written[0]) and torch.equal(cache.v, written[1])
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 300])
-def test_attention_softmax_matches_torch(models, n):
+def test_attention_softmax_matches_torch(cpu_ops, n):
     """The step's vectorised exp (a degree-6 polynomial for 2^f) inside softmax,
     against torch.softmax in float64, over scores spanning the range attention sees."""
     g = torch.Generator().manual_seed(n)
     x = torch.cat([torch.randn(3, n, generator=g) * s for s in (0.1, 3.0, 40.0)])
     x[:, 0] = -200.0 if n > 1 else x[:, 0]  # far below the max: underflows to ~0, as expf does
-    got = torch.ops.wallperf.softmax_f32(x)
+    got = cpu_ops.softmax_f32(x)
     want = torch.softmax(x.double(), dim=-1)
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-9)

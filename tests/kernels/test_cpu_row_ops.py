@@ -1,20 +1,18 @@
 """The compiled RMSNorm and SwiGLU row kernels that the eager CPU bf16 path (prefill)
 dispatches to, against their PyTorch references (kernels/rmsnorm.py, kernels/swiglu.py)
-and, for the math, against float64."""
+and, for the math, against float64, on every CPU path this machine executes."""
 import pytest
 import torch
 
+from cpu_paths import cpu_ops, cpu_path  # noqa: F401 (fixtures)
 from wallperf.kernels import dispatch
-from wallperf.kernels.cpu_linear import cpu_linear_available, why_unavailable
 from wallperf.kernels.rmsnorm import rms_norm_ref
 from wallperf.kernels.swiglu import swiglu_ref
 
 
 @pytest.fixture(scope="module")
-def ops():
-    if not cpu_linear_available():
-        pytest.skip(f"the C++ CPU kernels are unavailable here: {why_unavailable()}")
-    return torch.ops.wallperf
+def ops(cpu_ops):
+    return cpu_ops
 
 
 def bf16_randn(*shape, seed, scale=1.0):

@@ -36,6 +36,7 @@ from wallperf.harness.loadgen.workload import Workload, load_workload
 from wallperf.audit.submission.rules import submission_notes
 from wallperf.harness.loadgen.results import accuracy_record, counter_delta, decode_roofline, performance_record, summary_line
 from wallperf.harness.loadgen.settings import build_test_settings, start_test
+from wallperf.kernels.cpu_linear import cpu_isa
 from wallperf.sut.backends import backend_spec
 from wallperf.sut import scenarios
 from wallperf.sut.adapter import LoadGenSUT
@@ -208,7 +209,9 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
         engine = {"mean_decode_batch": stats.mean_decode_batch, "mean_decode_context": stats.mean_decode_context,
                   "preemptions": stats.preemptions, "kv_blocks": stats.kv_blocks, "block_size": stats.block_size,
                   # The native engine's decode step (the fused C++ one, or eager PyTorch and why).
-                  "decode_path": getattr(backend, "decode_path", None)}
+                  "decode_path": getattr(backend, "decode_path", None),
+                  # The CPU kernels' instruction-set path (kernels/cpu_linear.py) the native engine took.
+                  "cpu_isa": cpu_isa() if getattr(backend, "decode_path", None) and loaded.device == "cpu" else None}
     eos = loaded.tokenizer.eos_token_id
     experts = counter_delta(experts_before, expert_stats()) if expert_stats else None
     if mode == "performance":

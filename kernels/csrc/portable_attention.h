@@ -1,0 +1,116 @@
+// Paged decode attention for the portable kernel set (portable_kernels.h): for
+// each row and KV head, every query head of its group against the row's
+// positions 0..pos, in fp32 over the bf16 (or fp8) cache.
+//
+// Scores: the group's query heads are widened to fp32 once; each key row is
+// read once and dotted with every query head of the group (GQA), one vector
+// accumulator per (head, key), lanes summed at the end. Values: each position's
+// row is read once and accumulated, times each head's probability, into the
+// heads' fp32 outputs. The hardware prefetchers miss the cache rows (one
+// head's part of each position, blocks scattered in the pool), so the rows
+// kPrefetchAhead positions ahead are prefetched into L2. An fp8 cache's rows
+// go through the format's byte table (exact) and their scales multiply the
+// score (keys) or the probability (values).
+#pragma once
+#include "portable_kernels.h"
+#include "step_types.h"
+
+namespace wallperf_portable {
+namespace {
+
+using wallperf_step::bf16;
+using wallperf_step::KVStore;
+using wallperf_step::Shape;
+
+constexpr int64_t kPrefetchAhead = 8;
+
+struct AttendScratch {
+  std::vector<float> q, scores, acc, row, inv_total;
+  std::vector<int64_t> slots;
+};
+
+inline const void* kv_row(const KVStore& store, int64_t at, bool fp8) {
+  return fp8 ? static_cast<const void*>(store.bytes + at) : static_cast<const void*>(store.rows + at);
+}
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) Vec::prefetch(static_cast<const char*>(row) + b);
+}
+
+// out[m, h] = softmax(q k^T / sqrt(D)) v over positions 0..pos[m], every query head.
+inline void attend(const bf16* qkv, const KVStore& k_layer, const KVStore& v_layer, const int32_t* tables,
+                   const int64_t* positions, bf16* out, const Shape& s, int threads) {
+  const int64_t group = s.Hq / s.Hkv, qkv_width = (s.Hq + 2 * s.Hkv) * s.D, row_stride = s.Hkv * s.D;
+  const float scale = 1.f / std::sqrt(static_cast<float>(s.D));
+  const bool fp8 = k_layer.bytes != nullptr;
+  const int64_t row_bytes = fp8 ? s.D : 2 * s.D;
+  // Work items: (row, KV head, a share of its query heads), at least two per
+  // thread where the heads allow, so that one row still uses every thread.
+  const int64_t pairs = s.M * s.Hkv;
+  int64_t shares = std::min<int64_t>(group, (2 * threads + pairs - 1) / pairs);
+  const int64_t per_share = (group + shares - 1) / shares;
+  shares = (group + per_share - 1) / per_share;
+#pragma omp parallel num_threads(threads)
+  {
+    thread_local AttendScratch w;
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < pairs * shares; ++item) {
+      const int64_t m = item / (s.Hkv * shares), kvh = (item / shares) % s.Hkv, share = item % shares;
+      const int64_t g0 = share * per_share, G = std::min(group, g0 + per_share) - g0, ctx = positions[m] + 1;
+      const int64_t h0 = kvh * group + g0;
+      const int32_t* table = tables + m * s.table_width;
+      w.slots.resize(ctx);
+      for (int64_t t = 0; t < ctx; ++t)
+        w.slots[t] = static_cast<int64_t>(table[t / s.block_size]) * s.block_size + t % s.block_size;
+      w.q.resize(G * s.D);
+      widen_rows(reinterpret_cast<const uint16_t*>(qkv + m * qkv_width + h0 * s.D), G, s.D, s.D, w.q.data());
+      w.scores.resize(G * ctx);
+      w.row.resize(s.D);
+      for (int64_t t = 0; t < ctx; ++t) {
+        if (t + kPrefetchAhead < ctx)
+          prefetch_row(kv_row(k_layer, w.slots[t + kPrefetchAhead] * row_stride + kvh * s.D, fp8), row_bytes);
+        const int64_t at = w.slots[t] * row_stride + kvh * s.D;
+        float mult = scale;
+        if (fp8) {
+          const uint8_t* src = k_layer.bytes + at;
+          for (int64_t d = 0; d < s.D; ++d) w.row[d] = k_layer.lut[src[d]];
+          mult *= k_layer.scales[w.slots[t] * s.Hkv + kvh];
+          for (int64_t g = 0; g < G; ++g) w.scores[g * ctx + t] = dot_f32(w.q.data() + g * s.D, w.row.data(), s.D) * mult;
+        } else {
+          const auto* key = reinterpret_cast<const uint16_t*>(k_layer.rows + at);
+          for (int64_t g = 0; g < G; ++g) w.scores[g * ctx + t] = dot_bf16(w.q.data() + g * s.D, key, s.D) * mult;
+        }
+      }
+      w.inv_total.resize(G);
+      float* inv_total = w.inv_total.data();
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = w.scores.data() + g * ctx;
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < ctx; ++t) best = std::max(best, sc[t]);
+        inv_total[g] = 1.f / exp_shifted_sum(sc, ctx, best);
+      }
+      w.acc.assign(G * s.D, 0.f);
+      for (int64_t t = 0; t < ctx; ++t) {
+        if (t + kPrefetchAhead < ctx)
+          prefetch_row(kv_row(v_layer, w.slots[t + kPrefetchAhead] * row_stride + kvh * s.D, fp8), row_bytes);
+        const int64_t at = w.slots[t] * row_stride + kvh * s.D;
+        if (fp8) {
+          const uint8_t* src = v_layer.bytes + at;
+          for (int64_t d = 0; d < s.D; ++d) w.row[d] = v_layer.lut[src[d]];
+          const float vs = v_layer.scales[w.slots[t] * s.Hkv + kvh];
+          for (int64_t g = 0; g < G; ++g)
+            axpy_f32(w.scores[g * ctx + t] * inv_total[g] * vs, w.row.data(), w.acc.data() + g * s.D, s.D);
+        } else {
+          const auto* value = reinterpret_cast<const uint16_t*>(v_layer.rows + at);
+          for (int64_t g = 0; g < G; ++g)
+            axpy_bf16(w.scores[g * ctx + t] * inv_total[g], value, w.acc.data() + g * s.D, s.D);
+        }
+      }
+      auto* dst = reinterpret_cast<uint16_t*>(out + m * s.Hq * s.D + h0 * s.D);
+      for (int64_t i = 0; i < G * s.D; ++i) dst[i] = f32_to_bf16(w.acc[i]);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace wallperf_portable
