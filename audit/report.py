@@ -25,15 +25,16 @@ from markupsafe import Markup
 from wallperf.audit.charts import PERCENTILES, accuracy_wall_chart, latency_chart, png, roofline_chart
 from wallperf.audit.pareto import pareto_figure, series_of
 from wallperf.audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
-from wallperf.harness.config import ConfigError
+from wallperf.harness.config import ConfigError, shorten
 from wallperf.harness.loadgen.results import write_text_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MISSING = "n/a"
 # Backslash escapes keep table cells whole (`|`) and text free of emphasis and links. Raw HTML can
-# only open at a `<` before a letter, `/`, `!` or `?`, and an entity at `&name;`: those get a backslash
-# too (CommonMark renders `\<` and `\&` as the characters), and every other `<`, `>` and `&` stays as
-# written, so "p99 > limit" reads the same in the file and rendered.
+# only open at a `<` before a letter, `/`, `!` or `?`, and an entity at `&name;`: those become the
+# entities `&lt;` and `&amp;` (CommonMark renders them as the characters, and no tag is left in the
+# file for a tool that reads it raw), and every other `<`, `>` and `&` stays as written, so
+# "p99 > limit" reads the same in the file and rendered.
 _MD_ESCAPES = str.maketrans({"\\": "\\\\", "|": "\\|", "`": "\\`", "*": "\\*", "_": "\\_", "~": "\\~",
                              "[": "\\[", "]": "\\]", "\n": " ", "\r": " "})
 _MD_HTML = re.compile(r"<(?=[A-Za-z/!?])|&(?=#?[A-Za-z0-9]+;)")
@@ -58,8 +59,13 @@ def _read_json(path: Path, what: str):
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(path, None, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(path, None, f"not a {what}: nested too deeply to parse") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(path, None, f"cannot read {what}: {e}") from None
+    except ValueError as e:
+        # e.g. an integer of more digits than Python converts.
+        raise ConfigError(path, None, f"not a {what}: {shorten(str(e))}") from None
 
 
 def read_folder(run_dir: Path) -> tuple[Path, dict, dict | None]:
@@ -264,7 +270,7 @@ def markdown_text(value) -> str:
     """Every Markdown expression's text: inert in a table cell or a paragraph. `|safe` opts out."""
     if isinstance(value, Markup):
         return str(value)
-    return _MD_HTML.sub(lambda m: "\\" + m.group(0), str(value).translate(_MD_ESCAPES))
+    return _MD_HTML.sub(lambda m: "&lt;" if m.group(0) == "<" else "&amp;", str(value).translate(_MD_ESCAPES))
 
 
 def _environment(markdown: bool) -> jinja2.Environment:

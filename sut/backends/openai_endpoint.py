@@ -1,13 +1,14 @@
-"""One OpenAI-compatible server as the openai backend sees it: its URL (shown
-with user-info masked), the path to post to, a pool of idle keep-alive
-connections, and whether it takes token-id prompts."""
+"""One OpenAI-compatible server as the openai backend sees it: its URL (shown as
+scheme, host, port and path only: user-info and query credentials are never
+shown, and are registered as secrets), the path to post to, a pool of idle
+keep-alive connections, and whether it takes token-id prompts."""
 from __future__ import annotations
 
 import http.client
 import threading
 from urllib.parse import urlsplit
 
-from wallperf.sut.redact import redact
+from wallperf.sut.redact import public_url, register_url, split_url
 
 # What sending on a keep-alive connection the server has since closed looks like.
 _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
@@ -15,15 +16,17 @@ _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, Broke
 
 class Endpoint:
     def __init__(self, url: str, timeout_s: float):
+        register_url(url)
+        scheme, _, rest = split_url(url)
+        # What stats, logs and results show.
+        self.url, self.timeout_s = public_url(url), timeout_s
         try:
-            parts = urlsplit(url)
+            parts = urlsplit(f"{scheme}://{rest}")
             port = parts.port
         except ValueError as e:
-            raise ValueError(f"endpoint {redact(url)!r} is not a valid URL: {e}") from None
+            raise ValueError(f"endpoint {self.url!r} is not a valid URL: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"endpoint {redact(url)!r} must be an http(s)://host[:port][/v1] URL")
-        # What stats, logs and results show.
-        self.url, self.timeout_s = redact(url), timeout_s
+            raise ValueError(f"endpoint {self.url!r} must be an http(s)://host[:port][/v1] URL")
         self._conn_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self._host, self._port = parts.hostname, port
         base = parts.path.rstrip("/")

@@ -81,14 +81,15 @@ def choice_content(choice: dict) -> tuple[str, list[int], str | None]:
     return text, ids, reason
 
 
-def error_message(body) -> str:
-    """The message of an OpenAI-style error (a body's text, or its parsed `error`), redacted."""
+def error_message(body, kept: int | None = None) -> str:
+    """The message of an OpenAI-style error (a body's text, or its parsed `error`), redacted.
+    `kept`: a body read past the length kept (see redact.hold_back) is redacted whole, then cut to it."""
     if isinstance(body, (bytes, str)):
         text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
         try:
             body = json.loads(text)
         except (ValueError, RecursionError):
-            return redact(text.strip(), MAX_REASON_CHARS)
+            return redact(redact(text, kept).strip(), MAX_REASON_CHARS)
     err = body.get("error", body) if isinstance(body, dict) else body
     message = err.get("message", err) if isinstance(err, dict) else err
     return redact(message if isinstance(message, str) else _compact(message), MAX_REASON_CHARS)

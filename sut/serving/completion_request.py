@@ -42,11 +42,32 @@ def max_token_chars(tokenizer) -> int:
 
 def decode_json_body(data: bytes):
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f"the body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError(400, "the body is not valid JSON: nested too deeply") from None
+    _check_text(body)
+    return body
+
+
+def _check_text(body) -> None:
+    """JSON's \\u escapes can spell a lone UTF-16 surrogate (\\ud800), which is no Unicode
+    character: no tokenizer can encode it, so it is the client's error (400)."""
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise RequestError(400, f"the body holds a lone surrogate ({value[e.start]!a}), which is not "
+                                   "Unicode text") from None
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 @dataclass(frozen=True)

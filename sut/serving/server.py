@@ -176,7 +176,14 @@ class _Handler(BaseHTTPRequestHandler):
         return False
 
     def _read_json(self):
-        length = self.headers.get("Content-Length", "")
+        # RFC 9112 section 6.3: a body's length must be unambiguous. Two differing Content-Lengths,
+        # or Content-Length beside Transfer-Encoding, could be framed differently by a proxy in
+        # front: a 400, and the connection closed, as for any framing it cannot trust.
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if len(lengths) > 1 or lengths and self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True
+            raise RequestError(400, "conflicting framing: send one Content-Length and no Transfer-Encoding")
+        length = lengths.pop() if lengths else ""
         if not length.isdigit() or not 0 < int(length) <= MAX_BODY_BYTES:
             # The body was not read: the connection cannot carry another request.
             self.close_connection = True

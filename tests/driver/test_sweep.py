@@ -51,7 +51,7 @@ def fake_child(monkeypatch, probes):
         return {"record": _record(qps, spec.scenario.name, spec.opts.wall), "format": None,
                 "dataset": {"name": "mmlu"}}
 
-    def child(run_args, extra, out):
+    def child(run_args, extra, out, interrupts=None):
         calls.append({"run_args": list(run_args), "extra": list(extra), "out": out})
         assert main(["run", *run_args, *extra, "--mode", "performance", "--out", str(out), "--no-progress"]) == 0
         return json.loads((out / "results.json").read_text())
@@ -99,9 +99,9 @@ def test_every_run_has_the_wall_the_sweep_measured_at_its_start(tmp_path, fake_c
     busy = dataclasses.replace(probes.result(read=12.0), copy_gbps=10.0, triad_gbps=11.0)
     run_point = sweep_module._child
 
-    def after_a_busy_measurement(run_args, extra, out):
+    def after_a_busy_measurement(run_args, extra, out, interrupts):
         wall_module.store_host_measurement(dataclasses.replace(busy, measured_at=probes.clock["now"]))
-        return run_point(run_args, extra, out)
+        return run_point(run_args, extra, out, interrupts)
 
     monkeypatch.setattr(sweep_module, "_child", after_a_busy_measurement)
     wall_module.store_host_measurement(dataclasses.replace(busy, measured_at=probes.clock["now"]))
@@ -204,3 +204,30 @@ def test_two_real_points_each_in_its_own_process(tmp_path, monkeypatch, smollm2_
         used = json.loads((out / "sweep" / f"qps_{p['target_qps']:g}" / "results.json").read_text())["hardware_wall"]
         assert "wallperf sweep" in used["given_by"] and {**used, "given_by": None} == sweep["wall"]
     assert sweep["front"]["rows"][0]["batch"] == 1
+
+
+def test_an_interrupted_sweep_renders_the_points_it_finished(tmp_path, fake_child, monkeypatch):
+    """Ctrl-C while the second point runs: exit 130, and sweep.json, results.json, the
+    Pareto chart and the reports hold the first point, `complete: false`."""
+    import os
+    import signal
+
+    fake_child_fn = sweep_module._child
+
+    def interrupted_at_the_second_point(run_args, extra, out, interrupts):
+        if len(fake_child) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            interrupts.check()
+        return fake_child_fn(run_args, extra, out, interrupts)
+
+    monkeypatch.setattr(sweep_module, "_child", interrupted_at_the_second_point)
+    out = tmp_path / "sw"
+    assert main(["sweep", "--qps", "1,2,3", "--out", str(out)]) == 130
+    assert len(fake_child) == 1
+    sweep = json.loads((out / "sweep.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert sweep["complete"] is False and results["complete"] is False
+    assert [p["target_qps"] for p in sweep["points"]] == [1.0] and len(results["runs"]) == 1
+    assert (out / "pareto.png").stat().st_size > 0 and (out / "report.md").is_file()
+    # The handlers the sweep installed are gone with it.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

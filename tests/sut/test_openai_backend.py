@@ -10,7 +10,7 @@ import socket
 import time
 
 import pytest
-from test_server import MAX_SEQ_LEN, prompt_of, tiny_loaded_model
+from serving.test_server import MAX_SEQ_LEN, prompt_of, tiny_loaded_model
 
 from wallperf.bench.client import MockOptions, mock_token_ids, start_mock_server
 from wallperf.sut.backends.native import NativeBackend
@@ -237,3 +237,20 @@ def test_loadgen_gets_every_answer_through_the_backend(tmp_path, tiny, serve):
     got = {e["qsl_idx"]: np.frombuffer(bytes.fromhex(e["data"]), dtype="<i4").tolist() for e in entries}
     assert got == want
     assert all(e["token_count"] == 7 for e in entries)
+
+
+def test_an_endpoint_shows_only_scheme_host_port_and_path():
+    """User-info with reserved characters and a query key: the request still reaches the
+    host, and nothing of the credentials is in repr, stats or failure reasons."""
+    server, url, stop = start_mock_server()
+    host_port = url.split("://", 1)[1].split("/", 1)[0]
+    messy = f"http://bob:p@ss/w#rd?x\"y z@{host_port}/v1?api_key=qk-0123456789"
+    try:
+        with OpenAIBackend([messy], "mock", max_concurrency=1, timeout_s=10, retries=0) as b:
+            drive(b, {1: ([5], SamplingParams(max_new_tokens=3))})
+            shown = repr(b) + json.dumps(b.stats())
+    finally:
+        stop()
+    assert f"http://{host_port}/v1" in shown and b.stats()["completed"] == 1
+    for secret in ("p@ss", "w#rd", 'x"y z', "bob", "qk-0123456789", "api_key"):
+        assert secret not in shown, secret

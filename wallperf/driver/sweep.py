@@ -24,6 +24,12 @@ samples/s as the peak: the points are AUTO_FACTORS of it. The output folder:
     OUT/sweep.json              the wall, the table (audit.pareto.sweep_point per point) and the front
     OUT/results.json            every point's run record, for `wallperf report` and `compare`
     OUT/pareto.png              measured points beside the roofline's front
+
+Ctrl-C or SIGTERM ends the point in progress (its `wallperf run` runs in a session
+of its own and is told with SIGTERM, so it ends its own test process:
+wallperf.driver.interrupt, nested), then sweep.json, results.json, pareto.png and
+the reports are written from the points that finished, `complete: false`, and the
+sweep exits 128 + the signal.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from wallperf.audit.report import write_run_reports
 from wallperf.harness.config import ConfigError, HardwareConfig, positive_list
 from wallperf.driver.concurrency_points import add_concurrency_options
 from wallperf.driver.find_peak import qps_label
+from wallperf.driver.interrupt import Interrupts, TestInterrupted
 from wallperf.driver.progress import say
 from wallperf.sut.scenarios import OFFLINE, SCENARIOS, SERVER
 from wallperf.harness.hardware.wall import Wall, run_wall, write_wall
@@ -92,7 +99,11 @@ def run_sweep(args, run_args: list[str], hardware: HardwareConfig, wall_from_pro
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(None, "--out", f"{out} exists and is not an empty folder; choose a new folder")
     try:
-        return _sweep(args, run_args, out, hardware, wall_from_profile)
+        with Interrupts(nested=True) as interrupts:
+            return _sweep(args, run_args, out, hardware, wall_from_profile, interrupts)
+    except TestInterrupted as e:
+        say(f"sweep: {e}; the finished points are in {out / 'sweep.json'} (complete: false)")
+        return 128 + e.signum
     except ConfigError:
         # Refused before any point ran: leave nothing behind.
         if not (out / "sweep.json").exists():
@@ -100,7 +111,8 @@ def run_sweep(args, run_args: list[str], hardware: HardwareConfig, wall_from_pro
         raise
 
 
-def _sweep(args, run_args: list[str], out: Path, hardware: HardwareConfig, wall_from_profile: bool) -> int:
+def _sweep(args, run_args: list[str], out: Path, hardware: HardwareConfig, wall_from_profile: bool,
+           interrupts: Interrupts) -> int:
     wall = run_wall(hardware, from_profile=wall_from_profile, fresh=True)
     say(f"sweep: memory wall {wall.hardware.bandwidth_gbps:g} GB/s ({wall.source}: {wall.how}), for every run")
     # Each run is given this wall; with --wall-from-profile (passed through) each takes the same profile's.
@@ -112,7 +124,7 @@ def _sweep(args, run_args: list[str], out: Path, hardware: HardwareConfig, wall_
     calibration = None
     qps = args.qps
     if qps == "auto":
-        calibration = _calibrate(given, out / "sweep" / "calibration", wall)
+        calibration = _calibrate(given, out / "sweep" / "calibration", wall, interrupts)
         peak = calibration["samples_per_second"]
         qps = [float(f"{f * peak:.3g}") for f in AUTO_FACTORS]
         say(f"sweep: calibrated peak {peak:.3g} samples/s (Offline); points {', '.join(f'{q:g}' for q in qps)} QPS")
@@ -120,30 +132,37 @@ def _sweep(args, run_args: list[str], out: Path, hardware: HardwareConfig, wall_
              "wall": wall.to_dict(), "calibration": calibration, "complete": False, "points": [], "front": None}
     results = {"wallperf_version": wallperf_version(), "complete": False, "runs": [], "sweep": sweep}
     started = time.time()
-    for i, q in enumerate(qps, 1):
-        say(f"sweep: point {i}/{len(qps)}: {args.scenario} at {q:g} QPS")
-        record, run_results = _point(given, args.scenario, q, out / "sweep" / qps_label(q), wall)
-        point = sweep_point(q, record, step_cost_of(record))
-        sweep["points"].append(point)
-        results["runs"].append({**record, "sweep_target_qps": q})
-        results.setdefault("config", run_results.get("config"))
-        sweep.update(_identity(record, run_results))
-        say(f"sweep: {_point_line(point)}")
-        write_json_atomic(out / "sweep.json", sweep)
-        write_json_atomic(out / "results.json", results)
+    try:
+        for i, q in enumerate(qps, 1):
+            say(f"sweep: point {i}/{len(qps)}: {args.scenario} at {q:g} QPS")
+            record, run_results = _point(given, args.scenario, q, out / "sweep" / qps_label(q), wall, interrupts)
+            point = sweep_point(q, record, step_cost_of(record))
+            sweep["points"].append(point)
+            results["runs"].append({**record, "sweep_target_qps": q})
+            results.setdefault("config", run_results.get("config"))
+            sweep.update(_identity(record, run_results))
+            say(f"sweep: {_point_line(point)}")
+            write_json_atomic(out / "sweep.json", sweep)
+            write_json_atomic(out / "results.json", results)
+    except TestInterrupted:
+        results["wall_time_s"] = round(time.time() - started, 1)
+        if sweep["points"]:
+            finish_sweep(out, sweep, results, complete=False)
+        raise
     results["wall_time_s"] = round(time.time() - started, 1)
     finish_sweep(out, sweep, results)
     print(json.dumps({"sweep": str(out / "sweep.json"), "points": len(sweep["points"])}))
     return 0
 
 
-def finish_sweep(out: Path, sweep: dict, results: dict) -> None:
+def finish_sweep(out: Path, sweep: dict, results: dict, complete: bool = True) -> None:
     """The front (every point's run had the sweep's one wall, so any point's step cost
-    draws it); then sweep.json, results.json, pareto.png and the reports, complete."""
+    draws it); then sweep.json, results.json, pareto.png and the reports (`complete`
+    false: of the points an interrupted sweep finished)."""
     cost = next((c for c in map(step_cost_of, results["runs"]) if c is not None), None)
     if cost is not None:
         sweep["front"] = series_front(sweep["points"], cost)
-    sweep["complete"] = results["complete"] = True
+    sweep["complete"] = results["complete"] = complete
     results["sweep"] = sweep
     write_json_atomic(out / "sweep.json", sweep)
     write_json_atomic(out / "results.json", results)
@@ -169,15 +188,22 @@ def _point_line(p: dict) -> str:
             f"MFU {f(p['decode_mfu'], '.0%')}, {f(p['front_share'], '.0%')} of the front")
 
 
-def _child(run_args: list[str], extra: list[str], out: Path) -> dict:
+def _child(run_args: list[str], extra: list[str], out: Path, interrupts: Interrupts) -> dict:
     """One `wallperf run` in a fresh process writing into `out`; its results.json.
-    What it prints goes to `out`.log beside it."""
+    What it prints goes to `out`.log beside it. It runs in a session of its own: a
+    signal reaches it through `interrupts` only, as SIGTERM, which it answers by
+    ending its own test process (a SIGKILL would orphan that process)."""
+    interrupts.check()
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_name(out.name + ".log")
     cmd = [sys.executable, "-m", "wallperf.cli", "run", *run_args, *extra, "--mode", "performance",
            "--out", str(out), "--no-progress"]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                start_new_session=True)
+        with interrupts.guarding(proc):
+            proc.wait()
+    interrupts.check()
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").strip().splitlines()[-5:])
         if proc.returncode == 2:
@@ -203,9 +229,9 @@ def _same_wall(results: dict, wall: Wall, out: Path) -> dict:
     return results
 
 
-def _calibrate(run_args: list[str], out: Path, wall: Wall) -> dict:
+def _calibrate(run_args: list[str], out: Path, wall: Wall, interrupts: Interrupts) -> dict:
     say("sweep: calibrating the peak with an Offline run")
-    results = _same_wall(_child(run_args, ["--scenario", OFFLINE.name], out), wall, out)
+    results = _same_wall(_child(run_args, ["--scenario", OFFLINE.name], out, interrupts), wall, out)
     record = _performance_record(results, OFFLINE.name, out)
     sps = record["metrics"]["samples_per_second"]
     if not sps:
@@ -214,6 +240,8 @@ def _calibrate(run_args: list[str], out: Path, wall: Wall) -> dict:
             "log_dir": record.get("log_dir")}
 
 
-def _point(run_args: list[str], scenario: str, qps: float, out: Path, wall: Wall) -> tuple[dict, dict]:
-    results = _same_wall(_child(run_args, ["--scenario", scenario, "--target-qps", f"{qps:g}"], out), wall, out)
+def _point(run_args: list[str], scenario: str, qps: float, out: Path, wall: Wall,
+           interrupts: Interrupts) -> tuple[dict, dict]:
+    results = _same_wall(_child(run_args, ["--scenario", scenario, "--target-qps", f"{qps:g}"], out, interrupts),
+                         wall, out)
     return _performance_record(results, scenario, out), results

@@ -38,3 +38,19 @@ def test_a_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypat
         write_text_atomic(path, "new\n")
     assert info.value.errno == errno.ENOSPC
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+@pytest.mark.parametrize("reason", [
+    'HTTP 401: {"detail": "Authorization: Bearer tok-abc\\"def"}',
+    'Bearer \\"quoted\\" and a backslash \\\\ at the end \\',
+    'message {"message": {"nested": "Bearer x\\u0022y"}}',
+])
+def test_results_json_stays_valid_json_whatever_the_strings_hold(tmp_path, monkeypatch, reason):
+    """Strings are redacted in the object tree, then serialized: a mask never lands inside
+    a JSON escape (issue: a bearer mask over the JSON text ate the backslash of \\")."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-results-write-0123456789")
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"failure_reasons": {reason: 1}, "examples": [{"reason": reason}]})
+    back = json.loads(path.read_text())
+    (key, count), = back["failure_reasons"].items()
+    assert count == 1 and back["examples"][0]["reason"] == key and "tok-abc" not in key

@@ -298,3 +298,61 @@ def test_binding_beyond_loopback_without_a_key_warns(serve, caplog):
         serve(host="0.0.0.0", api_key="wp-test-key-0123456789")
         serve(host="127.0.0.1")
     assert not any("without an API key" in r.getMessage() for r in caplog.records)
+
+
+def raw_exchange(port, head: bytes, body: bytes) -> tuple[int, dict, bool]:
+    """(status, JSON body, whether the server closed the connection after it) for bytes sent as they are."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        header, rest = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        sock.settimeout(5)
+        closed = sock.recv(1) == b""
+    return int(header.split(b" ")[1]), json.loads(rest[:length]), closed
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: {n}\r\nContent-Length: {m}\r\n",
+    b"Content-Length: {n}\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nContent-Length: {n}\r\n",
+], ids=["two-content-lengths", "content-length-then-chunked", "chunked-then-content-length"])
+def test_conflicting_framing_headers_get_400_and_a_closed_connection(serve, framing):
+    """RFC 9112 section 6.3: a message whose length is ambiguous is refused (400), and the
+    connection closed, never read by the first Content-Length."""
+    _, port = serve()
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" +
+            framing.replace(b"{n}", str(len(body)).encode()).replace(b"{m}", str(len(body) + 7).encode()) +
+            b"\r\n")
+    status, answer, closed = raw_exchange(port, head, body)
+    assert_openai_error(status, answer, 400)
+    assert "framing" in answer["error"]["message"] and closed
+
+
+def test_the_same_content_length_twice_is_one_length(serve):
+    _, port = serve()
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 2}).encode()
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (len(body), len(body)))
+    status, answer, _ = raw_exchange(port, head, body)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("prompt", ['"\\ud800"', '"abc\\udfff"', '["ok", "\\udbff"]'],
+                         ids=["lone-high", "lone-low", "in-a-list"])
+def test_a_lone_surrogate_in_the_body_gets_400(serve, prompt):
+    """JSON can spell a lone UTF-16 surrogate that no UTF-8 text holds: the client's error, answered."""
+    _, port = serve()
+    body = b'{"prompt": %s, "max_tokens": 2}' % prompt.encode()
+    status, _, answer = request(port, body=body)
+    assert_openai_error(status, answer, 400)
+    assert "surrogate" in answer["error"]["message"]
+    # The server is still serving.
+    status, _, answer = request(port, body={"prompt": "hello", "max_tokens": 2})
+    assert status == 200
