@@ -142,7 +142,14 @@ def add_parser(subparsers=None) -> argparse.ArgumentParser:
               epilog="exit status: 0 PASS, 1 FAIL, 2 bad input")
     a = subparsers.add_parser("speculative", **kw) if subparsers else argparse.ArgumentParser(
         prog="wallperf audit speculative", **kw)
-    a.add_argument("--model", required=True, help="target model (conf/models name) for the native engine")
+    a.add_argument("--backend", choices=("native", "openai"), default="native",
+                   help="native: this engine with and without speculation; openai: two servers (e.g. vLLM "
+                        "with and without --speculative-config), or one against --reference-file")
+    a.add_argument("--model", required=True, help="target model (conf/models name, or a GGUF file or HF folder): "
+                   "the native engine's weights, or the tokenizer that makes an openai backend's token ids")
+    a.add_argument("--reference-endpoint", metavar="URL", help="openai: the server without speculation")
+    a.add_argument("--candidate-endpoint", metavar="URL", help="openai: the server with speculation")
+    a.add_argument("--served-model", metavar="NAME", help="openai: the model name the servers serve (default --model)")
     a.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     a.add_argument("--draft-model", metavar="NAME", help="draft model (conf/models name), same tokenizer")
     a.add_argument("--draft", choices=("model", "ngram"), help="drafter (default: model with --draft-model)")
@@ -174,61 +181,94 @@ def _prompts(tokenizer, n: int) -> dict:
     return out
 
 
-def run(args) -> SpecAudit:
+def _model_path(name: str) -> Path:
+    """A conf/models name's verified file, or a GGUF file or HF folder given as a path."""
     from wallperf.harness.artifacts import resolve_model_file
     from wallperf.harness.config.load import load_model_config
+
+    path = Path(name)
+    return path if path.exists() else resolve_model_file(load_model_config(name))
+
+
+def _native(args, max_len_of):
+    """The native engine's reference (no speculation) and candidate, and what the figures need."""
     from wallperf.sut.engine.engine import Engine
     from wallperf.sut.engine.speculative import DraftModelDrafter, NgramDrafter, Speculation
     from wallperf.sut.loading.load import load_model
 
+    drafter_kind = args.draft or ("model" if args.draft_model else None)
+    if drafter_kind is None or (drafter_kind == "model" and not args.draft_model):
+        raise ValueError("the native candidate needs --draft-model NAME or --draft ngram")
+    target = load_model(_model_path(args.model), args.dtype)
+    prompts = _prompts(target.tokenizer, args.num_prompts)
+    max_len = max_len_of(prompts)
+    draft_bytes, drafter, name = 0, NgramDrafter(), "ngram (prompt lookup)"
+    if drafter_kind == "model":
+        draft = load_model(_model_path(args.draft_model), args.dtype)
+        drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu")
+        draft_bytes, name = weight_bytes(draft.model), f"draft model {args.draft_model}"
+    eos = target.tokenizer.eos_token_ids
+    cand = Engine(target.model, eos, 1, max_len, speculation=Speculation(drafter, args.num_draft_tokens, args.adaptive))
+    ref = None if args.reference_file else Engine(target.model, eos, 1, max_len)
+    figures = {"drafter": name, "verify_path": cand.runner.verify_path,
+               "target_bytes_per_verify_step": weight_bytes(target.model), "draft_bytes_per_step": draft_bytes}
+    return prompts, ref, cand, figures
+
+
+def _openai(args):
+    """Two servers (or one and a saved file) behind the OpenAI completions API; the
+    model's own tokenizer makes the token ids they are sent."""
+    from wallperf.sut.backends.openai import OpenAIBackend
+    from wallperf.sut.loading.load import load_tokenizer
+
+    if not args.candidate_endpoint or not (args.reference_endpoint or args.reference_file):
+        raise ValueError("--backend openai needs --candidate-endpoint URL and --reference-endpoint URL "
+                         "(or --reference-file)")
+    tokenizer = load_tokenizer(_model_path(args.model))
+    served = args.served_model or args.model
+    make = lambda url: OpenAIBackend([url], served, max_concurrency=1, tokenizer=tokenizer)  # noqa: E731
+    ref = make(args.reference_endpoint) if args.reference_endpoint and not args.reference_file else None
+    return _prompts(tokenizer, args.num_prompts), ref, make(args.candidate_endpoint), {}
+
+
+def run(args) -> SpecAudit:
     if args.num_draft_tokens < 1 or args.max_new_tokens < 1 or args.num_prompts < 1:
         raise ValueError("--num-draft-tokens, --max-new-tokens and --num-prompts must be >= 1")
     if args.min_identical is not None and not 0 <= args.min_identical <= 1:
         raise ValueError(f"--min-identical {args.min_identical}: give a share in [0, 1]")
-    drafter_kind = args.draft or ("model" if args.draft_model else None)
-    if drafter_kind is None or (drafter_kind == "model" and not args.draft_model):
-        raise ValueError("give --draft-model NAME or --draft ngram")
-    target = load_model(resolve_model_file(load_model_config(args.model)), args.dtype)
-    prompts = _prompts(target.tokenizer, args.num_prompts)
-    max_len = max(len(p) for p in prompts.values()) + args.max_new_tokens
-    draft_bytes, drafter = 0, NgramDrafter()
-    if drafter_kind == "model":
-        draft = load_model(resolve_model_file(load_model_config(args.draft_model)), args.dtype)
-        drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu")
-        draft_bytes = weight_bytes(draft.model)
-    eos = target.tokenizer.eos_token_ids
-    cand_engine = Engine(target.model, eos, 1, max_len,
-                         speculation=Speculation(drafter, args.num_draft_tokens, args.adaptive))
-    ref_engine = None if args.reference_file else Engine(target.model, eos, 1, max_len)
+    if args.backend == "native":
+        prompts, ref_backend, cand_backend, figures = _native(
+            args, lambda ps: max(len(p) for p in ps.values()) + args.max_new_tokens)
+    else:
+        prompts, ref_backend, cand_backend, figures = _openai(args)
     ref, cand, ref_m, cand_m, ref_s, cand_s = {}, {}, {}, {}, 0.0, 0.0
     # Alternate prompt by prompt, so both sides see the same load on a shared machine.
     for pid, ids in prompts.items():
-        if ref_engine is not None:
-            t, m, s = run_greedy(ref_engine, {pid: ids}, args.max_new_tokens)
+        if ref_backend is not None:
+            t, m, s = run_greedy(ref_backend, {pid: ids}, args.max_new_tokens)
             ref.update(t), ref_m.update(m)
             ref_s += s
-        t, m, s = run_greedy(cand_engine, {pid: ids}, args.max_new_tokens)
+        t, m, s = run_greedy(cand_backend, {pid: ids}, args.max_new_tokens)
         cand.update(t), cand_m.update(m)
         cand_s += s
-    if args.reference_file:
+    if ref_backend is None:
         ref = _read_reference(args.reference_file, prompts)
     if args.save:
         args.save.write_text(json.dumps({"model": args.model, "outputs": cand}))
     result = compare(ref, cand, ref_m, cand_m, args.min_identical)
-    stats = cand_engine.spec_stats.summary()
-    target_bytes = weight_bytes(target.model)
-    figures = {"drafter": drafter.name if drafter_kind == "ngram" else f"draft-model {args.draft_model}",
-               "verify_path": cand_engine.runner.verify_path, **stats,
-               "candidate_tokens_per_s": sum(map(len, cand.values())) / cand_s if cand_s else None}
-    if ref_engine is not None and ref_s:
+    figures["candidate_tokens_per_s"] = sum(map(len, cand.values())) / cand_s if cand_s else None
+    if ref_backend is not None and ref_s:
         figures["reference_tokens_per_s"] = sum(map(len, ref.values())) / ref_s
         figures["measured_speedup"] = figures["candidate_tokens_per_s"] / figures["reference_tokens_per_s"]
-    if stats["mean_acceptance_length"]:
-        k_mean = stats["drafted_tokens"] / max(1, stats["verify_steps"])
-        figures["target_bytes_per_verify_step"] = target_bytes
-        figures["draft_bytes_per_step"] = draft_bytes
-        figures["predicted_speedup"] = predicted_speedup(target_bytes, draft_bytes, k_mean,
-                                                         stats["mean_acceptance_length"])
+    stats = getattr(cand_backend, "spec_stats", None)
+    if stats is not None:
+        figures.update(stats.summary())
+        if stats.verifies:
+            # k as drafted: a sequence's last steps draft fewer, and prompt lookup may find none.
+            k_mean = stats.drafted / stats.verifies
+            figures["predicted_speedup"] = predicted_speedup(
+                figures["target_bytes_per_verify_step"], figures["draft_bytes_per_step"], k_mean,
+                figures["mean_acceptance_length"])
     result.figures = figures
     return result
 

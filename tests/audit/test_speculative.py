@@ -111,3 +111,55 @@ def test_bad_flags_exit_2_with_one_line(capsys):
     assert audit.main(["--model", "qwen2.5-coder-1.5b", "--num-draft-tokens", "0", "--draft", "ngram"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--num-draft-tokens" in err[0]
+
+
+def test_the_command_passes_the_native_engine_end_to_end(tiny_llama_folder, capsys):
+    """`wallperf audit speculative` on an HF folder, its own weights as the drafter and
+    prompt lookup: PASS, exit 0, with the acceptance figures and the prediction."""
+    from wallperf.cli import main
+
+    for drafter in (["--draft-model", str(tiny_llama_folder)], ["--draft", "ngram"]):
+        rc = main(["audit", "speculative", "--model", str(tiny_llama_folder), *drafter, "--dtype", "float32",
+                   "--num-prompts", "3", "--max-new-tokens", "8", "--num-draft-tokens", "3", "--json"])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 0 and out["verdict"] == "PASS" and out["share_identical"] == 1.0, out
+        figures = out["figures"]
+        assert figures["predicted_speedup"] > 0 and figures["reference_tokens_per_s"] > 0
+        if drafter[0] == "--draft-model":
+            assert figures["acceptance_rate"] == 1.0 and figures["acceptance_by_position"] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_openai_backend_against_two_servers_and_a_saved_file(tiny_llama_folder, tmp_path, capsys):
+    """Two servers of the same model agree (PASS); the candidate against a saved file
+    with one token changed is FAIL, naming that position."""
+    from wallperf.sut.loading.load import load_model
+    from wallperf.sut.serving.server import start_server
+
+    threads = torch.get_num_threads()
+    loaded = load_model(tiny_llama_folder, "float32")
+    stops, urls = [], []
+    for _ in range(2):
+        _, url, stop = start_server(loaded, host="127.0.0.1", port=0, max_batch=1, max_seq_len=1024,
+                                    model_name="tiny")
+        stops.append(stop)
+        urls.append(url)
+    try:
+        common = ["--backend", "openai", "--model", str(tiny_llama_folder), "--served-model", "tiny",
+                  "--candidate-endpoint", urls[1], "--num-prompts", "2", "--max-new-tokens", "6", "--json"]
+        saved = tmp_path / "cand.json"
+        rc = audit.main([*common, "--reference-endpoint", urls[0], "--save", str(saved)])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 0 and out["verdict"] == "PASS", out
+        data = json.loads(saved.read_text())
+        pid = sorted(data["outputs"])[0]
+        data["outputs"][pid][3] += 1
+        saved.write_text(json.dumps(data))
+        rc = audit.main([*common, "--reference-file", str(saved)])
+        out = json.loads(capsys.readouterr().out)
+        assert rc == 1 and out["verdict"] == "FAIL"
+        assert [(d["prompt"], d["position"]) for d in out["divergences"]] == [(pid, 3)]
+    finally:
+        for stop in stops:
+            stop()
+        torch.set_num_threads(threads)
