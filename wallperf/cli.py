@@ -258,6 +258,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="wallperf: %(levelname)s: %(message)s")
     # Keys never reach stderr: every log record and uncaught traceback is redacted.
     redact.install()
+    # `audit speculative` has its own flags beside the MMLU gate's `audit` (audit/speculative.py).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["audit", "speculative"]:
+        from wallperf.audit.speculative import main as audit_speculative
+        return audit_speculative(argv[2:])
     parser = build_parser()
     # `sweep` passes the options it does not know to each point's `wallperf run`.
     args, unknown = parser.parse_known_args(argv)
