@@ -155,3 +155,80 @@ def test_offlines_batch_is_admitted_shortest_first_and_servers_in_arrival_order(
     cycled = [len(prompts[i % len(prompts)]) for i in range(32)]
     assert admitted[32] == sorted(cycled)  # Offline's max_batch
     assert admitted[16] == cycled[:16]  # Server's, in the data set's order
+
+
+def test_calibration_is_bounded_on_a_slow_machine_and_says_what_it_does(monkeypatch, step_backend, capsys):
+    """A machine 500x slower than the fake's baseline (2.6 s a step alone, 10 s at batch 32): each part is
+    cut at its share of CALIBRATION_BUDGET_S and extrapolated, which for this fake is exact."""
+    clock = [0.0]
+    monkeypatch.setattr(calibrate_module.time, "perf_counter", lambda: clock[0])
+    speed = 0.002
+    cal = calibrate(default_scenarios(), lambda b: fake(step_backend, b, speed, clock), PROMPTS, PARAMS)
+    m = cal.measurement
+    longest_step = (STEP_S + 32 * PER_ROW_S) / speed
+    # Each of the three timed parts may overrun its share by one step; the warm-up is two steps alone.
+    assert m.seconds <= calibrate_module.CALIBRATION_BUDGET_S + 3 * longest_step
+    assert m.single_stream_latency_s == pytest.approx(TOKENS * (STEP_S + PER_ROW_S) / speed)
+    assert m.ttft_s == pytest.approx((STEP_S + PER_ROW_S) / speed)
+    for b in (16, 32):
+        assert m.throughput[b] == pytest.approx(b / (TOKENS * (STEP_S + b * PER_ROW_S) / speed))
+    assert len(m.notes) == 3 and all("cut at" in note for note in m.notes)
+    err = capsys.readouterr().err
+    for part in ("1/4: a short request to warm up", "2/4: one request alone, 64 tokens",
+                 "3/4: a batch of 16, in arrival order", "4/4: a batch of 32, shortest prompt first"):
+        assert f"wallperf: calibrating {part}" in err
+
+
+def test_a_fast_machine_stops_each_batch_once_its_rate_is_known(monkeypatch, step_backend):
+    clock = [0.0]
+    monkeypatch.setattr(calibrate_module.time, "perf_counter", lambda: clock[0])
+    steps = []
+
+    def make(batch):
+        backend = fake(step_backend, batch, 1.0, clock)
+        real_step = backend.step
+        backend.step = lambda: (steps.append(batch), real_step())[1]
+        return backend
+
+    calibrate(default_scenarios(), make, PROMPTS, PARAMS)
+    # One step for the first tokens, then FULL_STEPS decode steps over the whole batch, not all 64.
+    assert steps.count(32) == steps.count(16) == 1 + calibrate_module.FULL_STEPS
+
+
+class PrefillBackend:
+    """Prefills two waiting requests a step (PREFILL_S each) beside decoding the running ones."""
+
+    PREFILL_S, DECODE_S = 2.0, 0.05
+
+    def __init__(self, clock):
+        self.clock, self.waiting, self.running = clock, [], {}
+
+    def add_request(self, rid, prompt, params):
+        self.waiting.append(rid)
+
+    def has_unfinished(self):
+        return bool(self.waiting or self.running)
+
+    def step(self):
+        from wallperf.sut.engine.engine import TokenEvent
+
+        admitted, self.waiting = self.waiting[:2], self.waiting[2:]
+        events = [TokenEvent(rid, 1, k + 1, False) for rid, k in self.running.items()]
+        self.running = {rid: k + 1 for rid, k in self.running.items()}
+        events += [TokenEvent(rid, 1, 1, False) for rid in admitted]
+        self.running.update({rid: 1 for rid in admitted})
+        self.clock[0] += self.PREFILL_S * len(admitted) + self.DECODE_S
+        return events
+
+
+def test_a_batch_cut_in_its_prefill_is_extrapolated_and_says_so(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(calibrate_module.time, "perf_counter", lambda: clock[0])
+    timing = calibrate_module.time_batch(lambda b: PrefillBackend(clock), PROMPTS, PARAMS, 32, limit_s=20.0,
+                                         fallback_step_s=0.3)
+    # Cut after 5 steps (4.05 s each, 20.25 s) with 10 of 32 first tokens: the prefill scales to 32, and the
+    # step over the whole batch, never seen, is the fallback.
+    assert timing.first_token_s == pytest.approx(20.25 * 32 / 10)
+    assert timing.step_s == 0.3
+    assert timing.seconds == pytest.approx(20.25 * 32 / 10 + (TOKENS - 1) * 0.3)
+    assert "cut at 20 s with 10 of 32 first tokens" in timing.note and "no decode step seen" in timing.note

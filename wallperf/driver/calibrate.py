@@ -21,9 +21,12 @@ within its share of the budget, and each says what it does as it starts:
    shortest prompt first, as its queue (sut.queues) admits the one big query;
    Server's in the data set's order, as arrivals come.
 
-A part cut short by its time share is extrapolated and says so (`notes`): from
-the share of requests that had their first token, and from the widest decode
-step seen. Each part runs on a fresh backend, as each test gets.
+A part cut short by its time share is extrapolated and says so (`notes`): the
+prefill from the share of requests that had their first token; a decode step
+never seen over the whole batch from the widest one seen, and at least one
+request's token (its weights read) plus each row's math at what a prompt token
+cost in that request's prefill. Each part runs on a fresh backend, as each
+test gets.
 What was measured is printed and recorded in results.json (`calibration`).
 """
 from __future__ import annotations
@@ -35,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 from wallperf.driver.plan import Overheads, Plan, plan
-from wallperf.driver.progress import say
+from wallperf.driver.progress import Heartbeat, say
 from wallperf.sut.backends import backend_spec
 from wallperf.sut.scenarios import OFFLINE, scenario
 
@@ -67,15 +70,17 @@ class BatchTiming:
 
 
 def time_batch(make_backend, prompts, params, batch: int, shortest_first: bool = False,
-               limit_s: float = math.inf, fallback_step_s: float | None = None) -> BatchTiming:
+               limit_s: float = math.inf, fallback_step_s: float | None = None,
+               min_decode_steps: int = 0) -> BatchTiming:
     """Time `batch` requests (the first `batch` prompts, cycled, admitted in that order or
-    `shortest_first`) until their rate is known, or `limit_s` has passed (see the module
-    docstring); `fallback_step_s` stands for the batch's step when none was seen."""
+    `shortest_first`) until their rate is known, or `limit_s` has passed and at least
+    `min_decode_steps` decode steps were seen (see the module docstring);
+    `fallback_step_s` stands for the batch's step when none was seen."""
     chosen = [prompts[i % len(prompts)] for i in range(batch)]
     if shortest_first:
         chosen.sort(key=len)
     backend = make_backend(batch)
-    firsts, all_first_s, full_steps, decode_steps, note = 0, None, [], [], None
+    firsts, all_first_s, full_steps, decode_steps, note, cut = 0, None, [], [], None, False
     try:
         for i, prompt in enumerate(chosen):
             backend.add_request(i, prompt, params)
@@ -92,7 +97,8 @@ def time_batch(make_backend, prompts, params, batch: int, shortest_first: bool =
                     full_steps.append(took)
             if all_first_s is None and firsts >= batch:
                 all_first_s = now - start
-            if len(full_steps) >= FULL_STEPS or now - start >= limit_s:
+            cut = now - start >= limit_s and len(decode_steps) >= min_decode_steps
+            if len(full_steps) >= FULL_STEPS or cut:
                 break
         elapsed = time.perf_counter() - start
         unfinished = backend.has_unfinished()
@@ -106,12 +112,15 @@ def time_batch(make_backend, prompts, params, batch: int, shortest_first: bool =
         all_first_s = elapsed
     if full_steps:
         step = statistics.median(full_steps)
+        if cut and unfinished:
+            note = f"cut at {elapsed:.0f} s after {len(full_steps)} decode steps: the rest extrapolated"
     elif decode_steps:
         rows, step = max(decode_steps)
+        step = max(step, fallback_step_s or 0.0)
         note = (note or f"cut at {elapsed:.0f} s") + f"; decode step of {rows} rows stands for {batch}"
     else:
         step = fallback_step_s if fallback_step_s is not None else all_first_s
-        note = (note or f"cut at {elapsed:.0f} s") + "; no decode step seen"
+        note = (note or f"cut at {elapsed:.0f} s") + "; no decode step seen: estimated from one request's"
     return BatchTiming(batch, all_first_s, step, params.max_new_tokens, note)
 
 
@@ -152,21 +161,28 @@ def measure(make_backend, prompts, params, batches, sorted_batches=(),
     def left() -> float:
         return max(budget_s - (time.perf_counter() - started), 0.0)
 
-    say(f"calibrating 1/{steps}: a short request to warm up")
+    say(f"calibrating 1/{steps}: a short request to warm up (a first run also builds the compiled kernels)")
     warm = dataclasses.replace(params, max_new_tokens=WARMUP_TOKENS, min_new_tokens=min(params.min_new_tokens,
                                                                                          WARMUP_TOKENS))
-    time_batch(make_backend, prompts, warm, 1)
+    with Heartbeat(f"calibrating 1/{steps}"):
+        time_batch(make_backend, prompts, warm, 1)
     share = SINGLE_SHARE * left() if sizes else left()
     say(f"calibrating 2/{steps}: one request alone, {params.max_new_tokens} tokens (at most ~{share:.0f} s)")
-    single = time_batch(make_backend, prompts, params, 1, limit_s=share)
+    # A decode step at batch 1 costs little beside a prefill: always see a few.
+    with Heartbeat(f"calibrating 2/{steps}"):
+        single = time_batch(make_backend, prompts, params, 1, limit_s=share, min_decode_steps=3)
+    # Where a batch is cut before its first full decode step: its weights read once (one
+    # token alone), plus each row's math at what a prompt token cost in the prefill.
+    per_row_s = single.first_token_s / len(prompts[0])
     notes = [f"one request: {single.note}"] if single.note else []
     throughput = {}
     for i, b in enumerate(sizes):
         share = left() / (len(sizes) - i)
         how = "shortest prompt first" if b in sorted_batches else "in arrival order"
         say(f"calibrating {3 + i}/{steps}: a batch of {b}, {how} (at most ~{share:.0f} s)")
-        timing = time_batch(make_backend, prompts, params, b, shortest_first=b in sorted_batches,
-                            limit_s=share, fallback_step_s=single.step_s)
+        with Heartbeat(f"calibrating {3 + i}/{steps}"):
+            timing = time_batch(make_backend, prompts, params, b, shortest_first=b in sorted_batches,
+                                limit_s=share, fallback_step_s=single.step_s + b * per_row_s)
         throughput[b] = timing.samples_per_second
         if timing.note:
             notes.append(f"batch {b}: {timing.note}")

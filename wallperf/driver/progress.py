@@ -1,4 +1,5 @@
-"""A progress line on stderr while LoadGen runs: scenario, mode, queries done.
+"""A progress line on stderr while LoadGen runs: scenario, mode, queries done;
+and a heartbeat line while a long step outside LoadGen runs (the calibration).
 
 On a terminal the line is redrawn in place; otherwise (CI, a log file) a plain
 line is printed every `interval_s`, so logs stay readable.
@@ -52,6 +53,31 @@ class Progress:
             self._stop.set()
             self._thread.join()
             self._emit(final=True)
+
+
+class Heartbeat:
+    """While a long step runs (a calibration's part), a line every `interval_s` saying it
+    still runs and for how long, so that minutes without output never look like a hang."""
+
+    def __init__(self, label: str, interval_s: float = 10.0, stream=None):
+        self.label, self.interval_s = label, interval_s
+        self.stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wallperf-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            self.stream.write(f"wallperf: {self.label}: still running, {time.monotonic() - started:.0f} s\n")
+            self.stream.flush()
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def say(msg: str) -> None:

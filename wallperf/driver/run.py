@@ -23,6 +23,7 @@ from wallperf.audit.report import write_run_reports
 from wallperf.audit.submission.system_desc import host_facts
 from wallperf.harness.config import ResolvedRun
 from wallperf.harness.config.benchmarks import BENCHMARKS
+from wallperf.driver.calibrate import planned_run, replan
 from wallperf.driver.find_peak import find_peak, format_curve, try_log_dir
 from wallperf.driver.model import check_synthetic
 from wallperf.driver.one_test import TestSpec, calibrate, log_dir_for
@@ -83,8 +84,15 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
 
         try:
             if opts.calibrate:
-                # The performance tests' load, measured on this machine (in a process of its own).
+                # The performance tests' load, measured on this machine (in a process of its own), then
+                # planned again with what the run spent so far and what that process took to start.
+                before = time.time()
                 resolved, calibration = run_in_process("the calibration", calibrate, (resolved, opts), interrupts)
+                if calibration:
+                    startup = max(time.time() - before - calibration.measurement.seconds, 0.0)
+                    calibration = replan(calibration, time.time() - started, startup)
+                    resolved = planned_run(resolved, calibration)
+                    say(calibration.plan.text())
                 results["config"] = _config(resolved, opts)
                 results["calibration"] = calibration.to_dict() if calibration else None
                 write_json_atomic(results_path, results)

@@ -1,0 +1,221 @@
+"""The plan of a calibrated run: each performance test's load settings, sized from
+the machine's measured speed so that every test can be VALID and the whole run
+fits its budget (BUDGET_S, ten minutes for the default run), and what it will
+cost, said before the tests start.
+
+LoadGen judges a performance test VALID only if it ran for min_duration, issued
+min_query_count queries, met its latency limits, and processed enough queries for
+early stopping. What each scenario needs, and what it costs at the measured speed:
+
+- Offline: `offline_expected_qps` = OFFLINE_MARGIN x the measured throughput at
+  its batch, so LoadGen issues enough samples to outlast min_duration even though
+  a whole test runs faster than one batch from a cold start (its batches refill as
+  sequences finish, over all samples sorted by length: on a 2-core VM the default
+  run's Offline test ran 1.2x the sorted batch's rate, which left a 1.5x margin
+  short of min_duration). The test lasts about 1.1 x OFFLINE_MARGIN x min_duration.
+- SingleStream: `expected_latency_ms` = the measured latency, and
+  `min_query_count` = SINGLE_STREAM_QUERIES, above the 64 queries LoadGen's early
+  stopping needs to judge the 90th percentile; it lasts the longer of min_duration
+  and that many requests one after another.
+- Server (and Interactive): `min_query_count` = SERVER_QUERIES, above the ~460
+  queries with none over the limits that early stopping needs for the 99th
+  percentiles, at `target_qps` = a share of the measured throughput at its batch
+  between SERVER_LOAD and SERVER_MAX_LOAD (light enough for its latency limits);
+  it lasts the longer of min_duration and SERVER_QUERIES / target_qps. It cannot be
+  VALID where one request alone misses its TTFT or TPOT limit: the plan says so.
+- Accuracy tests go over the data set once (at the performance tests' speeds:
+  their answers stop at EOS, no longer than the performance outputs here), and
+  every test's process loads the model first (`per_test_s`).
+
+Sizing: the YAML's min_duration first; if the run would not fit the budget,
+every min_duration drops to MIN_DURATION_S (the query counts above are what
+VALID needs, so they stay), and Server takes a load up to SERVER_MAX_LOAD. If even
+that smallest valid plan is over the budget, the plan says by how much and which
+tests need the time, and the run goes ahead with it. All of it is a pure function
+of the measurement (tests/driver/test_plan.py plays a fast machine, a 2-core AVX2
+VM and one four times slower).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from wallperf.sut.scenarios import OFFLINE, SINGLE_STREAM, scenario
+
+OFFLINE_MARGIN = 2.0
+# LoadGen's Offline test issues its one query and waits for it: about 10% over the issued samples' time.
+OFFLINE_TAIL = 1.1
+SINGLE_STREAM_QUERIES = 80
+SERVER_QUERIES = 480
+SERVER_LOAD = 0.6
+# The most of its measured throughput a Server test is asked to carry to fit the budget.
+SERVER_MAX_LOAD = 0.85
+# The default run, everything from the wall's measurement to the last report, should fit in this.
+BUDGET_S = 600.0
+# The shortest min_duration the plan gives a test to fit the budget.
+MIN_DURATION_S = 10.0
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """What the run costs beside its tests' LoadGen time."""
+
+    spent_s: float = 0.0  # gone before the tests: the wall's measurement, the calibration
+    per_test_s: float = 0.0  # one test process's start: model load, prompts
+    modes: tuple = ("performance",)
+    accuracy_samples: int = 0  # an accuracy test goes over the data set once
+
+
+def settings_of(sc) -> dict:
+    """The load settings the plan chooses for scenario config `sc`."""
+    kind = scenario(sc.name)
+    load = (("offline_expected_qps",) if kind is OFFLINE else ("expected_latency_ms",) if kind is SINGLE_STREAM
+            else ("target_qps",) if kind.server_like else ())
+    return {k: getattr(sc, k) for k in ("min_duration_s", *load, "min_query_count")}
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenarios: tuple  # the ScenarioConfigs with their planned settings
+    predicted_s: dict  # "<scenario> <mode>" -> seconds of LoadGen time
+    overheads: Overheads
+    budget_s: float
+    smallest: bool  # the durations were cut to MIN_DURATION_S to fit
+    cannot_be_valid: tuple  # why a test cannot be VALID on this machine, whatever its settings
+    original: tuple  # the ScenarioConfigs it was given (to plan again with other overheads)
+
+    @property
+    def total_s(self) -> float:
+        o = self.overheads
+        return o.spent_s + o.per_test_s * len(self.predicted_s) + sum(self.predicted_s.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_s <= self.budget_s
+
+    def over_budget_reasons(self) -> list[str]:
+        """The biggest shares of the time, largest first: why the run cannot fit."""
+        by_name = {sc.name: sc for sc in self.scenarios}
+        parts = []
+        for key, seconds in sorted(self.predicted_s.items(), key=lambda kv: -kv[1]):
+            name, mode = key.split(" ")
+            sc, kind = by_name[name], scenario(name)
+            if mode == "accuracy":
+                why = f"{self.overheads.accuracy_samples} samples"
+            elif kind is SINGLE_STREAM:
+                why = f"{sc.min_query_count} queries one after another, {sc.expected_latency_ms / 1e3:.1f} s each"
+            elif kind.server_like:
+                why = f"{sc.min_query_count} queries for early stopping at {sc.target_qps:g} QPS"
+            else:
+                why = f"min_duration {sc.min_duration_s:g} s"
+            parts.append(f"{key} {seconds:.0f} s ({why})")
+        o = self.overheads
+        parts.append(f"{len(self.predicted_s)} test processes starting at {o.per_test_s:.0f} s each, "
+                     f"{o.spent_s:.0f} s before the tests")
+        return parts
+
+    def text(self) -> str:
+        """The plan, said before the tests start."""
+        lines = [f"plan: {len(self.predicted_s)} tests, about {self.total_s / 60:.1f} min in all "
+                 f"(budget {self.budget_s / 60:.0f} min)"
+                 + ("; every min_duration cut to the least, "
+                    f"{MIN_DURATION_S:g} s, to fit" if self.smallest else "")]
+        for sc in self.scenarios:
+            settings = ", ".join(f"{k} {v:g}" for k, v in settings_of(sc).items() if v is not None)
+            for key, seconds in self.predicted_s.items():
+                if key.split(" ")[0] == sc.name:
+                    lines.append(f"  {key}: about {seconds:.0f} s" + (f" ({settings})" if key.endswith(
+                        "performance") else ""))
+        o = self.overheads
+        lines.append(f"  beside them: {o.spent_s:.0f} s already spent (wall, calibration), "
+                     f"{o.per_test_s:.0f} s to start each test's process")
+        if not self.fits:
+            lines.append(f"  OVER BUDGET: even the smallest valid plan takes about {self.total_s / 60:.1f} min, "
+                         f"{(self.total_s - self.budget_s) / 60:.1f} min over; the time goes to: "
+                         + "; ".join(self.over_budget_reasons()) + ". Running it anyway.")
+        for why in self.cannot_be_valid:
+            lines.append(f"  CANNOT BE VALID: {why}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"budget_s": self.budget_s, "predicted_total_s": round(self.total_s, 1), "fits": self.fits,
+                "smallest_valid_plan": self.smallest, "predicted_s": {k: round(v, 1) for k, v in
+                                                                      self.predicted_s.items()},
+                "spent_before_tests_s": round(self.overheads.spent_s, 1),
+                "per_test_process_s": round(self.overheads.per_test_s, 1),
+                "over_budget_reasons": [] if self.fits else self.over_budget_reasons(),
+                "cannot_be_valid": list(self.cannot_be_valid)}
+
+
+def _latency_problems(sc, m) -> list[str]:
+    """Why a Server-like test cannot meet its limits whatever its load: one request alone misses them."""
+    found = []
+    if not scenario(sc.name).server_like:
+        return found
+    if m.ttft_s is not None and sc.ttft_ms is not None and 1e3 * m.ttft_s > sc.ttft_ms:
+        found.append(f"{sc.name}: one request alone takes {1e3 * m.ttft_s:.0f} ms to its first token, over the "
+                     f"p99 TTFT limit of {sc.ttft_ms:g} ms")
+    if m.token_s is not None and sc.tpot_ms is not None and 1e3 * m.token_s > sc.tpot_ms:
+        found.append(f"{sc.name}: one request alone takes {1e3 * m.token_s:.0f} ms a token, over the p99 "
+                     f"TPOT limit of {sc.tpot_ms:g} ms")
+    return found
+
+
+def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | None) -> Plan:
+    """The plan with every min_duration at the YAML's (floor None) or at `floor`."""
+    modes = overheads.modes
+    accuracy = "accuracy" in modes
+    n = overheads.accuracy_samples
+    chosen, predicted = [], {}
+    for sc in scenarios:
+        if floor is not None:
+            sc = dataclasses.replace(sc, min_duration_s=min(sc.min_duration_s, floor))
+        kind = scenario(sc.name)
+        if kind is OFFLINE:
+            rate = m.throughput[sc.max_batch]
+            qps = OFFLINE_MARGIN * rate
+            sc = dataclasses.replace(sc, offline_expected_qps=round(qps, 3))
+            perf, acc = OFFLINE_TAIL * qps * sc.min_duration_s / rate, n / rate
+        elif kind is SINGLE_STREAM:
+            queries = max(sc.min_query_count, SINGLE_STREAM_QUERIES)
+            latency = m.single_stream_latency_s
+            sc = dataclasses.replace(sc, expected_latency_ms=round(1e3 * latency, 1), min_query_count=queries)
+            perf, acc = max(sc.min_duration_s, queries * latency), n * latency
+        elif kind.server_like:
+            # Its load is chosen below, from what the others leave of the budget.
+            sc = dataclasses.replace(sc, min_query_count=max(sc.min_query_count, SERVER_QUERIES))
+            perf = acc = 0.0
+        else:
+            perf, acc = sc.min_duration_s, n * m.single_stream_latency_s
+        chosen.append(sc)
+        if "performance" in modes:
+            predicted[f"{sc.name} performance"] = perf
+        if accuracy:
+            predicted[f"{sc.name} accuracy"] = acc
+    server = [i for i, sc in enumerate(chosen) if scenario(sc.name).server_like]
+    for i in server:
+        sc = chosen[i]
+        capacity = m.throughput[sc.max_batch]
+        # Its share of what the budget leaves, its accuracy test counted at the heaviest load.
+        taken = overheads.spent_s + overheads.per_test_s * len(predicted) + sum(predicted.values())
+        own = n / (SERVER_MAX_LOAD * capacity) if accuracy else 0.0
+        share = max(budget_s - taken - own * len(server), 1.0) / len(server)
+        load = min(max(SERVER_LOAD, sc.min_query_count / share / capacity), SERVER_MAX_LOAD)
+        qps = round(load * capacity, 3)
+        chosen[i] = sc = dataclasses.replace(sc, target_qps=qps)
+        if "performance" in modes:
+            predicted[f"{sc.name} performance"] = max(sc.min_duration_s, sc.min_query_count / qps)
+        if accuracy:
+            # LoadGen issues the data set once at target_qps; the last answer comes a request later.
+            predicted[f"{sc.name} accuracy"] = n / qps + m.single_stream_latency_s
+    problems = tuple(p for sc in chosen for p in _latency_problems(sc, m))
+    return Plan(tuple(chosen), predicted, overheads, budget_s, floor is not None, problems, tuple(scenarios))
+
+
+def plan(scenarios, m, budget_s: float = BUDGET_S, overheads: Overheads = Overheads()) -> Plan:
+    """The run's plan for measurement `m` (wallperf.driver.calibrate.Measurement): the YAML's
+    durations if they fit `budget_s`, else the smallest valid plan (see the module docstring)."""
+    first = _plan(scenarios, m, budget_s, overheads, None)
+    if first.fits or "performance" not in overheads.modes:
+        return first
+    return _plan(scenarios, m, budget_s, overheads, MIN_DURATION_S)
