@@ -292,7 +292,7 @@ def render_report(run_dirs: list[Path], html: Path | None, md: Path | None) -> N
                  if path is not None}
     except ConfigError:
         raise
-    except (KeyError, IndexError, TypeError, AttributeError, ValueError, jinja2.TemplateError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, RecursionError, jinja2.TemplateError) as e:
         # results.json is the user's file: one edited by hand, or cut short, is bad input.
         raise ConfigError(", ".join(str(d) for d in run_dirs), None, "a record is not in the shape `wallperf "
                           f"run` writes ({type(e).__name__}: {e})") from None

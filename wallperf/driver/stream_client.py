@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from wallperf.sut.backends.sse import DONE, RequestFailed, choice_content, choices, error_message, parse_event, usage
-from wallperf.sut.redact import redact
+from wallperf.sut.redact import hold_back, redact
 
 # A stream line longer than this is a broken or hostile server, as sut.backends.openai treats it.
 MAX_LINE_BYTES = 1 << 20
@@ -161,10 +161,11 @@ async def stream_completion(conn: Connection, body: bytes, headers: dict, timing
             detail = b""
             async for line in conn.body_lines(response_headers):
                 detail += line
-                if len(detail) > MAX_ERROR_BODY:
+                # A key's length past the cut: a key that starts before it is whole when redacted.
+                if len(detail) > MAX_ERROR_BODY + hold_back():
                     break
             conn.close()
-            raise RequestFailed(f"HTTP {status}: {error_message(detail[:MAX_ERROR_BODY])}", retryable=False)
+            raise RequestFailed(f"HTTP {status}: {error_message(detail, MAX_ERROR_BODY)}", retryable=False)
         counted, reported, ended = 0, None, False
         # Read to the body's end even past [DONE], so the kept-alive connection is clean.
         async for line in conn.body_lines(response_headers):
