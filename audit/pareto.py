@@ -212,17 +212,25 @@ def concurrency_table(sweep: dict) -> str:
     lines = [f"# Concurrency sweep: {concurrency_series(sweep)['label']}", "",
              "| concurrency | region | system tok/s | tok/s per user (1000/TPOT p90) | TTFT p50/p90/p99 ms | "
              "goodput | decode batch | MBU | MFU | achieved conc. | send lag p99 ms | loop lag p99 ms | "
-             "accuracy | valid |", "|" + "---|" * 14]
+             "accuracy | prefix-cache hits | valid |", "|" + "---|" * 15]
     for p in sweep["points"]:
         t, ck = p.get("ttft_ms") or {}, p["client"]
         acc = p.get("accuracy")
-        lines.append(
-            f"| {p['concurrency']} | {p.get('region') or '-'} | {_fmt(p['system_tokens_per_second'], '.1f')} | "
-            f"{_fmt(p['tokens_per_second_per_user'], '.2f')} | {_fmt(t.get('p50'), '.0f')}/{_fmt(t.get('p90'), '.0f')}/"
-            f"{_fmt(t.get('p99'), '.0f')} | {_fmt(p['goodput']['share'], '.0%')} | {_fmt(p.get('mean_decode_batch'), '.1f')} | "
-            f"{_fmt(p.get('decode_mbu'), '.0%')} | {_fmt(p.get('decode_mfu'), '.1%')} | {ck['achieved_concurrency']:.2f} | "
-            f"{_fmt((ck['send_lag_ms'] or {}).get('p99'), '.2f')} | {_fmt((ck['loop_lag_ms'] or {}).get('p99'), '.2f')} | "
-            f"{_fmt(acc and acc['exact_match'], '.1%')} | {'yes' if p['valid'] else 'no: ' + '; '.join(p['invalid_reasons'])} |")
+        cells = [str(p["concurrency"]), p.get("region") or "-", _fmt(p["system_tokens_per_second"], ".1f"),
+                 _fmt(p["tokens_per_second_per_user"], ".2f"),
+                 "/".join(_fmt(t.get(k), ".0f") for k in ("p50", "p90", "p99")),
+                 _fmt(p["goodput"]["share"], ".0%"), _fmt(p.get("mean_decode_batch"), ".1f"),
+                 _fmt(p.get("decode_mbu"), ".0%"), _fmt(p.get("decode_mfu"), ".1%"),
+                 f"{ck['achieved_concurrency']:.2f}", _fmt((ck["send_lag_ms"] or {}).get("p99"), ".2f"),
+                 _fmt((ck["loop_lag_ms"] or {}).get("p99"), ".2f"), _fmt(acc and acc["exact_match"], ".1%"),
+                 _cache(p.get("prefix_cache")), "yes" if p["valid"] else "no: " + "; ".join(p["invalid_reasons"])]
+        lines.append("| " + " | ".join(cells) + " |")
     if sweep.get("rules_problems"):
         lines += ["", "Not as the Endpoints rules ask: " + "; ".join(sweep["rules_problems"])]
     return "\n".join(lines) + "\n"
+
+
+def _cache(cache: dict | None) -> str:
+    if cache is None:
+        return "-"
+    return _fmt(cache["hit_rate"], ".0%") if cache["exposed"] else "not exposed"

@@ -6,7 +6,8 @@ window (wallperf.driver.concurrency_points: the rules' 600 s / 1,200 s with
 --official, short ones otherwise) and reports, by audit.endpoints: system
 tokens/s, tokens/s per user (1000 / TPOT p90), TTFT p50/p90/p99 at the first
 non-empty fragment, goodput against the Server scenario's TTFT and TPOT limits,
-failures per replica, and the client's self-check. With --accuracy, every
+failures per replica, the client's self-check, and the servers' prefix-cache
+hit rate where they expose one (wallperf.driver.prefix_cache). With --accuracy, every
 point is followed by an MMLU exact-match pass at the same concurrency
 (unsalted, every question once), as the rules ask of single-turn benchmarks.
 
@@ -43,6 +44,7 @@ from wallperf.driver.in_process_load import answer_all, closed_loop
 from wallperf.driver.model import model_shape
 from wallperf.driver.one_test import prepare, sampling_params
 from wallperf.driver.peers import kv_storage_bytes, roofline_counts
+from wallperf.driver.prefix_cache import hit_rate, scrape
 from wallperf.driver.progress import say
 from wallperf.driver.salt import salt_plan
 from wallperf.sut.backends import create
@@ -116,13 +118,16 @@ def _sweep(args, resolved, levels, workers, out: Path, wall_from_profile: bool) 
         span = window_s(c, args.official, args.window)
         say(f"sweep: point {i}/{len(levels)}: concurrency {c}, {args.warmup:g} s warm-up + {span:g} s window")
         if remote:
+            before = [scrape(u) for u in run.openai.endpoints]
             records, window, lags = _remote_point(args, resolved, prompts, params, plan, c, workers, span)
+            cache = hit_rate(before, [scrape(u) for u in run.openai.endpoints])
             engine = None
         else:
             records, window, engine = _local_point(args, resolved, loaded, prompts, params, plan, c, span)
             lags = None
         point = point_figures(records, window, c, limits, lags, args.lag_limit_ms)
         point["region"] = regions.region_of(c) if regions else None
+        point["prefix_cache"] = cache if remote else None
         point.update(_engine_figures(engine, cost, point))
         if args.accuracy and workload.questions:
             point["accuracy"] = _accuracy(resolved, loaded, workload, c)

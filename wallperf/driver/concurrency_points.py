@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from wallperf.audit.endpoints import LAG_LIMIT_MS
+from wallperf.harness.config import positive
 
 ULTRA_LOW_MAX = 32
 MIN_POINTS, MAX_POINTS = 7, 32
@@ -124,15 +125,17 @@ def add_concurrency_options(p) -> None:
     """`wallperf sweep`'s options of the concurrency mode."""
     p.add_argument("--concurrency", help="fixed-concurrency points (MLPerf Endpoints) instead of --qps: a comma "
                    "list, or 'auto': --points levels placed as the rules place them, 1 to --max-concurrency")
-    p.add_argument("--max-concurrency", type=int, default=64, help="auto: the highest concurrency (C_max, > 32)")
-    p.add_argument("--points", type=int, default=7, help="auto: how many points, 7-32 (default 7)")
+    p.add_argument("--max-concurrency", type=positive(int), default=64,
+                   help="auto: the highest concurrency (C_max, > 32)")
+    p.add_argument("--points", type=positive(int), default=7, help="auto: how many points, 7-32 (default 7)")
     p.add_argument("--official", action="store_true", help="the rules' steady-state windows (600 s up to "
                    "concurrency 32, 1,200 s above) instead of --window")
-    p.add_argument("--window", type=float, default=20.0, help="seconds of steady state per point (default 20)")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds before each window (default 5)")
+    p.add_argument("--window", type=positive(float), default=20.0,
+                   help="seconds of steady state per point (default 20)")
+    p.add_argument("--warmup", type=positive(float), default=5.0, help="seconds before each window (default 5)")
     p.add_argument("--client-workers", default="1", help="client processes sending the load to endpoints "
                    "(default 1)")
-    p.add_argument("--lag-limit-ms", type=float, default=LAG_LIMIT_MS, help="the p99 send lag and event-loop "
+    p.add_argument("--lag-limit-ms", type=positive(float), default=LAG_LIMIT_MS, help="the p99 send lag and event-loop "
                    f"lag above which a point is invalid: the client fell behind (default {LAG_LIMIT_MS:g})")
     p.add_argument("--salt", action="store_true", help="a 64-bit salt per query between the system prompt and "
                    "the user's content, so a prefix cache reuses the system prompt only")
