@@ -31,6 +31,7 @@ def test_step_bytes_counts_weights_once_and_the_kv_read(tie):
 def test_bench_reports_each_row_count_path_and_thread(monkeypatch):
     model = tiny(True)
     monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
+    monkeypatch.setattr(bench_decode, "read_bandwidth", lambda *a: 8.0)
     monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
     shape = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
                        tie_embeddings=True)
@@ -47,12 +48,20 @@ def test_bench_reports_each_row_count_path_and_thread(monkeypatch):
         assert r["fraction_of_copy"] == pytest.approx(r["gbps"] / 10.0)
         assert r["tflops"] == pytest.approx(r["rows"] * flops_per_token(shape, r["context"]) / seconds / 1e12)
         assert r["fraction_of_peak"] == pytest.approx(r["tflops"] / 0.5)
+        # The roofline: the slower of reading the bytes at the read-only bandwidth and the FLOPs at the peak.
+        memory = bench_decode.step_bytes(model, r["context"], r["rows"]) / 8e9
+        compute = r["rows"] * flops_per_token(shape, r["context"]) / 0.5e12
+        assert r["roofline_ms"] == pytest.approx(max(memory, compute) * 1e3)
+        assert r["bound"] == ("memory" if memory >= compute else "compute")
+        assert r["roofline_ratio"] == pytest.approx(seconds / max(memory, compute))
     text = bench_decode.format_report(report, "tiny")
     assert "fused" in text and "eager" in text and "10.0 GB/s" in text and "0.500 TFLOP/s" in text
+    assert "read-only 8.0 GB/s" in text and f"CPU kernels: {report['cpu_isa']}" in text
 
 
 def test_bench_times_only_the_paths_and_threads_asked_for(monkeypatch):
     monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
+    monkeypatch.setattr(bench_decode, "read_bandwidth", lambda *a: 8.0)
     monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
     shape = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
                        tie_embeddings=True)
