@@ -91,11 +91,6 @@ def create(kind: str, loaded, max_batch: int, max_seq_len: int, openai=None, kv_
 
         if openai.routing == REPLICAS:
             return ReplicaBackend.create(loaded, max_batch=max_batch, openai=openai)
-    if openai is not None:
-        from wallperf.sut.backends.replicas import REPLICAS, ReplicaBackend
-
-        if openai.routing == REPLICAS:
-            return ReplicaBackend.create(loaded, max_batch=max_batch, openai=openai)
     spec = backend_spec(kind)
     if kv_dtype is not None and not spec.native_engine:
         raise ValueError(f"an fp8 KV cache is the native engine's; backend {kind!r} keeps its own")

@@ -30,6 +30,12 @@ REPLICAS = "replicas"
 class ReplicaBackend:
     name = "openai"
 
+    @classmethod
+    def create(cls, loaded, *, max_batch: int, openai, **_):
+        """Over the run's `openai:` section (harness.config.OpenAIConfig); `loaded` carries the tokenizer."""
+        return cls(list(openai.endpoints), openai.model, max_concurrency=max_batch, timeout_s=openai.timeout_s,
+                   retries=openai.retries, tokenizer=loaded.tokenizer, api_key_env=openai.api_key_env)
+
     def __init__(self, endpoints: list[str], model: str, max_concurrency: int, timeout_s: float = 60.0,
                  retries: int = 2, tokenizer=None, api_key_env: str = "OPENAI_API_KEY"):
         if len(endpoints) < 2:
@@ -47,7 +53,7 @@ class ReplicaBackend:
         self._latency_s = [[] for _ in endpoints]
 
     def __repr__(self) -> str:
-        return f"ReplicaBackend({[r for r in self._replicas]})"
+        return f"ReplicaBackend({self._replicas})"
 
     @property
     def free_slots(self) -> int:
