@@ -92,9 +92,9 @@ def place_points(c_max: int, n: int = MIN_POINTS, c_min: int = 1) -> list[int]:
 
 
 def check_points(points: list[int]) -> tuple[Regions | None, list[str]]:
-    """The regions the points define (C_min their lowest, C_max their highest outside the
-    margin is not known: the highest point is taken as C_max) and what the rules would
-    refuse in them, one line each; an empty list when they meet section 5.3."""
+    """The regions the points define (C_min their lowest; C_max, which a submitter declares,
+    taken as their highest) and what section 5.3 would refuse in them, one line each
+    (none when they meet it)."""
     problems = []
     if not MIN_POINTS <= len(points) <= MAX_POINTS:
         problems.append(f"{len(points)} points: the rules ask for {MIN_POINTS}-{MAX_POINTS}")
