@@ -33,6 +33,15 @@ reader can see exactly why a figure was flagged. What is flagged:
 - warning `incomplete`: results.json of an interrupted run.
 - info `no_roofline`: a performance run with tokens/s but no memory wall to
   read it against (the run's hardware or model shape was unknown).
+- error `speedup_above_prediction`: a speculative run's speedup over the same
+  engine without speculation is more than 5% above the roofline's prediction
+  from its own acceptance ((target bytes per verify + k x draft bytes) per
+  accepted tokens): the baseline was not memory-bound or was slowed, or the
+  figures were mismeasured.
+- error `speedup_without_exactness`: a speculative speedup quoted without an
+  exactness audit (`wallperf audit speculative`), and `speculation_not_exact`
+  with one that failed: MLPerf admits speculation only where the output is
+  greedy decoding's, token for token.
 """
 from __future__ import annotations
 
@@ -199,6 +208,32 @@ def check_test06(run: dict) -> list[tuple[Severity, str, str]]:
     return [("error", "test06_failed", "TEST06 failed" + (f": {', '.join(failed)}" if failed else ""))]
 
 
+# Noise allowed above the speculative prediction before it is flagged.
+SPECULATIVE_TOLERANCE = 0.05
+
+
+def check_speculative(run: dict) -> list[tuple[Severity, str, str]]:
+    spec = run.get("speculative")
+    if not isinstance(spec, dict) or spec.get("measured_speedup") is None:
+        return []
+    found, measured, predicted = [], spec["measured_speedup"], spec.get("predicted_speedup")
+    if predicted is not None and measured > predicted * (1 + SPECULATIVE_TOLERANCE):
+        found.append(("error", "speedup_above_prediction",
+                      f"speculative speedup {_figure(measured)}x is above the roofline's {_figure(predicted)}x "
+                      f"predicted from the run's own acceptance: the baseline was not memory-bound or was "
+                      f"slowed, or a figure is wrong"))
+    exactness = spec.get("exactness")
+    if not isinstance(exactness, dict) or exactness.get("verdict") is None:
+        found.append(("error", "speedup_without_exactness",
+                      f"speculative speedup {_figure(measured)}x quoted without an exactness audit "
+                      "(wallperf audit speculative): the outputs may not be greedy decoding's"))
+    elif exactness["verdict"] != "PASS":
+        found.append(("error", "speculation_not_exact",
+                      f"the exactness audit failed ({exactness.get('share_identical')} of outputs identical "
+                      "to greedy decoding): its speedup is not a valid result"))
+    return found
+
+
 def audit_results(results: dict) -> list[Finding]:
     """Every finding for a results.json, errors first, then in run order."""
     findings = []
@@ -209,6 +244,7 @@ def audit_results(results: dict) -> list[Finding]:
         cfg = scenario_config(results, run.get("scenario"))
         label = run_label(index, run)
         for check in (check_scenario(run), check_validity(run), check_roofline(run),
-                      check_latency_limits(run, cfg), check_test06(run), check_submission(run, cfg)):
+                      check_latency_limits(run, cfg), check_test06(run), check_submission(run, cfg),
+                      check_speculative(run)):
             findings.extend(Finding(sev, label, code, msg) for sev, code, msg in check)
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))

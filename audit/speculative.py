@@ -76,6 +76,18 @@ class SpecAudit:
         return "\n".join(lines)
 
 
+def results_record(result: SpecAudit, args) -> dict:
+    """The audit as a results.json with one SingleStream run: its tokens/s, and a
+    `speculative` section with the figures and the exactness verdict that
+    audit.perf_audit checks (a speedup above the prediction, or without exactness)."""
+    f = result.figures
+    return {"complete": True, "runs": [{
+        "scenario": "SingleStream", "mode": "performance", "model": args.model, "backend": args.backend,
+        "dtype": args.dtype, "metrics": {"tokens_per_second": f.get("candidate_tokens_per_s")},
+        "speculative": {**f, "exactness": {"verdict": result.verdict, "share_identical": result.share_identical,
+                                           "prompts": result.prompts}}}]}
+
+
 def compare(reference: dict, candidate: dict, ref_margins: dict | None = None, cand_margins: dict | None = None,
             min_identical: float | None = None) -> SpecAudit:
     """Token lists per prompt id on both sides (the same ids) -> the audit."""
@@ -164,6 +176,8 @@ def add_parser(subparsers=None) -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--min-identical", type=float, help="pass at this share in [0, 1] (MLPerf: 1)")
     a.add_argument("--json", action="store_true")
+    a.add_argument("--out", type=Path, help="also write the figures and verdict as a results.json here "
+                   "(a SingleStream run record with a 'speculative' section, for the perf audit)")
     return a
 
 
@@ -295,5 +309,10 @@ def main(argv=None) -> int:
     except (ValueError, ConfigError, ArtifactError, DatasetError) as e:
         print(f"wallperf audit speculative: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.out:
+        from wallperf.sut.atomic import atomic_file
+
+        with atomic_file(args.out) as f:
+            f.write(json.dumps(results_record(result, args), indent=2).encode())
     print(json.dumps(result.to_json(), indent=2) if args.json else result.summary())
     return EXIT_PASS if result.verdict == "PASS" else EXIT_FAIL

@@ -163,3 +163,43 @@ def test_openai_backend_against_two_servers_and_a_saved_file(tiny_llama_folder, 
         for stop in stops:
             stop()
         torch.set_num_threads(threads)
+
+
+def spec_run(measured, predicted, verdict="PASS"):
+    spec = {"measured_speedup": measured, "predicted_speedup": predicted}
+    if verdict is not None:
+        spec["exactness"] = {"verdict": verdict, "share_identical": 1.0 if verdict == "PASS" else 0.9}
+    return {"scenario": "SingleStream", "mode": "performance", "metrics": {"tokens_per_second": 10.0},
+            "speculative": spec}
+
+
+def spec_codes(run) -> set:
+    from wallperf.audit.perf_audit import audit_results
+
+    return {f.code for f in audit_results({"runs": [run]})} & {
+        "speedup_above_prediction", "speedup_without_exactness", "speculation_not_exact"}
+
+
+def test_perf_audit_flags_a_speedup_above_the_prediction():
+    assert spec_codes(spec_run(1.5, 1.6)) == set()
+    assert spec_codes(spec_run(1.65, 1.6)) == set()  # within 5% of noise
+    assert spec_codes(spec_run(1.8, 1.6)) == {"speedup_above_prediction"}
+
+
+def test_perf_audit_flags_a_speedup_without_a_passing_exactness_audit():
+    assert spec_codes(spec_run(1.5, 1.6, verdict=None)) == {"speedup_without_exactness"}
+    assert spec_codes(spec_run(1.5, 1.6, verdict="FAIL")) == {"speculation_not_exact"}
+
+
+def test_the_audit_writes_a_record_the_perf_audit_reads(tiny_llama_folder, tmp_path, capsys):
+    from wallperf.audit.perf_audit import audit_results
+
+    out = tmp_path / "results.json"
+    rc = audit.main(["--model", str(tiny_llama_folder), "--draft", "ngram", "--dtype", "float32",
+                     "--num-prompts", "2", "--max-new-tokens", "6", "--out", str(out)])
+    assert rc == 0 and "-> PASS" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    [run] = record["runs"]
+    assert run["speculative"]["exactness"]["verdict"] == "PASS"
+    assert run["metrics"]["tokens_per_second"] == run["speculative"]["candidate_tokens_per_s"]
+    assert not {f.code for f in audit_results(record)} & {"speedup_without_exactness", "speculation_not_exact"}
