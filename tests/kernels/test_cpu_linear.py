@@ -159,6 +159,16 @@ def test_prefill_rows_take_the_packed_gemm_off_the_avx512bf16_path(cpu_path, mon
     torch.testing.assert_close(out.float(), reference(x, weight), rtol=RTOL, atol=ATOL)
 
 
+def test_a_prefill_weight_changed_in_place_is_packed_again(cpu_path):
+    """cpu_linear keeps each weight's packing for prefill; an in-place change of the
+    weight (its version counter) must not leave the old packing in use."""
+    x, weight = bf16_randn(40, 96, seed=32), bf16_randn(70, 96, seed=33)
+    first = cpu_linear(x, weight)
+    torch.testing.assert_close(first.float(), reference(x, weight), rtol=RTOL, atol=ATOL)
+    weight.mul_(-2)
+    torch.testing.assert_close(cpu_linear(x, weight).float(), reference(x, weight), rtol=RTOL, atol=ATOL)
+
+
 def rows_alone(op, x):
     return torch.cat([op(x[i:i + 1]) for i in range(x.size(0))])
 
