@@ -13,6 +13,7 @@ from pathlib import Path
 
 from wallperf.harness.config import ConfigError
 from wallperf.harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front
+from wallperf.harness.hardware.roofline import utilization_problems
 from wallperf.harness.loadgen.results import write_figure_atomic
 
 # Batches the predicted front is drawn through.
@@ -46,6 +47,7 @@ def sweep_point(target_qps: float, record: dict, cost: StepCost | None) -> dict:
         "mean_decode_context": context,
         "decode_mbu": None,
         "decode_mfu": None,
+        "untrusted_reasons": [],
         "front_batch": None, "front_system_tokens_per_second": None, "front_share": None,
         "valid": record.get("valid"),
         "log_dir": record.get("log_dir"),
@@ -54,6 +56,7 @@ def sweep_point(target_qps: float, record: dict, cost: StepCost | None) -> dict:
         # The run's own decode MBU reads one step at its batch and context, both rounded: so here.
         point["decode_mbu"] = cost.memory_floor_s(max(1, round(batch)), round(context)) / (tpot_p50 / 1e3)
         point["decode_mfu"] = decode_mfu(cost, batch, context, tpot_p50 / 1e3)
+        point["untrusted_reasons"] = utilization_problems(point)
         if tps and per_user:
             point.update(place_on_front(cost, context, tps, per_user))
     return point
@@ -220,11 +223,15 @@ def concurrency_table(sweep: dict) -> str:
                  _fmt(p["tokens_per_second_per_user"], ".2f"),
                  "/".join(_fmt(t.get(k), ".0f") for k in ("p50", "p90", "p99")),
                  _fmt(p["goodput"]["share"], ".0%"), _fmt(p.get("mean_decode_batch"), ".1f"),
-                 _fmt(p.get("decode_mbu"), ".0%"), _fmt(p.get("decode_mfu"), ".1%"),
+                 _fmt(p.get("decode_mbu"), ".0%") + ("!" if p.get("untrusted_reasons") else ""),
+                 _fmt(p.get("decode_mfu"), ".1%") + ("!" if p.get("untrusted_reasons") else ""),
                  f"{ck['achieved_concurrency']:.2f}", _fmt((ck["send_lag_ms"] or {}).get("p99"), ".2f"),
                  _fmt((ck["loop_lag_ms"] or {}).get("p99"), ".2f"), _fmt(acc and acc["exact_match"], ".1%"),
                  _cache(p.get("prefix_cache")), "yes" if p["valid"] else "no: " + "; ".join(p["invalid_reasons"])]
         lines.append("| " + " | ".join(cells) + " |")
+    untrusted = [f"! concurrency {p['concurrency']}: NOT TRUSTED: " + "; ".join(p["untrusted_reasons"])
+                 for p in sweep["points"] if p.get("untrusted_reasons")]
+    lines += ["", *untrusted] if untrusted else []
     if sweep.get("rules_problems"):
         lines += ["", "Not as the Endpoints rules ask: " + "; ".join(sweep["rules_problems"])]
     return "\n".join(lines) + "\n"

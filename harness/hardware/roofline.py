@@ -110,6 +110,25 @@ def memory_wall(shape: LlamaConfig, hardware: HardwareConfig, dtype: str, contex
     return hardware.bandwidth_gbps * 1e9 / bytes_per_token(shape, dtype, context, **counts)
 
 
+# Utilizations a figure can have, and what each is a share of.
+UTILIZATIONS = {"mbu": "the wall's bandwidth", "decode_mbu": "the wall's bandwidth (decode steps)",
+                "mfu": "the peak of the kernel in use", "decode_mfu": "the peak of the kernel in use (decode steps)"}
+
+
+def utilization_problems(figures: dict) -> list[str]:
+    """Why `figures` (a roofline record, a sweep point) cannot be trusted: every utilization
+    above 1, which no machine reaches. An MFU above 1 means the peak was not that of the
+    kernel that ran (torch's emulated bf16 matmul on a CPU without bf16 math once gave 897%)
+    or the FLOP count is wrong; an MBU above 1, the bandwidth or the byte count."""
+    found = []
+    for key, of in UTILIZATIONS.items():
+        value = figures.get(key)
+        if isinstance(value, (int, float)) and value > 1:
+            cause = "the peak or the FLOP count" if "mfu" in key else "the bandwidth or the byte count"
+            found.append(f"{key} {value:.2f} is above 1 ({of}): {cause} is wrong")
+    return found
+
+
 def run_roofline(shape: LlamaConfig, hardware: HardwareConfig, dtype: str, tokens_per_second: float,
                  batch: int, context: float, prompt_tokens: float = 0.0, output_tokens: float = 1.0,
                  **counts) -> dict:

@@ -120,7 +120,7 @@ def time_batch(make_backend, prompts, params, batch: int, shortest_first: bool =
         note = (note or f"cut at {elapsed:.0f} s") + f"; decode step of {rows} rows stands for {batch}"
     else:
         step = fallback_step_s if fallback_step_s is not None else all_first_s
-        note = (note or f"cut at {elapsed:.0f} s") + "; no decode step seen: estimated from one request's"
+        note = (note or f"cut at {elapsed:.0f} s") + "; no decode step seen: estimated from the lone request's token and prefill"
     return BatchTiming(batch, all_first_s, step, params.max_new_tokens, note)
 
 

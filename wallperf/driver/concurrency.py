@@ -35,6 +35,7 @@ from wallperf.audit.endpoints import point_figures
 from wallperf.audit.pareto import FRONT_BATCHES, concurrency_series, concurrency_table, write_concurrency_png
 from wallperf.harness.config import ConfigError
 from wallperf.harness.hardware.front import StepCost, decode_mfu, front_rows, place_on_front, step_cost
+from wallperf.harness.hardware.roofline import utilization_problems
 from wallperf.harness.hardware.wall import run_wall
 from wallperf.harness.loadgen.qsl import parse_answer_letter
 from wallperf.harness.loadgen.results import wallperf_version, write_json_atomic
@@ -209,6 +210,7 @@ def _engine_figures(engine: dict | None, cost: StepCost | None, point: dict) -> 
         return fig
     fig["decode_mbu"] = cost.memory_floor_s(max(1, round(batch)), round(context)) / (tpot / 1e3)
     fig["decode_mfu"] = decode_mfu(cost, batch, context, tpot / 1e3)
+    fig["untrusted_reasons"] = utilization_problems(fig)
     if point["system_tokens_per_second"] and point["tokens_per_second_per_user"]:
         placed = place_on_front(cost, context, point["system_tokens_per_second"], point["tokens_per_second_per_user"])
         fig["front_share"] = placed.get("front_share")

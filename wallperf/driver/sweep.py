@@ -185,7 +185,8 @@ def _point_line(p: dict) -> str:
             f"{f(p['tokens_per_second_per_user'], '.1f')} tok/s per user, TTFT p99 {f(p['ttft_ms_p99'], '.0f')} ms, "
             f"TPOT p99 {f(p['tpot_ms_p99'], '.0f')} ms, goodput {f(p['goodput_share'], '.0%')}, "
             f"decode batch {f(p['mean_decode_batch'], '.1f')}, decode MBU {f(p['decode_mbu'], '.0%')}, "
-            f"MFU {f(p['decode_mfu'], '.0%')}, {f(p['front_share'], '.0%')} of the front")
+            f"MFU {f(p['decode_mfu'], '.0%')}, {f(p['front_share'], '.0%')} of the front"
+            + ("; NOT TRUSTED: " + "; ".join(p["untrusted_reasons"]) if p.get("untrusted_reasons") else ""))
 
 
 def _child(run_args: list[str], extra: list[str], out: Path, interrupts: Interrupts) -> dict:

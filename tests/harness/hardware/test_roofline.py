@@ -264,3 +264,49 @@ def test_cli_plot_draws_measured_points(tmp_path, capsys):
                       "--results", str(tmp_path)], capsys)
     svg = out.read_text()
     assert rc == 0 and "<svg" in svg and "Offline (batch 32)" in svg
+
+
+def test_an_mfu_above_one_is_flagged_with_its_reason():
+    """The AVX2 VM's story: an Offline run set against torch's emulated bf16 matmul (0.00077
+    TFLOP/s) gave MFU 897%; against the fp32 FMA peak the engine's bf16 can at best reach
+    (0.123 TFLOP/s) the same run is a plausible share of it, and nothing is flagged."""
+    from wallperf.audit.perf_audit import roofline_trust
+    from wallperf.harness.hardware.roofline import utilization_problems
+
+    shape = load_model_config("smollm2-135m").shape
+    cpu = load_hardware_config("cpu")
+    run = dict(tokens_per_second=30.0, batch=32, context=200, prompt_tokens=160, output_tokens=64)
+    emulated = run_roofline(shape, dataclasses.replace(cpu, peak_tflops={"bfloat16": 0.00077}), "bfloat16", **run)
+    fp32_fma = run_roofline(shape, dataclasses.replace(cpu, peak_tflops={"bfloat16": 0.123}), "bfloat16", **run)
+    # By hand: 30 tok/s x (decode + the prompt's prefill share) FLOPs per output token, over the peak.
+    flops = flops_per_token(shape, 200) + 160 * flops_per_token(shape, 80) / 64
+    assert fp32_fma["mfu"] == pytest.approx(30 * flops / 0.123e12, rel=0.05) and fp32_fma["mfu"] < 1
+    assert emulated["mfu"] > 1
+    problems = utilization_problems(emulated)
+    assert problems == [f"mfu {emulated['mfu']:.2f} is above 1 (the peak of the kernel in use): the peak or the "
+                        "FLOP count is wrong"]
+    assert utilization_problems(fp32_fma) == []
+    # The run record says so too, and its summary line does not print it quietly.
+    assert roofline_trust(emulated)["trusted"] is False and roofline_trust(fp32_fma)["trusted"] is True
+
+
+def test_sweep_points_flag_impossible_utilizations():
+    from wallperf.audit.pareto import sweep_point
+    from wallperf.driver.sweep import _point_line
+    from wallperf.harness.hardware.front import StepCost
+
+    record = {"metrics": {"tokens_per_second": 100.0, "tpot_ms": {"p50": 50.0, "p99": 60.0},
+                          "ttft_ms": {"p99": 500.0}},
+              "engine": {"mean_decode_batch": 4.0, "mean_decode_context": 100.0}, "goodput": {"share": 1.0}}
+
+    def cost(peak):
+        return StepCost(weight_bytes=270e6, kv_bytes_per_position=46080, flops_per_token=2.7e8,
+                        flops_per_position=1e5, bandwidth_bytes_per_s=22.3e9, peak_flops_per_s=peak)
+
+    good, bad = sweep_point(1.0, record, cost(0.123e12)), sweep_point(1.0, record, cost(0.77e9))
+    # By hand: 4 rows x (2.7e8 + 1e5 x 100) FLOPs in 50 ms, over each peak.
+    assert good["decode_mfu"] == pytest.approx(4 * 2.8e8 / 0.05 / 0.123e12)
+    assert good["untrusted_reasons"] == [] and "NOT TRUSTED" not in _point_line(good)
+    assert bad["decode_mfu"] == pytest.approx(4 * 2.8e8 / 0.05 / 0.77e9) and bad["decode_mfu"] > 1
+    assert bad["untrusted_reasons"][0].startswith("decode_mfu 29.09 is above 1")
+    assert "; NOT TRUSTED: decode_mfu 29.09 is above 1" in _point_line(bad)
