@@ -106,3 +106,74 @@ def test_no_key_on_disk_or_stderr(hostile_url, tmp_path):
     assert b"***" in (out / "results.json").read_bytes()
     for path in written:
         assert path.stat().st_mode & 0o777 == 0o644 or path.suffix not in (".json", ".html", ".md"), path
+
+
+# Not a word of the reports in any 8 characters of it (unlike "wallperf" in KEY).
+CUT_KEY = "sk-cut-5f0e9d8c7b6a4321fedcba"
+
+
+class _CuttingHandler(BaseHTTPRequestHandler):
+    """401s that defeat a redaction done after the cut or over serialized JSON: the key
+    padded to straddle the error body's cut (bare and upper-cased, a different offset
+    each request), and a bearer token beside an escaped quote in a message that is an object."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        from wallperf.sut.backends.openai import MAX_ERROR_BODY
+
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        n = next(self.server.count)
+        if n % 3 == 0:
+            body = (" " * (MAX_ERROR_BODY - len(CUT_KEY) + n % 17 - 8) + CUT_KEY).encode()
+        elif n % 3 == 1:
+            said = f"Incorrect API key provided: {CUT_KEY.upper()}"
+            body = (" " * (MAX_ERROR_BODY - len(said) + n % 17 - 4) + said).encode()
+        else:
+            body = json.dumps({"error": {"message": {"detail": 'Authorization: Bearer tok-3141592653"\\',
+                                                     "echo": CUT_KEY}}}).encode()
+        self.send_response(401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_no_piece_of_a_key_cut_at_the_error_body_nor_of_an_odd_password(tmp_path):
+    import itertools
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CuttingHandler)
+    server.daemon_threads = True
+    server.count = itertools.count()
+    threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
+    password, query_key = 'p@ss/w#rd?x"y z', "qk-2718281828459"
+    url = f"http://zorro:{password}@127.0.0.1:{server.server_address[1]}/v1?api_key={query_key}"
+    out = tmp_path / "out"
+    run_yaml = tmp_path / "hostile.yaml"
+    run_yaml.write_text(json.dumps({"model": "smollm2-135m", "hardware": "cpu", "dataset": "mmlu",
+                                    "scenarios": ["SingleStream"], "backend": "openai",
+                                    "openai": {"endpoints": [url], "model": "m", "retries": 0}}))
+    env = {**os.environ, "OPENAI_API_KEY": CUT_KEY, "PYTHONPATH": str(REPO)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "wallperf.cli", "run", "--config", str(run_yaml), "--duration", "1",
+             "--max-samples", "6", "--output-tokens", "4", "--out", str(out), "--no-progress"],
+            cwd=tmp_path, env=env, capture_output=True, timeout=600)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    # Valid JSON, whatever the reasons held.
+    results = json.loads((out / "results.json").read_text())
+    reasons = [r for run in results["runs"] for r in run["client"]["failure_reasons"]]
+    assert any("***" in r for r in reasons) and any("Bearer ***" in r for r in reasons), reasons
+    assert results["config"]["run"]["openai"]["endpoints"] == [f"http://127.0.0.1:{server.server_address[1]}/v1"]
+    # Pieces of the key of 8 characters or more, in any case, and the password's parts.
+    pieces = {CUT_KEY[i:i + 8].lower() for i in range(len(CUT_KEY) - 7)}
+    written = [p for p in out.rglob("*") if p.is_file()]
+    for blob, where in [(p.read_bytes(), p) for p in written] + [(proc.stderr + proc.stdout, "stderr/stdout")]:
+        low = blob.decode("utf-8", "replace").lower()
+        assert not {f for f in pieces if f in low}, where
+        for secret in ("p@ss", "w#rd", 'x"y z', "zorro", query_key, "tok-3141592653"):
+            assert secret.lower() not in low, (secret, where)
