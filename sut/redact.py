@@ -101,15 +101,41 @@ def _secret_spans(text: str, secret: str) -> list[tuple[int, int]]:
             while k > 0 and start > 0 and _same(text[start - 1], secret[k - 1]):
                 start, k = start - 1, k - 1
         spans.append((start, end))
-    for k in range(min(n - 1, len(text)), MIN_EDGE_FRAGMENT - 1, -1):
-        if _same(text[len(text) - k:], secret[:k]):
-            spans.append((len(text) - k, len(text)))
-            break
-    for k in range(min(n - 1, len(text)), MIN_EDGE_FRAGMENT - 1, -1):
-        if _same(text[:k], secret[n - k:]):
-            spans.append((0, k))
-            break
+    if (k := _edge_prefix(text[-(n - 1):], secret)) is not None:
+        spans.append((len(text) - k, len(text)))
+    if (k := _edge_suffix(text[:n - 1], secret)) is not None:
+        spans.append((0, k))
     return spans
+
+
+def _lower(text: str) -> str:
+    """`text` lower-cased character for character (str.lower turns a few characters into two)."""
+    low = text.lower()
+    return low if len(low) == len(text) else "".join(c.lower()[0] for c in text)
+
+
+def _edge_prefix(tail: str, secret: str) -> int | None:
+    """The length of the longest prefix of `secret` (MIN_EDGE_FRAGMENT or more) that ends `tail`."""
+    low, key = _lower(tail), secret.lower()
+    start = low.find(key[0])
+    while 0 <= start <= len(low) - MIN_EDGE_FRAGMENT:
+        if key.startswith(low[start:]):
+            return len(low) - start
+        start = low.find(key[0], start + 1)
+    return None
+
+
+def _edge_suffix(head: str, secret: str) -> int | None:
+    """The length of the longest suffix of `secret` (MIN_EDGE_FRAGMENT or more) that starts `head`."""
+    low, key = _lower(head), secret.lower()
+    if not low:
+        return None
+    i = key.find(low[0], max(len(key) - len(low), 1))
+    while 0 <= i <= len(key) - MIN_EDGE_FRAGMENT:
+        if low.startswith(key[i:]):
+            return len(key) - i
+        i = key.find(low[0], i + 1)
+    return None
 
 
 def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
@@ -125,31 +151,36 @@ def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
     return "".join(out)
 
 
-def _mask_secrets(text: str) -> str:
-    spans = [span for secret in secrets() for span in _secret_spans(text, secret)]
+def _mask_secrets(text: str, known: list[str]) -> str:
+    spans = [span for secret in known for span in _secret_spans(text, secret)]
     return _mask_spans(text, spans) if spans else text
 
 
 def redact(text, limit: int | None = None) -> str:
     """`text` (any object, as str) with secrets (and fragments of them), URL user-info,
     credential query values and bearer tokens masked, then cut to `limit`."""
-    text = _mask_secrets(str(text))
+    return _redact(str(text), secrets(), limit)
+
+
+def _redact(text: str, known: list[str], limit: int | None = None) -> str:
+    text = _mask_secrets(text, known)
     text = _QUERY_CREDENTIAL.sub(lambda m: m.group(1) + MASK, _USERINFO.sub(MASK + "@", text))
     text = _BEARER.sub(lambda m: m.group(1) + MASK, text)
     if limit is None or len(text) <= limit:
         return text
     # What the cut leaves at the end is checked again: a prefix of a key may end the piece kept.
-    return _mask_secrets(text[:limit]) + "..."
+    return _mask_secrets(text[:limit], known) + "..."
 
 
-def redact_obj(obj):
+def redact_obj(obj, known: list[str] | None = None):
     """A JSON-like value with every string in it (keys too) redacted."""
+    known = secrets() if known is None else known
     if isinstance(obj, str):
-        return redact(obj)
+        return _redact(obj, known)
     if isinstance(obj, dict):
-        return {redact(k) if isinstance(k, str) else k: redact_obj(v) for k, v in obj.items()}
+        return {_redact(k, known) if isinstance(k, str) else k: redact_obj(v, known) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [redact_obj(v) for v in obj]
+        return [v if isinstance(v, (int, float)) else redact_obj(v, known) for v in obj]
     return obj
 
 
