@@ -118,8 +118,8 @@ class Plan:
         """The plan, said before the tests start."""
         lines = [f"plan: {len(self.predicted_s)} tests, about {self.total_s / 60:.1f} min in all "
                  f"(budget {self.budget_s / 60:.0f} min)"
-                 + ("; every min_duration cut to the least, "
-                    f"{MIN_DURATION_S:g} s, to fit" if self.smallest else "")]
+                 + (f"; every min_duration cut to the least, {MIN_DURATION_S:g} s"
+                    + (", to fit" if self.fits else "") if self.smallest else "")]
         for sc in self.scenarios:
             settings = ", ".join(f"{k} {v:g}" for k, v in settings_of(sc).items() if v is not None)
             for key, seconds in self.predicted_s.items():
