@@ -29,7 +29,7 @@ import torch
 
 from wallperf.harness.config import positive
 from wallperf.harness.hardware.probe import stream_bandwidth
-from wallperf.kernels.cpu_linear import cpu_linear, cpu_linear_available, cpu_linear_ref, why_unavailable
+from wallperf.kernels.cpu_linear import cpu_isa, cpu_linear, cpu_linear_available, cpu_linear_ref, why_unavailable
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ def bench(shapes=SMOLLM2_135M_SHAPES, repeats: int = 10, warmup: int = 2, copy_m
         "triad_gbps": triad_gbps,
         "cpu_linear_available": available,
         "why_unavailable": why_unavailable(),
+        "cpu_isa": cpu_isa(),
         "results": results,
     }
 
@@ -116,7 +117,7 @@ def format_report(report: dict) -> str:
     lines = [
         f"one token at batch 1: {layers}",
         f"{report['matrices']} matrices, {report['weight_bytes'] / 1e6:.1f} MB of bf16 weights, "
-        f"{report['threads']} threads",
+        f"{report['threads']} threads, cpu_linear on the {report['cpu_isa']} path",
         f"wall: STREAM copy {report['copy_gbps']:.1f} GB/s (triad {report['triad_gbps']:.1f}), same run",
     ]
     if not report["cpu_linear_available"]:
