@@ -133,3 +133,27 @@ def test_a_wall_file_that_is_not_one(tmp_path, text, words):
         path.write_text(text)
     with pytest.raises(ConfigError, match=words):
         read_wall(path, load_hardware_config("cpu"))
+
+
+def test_a_measurement_on_a_busy_machine_is_recorded_so_and_never_reused(probes, monkeypatch, capsys):
+    from wallperf.harness.hardware.quiet import Quiet
+
+    busy = Quiet(cores=2, load_1min=6.5, busy_cores=1.9, waited_s=20.0)
+    monkeypatch.setattr(wall_module, "probe", lambda device, quick=False, settings=None, **quiet_wait: (
+        probes.append(settings), dataclasses.replace(probes.result(read=12.6, at=probes.clock["now"]),
+                                                     quiet=busy))[1])
+    first = run_wall(load_hardware_config("cpu"))
+    assert first.quiet["quiet"] is False and first.quiet["load_1min"] == 6.5 and first.quiet["busy_cores"] == 1.9
+    assert first.to_dict()["quiet"]["quiet_reasons"] == [
+        "other work kept 1.9 of 2 cores busy when it started (after waiting 20 s)"]
+    assert "NOT QUIET" in first.how
+    assert "the machine was not quiet while its wall was measured" in capsys.readouterr().err
+    run_wall(load_hardware_config("cpu"))  # a minute later: measured again, not the busy figure reused
+    assert len(probes) == 2
+
+
+def test_a_quiet_measurement_is_recorded_quiet(probes):
+    w = run_wall(load_hardware_config("cpu"))
+    assert w.quiet["quiet"] is True
+    record = json.loads(wall_module.host_measurement_path().read_text())
+    assert record["quiet"]["quiet"] is True and record["quiet"]["load_1min"] == 0.1
