@@ -172,13 +172,22 @@ def _build(isa: str) -> None:
              verbose=False)
 
 
+def forced_isa_problem() -> str | None:
+    """Why WALLPERF_CPU_ISA's path is refused here (one line, saying what to do), or
+    None when it is unset or this CPU executes it; commands check it before work starts."""
+    forced = os.environ.get("WALLPERF_CPU_ISA", "").strip()
+    problem = isa_problem(forced) if forced else None
+    if problem is None:
+        return None
+    return f"WALLPERF_CPU_ISA={forced} is refused: {problem}; unset it or choose one of {', '.join(executable_isas())}"
+
+
 def _resolve() -> tuple[str | None, object, str | None]:
     forced = os.environ.get("WALLPERF_CPU_ISA", "").strip()
     if forced:
-        problem = isa_problem(forced)
+        problem = forced_isa_problem()
         if problem is not None:
-            raise CpuIsaError(f"WALLPERF_CPU_ISA={forced} is refused: {problem}; unset it or choose one of "
-                              f"{', '.join(executable_isas())}")
+            raise CpuIsaError(problem)
         candidates = [forced]
     else:
         candidates = executable_isas()

@@ -77,6 +77,13 @@ def test_step_bytes_counts_each_rows_kv_and_embedding_row():
     assert four - one == pytest.approx(3 * (kv + row))
 
 
+def test_a_cpu_path_this_machine_cannot_run_is_refused_before_loading(monkeypatch, capsys):
+    monkeypatch.setenv("WALLPERF_CPU_ISA", "amx")
+    with pytest.raises(SystemExit) as e:
+        bench_decode.main(["--rows", "1"])
+    assert e.value.code == 2 and "WALLPERF_CPU_ISA=amx is refused" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["--tokens", "0"], ["--rows", "0"], ["--rows", "65"], ["--rows", "8,x"],
                                   ["--paths", "fused,fast"], ["--threads", "main,main"]])
 def test_bad_arguments_exit_with_usage_error(argv):

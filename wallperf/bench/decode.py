@@ -41,7 +41,7 @@ from wallperf.harness.config import positive
 from wallperf.harness.hardware.probe import CPU_SETTINGS, gemm_tflops, read_bandwidth, stream_bandwidth
 from wallperf.harness.hardware.counts import flops_per_token
 from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS
-from wallperf.kernels.cpu_linear import cpu_isa
+from wallperf.kernels.cpu_linear import cpu_isa, forced_isa_problem
 from wallperf.sut.engine.engine import Engine, SamplingParams
 
 PATHS = ("fused", "eager")
@@ -212,6 +212,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = _rows(p, args.rows)
     paths, threads = _choices(p, "paths", args.paths, PATHS), _choices(p, "threads", args.threads, THREADS)
+    if forced_isa_problem():
+        p.error(forced_isa_problem())
     from wallperf.harness.artifacts import resolve_model_file
     from wallperf.harness.config import load_model_config
     from wallperf.sut.loading.load import load_model
