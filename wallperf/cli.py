@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "llama3_1-8b-edge); default: the model YAML's `benchmark`")
     r.add_argument("--checker-version", choices=CHECKER_VERSIONS, default="v6.1",
                    help="the submission checker version whose rules judge submission_valid (default v6.1)")
+    r.add_argument("--draft-model", metavar="NAME", help="speculative decoding in the native engine, drafted by "
+                   "this model (conf/models, same tokenizer); check exactness with 'wallperf audit speculative'")
+    r.add_argument("--draft", choices=("model", "ngram"), help="the drafter: ngram (prompt lookup) or model")
+    r.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="drafted tokens per verify (4)")
+    r.add_argument("--adaptive-draft", action="store_true", help="adapt k per sequence within 1..K")
     r.add_argument("--out", type=Path, help="output folder (default: results/<timestamp>)")
     r.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -157,6 +162,7 @@ def cmd_run(args) -> int:
     from wallperf.driver.options import RunOptions
     from wallperf.driver.run import run_benchmark
     from wallperf.driver.endpoints_arg import resolve_with_replicas
+    from wallperf.driver.run_args import speculation_options
     from wallperf.driver.interrupt import TestInterrupted
     from wallperf.harness.hardware.wall import read_wall
 
@@ -170,7 +176,8 @@ def cmd_run(args) -> int:
                       wall_from_profile=args.wall_from_profile, wall=wall,
                       calibrate=not (args.no_calibrate or args.find_peak or args.user_conf or any(
                           v is not None for v in (args.duration, args.target_qps, args.min_queries))),
-                      checker_version=args.checker_version, submission=args.submission)
+                      checker_version=args.checker_version, submission=args.submission,
+                      speculation=speculation_options(args, resolved))
     try:
         results = run_benchmark(resolved, opts)
     except TestInterrupted as e:

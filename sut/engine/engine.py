@@ -81,16 +81,25 @@ class Engine:
                                   dtype, self.device, kv_dtype, centres)
         self.runner = ModelRunner(model, self.cache, self.device)
         self.decode_path = self.runner.decode_path
-        self.speculation = speculation
-        self.spec_stats = SpecStats(speculation.k) if speculation else None
+        self.speculation = self.spec_stats = None
         if speculation:
-            self.scheduler.on_release = speculation.drafter.release
+            self.enable_speculation(speculation)
         # Per sequence under adaptive speculation: its current k.
         self._k: dict[int, int] = {}
         # Called as on_logits(request_id, logits) with the float32 logits behind each
         # emitted token, before EOS suppression (tests compare them bit for bit).
         self.on_logits = None
         self._decode_steps = self._decode_tokens = self._decode_context = 0
+
+    def enable_speculation(self, speculation: Speculation) -> None:
+        """Speculate from now on (an idle engine; a backend built without it, as the run driver builds them)."""
+        if self.has_unfinished():
+            raise RuntimeError("enable_speculation() needs an idle engine")
+        if self.blocks.num_blocks * self.blocks.block_size < self.max_seq_len + speculation.k:
+            raise ValueError(f"a KV pool of {self.blocks.num_blocks} blocks of {self.blocks.block_size} cannot hold "
+                             f"one sequence of max_seq_len {self.max_seq_len} and {speculation.k} drafted tokens")
+        self.speculation, self.spec_stats = speculation, SpecStats(speculation.k)
+        self.scheduler.on_release = speculation.drafter.release
 
     # The fused decoder is the runner's; tests swap it for a spy through here.
     @property

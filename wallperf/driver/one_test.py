@@ -185,6 +185,8 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
     else:
         backend = create(run.backend, loaded, max_batch=_max_batch(sc), max_seq_len=max_seq_len,
                          openai=run.openai, kv_dtype=kv_cache_dtype(resolved.hardware, run.kv_dtype))
+        if opts.speculation is not None:
+            backend.enable_speculation(opts.speculation.build(loaded, _max_batch(sc), backend.max_seq_len, run.seed))
     queue = queue_for(sc.name, [len(p) for p in prompts])
     expected = len(prompts) if mode == "accuracy" else None
     expert_stats = getattr(loaded.model, "expert_stats", None)
@@ -212,6 +214,9 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
                   "decode_path": getattr(backend, "decode_path", None),
                   # The CPU kernels' instruction-set path (kernels/cpu_linear.py) the native engine took.
                   "cpu_isa": cpu_isa() if getattr(backend, "decode_path", None) and loaded.device == "cpu" else None}
+        if getattr(backend, "spec_stats", None) is not None:
+            # Acceptance, per-position acceptance and draft/verify time per step (sut.engine.speculative).
+            engine["speculative"] = {**backend.spec_stats.summary(), "verify_path": backend.runner.verify_path}
     eos = loaded.tokenizer.eos_token_id
     experts = counter_delta(experts_before, expert_stats()) if expert_stats else None
     if mode == "performance":

@@ -8,6 +8,57 @@ from wallperf.harness.hardware.wall import Wall
 
 
 @dataclass(frozen=True)
+class SpeculationOptions:
+    """`--draft-model NAME` / `--draft ngram`, `--num-draft-tokens K`, `--adaptive-draft`:
+    the native engine speculates in every test of the run (sut.engine.speculative)."""
+
+    draft: str  # "model" or "ngram"
+    k: int
+    draft_model: str | None = None
+    adaptive: bool = False
+
+    def __post_init__(self):
+        if self.draft not in ("model", "ngram") or (self.draft == "model") != (self.draft_model is not None):
+            raise ValueError("speculation needs --draft-model NAME, or --draft ngram without one")
+        if self.k < 1:
+            raise ValueError(f"--num-draft-tokens {self.k}: give K >= 1")
+
+    def build(self, target, max_batch: int, max_seq_len: int, seed: int = 0):
+        """A Speculation for an engine over `target` (a LoadedModel): the drafter loaded
+        once per process in the target's dtype and device (a synthetic drafter from
+        `seed`, the run's), its cache sized to the engine."""
+        from wallperf.sut.engine.speculative import DraftModelDrafter, NgramDrafter, Speculation
+
+        if self.draft == "ngram":
+            return Speculation(NgramDrafter(), self.k, self.adaptive)
+        draft = _draft_model(self.draft_model, target.dtype, target.device, seed)
+        if draft.tokenizer.vocab_size != target.tokenizer.vocab_size:
+            raise ValueError(f"--draft-model {self.draft_model}: its vocabulary ({draft.tokenizer.vocab_size}) is "
+                             f"not the target's ({target.tokenizer.vocab_size}); a drafter must share the tokenizer")
+        return Speculation(DraftModelDrafter(draft.model, max_batch, max_seq_len, self.k, target.device),
+                           self.k, self.adaptive)
+
+
+_DRAFTS: dict = {}
+
+
+def _draft_model(name: str, dtype: str, device: str, seed: int):
+    from wallperf.harness.artifacts import resolve_model_file
+    from wallperf.harness.config.load import load_model_config
+    from wallperf.sut.loading.load import load_model, load_synthetic, load_tokenizer
+
+    key = (name, dtype, device, seed)
+    if key not in _DRAFTS:
+        cfg = load_model_config(name, None, "--draft-model")
+        if cfg.format == "synthetic":
+            tokenizer = load_tokenizer(resolve_model_file(load_model_config(cfg.tokenizer_from)))
+            _DRAFTS[key] = load_synthetic(cfg.shape, tokenizer, dtype, device, seed=seed)
+        else:
+            _DRAFTS[key] = load_model(resolve_model_file(cfg), dtype, device)
+    return _DRAFTS[key]
+
+
+@dataclass(frozen=True)
 class RunOptions:
     out_dir: Path
     user_conf: Path | None = None
@@ -29,3 +80,5 @@ class RunOptions:
     # --submission: mlperf.conf + user.conf, EOS-stopped outputs, the benchmark's
     # sample counts and scenarios, and the compliance tests the checker requires.
     submission: bool = False
+    # Speculative decoding in the native engine (None: none).
+    speculation: SpeculationOptions | None = None

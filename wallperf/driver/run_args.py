@@ -48,3 +48,21 @@ def resolve_run_args(args) -> ResolvedRun:
         from wallperf.harness.loadgen.settings import check_user_conf
         check_user_conf(args.user_conf)
     return resolved
+
+
+def speculation_options(args, resolved: ResolvedRun):
+    """--draft-model / --draft ngram and --num-draft-tokens as SpeculationOptions, or
+    None when neither drafter is asked for (ConfigError when they do not fit the run)."""
+    from wallperf.driver.options import SpeculationOptions
+
+    draft = args.draft or ("model" if args.draft_model else None)
+    if draft is None:
+        return None
+    if resolved.run.backend != "native":
+        raise ConfigError(None, "--draft", f"speculative decoding is the native engine's; the run's backend is "
+                          f"{resolved.run.backend} (a server's own speculation is audited with "
+                          "'wallperf audit speculative --backend openai')")
+    try:
+        return SpeculationOptions(draft, args.num_draft_tokens, args.draft_model, args.adaptive_draft)
+    except ValueError as e:
+        raise ConfigError(None, "--num-draft-tokens" if args.num_draft_tokens < 1 else "--draft-model", str(e)) from None
