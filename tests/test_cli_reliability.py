@@ -116,6 +116,11 @@ def test_a_model_path_that_does_not_exist_says_so(tmp_path, capsys, no_run):
     assert not (tmp_path / "out").exists() and not no_run
 
 
+def test_generate_with_a_model_path_that_does_not_exist_says_so(capsys):
+    refused(["generate", "--model", "/nonexistent/x.gguf", "--prompt", "hi"], capsys, "--model",
+            "/nonexistent/x.gguf", "no such file or folder")
+
+
 @pytest.mark.parametrize("content, words", [(b"[" * 100_000, "nested too deeply"),
                                             (b'{"runs": [' + b"9" * 5000 + b"]}", "not a results.json")])
 def test_report_on_pathological_json_is_one_line(tmp_path, capsys, content, words):

@@ -159,6 +159,9 @@ def available(kind: str) -> list[str]:
 
 
 def _load_named(kind: str, name: str, cls, file=None, key=None):
+    if kind == "models" and _looks_like_a_path(name) and not Path(name).expanduser().exists():
+        raise ConfigError(file, key, f"{shorten(name)}: no such file or folder; models by name: "
+                          f"{', '.join(available('models')) or 'none'}")
     if problem := plain_name_problem(name):
         raise ConfigError(file, key, problem)
     path = conf_dir() / kind / f"{name}.yaml"
@@ -260,9 +263,13 @@ def load_run(path: Path | None = None, overrides: dict | None = None,
     return ResolvedRun(path, run, model, hardware, dataset, tuple(scenarios))
 
 
+def _looks_like_a_path(name) -> bool:
+    return isinstance(name, str) and ("/" in name or name.endswith((".gguf", ".safetensors")))
+
+
 def _check_model_is_a_name(model, where) -> None:
     """A run names its model from conf/models; a path given instead gets an answer about the path."""
-    if not isinstance(model, str) or not ("/" in model or model.endswith((".gguf", ".safetensors"))):
+    if not _looks_like_a_path(model):
         return
     how = (f"a run names a model from conf/models ({', '.join(available('models')) or 'none'}); a checkpoint of "
            "your own goes in a conf/models YAML as source: {kind: path, path: ...}")
