@@ -176,6 +176,7 @@ def add_parser(subparsers=None) -> argparse.ArgumentParser:
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--min-identical", type=float, help="pass at this share in [0, 1] (MLPerf: 1)")
     a.add_argument("--json", action="store_true")
+    a.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines on stderr")
     a.add_argument("--out", type=Path, help="also write the figures and verdict as a results.json here "
                    "(a SingleStream run record with a 'speculative' section, for the perf audit)")
     return a
@@ -257,7 +258,7 @@ def run(args) -> SpecAudit:
         prompts, ref_backend, cand_backend, figures = _openai(args)
     ref, cand, ref_m, cand_m, ref_s, cand_s = {}, {}, {}, {}, 0.0, 0.0
     # Alternate prompt by prompt, so both sides see the same load on a shared machine.
-    for pid, ids in prompts.items():
+    for n, (pid, ids) in enumerate(prompts.items(), 1):
         if ref_backend is not None:
             t, m, s = run_greedy(ref_backend, {pid: ids}, args.max_new_tokens)
             ref.update(t), ref_m.update(m)
@@ -265,6 +266,12 @@ def run(args) -> SpecAudit:
         t, m, s = run_greedy(cand_backend, {pid: ids}, args.max_new_tokens)
         cand.update(t), cand_m.update(m)
         cand_s += s
+        if args.progress:
+            same = "identical" if pid not in ref or ref[pid] == cand[pid] else "DIVERGES"
+            print(f"audit speculative: {n}/{len(prompts)} {pid}: {len(cand[pid])} tokens, {same}; "
+                  f"so far {sum(map(len, cand.values())) / cand_s:.3g} tokens/s with speculation"
+                  + (f", {sum(map(len, ref.values())) / ref_s:.3g} without" if ref_s else ""),
+                  file=sys.stderr, flush=True)
     if ref_backend is None:
         ref = _read_reference(args.reference_file, prompts)
     if args.save:
