@@ -66,6 +66,8 @@ class Wall:
     given_by: str | None = None
     # How quiet the machine was while measured (harness.hardware.quiet's to_dict); None when not measured here.
     quiet: dict | None = None
+    # dtype -> the kernel whose peak peak_tflops[dtype] is (harness.hardware.peak_kernels); None when not measured.
+    peak_kernels: dict | None = None
 
     def to_dict(self) -> dict:
         """results.json's `hardware_wall`, and a wall file's content (write_wall)."""
@@ -73,8 +75,8 @@ class Wall:
         return {"hardware": self.hardware.name, "source": self.source, "how": self.how, "measured_at": when,
                 "bandwidth_gbps": self.hardware.bandwidth_gbps, "read_gbps": self.read_gbps,
                 "copy_gbps": self.copy_gbps, "triad_gbps": self.triad_gbps,
-                "peak_tflops": dict(self.hardware.peak_tflops), "given_by": self.given_by,
-                "quiet": self.quiet}
+                "peak_tflops": dict(self.hardware.peak_tflops), "peak_kernels": self.peak_kernels,
+                "given_by": self.given_by, "quiet": self.quiet}
 
 
 def host_id() -> str:
@@ -168,7 +170,7 @@ def run_wall(configured: HardwareConfig, from_profile: bool = False, measure: bo
                                    peak_tflops=peaks, sources=[record["how"]])
     return Wall(hardware, "measured", record["how"], measured_at=float(record["measured_at"]),
                 read_gbps=record["read_gbps"], copy_gbps=record["copy_gbps"], triad_gbps=record["triad_gbps"],
-                quiet=record.get("quiet"))
+                quiet=record.get("quiet"), peak_kernels=record.get("peak_kernels"))
 
 
 def write_wall(path: Path, wall: Wall) -> None:
@@ -211,4 +213,5 @@ def read_wall(path: Path, configured: HardwareConfig) -> Wall:
     return Wall(hardware, data["source"], data["how"], measured_at=measured_at, read_gbps=data.get("read_gbps"),
                 copy_gbps=data.get("copy_gbps"), triad_gbps=data.get("triad_gbps"),
                 quiet=data["quiet"] if isinstance(data.get("quiet"), dict) else None,
+                peak_kernels=data["peak_kernels"] if isinstance(data.get("peak_kernels"), dict) else None,
                 given_by=f"{path} (the wall `wallperf sweep` took once, at its start, for all its runs)")

@@ -152,8 +152,15 @@ def test_a_measurement_on_a_busy_machine_is_recorded_so_and_never_reused(probes,
     assert len(probes) == 2
 
 
-def test_a_quiet_measurement_is_recorded_quiet(probes):
-    w = run_wall(load_hardware_config("cpu"))
-    assert w.quiet["quiet"] is True
+def test_a_quiet_measurement_is_recorded_quiet_with_its_kernels(probes, monkeypatch, tmp_path):
+    kernels = {"float32": "torch.matmul float32", "bfloat16": "cpu_linear, compiled, avx2 path (256 rows, compute-bound)"}
+    monkeypatch.setattr(wall_module, "probe", lambda device, quick=False, settings=None, **quiet_wait: (
+        probes.append(settings), dataclasses.replace(probes.result(at=probes.clock["now"]), peak_kernels=kernels))[1])
+    cpu = load_hardware_config("cpu")
+    w = run_wall(cpu)
+    assert w.quiet["quiet"] is True and w.to_dict()["peak_kernels"] == kernels
     record = json.loads(wall_module.host_measurement_path().read_text())
     assert record["quiet"]["quiet"] is True and record["quiet"]["load_1min"] == 0.1
+    assert run_wall(cpu).peak_kernels == kernels and len(probes) == 1  # reused, kernels and all
+    write_wall(tmp_path / "wall.json", w)
+    assert read_wall(tmp_path / "wall.json", cpu).peak_kernels == kernels
