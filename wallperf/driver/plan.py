@@ -12,7 +12,8 @@ early stopping. What each scenario needs, and what it costs at the measured spee
   a whole test runs faster than one batch from a cold start (its batches refill as
   sequences finish, over all samples sorted by length: on a 2-core VM the default
   run's Offline test ran 1.2x the sorted batch's rate, which left a 1.5x margin
-  short of min_duration). The test lasts about 1.1 x OFFLINE_MARGIN x min_duration.
+  short of min_duration). The test lasts about 1.1 x OFFLINE_MARGIN x min_duration,
+  and no less than one request alone.
 - SingleStream: `expected_latency_ms` = the measured latency, and
   `min_query_count` = SINGLE_STREAM_QUERIES, above the 64 queries LoadGen's early
   stopping needs to judge the 90th percentile; it lasts the longer of min_duration
@@ -175,7 +176,10 @@ def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | No
             rate = m.throughput[sc.max_batch]
             qps = OFFLINE_MARGIN * rate
             sc = dataclasses.replace(sc, offline_expected_qps=round(qps, 3))
-            perf, acc = OFFLINE_TAIL * qps * sc.min_duration_s / rate, n / rate
+            # No test is over before its slowest request: at least one request's latency (few samples
+            # issued on a slow machine run below the full batch's rate).
+            latency = m.single_stream_latency_s
+            perf, acc = max(OFFLINE_TAIL * qps * sc.min_duration_s / rate, latency), max(n / rate, latency)
         elif kind is SINGLE_STREAM:
             queries = max(sc.min_query_count, SINGLE_STREAM_QUERIES)
             latency = m.single_stream_latency_s
