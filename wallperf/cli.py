@@ -198,7 +198,7 @@ def _peak_range(text: str) -> tuple[float, float]:
 
 
 def cmd_sweep(args, run_args: list[str]) -> int:
-    from wallperf.driver.run_args import resolve_run_args
+    from wallperf.driver.endpoints_arg import resolve_with_replicas
     from wallperf.driver.sweep import run_sweep
 
     # The options passed through to each point, checked as `wallperf run` checks them (exit 2 when bad),
@@ -207,13 +207,12 @@ def cmd_sweep(args, run_args: list[str]) -> int:
     run = build_parser().parse_args(["run", *run_args, "--scenario", args.scenario, "--mode", "performance"])
     if args.concurrency is not None:
         from wallperf.driver.concurrency import run_concurrency_sweep
-        from wallperf.driver.endpoints_arg import resolve_with_replicas
 
         return run_concurrency_sweep(args, resolve_with_replicas(run), run.wall_from_profile)
     if args.qps is None:
         raise ConfigError(None, "--qps", "give --qps (LoadGen Server points) or --concurrency (fixed-concurrency "
                           "points, MLPerf Endpoints)")
-    return run_sweep(args, run_args, resolve_run_args(run).hardware, run.wall_from_profile)
+    return run_sweep(args, run_args, resolve_with_replicas(run).hardware, run.wall_from_profile)
 
 
 def cmd_generate(args) -> int:
