@@ -4,13 +4,16 @@
 //
 // Scores: the group's query heads are widened to fp32 once; each key row is
 // read once and dotted with every query head of the group (GQA), one vector
-// accumulator per (head, key), lanes summed at the end. Values: each position's
-// row is read once and accumulated, times each head's probability, into the
-// heads' fp32 outputs. The hardware prefetchers miss the cache rows (one
-// head's part of each position, blocks scattered in the pool), so the rows
-// kPrefetchAhead positions ahead are prefetched into L2. An fp8 cache's rows
-// go through the format's byte table (exact) and their scales multiply the
-// score (keys) or the probability (values).
+// accumulator per (head, key), lanes summed at the end. (Widening a block of
+// Vec::N keys into fp32 once and summing their accumulators' lanes together
+// measured slower on AVX2: the block's stores and reloads cost more than the
+// horizontal sums they saved.) Values: each position's chunk of kValueVecs
+// vectors is widened once and accumulated, times each head's probability,
+// into the heads' fp32 sums held in registers. The hardware prefetchers miss
+// the cache rows (one head's part of each position, blocks scattered in the
+// pool), so the rows kPrefetchAhead positions ahead are prefetched into L2.
+// An fp8 cache's rows go through the format's byte table (exact) and their
+// scales multiply the score (keys) or the probability (values).
 #pragma once
 #include "portable_kernels.h"
 #include "step_types.h"
@@ -35,6 +38,37 @@ inline const void* kv_row(const KVStore& store, int64_t at, bool fp8) {
 
 inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) Vec::prefetch(static_cast<const char*>(row) + b);
+}
+
+// Values of a bf16 cache: kValueVecs vectors of dims at a time, for up to
+// kValueHeads heads, accumulated in registers over every position (each value
+// chunk widened once for all the heads); the same sums in the same order as
+// one head at a time.
+constexpr int kValueVecs = 4, kValueHeads = 3;
+constexpr int64_t kValueDims = kValueVecs * Vec::N;
+
+// dst[g * ldd + i] = bf16(sum over t of p[g * ctx + t] * v_t[offset + i]) for g < gn, i < kValueDims;
+// v_t is the row at slot slots[t]. pf_bytes > 0: prefetch that many bytes of the rows ahead (the
+// first pass over them, which starts at the row's head).
+inline void value_block(const KVStore& v_layer, const int64_t* slots, int64_t row_stride, int64_t offset,
+                        const float* p, int64_t ctx, int64_t gn, uint16_t* dst, int64_t ldd, int64_t pf_bytes) {
+  F acc[kValueHeads][kValueVecs];
+  for (int h = 0; h < kValueHeads; ++h)
+    for (int i = 0; i < kValueVecs; ++i) acc[h][i] = Vec::zero();
+  const auto* rows = reinterpret_cast<const uint16_t*>(v_layer.rows);
+  for (int64_t t = 0; t < ctx; ++t) {
+    if (pf_bytes && t + kPrefetchAhead < ctx) prefetch_row(rows + slots[t + kPrefetchAhead] * row_stride + offset, pf_bytes);
+    const uint16_t* v = rows + slots[t] * row_stride + offset;
+    F vv[kValueVecs];
+    for (int i = 0; i < kValueVecs; ++i) vv[i] = Vec::widen(v + i * Vec::N);
+    for (int h = 0; h < kValueHeads; ++h) {
+      if (h >= gn) break;
+      const F ph = Vec::set1(p[h * ctx + t]);
+      for (int i = 0; i < kValueVecs; ++i) acc[h][i] = Vec::fma(ph, vv[i], acc[h][i]);
+    }
+  }
+  for (int h = 0; h < gn; ++h)
+    for (int i = 0; i < kValueVecs; ++i) Vec::narrow(dst + h * ldd + i * Vec::N, acc[h][i]);
 }
 
 // out[m, h] = softmax(q k^T / sqrt(D)) v over positions 0..pos[m], every query head.
@@ -89,6 +123,18 @@ inline void attend(const bf16* qkv, const KVStore& k_layer, const KVStore& v_lay
         for (int64_t t = 0; t < ctx; ++t) best = std::max(best, sc[t]);
         inv_total[g] = 1.f / exp_shifted_sum(sc, ctx, best);
       }
+      auto* dst = reinterpret_cast<uint16_t*>(out + m * s.Hq * s.D + h0 * s.D);
+      if (!fp8 && s.D % kValueDims == 0) {
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t t = 0; t < ctx; ++t) w.scores[g * ctx + t] *= inv_total[g];
+        for (int64_t g = 0; g < G; g += kValueHeads) {
+          const int64_t gn = std::min<int64_t>(kValueHeads, G - g);
+          for (int64_t d0 = 0; d0 < s.D; d0 += kValueDims)
+            value_block(v_layer, w.slots.data(), row_stride, kvh * s.D + d0, w.scores.data() + g * ctx, ctx, gn,
+                        dst + g * s.D + d0, s.D, g == 0 && d0 == 0 ? row_bytes : 0);
+        }
+        continue;
+      }
       w.acc.assign(G * s.D, 0.f);
       for (int64_t t = 0; t < ctx; ++t) {
         if (t + kPrefetchAhead < ctx)
@@ -106,7 +152,6 @@ inline void attend(const bf16* qkv, const KVStore& k_layer, const KVStore& v_lay
             axpy_bf16(w.scores[g * ctx + t] * inv_total[g], value, w.acc.data() + g * s.D, s.D);
         }
       }
-      auto* dst = reinterpret_cast<uint16_t*>(out + m * s.Hq * s.D + h0 * s.D);
       for (int64_t i = 0; i < G * s.D; ++i) dst[i] = f32_to_bf16(w.acc[i]);
     }
   }
