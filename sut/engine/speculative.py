@@ -58,6 +58,10 @@ class NgramDrafter:
         pass
 
 
+# At most this many uncached tokens go through the drafter's decode step rather than a prefill.
+_CATCH_UP_ROWS = 8
+
+
 class DraftModelDrafter:
     name = "draft-model"
 
@@ -77,16 +81,24 @@ class DraftModelDrafter:
         drafts = [[] for _ in seqs]
         if not live:
             return drafts
-        rows = []
+        rows = {}
         for i in live:
             s = seqs[i]
             tokens = s.tokens()
             self.blocks.grow(s.draft_block_table, len(tokens) + ks[i])
-            rows.append((tokens[s.draft_cached:], s.draft_cached, s.draft_block_table))
+            rows[i] = (tokens[s.draft_cached:], s.draft_cached, s.draft_block_table)
             s.draft_cached = len(tokens)
-        logits = self.runner.prefill(rows)
-        for r, i in enumerate(live):
-            drafts[i].append(int(logits[r].argmax()))
+        # Catching up on a few tokens (the target's correction, and the drafts it
+        # confirmed past the drafter's cache) is a decode step's rows at consecutive
+        # positions, the fused step where it runs; a new prompt is a prefill.
+        short = [i for i in live if len(rows[i][0]) <= _CATCH_UP_ROWS]
+        long = [i for i in live if len(rows[i][0]) > _CATCH_UP_ROWS]
+        if short:
+            for i, lg in zip(short, self.runner.verify([rows[i] for i in short])):
+                drafts[i].append(int(lg[-1].argmax()))
+        if long:
+            for i, lg in zip(long, self.runner.prefill([rows[i] for i in long])):
+                drafts[i].append(int(lg.argmax()))
         for step in range(1, max(ks)):
             live = [i for i in live if ks[i] > step]
             if not live:
