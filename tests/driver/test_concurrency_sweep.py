@@ -73,3 +73,15 @@ def test_a_loadgen_sweep_reads_on_the_endpoints_axes(tmp_path):
     write_concurrency_png(png, [concurrency, s])
     head = png.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24])[0] > 100
+
+
+def test_answer_all_gives_each_prompt_its_greedy_answer():
+    from wallperf.driver.in_process_load import answer_all
+    from wallperf.sut.engine.engine import Engine
+
+    loaded = tiny_loaded_model()[0]
+    prompts = [prompt_of(2 + 3 * i, seed=20 + i) for i in range(5)]
+    params = SamplingParams(max_new_tokens=6, min_new_tokens=2)
+    got = answer_all(NativeBackend(loaded, max_batch=3, max_seq_len=MAX_SEQ_LEN), prompts, params, concurrency=3)
+    engine = Engine(loaded.model, loaded.tokenizer.eos_token_ids, max_batch=1, max_seq_len=MAX_SEQ_LEN)
+    assert got == [engine.generate(p, params) for p in prompts]
