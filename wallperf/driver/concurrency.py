@@ -48,7 +48,7 @@ from wallperf.driver.peers import kv_storage_bytes, roofline_counts
 from wallperf.driver.prefix_cache import hit_rate, scrape
 from wallperf.driver.progress import say
 from wallperf.driver.salt import salt_plan
-from wallperf.sut.backends import create
+from wallperf.sut.backends import backend_spec, create
 from wallperf.sut.engine.engine import SamplingParams
 from wallperf.sut.quant.fp8 import kv_cache_dtype
 from wallperf.sut.scenarios import SERVER, scenario
@@ -104,7 +104,7 @@ def _sweep(args, resolved, levels, workers, out: Path, wall_from_profile: bool) 
     plan = salt_plan(prompts, loaded.tokenizer) if args.salt else None
     server = next((s for s in resolved.scenarios if scenario(s.name) is SERVER), None)
     limits = (server.ttft_ms, server.tpot_ms) if server else (None, None)
-    remote = run.backend == "openai"
+    remote = backend_spec(run.backend).weights == "remote"
     cost = None if remote else _step_cost(resolved, loaded, choice, run_wall(resolved.hardware, wall_from_profile,
                                                                              fresh=True))
     sweep = {"wallperf_version": wallperf_version(), "kind": "concurrency", "backend": run.backend,
@@ -185,7 +185,7 @@ def _backend(resolved, loaded, prompts, params, concurrency: int):
     # Room for a salt ("salt:" and 16 digits) on the longest prompt.
     longest = max(map(len, prompts)) + max(p.max_new_tokens for p in per) + 32
     return create(run.backend, loaded, max_batch=concurrency, max_seq_len=longest, openai=run.openai,
-                  kv_dtype=None if run.backend != "native" else kv_cache_dtype(resolved.hardware, run.kv_dtype))
+                  kv_dtype=None if not backend_spec(run.backend).native_engine else kv_cache_dtype(resolved.hardware, run.kv_dtype))
 
 
 def _step_cost(resolved, loaded, choice, wall) -> StepCost | None:
