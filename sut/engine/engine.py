@@ -147,6 +147,7 @@ class Engine:
         """End a request that has not finished (its client went away): it leaves the
         queues and its blocks are freed. The number of blocks freed, or None when
         no such request is unfinished."""
+        self._k.pop(request_id, None)
         return self.scheduler.abort(request_id)
 
     def generate(self, prompt_ids, params: SamplingParams) -> list[int]:
