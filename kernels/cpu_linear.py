@@ -59,7 +59,7 @@ _SOURCES = tuple(sorted(_CSRC.glob("*.cpp")) + sorted(_CSRC.glob("*.h")))
 # x86 flag names as Linux spells them; "asimd" is AArch64's Advanced SIMD.
 ISAS = {
     "scalar": ((), _PORTABLE, []),
-    "avx2": (("avx2", "fma"), _PORTABLE, ["-DWALLPERF_ISA_AVX2", "-mavx2", "-mfma", "-mf16c"]),
+    "avx2": (("avx2", "fma"), _PORTABLE, ["-DWALLPERF_ISA_AVX2", "-mavx2", "-mfma"]),
     "avx512": (("avx512f",), _PORTABLE, ["-DWALLPERF_ISA_AVX512", "-mavx512f", "-mavx2", "-mfma"]),
     "avx512bf16": (("avx512f", "avx512bw", "avx512vl", "avx512_bf16"), _AVX512BF16, []),
     "neon": (("asimd",), _PORTABLE, ["-DWALLPERF_ISA_NEON"]),
