@@ -57,6 +57,7 @@ def test_bench_reports_each_row_count_path_and_thread(monkeypatch):
     text = bench_decode.format_report(report, "tiny")
     assert "fused" in text and "eager" in text and "10.0 GB/s" in text and "0.500 TFLOP/s" in text
     assert "read-only 8.0 GB/s" in text and f"CPU kernels: {report['cpu_isa']}" in text
+    assert f"load average {report['load_average'][0]:.1f} before" in text
 
 
 def test_bench_times_only_the_paths_and_threads_asked_for(monkeypatch):

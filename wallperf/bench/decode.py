@@ -110,6 +110,7 @@ def gemm_peak_tflops() -> float:
 
 def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, repeats: int = 3,
           paths=PATHS, threads=THREADS, copy_mib: int = 256) -> dict:
+    load_before = os.getloadavg()[0]
     saved = os.environ.get("WALLPERF_FUSED_DECODE")
     prompt = [(i * 7919) % (model.cfg.vocab_size - 10) + 5 for i in range(context)]
     cases = [(r, p, t) for r in rows for p in paths for t in threads]
@@ -151,7 +152,11 @@ def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, re
                     "fraction_of_peak": flops / median / 1e12 / peak, "best_ms_per_step": min(times) * 1e3,
                     "roofline_ms": roof * 1e3, "bound": "memory" if memory_s >= compute_s else "compute",
                     "roofline_ratio": median / roof})
+    # Other work on the cores stretches every step and every wall measurement
+    # unevenly: the report says how busy the machine was.
+    load = (load_before, os.getloadavg()[0])
     return {"context": context, "tokens": tokens, "repeats": repeats, "threads": torch.get_num_threads(),
+            "load_average": load, "cores": os.cpu_count(),
             "cpu_isa": cpu_isa(), "weight_bytes": step_bytes(model, 0), "read_gbps": read_gbps,
             "copy_gbps": copy_gbps, "triad_gbps": triad_gbps, "gemm_peak_tflops": peak, "gemm_peak_samples": peaks,
             "gemm_n": CPU_SETTINGS.gemm_n, "target_ratio": TARGET_RATIO, "rows": out}
@@ -161,7 +166,8 @@ def format_report(report: dict, model_name: str) -> str:
     peaks = ", ".join(f"{p:.3f}" for p in report["gemm_peak_samples"])
     lines = [f"{model_name} bf16, windows of {report['tokens']} decode steps after a {report['context']}-token "
              f"prompt per row; {report['weight_bytes'] / 1e6:.1f} MB of weights read per step; "
-             f"{report['threads']} threads; CPU kernels: {report['cpu_isa']}",
+             f"{report['threads']} threads; CPU kernels: {report['cpu_isa']}; load average "
+             f"{report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after, on {report['cores']} cores",
              f"walls, same run: read-only {report['read_gbps']:.1f} GB/s, STREAM copy {report['copy_gbps']:.1f} GB/s "
              f"(triad {report['triad_gbps']:.1f}); kernel peak {report['gemm_peak_tflops']:.3f} TFLOP/s "
              f"(n={report['gemm_n']}, median of passes: {peaks})",
