@@ -36,6 +36,8 @@ Inference only: the op has no autograd formula.
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import logging
 import os
 import threading
@@ -134,9 +136,19 @@ def executable_isas() -> list[str]:
 
 def _build_directory(isa: str) -> Path:
     cache = Path(os.environ.get("WALLPERF_CACHE", Path.home() / ".cache" / "wallperf"))
-    # The extension links against torch's C++ ABI: one build per torch version.
+    # The extension links against torch's C++ ABI: one build per torch version. And
+    # one per content of csrc/: a checkout and an installed wheel of another version
+    # share the cache, and torch's own check hashes the .cpp files, not the headers.
     version = torch.__version__.replace("+", "_")
-    return cache / "torch_extensions" / f"cpu_{isa}-torch{version}"
+    return cache / "torch_extensions" / f"cpu_{isa}-torch{version}-{_sources_digest()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(_CSRC.glob("*.[ch]*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def isa_ops(isa: str):

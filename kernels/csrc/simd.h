@@ -16,7 +16,55 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(WALLPERF_ISA_AVX2) || defined(WALLPERF_ISA_AVX512)
+#if defined(WALLPERF_EMULATE_WITH_SIMDE)
+// Tests only: the x86 intrinsics computed in portable C by SIMDe (Debian's
+// libsimde-dev), so a machine without AVX-512 can check the AVX-512 branch's
+// logic. Never used for a build that is timed or shipped.
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/fma.h>
+// What SIMDe 0.7.4 lacks, lane by lane as the instructions define it.
+#define _mm512_cvtepu16_epi32 wallperf_simde_cvtepu16_epi32
+#define _mm512_cvtepi32_epi16 wallperf_simde_cvtepi32_epi16
+#define _mm512_cvtps_epi32 wallperf_simde_cvtps_epi32
+#define _mm512_reduce_add_ps wallperf_simde_reduce_add_ps
+#define _mm512_reduce_max_ps wallperf_simde_reduce_max_ps
+static inline simde__m512i wallperf_simde_cvtepu16_epi32(simde__m256i a) {
+  uint16_t in[16];
+  uint32_t out[16];
+  simde_mm256_storeu_si256(reinterpret_cast<simde__m256i*>(in), a);
+  for (int i = 0; i < 16; ++i) out[i] = in[i];
+  return simde_mm512_loadu_si512(out);
+}
+static inline simde__m256i wallperf_simde_cvtepi32_epi16(simde__m512i a) {  // truncates each lane
+  uint32_t in[16];
+  uint16_t out[16];
+  simde_mm512_storeu_si512(in, a);
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<uint16_t>(in[i]);
+  return simde_mm256_loadu_si256(reinterpret_cast<const simde__m256i*>(out));
+}
+static inline simde__m512i wallperf_simde_cvtps_epi32(simde__m512 a) {  // round to nearest even
+  float in[16];
+  int32_t out[16];
+  simde_mm512_storeu_ps(in, a);
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<int32_t>(std::nearbyint(in[i]));
+  return simde_mm512_loadu_si512(out);
+}
+static inline float wallperf_simde_reduce_add_ps(simde__m512 a) {
+  float in[16];
+  simde_mm512_storeu_ps(in, a);
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += in[i];
+  return s;
+}
+static inline float wallperf_simde_reduce_max_ps(simde__m512 a) {
+  float in[16];
+  simde_mm512_storeu_ps(in, a);
+  float m = in[0];
+  for (int i = 1; i < 16; ++i) m = in[i] > m ? in[i] : m;
+  return m;
+}
+#elif defined(WALLPERF_ISA_AVX2) || defined(WALLPERF_ISA_AVX512)
 #include <immintrin.h>
 #elif defined(WALLPERF_ISA_NEON)
 #include <arm_neon.h>
