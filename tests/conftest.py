@@ -2,6 +2,7 @@
 the project's own artifact cache (downloaded once per cache)."""
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +226,23 @@ def broken_checkpoints(smollm2_gguf_path, tmp_path_factory):
     bad_config.mkdir()
     (bad_config / "config.json").write_text("{not json")
     return folder
+
+
+# mlcommons' inference repository (the submission checker, compliance scripts):
+# the shared copy beside the checkout.
+INFERENCE = Path(__file__).resolve().parents[2] / "shared" / "mlcommons-inference"
+
+
+@pytest.fixture(scope="session")
+def checker_constants():
+    """mlcommons' submission checker's own constants module (MODEL_CONFIG, ACC_PATTERN, ...)."""
+    if not INFERENCE.is_dir():
+        pytest.skip(f"no mlcommons-inference copy at {INFERENCE}")
+    import sys
+
+    sys.path.insert(0, str(INFERENCE / "tools" / "submission"))
+    try:
+        from submission_checker import constants
+    finally:
+        sys.path.pop(0)
+    return constants

@@ -2,7 +2,6 @@
 checker's constants and mlperf.conf (the shared copies in mlcommons-inference),
 and the mlperf.conf the installed LoadGen embeds."""
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,8 @@ pytestmark = pytest.mark.skipif(not INFERENCE.is_dir(), reason="no mlcommons-inf
 
 
 @pytest.fixture(scope="module")
-def checker():
-    sys.path.insert(0, str(INFERENCE / "tools" / "submission"))
-    try:
-        from submission_checker.constants import MODEL_CONFIG
-    finally:
-        sys.path.pop(0)
-    return MODEL_CONFIG
+def checker(checker_constants):
+    return checker_constants.MODEL_CONFIG
 
 
 def conf_keys(text: str) -> dict:
