@@ -16,7 +16,7 @@ from wallperf.sut.scenarios import (INTERACTIVE, LOADGEN_SCENARIOS, OFFLINE, SCE
                                     loadgen_scenario, scenario)
 
 REPO = Path(__file__).resolve().parents[2]
-INFERENCE = Path(__file__).resolve().parents[2] / "shared" / "mlcommons-inference"
+INFERENCE = Path(__file__).resolve().parents[3] / "shared" / "mlcommons-inference"
 needs_inference = pytest.mark.skipif(not INFERENCE.is_dir(), reason="no mlcommons-inference copy")
 CHECKER_VERSION = "v6.1"
 

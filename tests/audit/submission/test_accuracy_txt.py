@@ -17,7 +17,7 @@ from wallperf.cli import main
 from wallperf.harness.config import ConfigError
 from wallperf.harness.config.benchmarks import BENCHMARKS
 
-INFERENCE = Path(__file__).resolve().parents[3] / "shared" / "mlcommons-inference"
+INFERENCE = Path(__file__).resolve().parents[4] / "shared" / "mlcommons-inference"
 needs_checker = pytest.mark.skipif(not INFERENCE.is_dir(), reason="no mlcommons-inference copy")
 
 
