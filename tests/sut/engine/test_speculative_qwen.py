@@ -69,4 +69,6 @@ def test_the_qwen_pair_decodes_greedy_tokens_bit_for_bit(pair):
             for rid in requests:
                 assert all(torch.equal(a, b) for a, b in zip(want_l[rid], got_l[rid])), (drafter.name, rid)
             stats = engine.spec_stats.summary()
-            assert stats["verify_steps"] > 0 and stats["emitted_tokens"] == sum(map(len, want_t.values()))
+            # Every token but each request's first (its prefill's) came out of a verify step.
+            assert stats["verify_steps"] > 0
+            assert stats["emitted_tokens"] == sum(map(len, want_t.values())) - len(requests)
