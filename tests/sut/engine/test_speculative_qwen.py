@@ -1,9 +1,10 @@
 """Speculative decoding on the real pair: Qwen2.5-Coder-1.5B verified against
 drafts of Qwen2.5-Coder-0.5B and of prompt lookup, on HumanEval prompts, in bf16
-(the fused decode step) and float32 (eager PyTorch). Tokens and the logits
-behind them must be greedy decoding's bit for bit: each request alone against
-the engine without speculation, and under continuous batching with requests of
-mixed lengths verified together (bf16, whose decode rows are independent)."""
+(the fused decode step). Tokens and the logits behind them must be greedy
+decoding's bit for bit: each request alone against the engine without
+speculation, and under continuous batching with requests of mixed lengths
+verified together. float32 (eager PyTorch, verified by replay) is proven on the
+tiny models in test_spec_decode.py; on the real pair it has not been run."""
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ def run(engine, requests: dict) -> tuple[dict, dict]:
     return tokens, logits
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+@pytest.fixture(scope="module", params=["bfloat16"])
 def pair(request):
     target = load_model(resolve_model_file(load_model_config("qwen2.5-coder-1.5b")), request.param)
     draft = load_model(resolve_model_file(load_model_config("qwen2.5-coder-0.5b")), request.param)
