@@ -101,7 +101,7 @@ def read_sweep(path: Path) -> dict:
 def pareto_figure(series: list[dict]):
     """Per-user tokens/s (y) against system tokens/s (x), log-log: each series' points
     (labelled with their target QPS) and its predicted front, dashed."""
-    from wallperf.audit.charts import chart_text, legend, new_figure
+    from wallperf.audit.charts import chart_text, new_figure
 
     fig = new_figure(8, 4.2 + 0.14 * 2 * len(series))
     ax = fig.add_subplot()
@@ -124,11 +124,19 @@ def pareto_figure(series: list[dict]):
                 ax.scatter([cross["system_tokens_per_second"]], [cross["per_user_tokens_per_second"]], marker="D",
                            color=line.get_color(), zorder=3,
                            label=chart_text(f"memory floor meets compute floor: batch {crossing:.0f}"))
+    return _log_log(fig, ax, "system tokens/s", "tokens/s per user (1 / TPOT p50)",
+                    "Pareto front: measured against the roofline")
+
+
+def _log_log(fig, ax, xlabel: str, ylabel: str, title: str):
+    """Both Pareto charts' finish: log axes, labels, grid and the shared legend."""
+    from wallperf.audit.charts import legend
+
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("system tokens/s")
-    ax.set_ylabel("tokens/s per user (1 / TPOT p50)")
-    ax.set_title("Pareto front: measured against the roofline", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     legend(fig, *ax.get_legend_handles_labels())
     return fig
@@ -152,7 +160,7 @@ def concurrency_figure(series: list[dict]):
     """The MLPerf Endpoints chart: system tokens/s (y) against tokens/s per user (x), log-log,
     each series as the rules' step function (a point's value held until the next one),
     invalid points hollow, beside its roofline front (dashed) where it has one."""
-    from wallperf.audit.charts import chart_text, legend, new_figure
+    from wallperf.audit.charts import chart_text, new_figure
 
     fig = new_figure(8, 4.4 + 0.14 * 2 * len(series))
     ax = fig.add_subplot()
@@ -175,14 +183,8 @@ def concurrency_figure(series: list[dict]):
             ax.plot([r["per_user_tokens_per_second"] for r in rows], [r["system_tokens_per_second"] for r in rows],
                     linestyle="--", color=color, alpha=0.8,
                     label=chart_text(f"roofline front: {s['label']}, context {front['context']:.0f}"))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens/s per user (1000 / TPOT p90)")
-    ax.set_ylabel("system tokens/s")
-    ax.set_title("Pareto curve at fixed concurrency (hollow: invalid point)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    legend(fig, *ax.get_legend_handles_labels())
-    return fig
+    return _log_log(fig, ax, "tokens/s per user (1000 / TPOT p90)", "system tokens/s",
+                    "Pareto curve at fixed concurrency (hollow: invalid point)")
 
 
 def write_concurrency_png(path: Path, series: list[dict]) -> None:
