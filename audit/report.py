@@ -24,6 +24,7 @@ from markupsafe import Markup
 
 from wallperf.audit.charts import PERCENTILES, accuracy_wall_chart, latency_chart, png, roofline_chart
 from wallperf.audit.pareto import pareto_figure, series_of
+from wallperf.audit.report_speculative import speculative_section
 from wallperf.audit.perf_audit import LATENCY_SCENARIOS, SEVERITIES, audit_results, run_label, scenario_config
 from wallperf.harness.config import ConfigError, shorten
 from wallperf.harness.loadgen.results import write_text_atomic
@@ -133,13 +134,21 @@ def performance_row(folder: RunFolder, run: dict) -> dict:
     limits = (f"{_setting(cfg.get('ttft_ms'))} / {_setting(cfg.get('tpot_ms'))}"
               if run.get("scenario") in LATENCY_SCENARIOS else MISSING)
     valid, valid_class = _validity(run)
-    return {"run": folder.label, "tokens_per_second": figure(m.get("tokens_per_second")),
+    return {"run": folder.label + _speculation_label(run), "tokens_per_second": figure(m.get("tokens_per_second")),
             "samples_per_second": figure(m.get("samples_per_second")), "batch": figure(rf.get("batch")),
             "memory_bound": figure(rf.get("memory_bound_tokens_per_second")),
             "memory_wall": figure(rf.get("memory_wall_tokens_per_second")),
             "mbu": percent(rf.get("mbu")), "mfu": percent(rf.get("mfu")), "limits": limits, **latency,
             "valid": valid, "valid_class": valid_class, "reasons": "; ".join(run.get("invalid_reasons") or []),
             "submission": "yes" if run.get("submission_valid") else "no"}
+
+
+def _speculation_label(run: dict) -> str:
+    """Which side of a speculative comparison a run is (audit.speculative_run), so the two never read as one."""
+    if run.get("speculative_baseline"):
+        return " (no speculation: baseline)"
+    spec = (run.get("engine") or {}).get("speculative") or run.get("speculative")
+    return f" (speculative, k={spec.get('num_draft_tokens')})" if isinstance(spec, dict) else ""
 
 
 def scenario_tables(folders: list[RunFolder]) -> list[dict]:
@@ -262,7 +271,7 @@ def report_context(folders: list[RunFolder]) -> dict:
             "finding_counts": ", ".join(_count(sum(r["severity"] == s for r in findings), s)
                                         for s in ("error", "warning", "info")),
             "roofline_chart": roofline_chart(folders), "latency_chart": latency_chart(folders),
-            "lengths": length_rows(folders),
+            "lengths": length_rows(folders), "speculative": speculative_section(folders, figure, percent, MISSING),
             "pareto": pareto_section([f.results["sweep"] for f in folders if isinstance(f.results.get("sweep"), dict)])}
 
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wallperf.audit.speculative_prompts import audit_prompts, parse_prompt_sets
+
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -84,8 +86,11 @@ def results_record(result: SpecAudit, args) -> dict:
     return {"complete": True, "runs": [{
         "scenario": "SingleStream", "mode": "performance", "model": args.model, "backend": args.backend,
         "dtype": args.dtype, "metrics": {"tokens_per_second": f.get("candidate_tokens_per_s")},
-        "speculative": {**f, "exactness": {"verdict": result.verdict, "share_identical": result.share_identical,
-                                           "prompts": result.prompts}}}]}
+        "speculative": {**f, "tokens_per_second": f.get("candidate_tokens_per_s"),
+                        "baseline_tokens_per_second": f.get("reference_tokens_per_s"),
+                        "exactness": {"verdict": result.verdict, "share_identical": result.share_identical,
+                                      "identical": result.identical, "prompts": result.prompts,
+                                      "prompt_sets": args.prompts, "max_new_tokens": args.max_new_tokens}}}]}
 
 
 def compare(reference: dict, candidate: dict, ref_margins: dict | None = None, cand_margins: dict | None = None,
@@ -170,9 +175,11 @@ def add_parser(subparsers=None) -> argparse.ArgumentParser:
     a.add_argument("--reference-file", type=Path, help="saved outputs ({\"outputs\": {id: [tokens]}}) as the "
                    "reference instead of the engine without speculation")
     a.add_argument("--save", type=Path, help="write the candidate's outputs here (a later --reference-file)")
-    a.add_argument("--prompts", default="humaneval", choices=("humaneval",))
-    a.add_argument("--num-prompts", type=int, default=200, help="at most this many prompts (HumanEval has 164: "
-                   "more than that cycles them with the chat template's wrapping as distinct prompts)")
+    a.add_argument("--prompts", default="humaneval", metavar="SETS",
+                   help="humaneval, mmlu, sharegpt, or several comma-separated (taken in turn, prompt by "
+                        "prompt): audit/speculative_prompts.py")
+    a.add_argument("--num-prompts", type=int, default=200, help="this many prompts (HumanEval has 164, and each "
+                   "again as a chat turn: 328; MMLU 14,042; ShareGPT thousands)")
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--min-identical", type=float, help="pass at this share in [0, 1] (MLPerf: 1)")
     a.add_argument("--json", action="store_true")
@@ -180,20 +187,6 @@ def add_parser(subparsers=None) -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, help="also write the figures and verdict as a results.json here "
                    "(a SingleStream run record with a 'speculative' section, for the perf audit)")
     return a
-
-
-def _prompts(tokenizer, n: int) -> dict:
-    from wallperf.harness.loadgen.humaneval import humaneval_path, read_prompts
-
-    records = read_prompts(humaneval_path())
-    out = {}
-    for i in range(n):
-        rec = records[i % len(records)]
-        # Past 164, the same task as a chat turn: a distinct prompt of the same kind.
-        text = rec.prompt if i < len(records) else tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Complete this function:\n" + rec.prompt}])
-        out[rec.task_id if i < len(records) else f"{rec.task_id}/chat"] = tokenizer.encode(text)
-    return out
 
 
 def _model_path(name: str) -> Path:
@@ -215,7 +208,7 @@ def _native(args, max_len_of):
     if drafter_kind is None or (drafter_kind == "model" and not args.draft_model):
         raise ValueError("the native candidate needs --draft-model NAME or --draft ngram")
     target = load_model(_model_path(args.model), args.dtype)
-    prompts = _prompts(target.tokenizer, args.num_prompts)
+    prompts = audit_prompts(target.tokenizer, parse_prompt_sets(args.prompts), args.num_prompts)
     max_len = max_len_of(prompts)
     draft_bytes, drafter, name = 0, NgramDrafter(), "ngram (prompt lookup)"
     if drafter_kind == "model":
@@ -243,12 +236,14 @@ def _openai(args):
     served = args.served_model or args.model
     make = lambda url: OpenAIBackend([url], served, max_concurrency=1, tokenizer=tokenizer)  # noqa: E731
     ref = make(args.reference_endpoint) if args.reference_endpoint and not args.reference_file else None
-    return _prompts(tokenizer, args.num_prompts), ref, make(args.candidate_endpoint), {}
+    return (audit_prompts(tokenizer, parse_prompt_sets(args.prompts), args.num_prompts), ref,
+            make(args.candidate_endpoint), {})
 
 
 def run(args) -> SpecAudit:
     if args.num_draft_tokens < 1 or args.max_new_tokens < 1 or args.num_prompts < 1:
         raise ValueError("--num-draft-tokens, --max-new-tokens and --num-prompts must be >= 1")
+    parse_prompt_sets(args.prompts)
     if args.min_identical is not None and not 0 <= args.min_identical <= 1:
         raise ValueError(f"--min-identical {args.min_identical}: give a share in [0, 1]")
     if args.backend == "native":
@@ -295,9 +290,12 @@ def run(args) -> SpecAudit:
         if stats.verifies:
             # k as drafted: a sequence's last steps draft fewer, and prompt lookup may find none.
             k_mean = stats.drafted / stats.verifies
+            figures["mean_drafted_per_verify"] = k_mean
             figures["predicted_speedup"] = predicted_speedup(
                 figures["target_bytes_per_verify_step"], figures["draft_bytes_per_step"], k_mean,
                 figures["mean_acceptance_length"])
+            figures["bytes_per_emitted_token"] = (figures["target_bytes_per_verify_step"] + k_mean *
+                                                  figures["draft_bytes_per_step"]) / figures["mean_acceptance_length"]
     result.figures = figures
     return result
 

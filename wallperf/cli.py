@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft", choices=("model", "ngram"), help="the drafter: ngram (prompt lookup) or model")
     r.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="drafted tokens per verify (4)")
     r.add_argument("--adaptive-draft", action="store_true", help="adapt k per sequence within 1..K")
+    r.add_argument("--no-speculative-baseline", action="store_true", help="with speculation, skip the same "
+                   "performance test without it (by default each runs again without, for tokens/s with and "
+                   "without and the measured speedup beside the roofline's prediction)")
     r.add_argument("--out", type=Path, help="output folder (default: results/<timestamp>)")
     r.add_argument("--no-progress", action="store_true", help="no progress display")
 
@@ -177,7 +180,8 @@ def cmd_run(args) -> int:
                       calibrate=not (args.no_calibrate or args.find_peak or args.user_conf or any(
                           v is not None for v in (args.duration, args.target_qps, args.min_queries))),
                       checker_version=args.checker_version, submission=args.submission,
-                      speculation=speculation_options(args, resolved))
+                      speculation=speculation_options(args, resolved),
+                      speculative_baseline=not args.no_speculative_baseline)
     try:
         results = run_benchmark(resolved, opts)
     except TestInterrupted as e:

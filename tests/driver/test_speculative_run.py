@@ -1,5 +1,6 @@
-"""`wallperf run` with speculative decoding: every test's engine speculates, and
-results.json records the acceptance figures; bad flags are one line and exit 2."""
+"""`wallperf run` with speculative decoding: every test's engine speculates, the same
+test runs again without it, and results.json records the acceptance figures and the
+speedup beside the roofline's prediction; bad flags are one line and exit 2."""
 import json
 import shutil
 from pathlib import Path
@@ -24,18 +25,51 @@ def conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path, tiny_synthetic_yam
     return root
 
 
-@pytest.mark.parametrize("drafter", [["--draft", "ngram"], ["--draft-model", "tiny-draft"]], ids=["ngram", "model"])
-def test_every_scenario_speculates_and_records_its_figures(conf, tmp_path, drafter):
+@pytest.mark.parametrize("drafter, scenarios", [
+    pytest.param(["--draft", "ngram"], "SingleStream,Offline", id="ngram", marks=pytest.mark.slow),
+    pytest.param(["--draft-model", "tiny-draft"], "SingleStream", id="model")])
+def test_every_scenario_speculates_beside_a_baseline_without(conf, tmp_path, drafter, scenarios):
+    """Each scenario's speculative test, then the same test without speculation as a
+    record of its own; the speculative record sets the two tokens/s side by side with
+    the roofline's prediction recomputed here from the record's own counts."""
     out = tmp_path / "out"
-    rc = main([*RUN, "--scenario", "SingleStream,Offline", *drafter, "--num-draft-tokens", "3", "--out", str(out)])
+    rc = main([*RUN, "--scenario", scenarios, *drafter, "--num-draft-tokens", "3", "--out", str(out)])
     assert rc == 0
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [r["scenario"] for r in runs] == ["SingleStream", "Offline"]
-    for run in runs:
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert [(r["scenario"], r.get("speculative_baseline", False)) for r in runs] == [
+        (sc, baseline) for sc in scenarios.split(",") for baseline in (False, True)]
+    assert results["config"]["speculation"]["baseline"] is True
+    for run, baseline in zip(runs[::2], runs[1::2]):
         spec = run["engine"]["speculative"]
         assert spec["num_draft_tokens"] == 3 and spec["verify_steps"] > 0 and spec["emitted_tokens"] > 0
+        assert "speculative" not in baseline["engine"] and "speculative" not in baseline
+        assert "no_speculation" in baseline["log_dir"] and baseline["log_dir"] != run["log_dir"]
+        # The baseline's own settings are the speculative test's.
+        assert baseline["loadgen_settings"] == run["loadgen_settings"]
+        figures = run["speculative"]
+        with_, without = run["metrics"]["tokens_per_second"], baseline["metrics"]["tokens_per_second"]
+        assert (figures["tokens_per_second"], figures["baseline_tokens_per_second"]) == (with_, without)
+        assert figures["measured_speedup"] == pytest.approx(with_ / without)
+        t, d = spec["target_bytes_per_verify_step"], spec["draft_bytes_per_step"]
+        k = spec["drafted_tokens"] / (spec["emitted_tokens"] / spec["mean_acceptance_length"])
+        assert figures["predicted_speedup"] == pytest.approx(t / ((t + k * d) / spec["mean_acceptance_length"]))
         if drafter[0] == "--draft-model":
             assert spec["acceptance_rate"] == 1.0 and spec["mean_acceptance_length"] > 1
+            assert d == t > 0  # the same weights under a second name
+        else:
+            assert d == 0
+    report = (out / "report.html").read_text()
+    assert "<h2>Speculative decoding</h2>" in report and "speedup_without_exactness" in report
+    assert "(no speculation: baseline)" in report
+
+
+def test_no_speculative_baseline_runs_the_speculative_tests_alone(conf, tmp_path):
+    out = tmp_path / "out"
+    assert main([*RUN, "--scenario", "SingleStream", "--draft", "ngram", "--no-speculative-baseline",
+                 "--out", str(out)]) == 0
+    [run] = json.loads((out / "results.json").read_text())["runs"]
+    assert "speculative" in run["engine"] and "speculative" not in run
 
 
 @pytest.mark.parametrize("flags, said", [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from wallperf.audit.compliance import check_test06
 from wallperf.audit.perf_audit import roofline_trust
+from wallperf.audit.speculative_run import engine_figures
 from wallperf.audit.test06 import audit_config_text, audit_config_was_read, verify_test06
 from wallperf.harness.artifacts import resolve_dataset_file
 from wallperf.harness.config import ConfigError, ResolvedRun, ScenarioConfig, folder_inside
@@ -57,6 +58,8 @@ class TestSpec:
     log_dir: Path
     # A compliance test's name (TEST06): its audit.config goes into log_dir and is read.
     compliance: str | None = None
+    # The same test without speculation, beside a speculative one (audit.speculative_run).
+    speculative_baseline: bool = False
 
 
 def sampling_params(mode: str, dataset, output_lengths=None) -> SamplingParams | list[SamplingParams]:
@@ -105,8 +108,12 @@ def _max_seq_len(prompts, params) -> int:
     return max(len(p) + q.max_new_tokens for p, q in zip(prompts, params))
 
 
-def log_dir_for(out_dir: Path, resolved: ResolvedRun, scenario: str, mode: str, compliance: str | None = None) -> Path:
+def log_dir_for(out_dir: Path, resolved: ResolvedRun, scenario: str, mode: str, compliance: str | None = None,
+                speculative_baseline: bool = False) -> Path:
     base = out_dir / resolved.run.system / resolved.model.name / scenario
+    if speculative_baseline:
+        # Beside, not inside, the scenario's performance/: its logs are not the run's result.
+        return base / "no_speculation" / mode
     if compliance:
         return base / "compliance" / compliance
     return base / "performance" / "run_1" if mode == "performance" else base / "accuracy"
@@ -215,8 +222,9 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
                   # The CPU kernels' instruction-set path (kernels/cpu_linear.py) the native engine took.
                   "cpu_isa": cpu_isa() if getattr(backend, "decode_path", None) and loaded.device == "cpu" else None}
         if getattr(backend, "spec_stats", None) is not None:
-            # Acceptance, per-position acceptance and draft/verify time per step (sut.engine.speculative).
-            engine["speculative"] = {**backend.spec_stats.summary(), "verify_path": backend.runner.verify_path}
+            # Acceptance, per-position acceptance, draft/verify time per step, and the bytes behind them.
+            engine["speculative"] = engine_figures(backend.spec_stats, loaded.model, backend.speculation.drafter,
+                                                   backend.runner.verify_path, opts.speculation.draft_model)
     eos = loaded.tokenizer.eos_token_id
     experts = counter_delta(experts_before, expert_stats()) if expert_stats else None
     if mode == "performance":
@@ -247,6 +255,7 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
         "scenario": sc.name,
         "mode": mode,
         **({"compliance_test": spec.compliance} if spec.compliance else {}),
+        **({"speculative_baseline": True} if spec.speculative_baseline else {}),
         "model": resolved.model.name,
         "benchmark": benchmark_for(resolved.model.benchmark, sc.name),
         "loadgen_model": loadgen_name(resolved, sc.name),

@@ -82,3 +82,6 @@ class RunOptions:
     submission: bool = False
     # Speculative decoding in the native engine (None: none).
     speculation: SpeculationOptions | None = None
+    # With speculation, each performance test again without it, as a test of its own, for the
+    # tokens/s with and without at the same settings (audit.speculative_run).
+    speculative_baseline: bool = True

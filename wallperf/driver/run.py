@@ -10,6 +10,11 @@ process (wallperf.driver.test_process.run_test) and assembles results.json from
 their records. results.json exists with `complete: false` before the first test
 and is rewritten atomically after each one, so an interrupted run keeps every
 finished result; Ctrl-C and SIGTERM end the running test (wallperf.driver.interrupt).
+
+With speculative decoding, each performance test is followed by the same test
+without it (its own process and record, `speculative_baseline: true`, logs under
+no_speculation/), and the speculative record gets the two tokens/s, the measured
+speedup and the roofline's prediction side by side (audit.speculative_run).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 
 from wallperf.audit.report import write_run_reports
+from wallperf.audit.speculative_run import versus_baseline
 from wallperf.audit.submission.system_desc import host_facts
 from wallperf.harness.config import ResolvedRun
 from wallperf.harness.config.benchmarks import BENCHMARKS
@@ -66,9 +72,10 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     say(f"output dir {opts.out_dir}; each LoadGen test runs in a process of its own")
 
     with Interrupts() as interrupts:
-        def test(sc, mode, log_dir=None, compliance=None) -> dict:
-            log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode, compliance)
-            spec = TestSpec(resolved, opts, sc, mode, log_dir, compliance)
+        def test(sc, mode, log_dir=None, compliance=None, baseline=False) -> dict:
+            log_dir = log_dir or log_dir_for(opts.out_dir, resolved, sc.name, mode, compliance, baseline)
+            spec = TestSpec(resolved, dataclasses.replace(opts, speculation=None) if baseline else opts, sc, mode,
+                            log_dir, compliance, speculative_baseline=baseline)
             try:
                 out = run_test(spec, interrupts)
             except TestInterrupted as e:
@@ -102,7 +109,11 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
                         results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
                         write_json_atomic(results_path, results)
                     else:
-                        test(sc, mode)
+                        record = test(sc, mode)
+                        if mode == "performance" and with_baseline(opts):
+                            record["speculative"] = versus_baseline(record, test(sc, mode, baseline=True))
+                            say(speculative_line(sc.name, record["speculative"]))
+                            write_json_atomic(results_path, results)
                 for name in compliance_tests(resolved, opts):
                     test(sc, "performance", compliance=name)
         except TestInterrupted as e:
@@ -117,9 +128,26 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
     return results
 
 
+def with_baseline(opts: RunOptions) -> bool:
+    """Whether each speculative performance test is followed by the same test without
+    speculation (audit.speculative_run): on by default; not in a submission run, whose
+    tests are the ones the checker reads."""
+    return opts.speculation is not None and opts.speculative_baseline and not opts.submission
+
+
+def speculative_line(scenario: str, figures: dict) -> str:
+    fig = lambda v, spec=".3g": "n/a" if v is None else format(v, spec)  # noqa: E731
+    return (f"{scenario} speculation: {fig(figures['tokens_per_second'])} tokens/s against "
+            f"{fig(figures['baseline_tokens_per_second'])} without, {fig(figures['measured_speedup'])}x "
+            f"(the roofline predicts {fig(figures['predicted_speedup'])}x from the run's acceptance)")
+
+
 def _config(resolved: ResolvedRun, opts: RunOptions) -> dict:
     dataset = resolved.dataset
+    spec = opts.speculation
     return {**resolved.to_dict(), "user_conf": str(opts.user_conf) if opts.user_conf else None,
+            "speculation": None if spec is None else {**dataclasses.asdict(spec),
+                                                      "baseline": with_baseline(opts)},
             "submission": opts.submission, "checker_version": opts.checker_version,
             "output_length": dataclasses.asdict(dataset.output_length),
             "ignore_eos_in_performance": dataset.output_length.ignore_eos}
