@@ -8,6 +8,7 @@ import torch
 
 from wallperf.audit import speculative as audit
 from wallperf.sut.engine.engine import Engine, Speculation
+from wallperf.sut.engine.sequence import SamplingParams
 from wallperf.sut.engine.speculative import DraftModelDrafter, NgramDrafter, accepted_prefix
 from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import LlamaConfig, synthetic_state_dict
@@ -203,3 +204,58 @@ def test_the_audit_writes_a_record_the_perf_audit_reads(tiny_llama_folder, tmp_p
     assert run["speculative"]["exactness"]["verdict"] == "PASS"
     assert run["metrics"]["tokens_per_second"] == run["speculative"]["candidate_tokens_per_s"]
     assert not {f.code for f in audit_results(record)} & {"speedup_without_exactness", "speculation_not_exact"}
+
+
+def test_the_command_fails_a_planted_off_by_one_naming_its_first_divergence(tiny_llama_folder, tmp_path,
+                                                                            monkeypatch, capsys):
+    """`wallperf audit speculative` against a candidate that accepts one draft too many:
+    exit 1, FAIL, and per divergent prompt the position and tokens where the candidate
+    first leaves greedy decoding, as found here from the engine without speculation."""
+    from wallperf.audit.speculative_prompts import audit_prompts
+    from wallperf.sut.loading.load import load_model
+
+    real = accepted_prefix
+    monkeypatch.setattr("wallperf.sut.engine.engine.accepted_prefix", lambda d, t: min(len(d), real(d, t) + 1))
+    saved = tmp_path / "cand.json"
+    rc = audit.main(["--model", str(tiny_llama_folder), "--draft", "ngram", "--num-prompts", "3",
+                     "--max-new-tokens", "24", "--num-draft-tokens", "3", "--save", str(saved), "--no-progress"])
+    summary = capsys.readouterr().out
+    cand = json.loads(saved.read_text())["outputs"]
+    loaded = load_model(tiny_llama_folder, "bfloat16")
+    prompts = audit_prompts(loaded.tokenizer, ("humaneval",), 3)
+    ref = {}
+    for pid, ids in prompts.items():
+        engine, out = Engine(loaded.model, loaded.tokenizer.eos_token_ids, 1, len(ids) + 24), []
+        engine.add_request(0, ids, SamplingParams(max_new_tokens=24))
+        while engine.has_unfinished():
+            out.extend(ev.token_id for ev in engine.step())
+        ref[pid] = out
+    diverging = [pid for pid in prompts if ref[pid] != cand[pid]]
+    assert rc == 1 and "-> FAIL" in summary and diverging, summary
+    for pid in diverging:
+        r, c = ref[pid], cand[pid]
+        pos = next((i for i, (a, b) in enumerate(zip(r, c)) if a != b), min(len(r), len(c)))
+        at = lambda seq: seq[pos] if pos < len(seq) else None  # noqa: E731
+        assert f"{pid} | {pos} | {at(r)} | {at(c)} |" in summary, (pid, pos, summary)
+
+
+def test_prompt_sets_are_taken_in_turn_and_a_short_one_leaves_the_rest_to_the_others(monkeypatch):
+    from wallperf.audit import speculative_prompts as sp
+
+    sizes = {"humaneval": 5, "mmlu": 100, "sharegpt": 100}
+    monkeypatch.setattr(sp, "_LOADERS", {name: (lambda name: lambda tok, n, seed: {
+        f"{name}/{i}": [i] for i in range(min(n, sizes[name]))})(name) for name in sizes})
+    got = list(sp.audit_prompts(None, ("humaneval", "mmlu"), 4))
+    assert got == ["humaneval/0", "mmlu/0", "humaneval/1", "mmlu/1"]
+    got = list(sp.audit_prompts(None, ("humaneval", "mmlu", "sharegpt"), 21))
+    assert got[:15] == [f"{s}/{i}" for i in range(5) for s in ("humaneval", "mmlu", "sharegpt")]
+    assert len(got) == 21 and sum(p.startswith("humaneval") for p in got) == 5
+    with pytest.raises(ValueError, match="has only 5 prompts"):
+        sp.audit_prompts(None, ("humaneval",), 6)
+
+
+@pytest.mark.parametrize("text", ["", "humaneval,gsm8k", "mmlu,mmlu"])
+def test_bad_prompt_sets_exit_2_naming_the_flag(text, capsys):
+    assert audit.main(["--model", "qwen2.5-coder-1.5b", "--draft", "ngram", "--prompts", text]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prompts" in err[0] and "humaneval, mmlu, sharegpt" in err[0]
