@@ -181,6 +181,8 @@ def add_parser(subparsers=None) -> argparse.ArgumentParser:
     a.add_argument("--num-prompts", type=int, default=200, help="this many prompts (HumanEval has 164, and each "
                    "again as a chat turn: 328; MMLU 14,042; ShareGPT thousands)")
     a.add_argument("--max-new-tokens", type=int, default=64)
+    a.add_argument("--max-seconds", type=float, metavar="S", help="start no prompt after S seconds: the audit "
+                   "covers the prompts done by then (its count is printed) instead of all --num-prompts")
     a.add_argument("--min-identical", type=float, help="pass at this share in [0, 1] (MLPerf: 1)")
     a.add_argument("--json", action="store_true")
     a.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines on stderr")
@@ -244,6 +246,8 @@ def run(args) -> SpecAudit:
     if args.num_draft_tokens < 1 or args.max_new_tokens < 1 or args.num_prompts < 1:
         raise ValueError("--num-draft-tokens, --max-new-tokens and --num-prompts must be >= 1")
     parse_prompt_sets(args.prompts)
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise ValueError(f"--max-seconds {args.max_seconds}: give a positive number of seconds")
     if args.min_identical is not None and not 0 <= args.min_identical <= 1:
         raise ValueError(f"--min-identical {args.min_identical}: give a share in [0, 1]")
     if args.backend == "native":
@@ -260,8 +264,13 @@ def run(args) -> SpecAudit:
     if getattr(cand_backend, "spec_stats", None) is not None:
         cand_backend.spec_stats = type(cand_backend.spec_stats)(cand_backend.spec_stats.k)
     ref, cand, ref_m, cand_m, ref_s, cand_s = {}, {}, {}, {}, 0.0, 0.0
+    started, asked = time.monotonic(), len(prompts)
     # Alternate prompt by prompt, so both sides see the same load on a shared machine.
     for n, (pid, ids) in enumerate(prompts.items(), 1):
+        if n > 1 and args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
+            # The audit covers the prompts both sides finished; the count says how many.
+            prompts = dict(list(prompts.items())[:n - 1])
+            break
         if ref_backend is not None:
             t, m, s = run_greedy(ref_backend, {pid: ids}, args.max_new_tokens)
             ref.update(t), ref_m.update(m)
@@ -280,6 +289,9 @@ def run(args) -> SpecAudit:
     if args.save:
         args.save.write_text(json.dumps({"model": args.model, "outputs": cand}))
     result = compare(ref, cand, ref_m, cand_m, args.min_identical)
+    figures["prompts_asked"], figures["prompt_sets"] = asked, args.prompts
+    if len(prompts) < asked:
+        figures["stopped_by_max_seconds"] = args.max_seconds
     figures["candidate_tokens_per_s"] = sum(map(len, cand.values())) / cand_s if cand_s else None
     if ref_backend is not None and ref_s:
         figures["reference_tokens_per_s"] = sum(map(len, ref.values())) / ref_s

@@ -259,3 +259,11 @@ def test_bad_prompt_sets_exit_2_naming_the_flag(text, capsys):
     assert audit.main(["--model", "qwen2.5-coder-1.5b", "--draft", "ngram", "--prompts", text]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--prompts" in err[0] and "humaneval, mmlu, sharegpt" in err[0]
+
+
+def test_max_seconds_audits_the_prompts_done_by_then_and_says_so(tiny_llama_folder, capsys):
+    rc = audit.main(["--model", str(tiny_llama_folder), "--draft", "ngram", "--num-prompts", "3",
+                     "--max-new-tokens", "4", "--max-seconds", "1e-6", "--json", "--no-progress"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["prompts"] == 1 and out["identical"] == 1
+    assert out["figures"]["prompts_asked"] == 3 and out["figures"]["stopped_by_max_seconds"] == 1e-6
