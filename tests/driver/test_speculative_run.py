@@ -27,7 +27,7 @@ def conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path, tiny_synthetic_yam
 
 @pytest.mark.parametrize("drafter, scenarios", [
     pytest.param(["--draft", "ngram"], "SingleStream,Offline", id="ngram", marks=pytest.mark.slow),
-    pytest.param(["--draft-model", "tiny-draft"], "SingleStream", id="model")])
+    pytest.param(["--draft-model", "tiny-draft"], "SingleStream", id="model", marks=pytest.mark.slow)])
 def test_every_scenario_speculates_beside_a_baseline_without(conf, tmp_path, drafter, scenarios):
     """Each scenario's speculative test, then the same test without speculation as a
     record of its own; the speculative record sets the two tokens/s side by side with
@@ -64,6 +64,7 @@ def test_every_scenario_speculates_beside_a_baseline_without(conf, tmp_path, dra
     assert "(no speculation: baseline)" in report
 
 
+@pytest.mark.slow
 def test_no_speculative_baseline_runs_the_speculative_tests_alone(conf, tmp_path):
     out = tmp_path / "out"
     assert main([*RUN, "--scenario", "SingleStream", "--draft", "ngram", "--no-speculative-baseline",
