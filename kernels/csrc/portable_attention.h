@@ -2,12 +2,16 @@
 // each row and KV head, every query head of its group against the row's
 // positions 0..pos, in fp32 over the bf16 (or fp8) cache.
 //
-// Scores: the group's query heads are widened to fp32 once; each key row is
-// read once and dotted with every query head of the group (GQA), one vector
-// accumulator per (head, key), lanes summed at the end. (Widening a block of
-// Vec::N keys into fp32 once and summing their accumulators' lanes together
-// measured slower on AVX2: the block's stores and reloads cost more than the
-// horizontal sums they saved.) Values: each position's chunk of kValueVecs
+// Scores: the group's query heads are widened to fp32 once; keys go
+// kScoreKeys at a time, each chunk of a key widened once in registers and
+// dotted with up to kScoreHeads query heads of the group (GQA): 12 independent
+// vector accumulators, where one key against one head at a time was a chain of
+// D / Vec::N dependent FMAs and a horizontal sum per score. The block's
+// accumulators are reduced four at a time (Vec::hsum4). A last partial block
+// reads its last key again in the missing places and drops those scores, so
+// every score is the same sum in the same order. (Widening a block of keys into
+// fp32 in memory first measured slower on AVX2: its stores and reloads cost
+// more than the horizontal sums they saved.) Values: each position's chunk of kValueVecs
 // vectors is widened once and accumulated, times each head's probability,
 // into the heads' fp32 sums held in registers. The hardware prefetchers miss
 // the cache rows (one head's part of each position, blocks scattered in the
@@ -40,6 +44,36 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) Vec::prefetch(static_cast<const char*>(row) + b);
 }
 
+// Keys of a bf16 cache against GN query heads (fp32, D apart, D a multiple of
+// Vec::N): scores[g * ctx + t] = scale * q_g . k_t for the keys at slots[0..ctx).
+constexpr int kScoreKeys = 4, kScoreHeads = 3;
+
+template <int GN>
+void key_scores(const uint16_t* rows, const int64_t* slots, int64_t row_stride, int64_t offset, const float* q,
+                int64_t D, float scale, float* scores, int64_t ctx) {
+  for (int64_t t0 = 0; t0 < ctx; t0 += kScoreKeys) {
+    const uint16_t* key[kScoreKeys];
+    for (int j = 0; j < kScoreKeys; ++j) key[j] = rows + slots[std::min(t0 + j, ctx - 1)] * row_stride + offset;
+    for (int64_t t = t0 + kPrefetchAhead; t < std::min(ctx, t0 + kPrefetchAhead + kScoreKeys); ++t)
+      prefetch_row(rows + slots[t] * row_stride + offset, 2 * D);
+    F acc[GN][kScoreKeys];
+    for (int g = 0; g < GN; ++g)
+      for (int j = 0; j < kScoreKeys; ++j) acc[g][j] = Vec::zero();
+    for (int64_t d = 0; d < D; d += Vec::N)
+      for (int j = 0; j < kScoreKeys; ++j) {
+        const F k = Vec::widen(key[j] + d);
+        for (int g = 0; g < GN; ++g) acc[g][j] = Vec::fma(Vec::load(q + g * D + d), k, acc[g][j]);
+      }
+    const int64_t n = std::min<int64_t>(kScoreKeys, ctx - t0);
+    for (int g = 0; g < GN; ++g) {
+      float sums[4];
+      static_assert(kScoreKeys == 4, "Vec::hsum4 reduces four accumulators");
+      Vec::hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], sums);
+      for (int64_t j = 0; j < n; ++j) scores[g * ctx + t0 + j] = sums[j] * scale;
+    }
+  }
+}
+
 // Values of a bf16 cache: kValueVecs vectors of dims at a time, for up to
 // kValueHeads heads, accumulated in registers over every position (each value
 // chunk widened once for all the heads); the same sums in the same order as
@@ -59,12 +93,14 @@ inline void value_block(const KVStore& v_layer, const int64_t* slots, int64_t ro
   for (int64_t t = 0; t < ctx; ++t) {
     if (pf_bytes && t + kPrefetchAhead < ctx) prefetch_row(rows + slots[t + kPrefetchAhead] * row_stride + offset, pf_bytes);
     const uint16_t* v = rows + slots[t] * row_stride + offset;
-    F vv[kValueVecs];
-    for (int i = 0; i < kValueVecs; ++i) vv[i] = Vec::widen(v + i * Vec::N);
-    for (int h = 0; h < kValueHeads; ++h) {
-      if (h >= gn) break;
-      const F ph = Vec::set1(p[h * ctx + t]);
-      for (int i = 0; i < kValueVecs; ++i) acc[h][i] = Vec::fma(ph, vv[i], acc[h][i]);
+    // One widened vector at a time: the heads' accumulators, one value vector
+    // and the heads' broadcasts fill AVX2's 16 registers without spilling.
+    F ph[kValueHeads];
+    for (int h = 0; h < kValueHeads; ++h) ph[h] = Vec::set1(h < gn ? p[h * ctx + t] : 0.f);
+    for (int i = 0; i < kValueVecs; ++i) {
+      const F vv = Vec::widen(v + i * Vec::N);
+      for (int h = 0; h < kValueHeads; ++h)
+        if (h < gn) acc[h][i] = Vec::fma(ph[h], vv, acc[h][i]);
     }
   }
   for (int h = 0; h < gn; ++h)
@@ -100,7 +136,19 @@ inline void attend(const bf16* qkv, const KVStore& k_layer, const KVStore& v_lay
       widen_rows(reinterpret_cast<const uint16_t*>(qkv + m * qkv_width + h0 * s.D), G, s.D, s.D, w.q.data());
       w.scores.resize(G * ctx);
       w.row.resize(s.D);
-      for (int64_t t = 0; t < ctx; ++t) {
+      if (!fp8 && s.D % Vec::N == 0) {
+        const auto* rows = reinterpret_cast<const uint16_t*>(k_layer.rows);
+        for (int64_t g = 0; g < G; g += kScoreHeads) {
+          const float* q = w.q.data() + g * s.D;
+          float* sc = w.scores.data() + g * ctx;
+          switch (std::min<int64_t>(kScoreHeads, G - g)) {
+            case 1: key_scores<1>(rows, w.slots.data(), row_stride, kvh * s.D, q, s.D, scale, sc, ctx); break;
+            case 2: key_scores<2>(rows, w.slots.data(), row_stride, kvh * s.D, q, s.D, scale, sc, ctx); break;
+            default: key_scores<3>(rows, w.slots.data(), row_stride, kvh * s.D, q, s.D, scale, sc, ctx); break;
+          }
+        }
+      }
+      for (int64_t t = 0; t < ctx && (fp8 || s.D % Vec::N); ++t) {
         if (t + kPrefetchAhead < ctx)
           prefetch_row(kv_row(k_layer, w.slots[t + kPrefetchAhead] * row_stride + kvh * s.D, fp8), row_bytes);
         const int64_t at = w.slots[t] * row_stride + kvh * s.D;

@@ -128,6 +128,15 @@ struct Vec {
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   static float hmax(F v) { return _mm512_reduce_max_ps(v); }
+  // out[i] = the sum of the lanes of a, b, c, d: halves added, then AVX2's tree.
+  static void hsum4(F a, F b, F c, F d, float* out) {
+    const auto half = [](F v) {
+      return _mm256_add_ps(_mm512_castps512_ps256(v),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    };
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half(a), half(b)), _mm256_hadd_ps(half(c), half(d)));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  }
   static F round(F v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F pow2i(F n) {  // 2^n for integral n in [-127, 127]
     const __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
@@ -181,6 +190,12 @@ struct Vec {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // out[i] = the sum of the lanes of a, b, c, d: three pairwise adds and one
+  // add of the halves for all four, instead of four reductions.
+  static void hsum4(F a, F b, F c, F d, float* out) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  }
   static F round(F v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static F pow2i(F n) {
     const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
@@ -219,6 +234,7 @@ struct Vec {
   static F min(F a, F b) { return vminq_f32(a, b); }
   static float hsum(F v) { return vaddvq_f32(v); }
   static float hmax(F v) { return vmaxvq_f32(v); }
+  static void hsum4(F a, F b, F c, F d, float* out) { vst1q_f32(out, vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d))); }
   static F round(F v) { return vrndnq_f32(v); }
   static F pow2i(F n) {
     const int32x4_t e = vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127));
@@ -250,6 +266,12 @@ struct Vec {
   static F min(F a, F b) { return a < b ? a : b; }
   static float hsum(F v) { return v; }
   static float hmax(F v) { return v; }
+  static void hsum4(F a, F b, F c, F d, float* out) {
+    out[0] = a;
+    out[1] = b;
+    out[2] = c;
+    out[3] = d;
+  }
   static F round(F v) { return std::nearbyint(v); }
   static F pow2i(F n) { return std::ldexp(1.f, static_cast<int>(n)); }
   static void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
