@@ -124,6 +124,21 @@ def peak(device: torch.device, dtype: str, n: int, repeats: int, warmup: int,
          flags=None, isa: str | None = THIS_MACHINE) -> tuple[float, str, list[float]]:
     """(median TFLOP/s, the kernel timed, the repeats' seconds) of the engine's `dtype` math;
     on a CPU `flags` and `isa` (None: no compiled kernel) default to this machine's."""
+    flops, kernel, times = timed(device, dtype, n, repeats, warmup, flags, isa)
+    return flops / statistics.median(times) / 1e12, kernel, times
+
+
+def best_peak(device: torch.device, dtype: str, n: int, repeats: int, warmup: int) -> float:
+    """The best TFLOP/s of `repeats` calls of the engine's `dtype` math on this machine: a
+    roof, which a call slowed by other work on the cores would understate (a 2-core VM's
+    medians spread 0.074-0.167 TFLOP/s while it was shared)."""
+    flops, _, times = timed(device, dtype, n, repeats, warmup)
+    return flops / min(times) / 1e12
+
+
+def timed(device: torch.device, dtype: str, n: int, repeats: int, warmup: int,
+          flags=None, isa: str | None = THIS_MACHINE) -> tuple[float, str, list[float]]:
+    """(FLOPs per call, the kernel timed, the repeats' seconds) of the engine's `dtype` math."""
     if device.type == "cpu" and dtype == "bfloat16":
         flags = cpu_flags() if flags is None else flags
         isa = compiled_isa() if isa == THIS_MACHINE else isa
@@ -136,5 +151,4 @@ def peak(device: torch.device, dtype: str, n: int, repeats: int, warmup: int,
     else:
         fn, flops = _matmul(device, getattr(torch, dtype), n)
         kernel = f"torch.matmul {dtype}"
-    times = timings(fn, device, repeats, warmup)
-    return flops / statistics.median(times) / 1e12, kernel, times
+    return flops, kernel, timings(fn, device, repeats, warmup)

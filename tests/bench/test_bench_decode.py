@@ -71,6 +71,26 @@ def test_bench_times_only_the_paths_and_threads_asked_for(monkeypatch):
     assert [(r["rows"], r["path"], r["thread"]) for r in report["rows"]] == [(2, "fused", "worker")]
 
 
+def test_the_kernel_peak_is_the_best_call_of_the_best_pass(monkeypatch):
+    """A roof is what the kernel can do: calls slowed by other work on the cores must not lower it."""
+    from wallperf.harness.hardware import peak_kernels
+
+    calls = []
+    monkeypatch.setattr(peak_kernels, "timed", lambda device, dtype, n, repeats, warmup: (
+        calls.append((dtype, n, repeats)), (3e12, "kernel", [3.0, 1.5, 2.0]))[1])
+    assert bench_decode.gemm_peak_tflops() == pytest.approx(2.0)  # 3e12 FLOPs over the fastest call
+    assert calls == [("bfloat16", bench_decode.CPU_SETTINGS.gemm_n, bench_decode.PEAK_CALLS)]
+    monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
+    monkeypatch.setattr(bench_decode, "read_bandwidth", lambda *a: 8.0)
+    passes = iter([0.9, 0.3, 0.5, 0.4])  # the warm-up pass's, then three timed passes'
+    monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: next(passes))
+    shape = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+                       tie_embeddings=True)
+    report = bench_decode.bench(tiny(True), [0], shape, rows=(1,), context=8, tokens=2, repeats=3,
+                                paths=("fused",), threads=("worker",))
+    assert report["gemm_peak_samples"] == [0.3, 0.5, 0.4] and report["gemm_peak_tflops"] == 0.5
+
+
 def test_step_bytes_counts_each_rows_kv_and_embedding_row():
     model = tiny(False)
     one, four = bench_decode.step_bytes(model, 10.0), bench_decode.step_bytes(model, 10.0, rows=4)
