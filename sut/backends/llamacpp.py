@@ -62,19 +62,19 @@ class GGUFModel:
 def load_gguf_model(path: Path) -> GGUFModel:
     """A GGUF's config, tokenizer and tensor bytes; a file that cannot be read is a
     CheckpointError naming it."""
-    from gguf import GGUFReader
+    from gguf.constants import GGMLQuantizationType
 
-    from wallperf.sut.loading.weights import gguf_metadata
+    from wallperf.sut.loading.gguf_file import GGUFFile
 
     with reading_checkpoint(Path(path)):
-        reader = GGUFReader(str(path))
+        reader = GGUFFile(path)
         names = {t.name for t in reader.tensors}
-        cfg = LlamaConfig.from_gguf_metadata(gguf_metadata(reader), names)
-        types = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+        cfg = LlamaConfig.from_gguf_metadata(reader.metadata, names)
+        types = Counter(GGMLQuantizationType(t.ggml_type).name for t in reader.tensors if len(t.shape) > 1)
         untied = "output.weight" in names
         return GGUFModel(Path(path), cfg, Tokenizer.from_gguf(reader),
-                         weight_bytes=sum(int(t.n_bytes) for t in reader.tensors),
-                         table_bytes=sum(int(t.n_bytes) for t in reader.tensors
+                         weight_bytes=sum(int(t.data.nbytes) for t in reader.tensors),
+                         table_bytes=sum(int(t.data.nbytes) for t in reader.tensors
                                          if untied and t.name == "token_embd.weight"),
                          tensor_types=dict(types.most_common()))
 

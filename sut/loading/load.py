@@ -15,7 +15,8 @@ import torch
 from wallperf.sut.models.families import family_of_config
 from wallperf.sut.models.llama import LlamaConfig, LlamaModel
 from wallperf.sut.loading.tokenizer import Tokenizer
-from wallperf.sut.loading.weights import build_model, load_checkpoint
+from wallperf.sut.loading.gguf_file import GGUFFile
+from wallperf.sut.loading.weights import build_model, load_checkpoint, load_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,6 +87,11 @@ def read_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> tuple[Lla
     dict and tokenizer; one that cannot be read is a CheckpointError naming it."""
     path = Path(path)
     with reading_checkpoint(path):
+        if path.is_file() and path.suffix == ".gguf":
+            # One read of the file's tables for both the weights and the tokenizer.
+            gguf = GGUFFile(path)
+            cfg, sd, _ = load_gguf(gguf, dtype)
+            return cfg, sd, Tokenizer.from_gguf(gguf)
         cfg, sd, _ = load_checkpoint(path, dtype)
     return cfg, sd, load_tokenizer(path)
 

@@ -23,7 +23,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as Backend
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
+    from wallperf.sut.loading.gguf_file import GGUFFile
 
 # GGUF `tokenizer.ggml.token_type` values (llama.cpp's llama_token_type).
 TOKEN_TYPE_CONTROL = 3
@@ -92,15 +92,14 @@ class Tokenizer:
     # -- construction ------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, source: str | os.PathLike | GGUFReader) -> Tokenizer:
-        """Build from a GGUF file (or an open `GGUFReader`, to share one with the weight loader)."""
-        from gguf import GGUFReader
+    def from_gguf(cls, source: str | os.PathLike | GGUFFile) -> Tokenizer:
+        """Build from a GGUF file (or an open GGUFFile, to share one with the weight loader)."""
+        from wallperf.sut.loading.gguf_file import GGUFFile
 
-        reader = source if isinstance(source, GGUFReader) else GGUFReader(os.fspath(source))
+        meta = (source if isinstance(source, GGUFFile) else GGUFFile(os.fspath(source))).metadata
 
         def value(key: str, default=None):
-            found = reader.fields.get(key)
-            return default if found is None else found.contents()
+            return meta.get(key, default)
 
         kind = value("tokenizer.ggml.model")
         if kind != "gpt2":

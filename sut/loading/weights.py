@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wallperf.sut.loading.gguf_file import GGUFFile
 from wallperf.sut.models.families import family_for_gguf, family_for_hf, family_of_config
 from wallperf.sut.models.build import build_model as _build
 from wallperf.sut.models.llama import LlamaConfig, LlamaModel
@@ -31,7 +32,9 @@ _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.nor
 
 
 def gguf_metadata(reader) -> dict:
-    """GGUF key/value metadata as plain Python values."""
+    """GGUF key/value metadata as plain Python values, from a GGUFFile or gguf's GGUFReader."""
+    if isinstance(reader, GGUFFile):
+        return dict(reader.metadata)
     return {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
 
 
@@ -50,14 +53,13 @@ def _hf_name(gguf_name: str) -> str:
     return f"{_GGUF_TOP_NAMES[base]}.{suffix}"
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaConfig, dict, dict]:
-    """(config, state dict under HF names, metadata) from a GGUF file. Each tensor is
-    dequantized to float32 and stored in `dtype` at once, so a bf16 load never holds
-    the whole model in float32 (1.5B parameters: 6 GB)."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
-    reader = GGUFReader(str(path))
+def load_gguf(path: Path | GGUFFile, dtype: torch.dtype = torch.float32) -> tuple[LlamaConfig, dict, dict]:
+    """(config, state dict under HF names, metadata) from a GGUF file (or one already
+    open, to share it with the tokenizer). Each tensor is dequantized to float32 and
+    stored in `dtype` at once, so a bf16 load never holds the whole model in float32
+    (1.5B parameters: 6 GB)."""
+    reader = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    path = reader.path
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
     fam = family_for_gguf(meta["general.architecture"])
@@ -67,8 +69,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[LlamaConf
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":
             raise ValueError(f"{path}: GGUF with a rope_freqs tensor (llama3 scaling) is not supported")
-        # dequantize may return a read-only view of the mapped file: copy.
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = reader.dequantized(t)
         # Only llama.cpp's llama converter interleaves Q/K rows; qwen2 keeps HF's layout.
         if permuted and t.name.endswith("attn_q.weight"):
             w = _unpermute_rope_rows(w, cfg.n_heads)
