@@ -332,6 +332,11 @@ class RunConfig:
     # auto: the GPU when torch sees one, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     modes: list = field(default_factory=lambda: list(MODES))
+    # all: an accuracy test in every scenario (MLPerf's rule for a submission); first: only in the
+    # run's first scenario. The native engine's tokens do not depend on how many rows share a step
+    # (tests/kernels, tests/sut/engine), so the other scenarios would score the same answers again;
+    # the default run takes `first` to fit its ten minutes.
+    accuracy_scenarios: Literal["all", "first"] = "all"
     seed: int = 0
     # Tensor parallelism: the native engine's model sharded over this many processes.
     tp: int = 1
@@ -349,6 +354,8 @@ class RunConfig:
                 raise FieldError(f"modes[{i}]", f"unknown mode {shorten(m)}; allowed: {', '.join(MODES)}")
         if not self.scenarios or not self.modes:
             raise ValueError("scenarios and modes must not be empty")
+        if self.accuracy_scenarios not in ("all", "first"):
+            raise FieldError("accuracy_scenarios", f"{shorten(self.accuracy_scenarios)}; allowed: all, first")
         try:
             spec = backend_spec(self.backend)
         except ValueError as e:

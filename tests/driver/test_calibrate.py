@@ -134,7 +134,7 @@ def test_the_run_is_calibrated_unless_it_keeps_its_settings(tmp_path, monkeypatc
     searched, cal = run_with(calibrate=True, find_peak=True)
     by_name = {sc.name: sc for sc in searched.scenarios}
     assert by_name["Server"] == {sc.name: sc for sc in resolved.scenarios}["Server"]
-    assert by_name["SingleStream"].min_query_count == 80 and "Server" not in cal.to_dict()["settings"]
+    assert by_name["SingleStream"].min_query_count == 64 and "Server" not in cal.to_dict()["settings"]
 
 
 def test_offlines_batch_is_admitted_shortest_first_and_servers_in_arrival_order(step_backend):

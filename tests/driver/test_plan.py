@@ -59,7 +59,8 @@ def by_hand(scenarios, m: Measurement, overheads: Overheads) -> dict:
             out["SingleStream accuracy"] = SAMPLES * m.single_stream_latency_s
         else:
             out["Server performance"] = max(sc.min_duration_s, sc.min_query_count / sc.target_qps)
-            out["Server accuracy"] = SAMPLES / sc.target_qps + m.single_stream_latency_s
+            # LoadGen issues an accuracy test's samples within ~10 s: they run at the batch's throughput.
+            out["Server accuracy"] = SAMPLES / rate + m.single_stream_latency_s
     return out
 
 
@@ -72,7 +73,8 @@ def assert_valid_settings(p, m: Measurement):
     assert single.min_query_count >= EARLY_STOPPING["SingleStream"]
     assert single.expected_latency_ms == pytest.approx(1e3 * m.single_stream_latency_s, rel=1e-3)
     assert server.min_query_count >= EARLY_STOPPING["Server"]
-    assert server.target_qps <= 0.85 * m.throughput[server.max_batch] + 1e-3
+    # At 0.85 of its capacity a Server test on the 2-core VM had one query of 480 over its TTFT limit.
+    assert server.target_qps <= 0.75 * m.throughput[server.max_batch] + 1e-3
     assert all(sc.min_duration_s >= MIN_DURATION_S for sc in p.scenarios)
 
 
@@ -108,7 +110,7 @@ def test_a_slow_machine_is_told_how_long_and_why_before_it_starts(m, name):
     # The biggest share is named first: 80 SingleStream queries of one request's latency each.
     biggest = max(p.predicted_s, key=p.predicted_s.get)
     assert p.over_budget_reasons()[0].startswith(f"{biggest} {p.predicted_s[biggest]:.0f} s")
-    assert "SingleStream performance" in text and "80 queries one after another" in text
+    assert "SingleStream performance" in text and "64 queries one after another" in text
     # One request's first token takes 2.3 s here (9.2 s at 4x slower): Server's 2000 ms p99 TTFT is out of reach.
     assert any(why.startswith(f"Server: one request alone takes {1e3 * m.ttft_s:.0f} ms to its first token")
                for why in p.cannot_be_valid)
@@ -136,3 +138,18 @@ def test_performance_only_runs_plan_no_accuracy_tests():
     assert settings_of(p.scenarios[0]) == {"min_duration_s": 30, "offline_expected_qps":
                                            p.scenarios[0].offline_expected_qps, "min_query_count": 1}
     assert p.scenarios[0].offline_expected_qps == pytest.approx(OFFLINE_MARGIN * FAST.throughput[32], rel=1e-3)
+
+
+def test_accuracy_in_the_first_scenario_only_plans_one_accuracy_test_and_says_so():
+    only_offline = dataclasses.replace(OVERHEADS, accuracy_in=("Offline",))
+    every = plan(default_scenarios(), THIS_VM, overheads=OVERHEADS)
+    p = plan(default_scenarios(), THIS_VM, overheads=only_offline)
+    assert set(p.predicted_s) == {"Offline performance", "Offline accuracy", "Server performance",
+                                  "SingleStream performance"}
+    assert p.total_s == pytest.approx(75 + 6 * 4 + sum(p.predicted_s.values()))
+    assert "accuracy is checked in Offline only" in p.text()
+    assert "accuracy is checked" not in every.text()
+    # The time the other accuracy tests took goes to Server's load, never above its cap.
+    s = {sc.name: sc for sc in p.scenarios}
+    assert s["Server"].target_qps >= {sc.name: sc for sc in every.scenarios}["Server"].target_qps
+    assert_valid_settings(p, THIS_VM)

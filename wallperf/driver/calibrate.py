@@ -244,9 +244,18 @@ def calibrated_run(resolved, opts, make_backend, prompts, params):
     say(f"calibrating the performance tests' load on this machine, in at most about {CALIBRATION_BUDGET_S:.0f} s "
         f"(--no-calibrate keeps the YAML's)")
     calibration = calibrate(scenarios, make_backend, prompts, params,
-                            Overheads(modes=tuple(run.modes), accuracy_samples=len(prompts)))
+                            Overheads(modes=tuple(run.modes), accuracy_samples=len(prompts),
+                                      accuracy_in=accuracy_scenarios(resolved)))
     say(calibration.measurement.summary())
     return planned_run(resolved, calibration), calibration
+
+
+def accuracy_scenarios(resolved) -> tuple:
+    """The names of the scenarios this run gives an accuracy test (RunConfig.accuracy_scenarios)."""
+    if "accuracy" not in resolved.run.modes:
+        return ()
+    names = tuple(sc.name for sc in resolved.scenarios)
+    return names if resolved.run.accuracy_scenarios == "all" else names[:1]
 
 
 def replan(calibration: Calibration, spent_s: float, per_test_s: float) -> Calibration:

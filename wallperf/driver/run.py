@@ -29,7 +29,7 @@ from wallperf.audit.speculative_run import versus_baseline
 from wallperf.audit.submission.system_desc import host_facts
 from wallperf.harness.config import ResolvedRun
 from wallperf.harness.config.benchmarks import BENCHMARKS
-from wallperf.driver.calibrate import planned_run, replan
+from wallperf.driver.calibrate import accuracy_scenarios, planned_run, replan
 from wallperf.driver.find_peak import find_peak, format_curve, try_log_dir
 from wallperf.driver.model import check_synthetic
 from wallperf.driver.one_test import TestSpec, calibrate, log_dir_for
@@ -105,6 +105,8 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
                 write_json_atomic(results_path, results)
             for sc in resolved.scenarios:
                 for mode in run.modes:
+                    if mode == "accuracy" and sc.name not in accuracy_scenarios(resolved):
+                        continue
                     if opts.find_peak and mode == "performance" and scenario(sc.name).server_like:
                         results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
                         write_json_atomic(results_path, results)
