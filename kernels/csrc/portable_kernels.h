@@ -154,15 +154,17 @@ inline void gemv(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, i
 }
 
 // Rows [0, MB) of x (fp32, ldx apart, K2 pairs) times one panel of NV vectors;
-// writes bf16 columns [n0, n0 + NV * Vec::N) of y, clipped at N.
+// writes bf16 columns [n0, n0 + NV * Vec::N) of y, clipped at N. Each pair of K
+// also prefetches pf_bytes from pf onwards (a share of the next panel).
 template <int MB, int NV>
 void panel_block(const float* x, int64_t ldx, const uint16_t* panel, int64_t K2, uint16_t* y, int64_t ldy,
-                 int64_t n0, int64_t N) {
+                 int64_t n0, int64_t N, const char* pf, int64_t pf_bytes) {
   F acc[MB][NV];
   for (int m = 0; m < MB; ++m)
     for (int g = 0; g < NV; ++g) acc[m][g] = Vec::zero();
   for (int64_t kp = 0; kp < K2; ++kp) {
     const uint16_t* wp = panel + kp * 2 * NV * Vec::N;
+    for (int64_t b = 0; b < pf_bytes; b += 64) Vec::prefetch(pf + kp * pf_bytes + b);
     const float* xk = x + 2 * kp;
     // Each vector's pair is widened once for all MB rows; the rows' broadcasts
     // stay in registers across the panel's vectors.
@@ -186,7 +188,8 @@ void panel_block(const float* x, int64_t ldx, const uint16_t* panel, int64_t K2,
     }
 }
 
-using PanelBlock = void (*)(const float*, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, int64_t, int64_t);
+using PanelBlock = void (*)(const float*, int64_t, const uint16_t*, int64_t, uint16_t*, int64_t, int64_t, int64_t,
+                            const char*, int64_t);
 
 template <int NV, int MB = kRowBlock>
 PanelBlock panel_block_up_to(int rows) {
@@ -226,12 +229,19 @@ inline void gemm_packed(const uint16_t* x, int64_t K, const uint16_t* packed, ui
       for (int64_t p = begin; p < end; ++p) {
         const int64_t n0 = p * kPanel, vectors = std::min(kPanel, Np - n0) / Vec::N;
         const uint16_t* panel = packed + n0 * Kp;
+        // The next panel of this thread's range, a share of it per row block,
+        // so that DRAM streams under the math of this one (the hardware
+        // prefetchers alone left each GEMM's start, and the few row blocks of
+        // a small batch, waiting on memory).
+        const int64_t next_bytes = p + 1 < end ? std::min(kPanel, Np - n0 - kPanel) * Kp * 2 : 0;
+        const int64_t share = (next_bytes + blocks - 1) / blocks, pf_bytes = (share + K2 - 1) / K2;
+        const char* next = reinterpret_cast<const char*>(panel + vectors * Vec::N * Kp);
         for (int64_t b = 0, m0 = c0; b < blocks; ++b) {
           // near-equal blocks, the larger first, so no block is left with one row
           const int64_t left = c0 + rows_here - m0;
           const int64_t rows = left / (blocks - b) + (left % (blocks - b) ? 1 : 0);
           panel_block_for(static_cast<int>(rows), vectors)(xf.data() + m0 * Kp, Kp, panel, K2, y + m0 * ldy, ldy,
-                                                           n0, N);
+                                                           n0, N, next + b * share, c0 == 0 ? pf_bytes : 0);
           m0 += rows;
         }
       }
