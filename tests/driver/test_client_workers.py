@@ -5,7 +5,8 @@ every connection, and a client slowed on purpose.
 The references: the length every answer must have (fixed, EOS ignored), the
 records of every worker counted apart from the per-replica table, a port that
 refuses connections (so every request sent there must fail, and no other), and
-a sleep in the send path whose length the measured send lag must show."""
+a sleep in the send path whose length the measured send lag must show, and the
+rules' count (a whole multiple of the data set's size) counted from the records."""
 import socket
 import sys
 from pathlib import Path
@@ -16,7 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sut" / "serving"))
 from test_server import prompt_of, tiny_loaded_model  # noqa: E402
 
 from wallperf.audit.endpoints import point_figures  # noqa: E402
-from wallperf.driver.client_workers import Load, run_point, split_users  # noqa: E402
+from wallperf.driver.client_workers import Load, run_point, split_users, worker_rows  # noqa: E402
+from wallperf.driver.workers_arg import open_workers  # noqa: E402
+from wallperf.driver.concurrency_points import count_check  # noqa: E402
+from wallperf.harness.config import ConfigError  # noqa: E402
 from wallperf.sut.serving.server import start_server  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,3 +99,32 @@ def test_a_client_slowed_on_purpose_is_flagged_with_its_lag(replicas):
     assert not p["valid"]
     assert p["client"]["send_lag_ms"]["p50"] >= 50.0
     assert any("sent late" in r for r in p["invalid_reasons"])
+
+
+def test_issued_samples_are_whole_passes_and_all_answered(replicas):
+    """The rules' count: each worker issues from the window's start until its count is a
+    multiple of the data set's size (5 prompts), past the window if need be, and waits
+    for those answers: none cut, every one of them TOKENS long."""
+    results = run_point(load_of(replicas), concurrency=3, workers=2, warmup_s=0.3, window_s=1.0,
+                        issue_multiple=5)
+    for w in results:
+        counted = [r for r in w.requests if r["counted"]]
+        assert w.issued == len(counted) and w.issued % 5 == 0 and w.issued >= 5
+        assert all(r["error"] is None and not r.get("cut_at_window_end") and r["tokens"] == TOKENS
+                   for r in counted)
+        # Counted ones were sent from the window's start on; rounded up, never further: less than
+        # one more pass went out after the window.
+        assert all(r["sent"] >= w.window[0] for r in counted)
+        assert sum(r["sent"] >= w.window[1] for r in counted) < 5
+    records = [r for w in results for r in w.requests]
+    c = count_check(records, results[0].window, dataset_size=5)
+    assert c["reasons"] == [] and c["issued"] % 5 == 0 and c["completed"] == c["issued"]
+    rows = worker_rows(results, lag_limit_ms=50.0)
+    assert [r["users"] for r in rows] == [2, 1] and sum(r["issued"] for r in rows) == c["issued"]
+
+
+def test_bad_client_workers_are_refused_in_one_line():
+    for text in ("0", "two", "ray:", "ray:0", "k8s:2", "-1"):
+        with pytest.raises(ConfigError, match="--client-workers"):
+            open_workers(text)
+    assert open_workers("3").count == 3

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from wallperf.driver.concurrency_points import check_points, place_points, regions, window_s
+from wallperf.driver.concurrency_points import check_points, count_check, place_points, regions, window_s
 
 
 @pytest.mark.parametrize("c_min,c_max,low_end,medium_end", [
@@ -64,3 +64,39 @@ def test_official_windows_are_the_rules_durations():
     assert window_s(32, True, 5) == 600
     assert window_s(33, True, 5) == 1200
     assert window_s(1000, False, 5) == 5
+
+
+def _record(sent, counted=None, error=None, cut=False):
+    r = {"sent": sent, "error": error}
+    if counted is not None:
+        r["counted"] = counted
+    if cut:
+        r["cut_at_window_end"] = True
+    return r
+
+
+def test_count_check_asks_whole_passes_and_the_minimum_completed():
+    window = (1.0, 11.0)
+    # Two warm-up requests (sent before the window) and ten issued from its start: two passes of 5.
+    records = [_record(0.5), _record(0.9)] + [_record(1.0 + i) for i in range(10)]
+    c = count_check(records, window, dataset_size=5)
+    assert (c["issued"], c["completed"], c["passes"], c["reasons"]) == (10, 10, 2.0, [])
+    # Eleven issued: not whole passes of 5.
+    c = count_check(records + [_record(11.5)], window, dataset_size=5)
+    assert c["reasons"] == ["11 samples issued, not a whole multiple of the data set's 5"]
+    # Whole passes, but a failure and a cut request: 8 completed against the default minimum
+    # of one pass (5) is enough; against --min-queries 9 it is not.
+    bad = records[:2] + [_record(1.0 + i, error="HTTP 500" if i == 3 else None, cut=i == 4) for i in range(10)]
+    assert count_check(bad, window, 5)["reasons"] == []
+    c = count_check(bad, window, 5, min_queries=9)
+    assert c["completed"] == 8
+    assert c["reasons"] == ["8 queries completed, fewer than the 9 a point needs (--min-queries)"]
+    # The default minimum is one pass over the data set: 10 issued of a 20-sample data set fall short twice over.
+    c = count_check(records, window, dataset_size=20)
+    assert len(c["reasons"]) == 2 and "fewer than the 20 a point needs (one pass over the data set)" in c["reasons"][1]
+
+
+def test_count_check_prefers_the_clients_own_mark():
+    # A request the client counted at its send decision, stamped sent a hair before the window, still counts.
+    records = [_record(0.999, counted=True), _record(1.5, counted=True), _record(0.5, counted=False)]
+    assert count_check(records, (1.0, 2.0), dataset_size=2)["issued"] == 2

@@ -38,12 +38,32 @@ def test_closed_loop_holds_the_concurrency_on_the_native_engine():
     assert p["client"]["loop_lag_ms"] is None
 
 
+def test_closed_loop_issues_whole_passes_and_answers_them():
+    """The rules' count in process: from the window's start, a multiple of the data set's
+    size (7 here, over 3 prompts) is issued, past the window if need be, and all answered."""
+    loaded = tiny_loaded_model()[0]
+    prompts = [prompt_of(3 + i, seed=i) for i in range(3)]
+    params = SamplingParams(max_new_tokens=4, min_new_tokens=4, ignore_eos=True)
+    backend = NativeBackend(loaded, max_batch=2, max_seq_len=MAX_SEQ_LEN)
+    records, window = closed_loop(backend, prompts, params, concurrency=2, warmup_s=0.2, window_s=0.4,
+                                  issue_multiple=7)
+    counted = [r for r in records if r["counted"]]
+    assert len(counted) % 7 == 0 and len(counted) >= 7
+    assert all(r["sent"] >= window[0] for r in counted)
+    assert all(r["tokens"] == 4 and not r.get("cut_at_window_end") for r in records)
+    # Rounded up, never further: what was issued past the window is less than one more pass.
+    assert sum(r["sent"] >= window[1] for r in counted) < 7
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--concurrency", "0,4"], "--concurrency"),
     (["--concurrency", "1,x"], "--concurrency"),
     (["--concurrency", "auto", "--max-concurrency", "16"], "above 32"),
     (["--concurrency", "auto", "--points", "40"], "7-32"),
-    (["--concurrency", "4", "--client-workers", "ray:2"], "Ray"),
+    (["--concurrency", "4", "--client-workers", "ray:2"], "Ray client workers send to endpoints"),
+    # Port 9 (discard) on loopback: nothing listens, so no Ray cluster answers there (or Ray is not installed).
+    (["--concurrency", "4", "--endpoint", "http://127.0.0.1:9", "--client-workers", "ray:2", "--ray-address",
+      "127.0.0.1:9"], "Ray"),
     (["--concurrency", "4", "--client-workers", "two"], "--client-workers"),
     (["--concurrency", "4", "--window", "nan"], "--window"),
     ([], "--qps"),

@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from wallperf.harness.config import positive, positive_list
+from wallperf.audit.endpoints import point_figures
+from wallperf.driver.client_workers import Load, worker_rows, worker_specs
+from wallperf.driver.workers_arg import open_workers
 from wallperf.sut.backends.openai import OpenAIBackend
 from wallperf.sut.engine.engine import SamplingParams
 from wallperf.sut.serving.server import send_json
@@ -179,11 +182,14 @@ def main(argv=None) -> int:
     p.add_argument("--client", choices=("backend", "workers"), default="backend", help="backend: the openai "
                    "backend LoadGen runs drive (default); workers: the fixed-concurrency client of `wallperf "
                    "sweep --concurrency`, its capacity at p99 send lag within --lag-ms")
-    p.add_argument("--client-workers", type=positive(int), default=1, help="workers: client processes")
+    p.add_argument("--client-workers", default="1", help="workers: client processes, or ray:N for N actors on "
+                   "a Ray cluster (the 'ray' extra); the mock listens on loopback, so the cluster's nodes must be this machine")
+    p.add_argument("--ray-address", help="ray:N: the cluster's address (default: RAY_ADDRESS, else 'auto')")
     p.add_argument("--lag-ms", type=positive(float), default=1.0, help="workers: the p99 send lag a level may "
                    "show and count toward the capacity (default 1)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
+    workers = open_workers(args.client_workers, args.ray_address) if args.client == "workers" else None
     # fork: the child needs no imports of its own, and starts at once.
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe()
@@ -191,8 +197,9 @@ def main(argv=None) -> int:
     mock.start()
     try:
         url = f"http://127.0.0.1:{parent.recv()}"
-        if args.client == "workers":
-            return _workers_capacity(url, args)
+        if workers is not None:
+            with workers:
+                return _workers_capacity(url, args, workers)
         rates = [measure(url, c, args.seconds, args.output_tokens, args.prompt_tokens) for c in args.concurrency]
     finally:
         mock.terminate()
@@ -215,37 +222,34 @@ def main(argv=None) -> int:
     return 0 if all(r.failures == 0 for r in rates) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-def _workers_capacity(url: str, args) -> int:
+def _workers_capacity(url: str, args, workers) -> int:
     """The fixed-concurrency client against the mock: per concurrency, requests/s, streamed
-    chunks/s (one token a chunk) and the self-check; the capacity is the highest requests/s
-    of a level whose p99 send lag is within --lag-ms."""
-    from wallperf.audit.endpoints import point_figures
-    from wallperf.driver.client_workers import Load, run_point
-
+    chunks/s (one token a chunk) and the self-check, merged and per worker; the capacity
+    is the highest requests/s of a level whose p99 send lag is within --lag-ms."""
     load = Load((url,), MOCK_MODEL, (tuple(range(args.prompt_tokens)),), (args.output_tokens,),
                 (args.output_tokens,), ignore_eos=True, timeout_s=10)
     levels = []
     for c in args.concurrency:
-        results = run_point(load, c, args.client_workers, warmup_s=0.5, window_s=args.seconds)
+        results = workers.run(load, worker_specs(c, workers.count, warmup_s=0.5, window_s=args.seconds,
+                                                 timeout_s=load.timeout_s))
+        window = results[0].window
         reqs = [r for w in results for r in w.requests]
-        fig = point_figures(reqs, results[0].window, c, loop_lags_s=[x for w in results for x in w.loop_lag_s],
+        fig = point_figures(reqs, window, c, loop_lags_s=[x for w in results for x in w.loop_lag_s],
                             lag_limit_ms=args.lag_ms)
         done = [r for r in reqs if r.get("error") is None and not r.get("cut_at_window_end")
-                and results[0].window[0] <= r["done"] < results[0].window[1]]
+                and window[0] <= r["done"] < window[1]]
         ck = fig["client"]
         levels.append({"concurrency": c, "requests_per_second": len(done) / args.seconds,
                        "chunks_per_second": fig["system_tokens_per_second"], "failures": fig["failures"],
                        "send_lag_ms_p99": (ck["send_lag_ms"] or {}).get("p99"),
                        "loop_lag_ms_p99": (ck["loop_lag_ms"] or {}).get("p99"),
-                       "achieved_concurrency": ck["achieved_concurrency"]})
+                       "achieved_concurrency": ck["achieved_concurrency"],
+                       "workers": worker_rows(results, args.lag_ms)})
     within = [lv for lv in levels if lv["send_lag_ms_p99"] is not None and lv["send_lag_ms_p99"] <= args.lag_ms]
     best = max(within, key=lambda lv: lv["requests_per_second"]) if within else None
     load_avg = os.getloadavg()[0]
     if args.json:
-        print(json.dumps({"client": "workers", "client_workers": args.client_workers, "lag_ms": args.lag_ms,
+        print(json.dumps({"client": "workers", "client_workers": workers.describe(), "lag_ms": args.lag_ms,
                           "load_average": load_avg, "capacity": best, "levels": levels}))
     else:
         for lv in levels:
@@ -254,6 +258,10 @@ def _workers_capacity(url: str, args) -> int:
                   f"loop lag p99 {lv['loop_lag_ms_p99'] or 0:.2f} ms ({lv['failures']} failures)")
         print("capacity: " + (f"{best['requests_per_second']:.0f} requests/s, {best['chunks_per_second']:.0f} "
                               f"chunks/s at concurrency {best['concurrency']}" if best else "none")
-              + f" with p99 send lag <= {args.lag_ms:g} ms, {args.client_workers} worker process(es) "
+              + f" with p99 send lag <= {args.lag_ms:g} ms, {workers.count} {workers.kind} worker(s) "
               f"(load average {load_avg:.1f} on {os.cpu_count()} CPUs)")
     return 0 if best is not None and all(lv["failures"] == 0 for lv in levels) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,17 +20,31 @@ worker and merged:
 - achieved concurrency: requests in flight (sent to answered, within the
   window) averaged over the window, against the target.
 
-Failures and partial requests are kept: a request still streaming when the
-window closes counts toward the concurrency up to the window's end.
+The rules' count: each worker keeps issuing past the window's end until the
+requests it issued from the window's start on are a whole multiple of the data
+set's size (so the point's total is one too), then lets every one of them
+finish; the window's figures are untouched by this tail, and its requests are
+answered in full instead of cut. What is still open after `tail_limit_s` is
+cut, and the point then falls short of its completed-query count.
+
+Failures are kept, and so is a request cut after the tail's limit: it counts
+toward the concurrency up to the window's end.
+
+Where the workers run is a `Workers` pool: `LocalWorkers` (processes of this
+machine) here, `wallperf.driver.ray_workers.RayWorkers` (actors on a Ray
+cluster) beside it; both run the same `run_worker`; `wallperf.driver.workers_arg`
+picks one from --client-workers.
 """
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
 import random
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 
+from wallperf.audit.endpoints import self_check
 from wallperf.driver.salt import SaltPlan, salt_bits
 from wallperf.driver.stream_client import Connection, Replica, Timing, completion_body, stream_completion
 from wallperf.sut.backends.sse import RequestFailed
@@ -65,6 +79,10 @@ class WorkerSpec:
     users: int
     warmup_s: float
     window_s: float
+    # Requests issued from the window's start on are rounded up to a multiple of this (the data set's size).
+    issue_multiple: int = 1
+    # Seconds past the window the rounded-up requests may take before what is still open is cut.
+    tail_limit_s: float = 60.0
     # Seconds slept, blocking the loop, before each send: a slow client, for tests of the self-check.
     send_delay_s: float = 0.0
 
@@ -77,6 +95,10 @@ class WorkerResult:
     requests: list = field(default_factory=list)
     loop_lag_s: list = field(default_factory=list)
     window: tuple = (0.0, 0.0)
+    # Requests issued from the window's start on (a multiple of the spec's issue_multiple).
+    issued: int = 0
+    # The machine the worker ran on.
+    host: str = ""
 
 
 async def _worker_loop(load: Load, spec: WorkerSpec, t0: float) -> WorkerResult:
@@ -89,6 +111,7 @@ async def _worker_loop(load: Load, spec: WorkerSpec, t0: float) -> WorkerResult:
     cut: list[Timing] = []
     lags: list[float] = []
     turn = 0
+    issued = 0
 
     def pick() -> int:
         nonlocal turn
@@ -97,10 +120,17 @@ async def _worker_loop(load: Load, spec: WorkerSpec, t0: float) -> WorkerResult:
         return min(order, key=lambda i: replicas[i].outstanding)
 
     async def user(u: int) -> None:
+        nonlocal issued
         rng = random.Random(hash((load.seed, spec.worker, u)))
         conns = {}
         due = t0
-        while time.monotonic() < window[1]:
+        while True:
+            # No await between the check and the count: the users of this loop cannot both take the last one.
+            now = time.monotonic()
+            if now >= window[1] and issued % spec.issue_multiple == 0:
+                break
+            counted = now >= window[0]
+            issued += counted
             sample = rng.randrange(len(load.prompts))
             prompt = load.prompts[sample]
             if load.salt is not None:
@@ -110,7 +140,7 @@ async def _worker_loop(load: Load, spec: WorkerSpec, t0: float) -> WorkerResult:
             if spec.send_delay_s:
                 time.sleep(spec.send_delay_s)
             r = pick()
-            timing = Timing(r, due)
+            timing = Timing(r, due, counted=counted)
             replicas[r].outstanding += 1
             conn = conns.setdefault(r, Connection(replicas[r], load.timeout_s))
             try:
@@ -138,8 +168,9 @@ async def _worker_loop(load: Load, spec: WorkerSpec, t0: float) -> WorkerResult:
     tick = asyncio.create_task(ticker())
     await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
     tick.cancel()
-    # Every user is mid-request (closed loop): what is still streaming ends with the window.
-    for t in tasks:
+    # The users stop once the count is whole and their last answers are in; past the limit, what is open is cut.
+    _, late = await asyncio.wait(tasks, timeout=max(0.0, window[1] + spec.tail_limit_s - time.monotonic()))
+    for t in late:
         t.cancel()
     outcomes = await asyncio.gather(*tasks, tick, return_exceptions=True)
     crashed = [e for e in outcomes if isinstance(e, Exception)]
@@ -156,7 +187,7 @@ async def _worker_loop(load: Load, spec: WorkerSpec, t0: float) -> WorkerResult:
 
     return WorkerResult(spec.worker, spec.users,
                         [rel(t) for t in done] + [{**rel(t), "cut_at_window_end": True} for t in cut],
-                        lags, (spec.warmup_s, spec.warmup_s + spec.window_s))
+                        lags, (spec.warmup_s, spec.warmup_s + spec.window_s), issued, socket.gethostname())
 
 
 def run_worker(load: Load, spec: WorkerSpec, start_wall: float) -> WorkerResult:
@@ -180,41 +211,98 @@ def split_users(concurrency: int, workers: int) -> list[int]:
     return [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
 
 
+def worker_specs(concurrency: int, workers: int, warmup_s: float, window_s: float, issue_multiple: int = 1,
+                 tail_limit_s: float | None = None, send_delay_s: float = 0.0, timeout_s: float = 60.0
+                 ) -> list[WorkerSpec]:
+    """The specs of one point's workers; the tail's limit defaults to the window's length
+    plus one request's timeout."""
+    tail = window_s + timeout_s if tail_limit_s is None else tail_limit_s
+    return [WorkerSpec(i, users, warmup_s, window_s, issue_multiple, tail, send_delay_s)
+            for i, users in enumerate(split_users(concurrency, workers))]
+
+
+def results_timeout_s(specs: list[WorkerSpec], timeout_s: float) -> float:
+    """How long after the agreed start a worker may take to report."""
+    s = specs[0]
+    return START_LEAD_S + s.warmup_s + s.window_s + s.tail_limit_s + timeout_s + 30
+
+
+class LocalWorkers:
+    """Client processes on this machine, started afresh for each point."""
+
+    kind = "local"
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __enter__(self) -> "LocalWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "workers": self.count}
+
+    def run(self, load: Load, specs: list[WorkerSpec]) -> list[WorkerResult]:
+        ctx = multiprocessing.get_context("spawn")
+        procs, pipes = [], []
+        for spec in specs:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_process, args=(load, spec, child), name=f"wallperf-client-{spec.worker}",
+                            daemon=True)
+            p.start()
+            procs.append(p)
+            pipes.append(parent)
+        try:
+            for pipe in pipes:
+                if not pipe.poll(READY_TIMEOUT_S):
+                    raise RuntimeError(f"a client worker did not start within {READY_TIMEOUT_S:g} s")
+                try:
+                    pipe.recv()
+                except EOFError:
+                    raise RuntimeError("a client worker exited before it was ready; its error is printed "
+                                       "above") from None
+            start_wall = time.time() + START_LEAD_S
+            for pipe in pipes:
+                pipe.send(start_wall)
+            results = []
+            for pipe in pipes:
+                if not pipe.poll(results_timeout_s(specs, load.timeout_s)):
+                    raise RuntimeError("a client worker did not report its results")
+                status, payload = pipe.recv()
+                if status != "ok":
+                    raise RuntimeError(f"a client worker failed: {payload}")
+                results.append(WorkerResult(**payload))
+            return results
+        finally:
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+
+
 def run_point(load: Load, concurrency: int, workers: int, warmup_s: float, window_s: float,
-              send_delay_s: float = 0.0) -> list[WorkerResult]:
-    """One point: `concurrency` users over `workers` processes; each worker's result."""
-    ctx = multiprocessing.get_context("spawn")
-    procs, pipes = [], []
-    for i, users in enumerate(split_users(concurrency, workers)):
-        parent, child = ctx.Pipe()
-        spec = WorkerSpec(i, users, warmup_s, window_s, send_delay_s)
-        p = ctx.Process(target=_worker_process, args=(load, spec, child), name=f"wallperf-client-{i}", daemon=True)
-        p.start()
-        procs.append(p)
-        pipes.append(parent)
-    try:
-        for pipe in pipes:
-            if not pipe.poll(READY_TIMEOUT_S):
-                raise RuntimeError(f"a client worker did not start within {READY_TIMEOUT_S:g} s")
-            try:
-                pipe.recv()
-            except EOFError:
-                raise RuntimeError("a client worker exited before it was ready; its error is printed above") from None
-        start_wall = time.time() + START_LEAD_S
-        for pipe in pipes:
-            pipe.send(start_wall)
-        results = []
-        for pipe in pipes:
-            if not pipe.poll(START_LEAD_S + warmup_s + window_s + load.timeout_s + 30):
-                raise RuntimeError("a client worker did not report its results")
-            status, payload = pipe.recv()
-            if status != "ok":
-                raise RuntimeError(f"a client worker failed: {payload}")
-            results.append(WorkerResult(**payload))
-        return results
-    finally:
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+              send_delay_s: float = 0.0, issue_multiple: int = 1, tail_limit_s: float | None = None
+              ) -> list[WorkerResult]:
+    """One point: `concurrency` users over `workers` local processes; each worker's result."""
+    specs = worker_specs(concurrency, workers, warmup_s, window_s, issue_multiple, tail_limit_s, send_delay_s,
+                         load.timeout_s)
+    return LocalWorkers(workers).run(load, specs)
+
+
+def worker_rows(results: list[WorkerResult], lag_limit_ms: float) -> list[dict]:
+    """One row per worker of a point: where it ran, its share of the users, its counts,
+    and its own self-check against its share (the merged record holds the total)."""
+    rows = []
+    for w in results:
+        check = self_check(w.requests, w.window, w.users, w.loop_lag_s, lag_limit_ms)
+        rows.append({"worker": w.worker, "host": w.host, "users": w.users, "requests": len(w.requests),
+                     "issued": w.issued, "completed": sum(r.get("counted", False) and r.get("error") is None
+                                                          and not r.get("cut_at_window_end") for r in w.requests),
+                     "send_lag_ms_p99": (check["send_lag_ms"] or {}).get("p99"),
+                     "loop_lag_ms_p99": (check["loop_lag_ms"] or {}).get("p99"),
+                     "achieved_concurrency": check["achieved_concurrency"], "valid": check["valid"],
+                     "reasons": check["reasons"]})
+    return rows

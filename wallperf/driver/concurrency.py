@@ -13,12 +13,19 @@ point is followed by an MMLU exact-match pass at the same concurrency
 
 Where the load goes:
 - OpenAI-compatible endpoints (--endpoint URL1,URL2 or a file of URLs): sent
-  by --client-workers processes (wallperf.driver.client_workers), requests
-  spread over the replicas by least outstanding requests;
+  by --client-workers processes (wallperf.driver.client_workers), or ray:N
+  actors on a Ray cluster (wallperf.driver.ray_workers), requests spread over
+  the replicas by least outstanding requests;
 - any other backend (native, hf, llamacpp): in this process through the
   engine interface (wallperf.driver.in_process_load), a fresh backend per
   point; the engine's mean decode batch and context give decode MBU and MFU
   against the wall measured at the sweep's start, and the roofline's front.
+
+The rules' counts (wallperf.driver.concurrency_points.count_check): a point
+issues a whole number of passes over the data set (each client worker, or the
+in-process loop, keeps issuing past the window until its count is whole, and
+waits for those answers) and completes at least --min-queries of them (one
+pass by default); a point short of either is invalid, with the reason.
 
 Output: OUT/sweep.json (points, regions, the rules' checks, the front),
 OUT/points/c<N>.json (every request of a point), OUT/pareto.png and OUT/sweep.md.
@@ -39,8 +46,9 @@ from wallperf.harness.hardware.roofline import utilization_problems
 from wallperf.harness.hardware.wall import run_wall
 from wallperf.harness.loadgen.qsl import parse_answer_letter
 from wallperf.harness.loadgen.results import wallperf_version, write_json_atomic
-from wallperf.driver.client_workers import Load, run_point
-from wallperf.driver.concurrency_points import check_points, place_points, window_s
+from wallperf.driver.client_workers import Load, worker_rows, worker_specs
+from wallperf.driver.workers_arg import open_workers
+from wallperf.driver.concurrency_points import check_points, count_check, place_points, window_s
 from wallperf.driver.in_process_load import answer_all, closed_loop
 from wallperf.driver.model import model_shape
 from wallperf.driver.one_test import prepare, sampling_params
@@ -70,23 +78,23 @@ def concurrency_levels(args) -> list[int]:
     return levels
 
 
-def client_workers(text: str) -> int:
-    if text.startswith("ray:"):
-        raise ConfigError(None, "--client-workers", f"{text!r}: Ray workers are not built; give a number of "
-                          "local client processes")
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(None, "--client-workers", f"{text!r}: expected a positive number of processes")
-    return int(text)
-
-
 def run_concurrency_sweep(args, resolved, wall_from_profile: bool) -> int:
     levels = concurrency_levels(args)
-    workers = client_workers(args.client_workers)
+    workers = open_workers(args.client_workers, args.ray_address)
     out = args.out or Path("results") / time.strftime("sweep-%Y%m%d-%H%M%S")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(None, "--out", f"{out} exists and is not an empty folder; choose a new folder")
+    remote = backend_spec(resolved.run.backend).weights == "remote"
+    if not remote and workers.kind != "local":
+        raise ConfigError(None, "--client-workers", f"{args.client_workers!r}: Ray client workers send to "
+                          f"endpoints; the backend {resolved.run.backend!r} runs in this process (use --backend "
+                          "openai with --endpoint)")
     try:
-        return _sweep(args, resolved, levels, workers, out, wall_from_profile)
+        if not remote:
+            return _sweep(args, resolved, levels, None, out, wall_from_profile)
+        # Ray's cluster is reached here, before anything is written: no cluster, no folder.
+        with workers:
+            return _sweep(args, resolved, levels, workers, out, wall_from_profile)
     except ConfigError:
         if not (out / "sweep.json").exists():
             shutil.rmtree(out, ignore_errors=True)
@@ -110,7 +118,7 @@ def _sweep(args, resolved, levels, workers, out: Path, wall_from_profile: bool) 
     sweep = {"wallperf_version": wallperf_version(), "kind": "concurrency", "backend": run.backend,
              "model": resolved.model.name, "dtype": choice.dtype, "hardware": resolved.hardware.name,
              "dataset": resolved.dataset.name, "endpoints": list(run.openai.endpoints) if remote else None,
-             "client_workers": workers if remote else None, "official_windows": args.official,
+             "client_workers": workers.describe() if remote else None, "official_windows": args.official,
              "salted": args.salt, "limits_ms": {"ttft": limits[0], "tpot": limits[1]},
              "regions": regions.to_dict() if regions else None, "rules_problems": problems,
              "complete": False, "points": [], "front": None}
@@ -120,13 +128,19 @@ def _sweep(args, resolved, levels, workers, out: Path, wall_from_profile: bool) 
         say(f"sweep: point {i}/{len(levels)}: concurrency {c}, {args.warmup:g} s warm-up + {span:g} s window")
         if remote:
             before = [scrape(u) for u in run.openai.endpoints]
-            records, window, lags = _remote_point(args, resolved, prompts, params, plan, c, workers, span)
+            records, window, lags, per_worker = _remote_point(args, resolved, prompts, params, plan, c, workers,
+                                                              span)
             cache = hit_rate(before, [scrape(u) for u in run.openai.endpoints])
             engine = None
         else:
             records, window, engine = _local_point(args, resolved, loaded, prompts, params, plan, c, span)
-            lags = None
+            lags = per_worker = None
         point = point_figures(records, window, c, limits, lags, args.lag_limit_ms)
+        point["counts"] = count_check(records, window, len(prompts), args.min_queries)
+        if point["counts"]["reasons"]:
+            point["valid"] = False
+            point["invalid_reasons"] += point["counts"]["reasons"]
+        point["workers"] = per_worker
         point["region"] = regions.region_of(c) if regions else None
         point["prefix_cache"] = cache if remote else None
         point.update(_engine_figures(engine, cost, point))
@@ -159,17 +173,19 @@ def _remote_point(args, resolved, prompts, params, plan, c, workers, span):
                 tuple(p.max_new_tokens for p in per), tuple(p.min_new_tokens for p in per),
                 ignore_eos=per[0].ignore_eos, timeout_s=openai.timeout_s,
                 headers=(("Authorization", f"Bearer {key}"),) if key else (), salt=plan, seed=resolved.run.seed)
-    results = run_point(load, c, workers, args.warmup, span)
+    results = workers.run(load, worker_specs(c, workers.count, args.warmup, span, len(prompts),
+                                             timeout_s=openai.timeout_s))
     records = [r for w in results for r in w.requests]
     lags = [x for w in results for x in w.loop_lag_s]
-    return records, results[0].window, lags
+    return records, results[0].window, lags, worker_rows(results, args.lag_limit_ms)
 
 
 def _local_point(args, resolved, loaded, prompts, params, plan, c, span):
     backend = _backend(resolved, loaded, prompts, params, c)
     # Untimed: a first request builds what the engine builds on first use (kernels, caches).
     answer_all(backend, prompts[:1], SamplingParams(max_new_tokens=2, min_new_tokens=2, ignore_eos=True), 1)
-    records, window = closed_loop(backend, prompts, params, c, args.warmup, span, resolved.run.seed, plan)
+    records, window = closed_loop(backend, prompts, params, c, args.warmup, span, resolved.run.seed, plan,
+                                  issue_multiple=len(prompts))
     stats = getattr(backend, "stats", None)
     engine = None
     if stats is not None and not callable(stats):

@@ -12,6 +12,13 @@ rules' reference algorithm does.
 Each point holds its concurrency for a steady-state window: 600 s in the
 ultra-low region and 1,200 s beyond it under the rules (`official`); far
 shorter ones otherwise, so that a sweep fits in minutes on a small machine.
+
+Counts (sections 6.4, 6.5 and the reference client's alignment of its issue
+count): the samples a point issues are a whole multiple of the data set's size
+(rounded up, never down), and a point completes at least a minimum of queries:
+one pass over the data set, as the current draft asks in every region (an
+earlier draft asked 64 up to concurrency 32 and 512 above; --min-queries takes
+any number).
 """
 from __future__ import annotations
 
@@ -114,6 +121,25 @@ def check_points(points: list[int]) -> tuple[Regions | None, list[str]]:
     return r, problems
 
 
+def count_check(records: list[dict], window: tuple[float, float], dataset_size: int,
+                min_queries: int | None = None) -> dict:
+    """The point's counts against the rules: samples issued from the window's start on
+    (a record's `counted`, else sent at or after the window's start), those completed
+    (answered in full, not failed or cut), and the reasons the point is invalid by them."""
+    issued = [r for r in records if r["counted"]] if records and all("counted" in r for r in records) else \
+        [r for r in records if r.get("sent") is not None and r["sent"] >= window[0]]
+    completed = sum(r.get("error") is None and not r.get("cut_at_window_end") for r in issued)
+    minimum = dataset_size if min_queries is None else min_queries
+    reasons = []
+    if len(issued) % dataset_size:
+        reasons.append(f"{len(issued)} samples issued, not a whole multiple of the data set's {dataset_size}")
+    if completed < minimum:
+        reasons.append(f"{completed} queries completed, fewer than the {minimum} a point needs"
+                       + (" (one pass over the data set)" if min_queries is None else " (--min-queries)"))
+    return {"issued": len(issued), "completed": completed, "dataset_size": dataset_size,
+            "passes": len(issued) / dataset_size, "min_queries": minimum, "reasons": reasons}
+
+
 def window_s(concurrency: int, official: bool, short_s: float) -> float:
     """The steady-state window of a point: the rules' with `official`, else `short_s`."""
     if not official:
@@ -134,7 +160,11 @@ def add_concurrency_options(p) -> None:
                    help="seconds of steady state per point (default 20)")
     p.add_argument("--warmup", type=positive(float), default=5.0, help="seconds before each window (default 5)")
     p.add_argument("--client-workers", default="1", help="client processes sending the load to endpoints "
-                   "(default 1)")
+                   "(default 1), or ray:N for N workers on a Ray cluster (the 'ray' extra)")
+    p.add_argument("--ray-address", help="ray:N: the Ray cluster's address (default: RAY_ADDRESS, else 'auto', "
+                   "the cluster this machine is part of)")
+    p.add_argument("--min-queries", type=positive(int), help="the completed queries a point needs to be valid "
+                   "(default: one pass over the data set, as the rules ask)")
     p.add_argument("--lag-limit-ms", type=positive(float), default=LAG_LIMIT_MS, help="the p99 send lag and event-loop "
                    f"lag above which a point is invalid: the client fell behind (default {LAG_LIMIT_MS:g})")
     p.add_argument("--salt", action="store_true", help="a 64-bit salt per query between the system prompt and "

@@ -28,21 +28,27 @@ def _params_of(params, sample: int) -> SamplingParams:
 
 
 def closed_loop(backend, prompts: list, params, concurrency: int, warmup_s: float, window_s: float,
-                seed: int = 0, salt: SaltPlan | None = None) -> tuple[list[dict], tuple[float, float]]:
-    """Every request of a point held at `concurrency` from now to the window's end:
-    (records with times from the start, the window)."""
+                seed: int = 0, salt: SaltPlan | None = None, issue_multiple: int = 1
+                ) -> tuple[list[dict], tuple[float, float]]:
+    """Every request of a point held at `concurrency` from now to the window's end, and
+    on until the requests issued from the window's start are a multiple of `issue_multiple`
+    (the rules' whole passes) and answered: (records with times from the start, the window)."""
     rng = random.Random(seed)
     t0 = time.monotonic()
     window = (t0 + warmup_s, t0 + warmup_s + window_s)
     live: dict[int, dict] = {}
     done: list[dict] = []
     free_since = [t0] * concurrency
-    next_id = 0
+    next_id = issued = 0
     while True:
         now = time.monotonic()
-        if now >= window[1]:
+        tail = now >= window[1] and issued % issue_multiple == 0
+        if tail and not live:
             break
-        while free_since and backend.free_slots > 0:
+        while not tail and free_since and backend.free_slots > 0:
+            counted = now >= window[0]
+            issued += counted
+            tail = now >= window[1] and issued % issue_multiple == 0
             sample = rng.randrange(len(prompts))
             prompt = list(prompts[sample])
             if salt is not None:
@@ -50,7 +56,8 @@ def closed_loop(backend, prompts: list, params, concurrency: int, warmup_s: floa
             scheduled = free_since.pop()
             backend.add_request(next_id, prompt, _params_of(params, sample))
             live[next_id] = {"scheduled": scheduled, "sent": time.monotonic(), "first": None, "last": None,
-                             "done": None, "tokens": 0, "tokens_in_window": 0, "error": None, "url": IN_PROCESS}
+                             "done": None, "tokens": 0, "tokens_in_window": 0, "error": None, "url": IN_PROCESS,
+                             "counted": counted}
             next_id += 1
         events = backend.step()
         now = time.monotonic()
@@ -64,9 +71,7 @@ def closed_loop(backend, prompts: list, params, concurrency: int, warmup_s: floa
                 r["done"] = now
                 done.append(live.pop(ev.request_id))
                 free_since.append(now)
-    # Left in the backend, which the caller discards: no point waits for them.
-    cut = [{**r, "done": window[1], "cut_at_window_end": True} for r in live.values()]
-    records = done + cut
+    records = done
     for r in records:
         for k in ("scheduled", "sent", "first", "last", "done"):
             r[k] = None if r[k] is None else r[k] - t0

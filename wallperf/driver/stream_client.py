@@ -65,6 +65,9 @@ class Timing:
     # Tokens that arrived inside the measured window (system tokens/s counts these).
     tokens_in_window: int = 0
     error: str | None = None
+    # Issued from the window's start on: one of the point's issued samples, which the
+    # rules' counts are about (a warm-up request is not).
+    counted: bool = False
 
 
 class Connection:
