@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, help="run YAML (default: conf/runs/default.yaml)")
     r.add_argument("--scenario", type=_csv(SCENARIOS), help=f"comma list of: {', '.join(SCENARIOS)}")
     r.add_argument("--mode", choices=(*MODES, "both"), help="performance, accuracy or both (default: config)")
+    r.add_argument("--accuracy-scenarios", choices=("all", "first"), help="the accuracy test in every scenario, "
+                   "as a submission needs, or in the first only (default: config; the default run: first)")
     r.add_argument("--model", help="model name from conf/models")
     r.add_argument("--hardware", help="hardware profile from conf/hardware (the memory wall's figures)")
     r.add_argument("--dtype", type=canonical_dtype, choices=DTYPES, help="auto (default: fp8 weights where the "

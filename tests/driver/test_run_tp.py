@@ -152,7 +152,7 @@ def tiny_conf(tmp_path_factory, smollm2_gguf_path, mmlu_path):
 def wallperf_run(out: Path, *args: str) -> dict:
     assert main(["run", "--model", "tiny-tp", "--dtype", "float32", "--scenario", "SingleStream,Offline",
                  "--max-samples", "4", "--duration", "1", "--output-tokens", "4", "--out", str(out),
-                 "--no-progress", *args]) == 0
+                 "--no-progress", "--accuracy-scenarios", "all", *args]) == 0
     return json.loads((out / "results.json").read_text())
 
 

@@ -12,7 +12,8 @@ def resolve_run_args(args) -> ResolvedRun:
     """The run `wallperf run ARGS` describes (ConfigError when the options are bad)."""
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("hardware", args.hardware),
                                    ("scenarios", args.scenario), ("tp", args.tp), ("dataset", args.dataset),
-                                   ("kv_dtype", args.kv_dtype))
+                                   ("kv_dtype", args.kv_dtype),
+                                   ("accuracy_scenarios", getattr(args, "accuracy_scenarios", None)))
                  if v is not None}
     if args.endpoint or args.backend and backend_spec(args.backend).weights == "remote":
         if not args.endpoint:
