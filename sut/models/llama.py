@@ -22,7 +22,9 @@ from wallperf.sut.models.config import GGUF_ARCHITECTURES, LlamaConfig, RopeScal
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,), with llama3 scaling where configured."""
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    # On the CPU even inside a meta-device build: on meta, arange pulled in torch's reference ops (~2 s).
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64, device="cpu")
+                                    / cfg.head_dim))
     s = cfg.rope_scaling
     if s is None:
         return inv.float()
