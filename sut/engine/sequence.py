@@ -43,11 +43,12 @@ class Sequence:
     block_table: list = field(default_factory=list)
     # Tokens whose keys and values are in the cache.
     num_cached: int = 0
-    # Speculative decoding: the drafter's own cache (a draft model's blocks and how
-    # many of this sequence's tokens it holds), and the tokens drafted this step.
+    # Speculative decoding: the drafter's own cache (a draft model's blocks, how
+    # many of this sequence's tokens it holds, and the first of them it reads: a
+    # draft model may skip the start of a long prompt).
     draft_block_table: list = field(default_factory=list)
     draft_cached: int = 0
-    draft_ids: list = field(default_factory=list)
+    draft_start: int = 0
 
     @property
     def length(self) -> int:

@@ -71,7 +71,15 @@ _CATCH_UP_CHUNK = 32
 class DraftModelDrafter:
     name = "draft-model"
 
-    def __init__(self, model, max_batch: int, max_seq_len: int, max_k: int, device, block_size: int = 16):
+    def __init__(self, model, max_batch: int, max_seq_len: int, max_k: int, device, block_size: int = 16,
+                 context: int | None = None):
+        """`context`: the drafter reads at most this many of a new sequence's last
+        tokens (None: all of them). Its catch-up on a prompt costs a prefill of
+        the drafter, paid in the first verify step; its drafts only need the
+        recent context to be right often."""
+        if context is not None and context < 1:
+            raise ValueError(f"draft model: context must be >= 1 token or None, got {context}")
+        self.context = context
         cfg = model.cfg
         dtype = model.embed_tokens.weight.dtype
         per_seq = -(-(max_seq_len + max_k + 1) // block_size)
@@ -91,8 +99,11 @@ class DraftModelDrafter:
         for i in live:
             s = seqs[i]
             tokens = s.tokens()
-            self.blocks.grow(s.draft_block_table, len(tokens) + ks[i])
-            rows[i] = (tokens[s.draft_cached:], s.draft_cached, s.draft_block_table)
+            if s.draft_cached == 0 and self.context is not None:
+                s.draft_start = s.draft_cached = max(0, len(tokens) - self.context)
+            # The drafter's positions count from draft_start.
+            self.blocks.grow(s.draft_block_table, len(tokens) - s.draft_start + ks[i])
+            rows[i] = (tokens[s.draft_cached:], s.draft_cached - s.draft_start, s.draft_block_table)
             s.draft_cached = len(tokens)
         for i, token in zip(live, self._catch_up([rows[i] for i in live])):
             drafts[i].append(token)
@@ -101,7 +112,7 @@ class DraftModelDrafter:
             if not live:
                 break
             s_ = [seqs[i] for i in live]
-            logits = self.runner.decode([drafts[i][-1] for i in live], [s.draft_cached for s in s_],
+            logits = self.runner.decode([drafts[i][-1] for i in live], [s.draft_cached - s.draft_start for s in s_],
                                         [s.draft_block_table for s in s_])
             for r, i in enumerate(live):
                 seqs[i].draft_cached += 1
@@ -138,7 +149,7 @@ class DraftModelDrafter:
 
     def release(self, seq) -> None:
         self.blocks.free(seq.draft_block_table)
-        seq.draft_cached = 0
+        seq.draft_cached = seq.draft_start = 0
 
 
 @dataclass

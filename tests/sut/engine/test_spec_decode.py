@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from wallperf.sut.engine import speculative
-from wallperf.sut.engine.engine import Engine, SamplingParams, Speculation
+from wallperf.sut.engine.engine import Engine, SamplingParams, Sequence, Speculation
 from wallperf.sut.engine.speculative import DraftModelDrafter, NgramDrafter, accepted_prefix
 from wallperf.sut.loading.weights import build_model
 from wallperf.sut.models.llama import LlamaConfig, synthetic_state_dict
@@ -196,7 +196,8 @@ def test_ngram_and_draft_model_drafters_are_exact(model, adaptive):
                        model.embed_tokens.weight.dtype)
     other = build_model(CFG, synthetic_state_dict(CFG, seed=7, dtype=torch.float32), torch.float32)
     for drafter in (NgramDrafter(), DraftModelDrafter(same, 1, MAX_SEQ_LEN, K, "cpu"),
-                    DraftModelDrafter(other, 1, MAX_SEQ_LEN, K, "cpu")):
+                    DraftModelDrafter(other, 1, MAX_SEQ_LEN, K, "cpu"),
+                    DraftModelDrafter(same, 1, MAX_SEQ_LEN, K, "cpu", context=10)):
         engine = spec_engine(model, eos, drafter, max_batch=1, adaptive=adaptive)
         got = run(engine, reqs)
         assert first_difference(want, got) is None, (drafter.name, first_difference(want, got))
@@ -205,6 +206,21 @@ def test_ngram_and_draft_model_drafters_are_exact(model, adaptive):
     engine = spec_engine(model, eos, DraftModelDrafter(same, 1, MAX_SEQ_LEN, K, "cpu"), max_batch=1)
     run(engine, reqs)
     assert engine.spec_stats.summary()["acceptance_rate"] == 1.0
+
+
+@pytest.mark.parametrize("context", [None, 12, 3])
+def test_a_draft_models_drafts_are_its_greedy_continuation_of_its_context(context):
+    """Its first drafts for a new sequence are the draft model's own greedy tokens
+    after the sequence's last `context` tokens (all of them without one), as the
+    engine without speculation decodes them from that prompt."""
+    draft = build_model(CFG, synthetic_state_dict(CFG, seed=7, dtype=torch.float32), torch.float32)
+    prompt = prompt_of(40, 11)
+    seq = Sequence(0, prompt, SamplingParams(max_new_tokens=8), output_ids=[5])
+    got = DraftModelDrafter(draft, 1, MAX_SEQ_LEN, K, "cpu", context=context).propose([seq], [K])[0]
+    seen = (prompt + [5])[-context:] if context else prompt + [5]
+    want = Engine(draft, [], 1, MAX_SEQ_LEN).generate(seen, SamplingParams(max_new_tokens=K))
+    assert got == want
+    assert seq.draft_cached == len(prompt) + 1 + K - 1
 
 
 def test_planted_off_by_one_in_the_accepted_count_is_caught(model, monkeypatch):
@@ -238,3 +254,5 @@ def test_drafts_need_room_in_the_pool():
                speculation=Speculation(NgramDrafter(), 4))
     with pytest.raises(ValueError, match="num_draft_tokens"):
         Speculation(NgramDrafter(), 0)
+    with pytest.raises(ValueError, match="context"):
+        DraftModelDrafter(model, 1, 32, 4, "cpu", context=0)
