@@ -128,8 +128,8 @@ def test_the_run_is_calibrated_unless_it_keeps_its_settings(tmp_path, monkeypatc
     assert run_with() == (resolved, None)  # calibrate defaults to off for callers other than the CLI
     calibrated, cal = run_with(calibrate=True)
     assert [sc.name for sc in calibrated.scenarios] == [sc.name for sc in resolved.scenarios]
-    assert {sc.name: sc for sc in calibrated.scenarios}["Server"].min_query_count == 480
-    assert cal.to_dict()["settings"]["Server"]["min_query_count"] == 480
+    assert {sc.name: sc for sc in calibrated.scenarios}["Server"].min_query_count == 464
+    assert cal.to_dict()["settings"]["Server"]["min_query_count"] == 464
     # A peak search sets Server's QPS itself: Server keeps the YAML's settings, the others are calibrated.
     searched, cal = run_with(calibrate=True, find_peak=True)
     by_name = {sc.name: sc for sc in searched.scenarios}
