@@ -122,7 +122,10 @@ def test_full_disk_mocked(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(atomic, "tempfile", FullDisk)
     out = tmp_path / "out"
-    rc = main(["run", "--scenario", "Offline", "--mode", "performance", "--out", str(out), *QUICK])
+    # The wall from the profile: a wall measured here would be stored first (unless the last hour's was
+    # reused), and its write would meet the full disk before results.json's.
+    rc = main(["run", "--scenario", "Offline", "--mode", "performance", "--out", str(out), "--wall-from-profile",
+               *QUICK])
     err = capsys.readouterr().err
     assert rc == 1
     assert f"wallperf: error: [Errno {errno.ENOSPC}] cannot write {out / 'results.json'}: No space left" in err
