@@ -38,6 +38,8 @@ MOCK_MODEL = "mock"
 # Token ids the mock streams: cycling past the few special ids a tokenizer puts first.
 _FIRST_TOKEN_ID = 3
 _TOKEN_CYCLE = 100
+# How long the mock's child process may take to report its port.
+MOCK_START_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,8 @@ def main(argv=None) -> int:
     mock = ctx.Process(target=_serve_mock_in_child, args=(child,), daemon=True)
     mock.start()
     try:
+        if not parent.poll(MOCK_START_TIMEOUT_S):
+            raise RuntimeError(f"the mock server did not start within {MOCK_START_TIMEOUT_S:g} s")
         url = f"http://127.0.0.1:{parent.recv()}"
         if workers is not None:
             with workers:
