@@ -14,6 +14,14 @@ drafter proposes: a drafter changes only how many tokens a step emits.
 - `DraftModelDrafter`: a smaller model with the same tokenizer, decoding
   greedily on its own paged KV cache. It catches up on the tokens it has not
   seen (a new prompt, or the target's correction), then decodes k - 1 more.
+  Its numerics never reach the output, so it takes the fastest path there is:
+  the fused decode step for every catch-up, a new prompt included.
+
+What a verify cycle costs on 2 AVX2 cores (Qwen2.5-Coder-1.5B verifying
+0.5B drafts, bf16, k = 4, HumanEval): a draft step ~41 ms (its 0.99 GB at
+~25 GB/s), the 5-row verify ~1.14x a 1-row step of the target (~128 ms), and
+the drafter's catch-up on a prompt ~7 ms a token (compute-bound), paid once
+in a request's first verify step; the Python in between is ~1 ms a step.
 """
 from __future__ import annotations
 
