@@ -4,7 +4,7 @@
 // columns' (W[n, 2kp], W[n, 2kp + 1]) pairs side by side. A 32-bit lane is then
 // one pair, which VDPBF16PS multiplies directly (gemm_bf16.h, 48-column panels)
 // and the other instruction sets widen with a shift and a mask
-// (portable_kernels.h: 32-column panels on AVX2, 16 on the others). Packed size: N rounded up to 16 by K
+// (portable_kernels.h, 16-column panels). Packed size: N rounded up to 16 by K
 // rounded up to even, zero padded; the padding multiplies zeros, so an odd K
 // needs x padded with a zero column too.
 #pragma once

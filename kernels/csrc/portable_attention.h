@@ -129,9 +129,12 @@ inline void attend(const bf16* qkv, const KVStore& k_layer, const KVStore& v_lay
       const int64_t g0 = share * per_share, G = std::min(group, g0 + per_share) - g0, ctx = positions[m] + 1;
       const int64_t h0 = kvh * group + g0;
       const int32_t* table = tables + m * s.table_width;
+      // Block by block, without two 64-bit divisions per position.
       w.slots.resize(ctx);
-      for (int64_t t = 0; t < ctx; ++t)
-        w.slots[t] = static_cast<int64_t>(table[t / s.block_size]) * s.block_size + t % s.block_size;
+      for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += s.block_size, ++b) {
+        const int64_t base = static_cast<int64_t>(table[b]) * s.block_size;
+        for (int64_t t = t0; t < std::min(ctx, t0 + s.block_size); ++t) w.slots[t] = base + (t - t0);
+      }
       w.q.resize(G * s.D);
       widen_rows(reinterpret_cast<const uint16_t*>(qkv + m * qkv_width + h0 * s.D), G, s.D, s.D, w.q.data());
       w.scores.resize(G * ctx);

@@ -12,21 +12,19 @@
 //   small M). R rows of W by up to kGemvRows rows of x per tile, W widened once
 //   per tile for all rows of x, one vector accumulator per output, its lanes
 //   summed at the end. W is streamed once whatever M, 8 KiB prefetched ahead.
-// - gemm_packed: x (M, K) @ W^T with W packed once into panels of kPanel
-//   output columns (pack.h), each holding per pair of K the panel's columns'
+// - gemm_packed: x (M, K) @ W^T with W packed once into panels of 16 output
+//   columns (pack.h), each holding per pair of K the panel's columns'
 //   (k, k+1) weights side by side. A 32-bit lane is one (lo, hi) pair: lo
 //   widens by a shift, hi by a mask, each widened once per pair for a block of
 //   kRowBlock rows of x, and each output lane accumulates over all of K with
 //   two FMAs per pair against the broadcast x[m, k], x[m, k+1]: no horizontal
 //   sums. A panel is read from L1/L2 once per row block and from DRAM once per
 //   call; threads take contiguous ranges of panels.
-//   The register block per instruction set (accumulators kRowBlock x kGroup,
-//   the pair's two widened vectors, the rows' broadcasts): AVX2's 16 ymm hold
-//   2 rows x 4 vectors (32 columns), 8 accumulators, the 4 broadcasts reused
-//   across the panel. Measured on Zen 3 against the 4 x 2 (16 columns) block
-//   it replaced: 78-89 against 43-45 GFLOP/s a core at SmolLM2's shapes.
-//   Wider blocks (3 x 4, 6 x 2, 4 x 3) spill accumulators, or reload the
-//   broadcasts per vector, and measured 50-75.
+//   On AVX2 (16 ymm) a block is 4 rows x 2 vectors: 8 accumulators, the
+//   pair's 4 widened vectors, 2 broadcasts; 84-92 GFLOP/s a core at
+//   SmolLM2's shapes on Zen 3, near its FMA rate. 2 rows x 4 vectors (32
+//   columns) measured the same or 5-10% slower (twice the widening per FMA),
+//   and blocks of 12 accumulators spill or reload their broadcasts (50-75).
 // - row ops (RMSNorm, SwiGLU, residual add) rounding where PyTorch rounds.
 // Nothing here needs PyTorch: tests/kernels/neon_driver.cpp runs these under
 // qemu for the Arm build.
@@ -50,14 +48,11 @@ using wallperf_simd::f32_to_bf16;
 using wallperf_simd::Vec;
 using F = Vec::F;
 
-#if defined(WALLPERF_ISA_AVX2)
-constexpr int64_t kPanel = 32;           // packed output columns per panel
-constexpr int kRowBlock = 2;             // rows of x per register block
-#else
-constexpr int64_t kPanel = 16;
-constexpr int kRowBlock = Vec::N >= 16 ? 8 : 4;
-#endif
+constexpr int64_t kPanel = 16;           // packed output columns per panel
 constexpr int kGroup = kPanel / Vec::N;  // vectors per panel
+// Rows of x per register block: kRowBlock x kGroup accumulators, plus the
+// pair's widened vectors and two broadcasts, within the register file.
+constexpr int kRowBlock = Vec::N >= 16 ? 8 : 4;
 constexpr int kGemvRows = 4;             // rows of x per GEMV tile
 constexpr int kGemvW = 3;                // rows of W per GEMV tile
 constexpr int64_t kPrefetchElems = 4096; // 8 KiB of bf16 ahead
@@ -166,13 +161,12 @@ void panel_block(const float* x, int64_t ldx, const uint16_t* panel, int64_t K2,
     const uint16_t* wp = panel + kp * 2 * NV * Vec::N;
     for (int64_t b = 0; b < pf_bytes; b += 64) Vec::prefetch(pf + kp * pf_bytes + b);
     const float* xk = x + 2 * kp;
-    // Each vector's pair is widened once for all MB rows; the rows' broadcasts
-    // stay in registers across the panel's vectors.
-    for (int g = 0; g < NV; ++g) {
-      F lo, hi;
-      Vec::pairs(wp + g * 2 * Vec::N, lo, hi);
-      for (int m = 0; m < MB; ++m)
-        acc[m][g] = Vec::fma(Vec::set1(xk[m * ldx + 1]), hi, Vec::fma(Vec::set1(xk[m * ldx]), lo, acc[m][g]));
+    F lo[NV], hi[NV];
+    for (int g = 0; g < NV; ++g) Vec::pairs(wp + g * 2 * Vec::N, lo[g], hi[g]);
+    // Each broadcast serves the whole panel width before the next row's.
+    for (int m = 0; m < MB; ++m) {
+      const F x0 = Vec::set1(xk[m * ldx]), x1 = Vec::set1(xk[m * ldx + 1]);
+      for (int g = 0; g < NV; ++g) acc[m][g] = Vec::fma(x1, hi[g], Vec::fma(x0, lo[g], acc[m][g]));
     }
   }
   for (int m = 0; m < MB; ++m)
