@@ -1,12 +1,21 @@
 """The `wallperf` command line."""
 from __future__ import annotations
 
+import os
+
+# Before anything loads libgomp (torch): the fused CPU decode step's threads
+# meet at ~150 OpenMP barriers a token, and libgomp's default spin there (about
+# 3 ms) starves whatever shares the cores. 10,000 spins cost nothing measurable
+# alone and cut a step beside another OpenMP job from seconds to a fifth of one
+# (docs/hardware.md). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import argparse
 import atexit
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path

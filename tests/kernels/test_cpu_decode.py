@@ -290,3 +290,19 @@ def test_attention_softmax_matches_torch(cpu_ops, n):
     got = cpu_ops.softmax_f32(x)
     want = torch.softmax(x.double(), dim=-1)
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("given,expected", [({}, "10000"), ({"GOMP_SPINCOUNT": "5"}, "5"),
+                                            ({"OMP_WAIT_POLICY": "PASSIVE"}, None)])
+def test_the_command_line_sets_a_short_openmp_spin_before_torch_unless_the_user_chose(given, expected):
+    """The fused step's barriers spin 10,000 times before sleeping (libgomp's default: ~3 ms), set
+    before libgomp loads; a user's own GOMP_SPINCOUNT or OMP_WAIT_POLICY is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    script = "import os, sys, wallperf.cli; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", script], env={**env, **given}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(expected), "False"]  # and torch, with libgomp, is not loaded yet
