@@ -88,17 +88,23 @@ class FusedDecoder:
             model.norm.weight,
             pack(head),
         )
+        # The head's first 16 rows: the head of a step whose logits are not wanted.
+        self._stub_head = pack(head[:16].contiguous())
         self._op = ops.llama_decode_bf16
 
     @torch.inference_mode()
-    def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+    def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
+                 logits: bool = True) -> torch.Tensor:
         """float32 logits (M, vocab) for each row's token at its position; its key
-        and value are written into the cache at that position's slot."""
+        and value are written into the cache at that position's slot. `logits=False`:
+        only the cache writes are wanted (a drafter catching up on a prompt), and the
+        head computes 16 columns, not the vocabulary's (M, 16 returned)."""
         width = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         x = self.model.embed_tokens(torch.tensor(token_ids))
         cfg = self.cfg
         c = self.cache
-        logits = self._op(x, *self._weights, c.k, c.v, c.k_scale, c.v_scale, c.k_centre, tables, torch.tensor(positions),
-                          self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps)
-        return logits[:, :self._vocab]  # the packed head's rows are the vocabulary rounded up to 16
+        weights = self._weights if logits else self._weights[:-1] + (self._stub_head,)
+        out = self._op(x, *weights, c.k, c.v, c.k_scale, c.v_scale, c.k_centre, tables, torch.tensor(positions),
+                       self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps)
+        return out[:, :self._vocab]  # the packed head's rows are the vocabulary rounded up to 16

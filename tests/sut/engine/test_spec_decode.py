@@ -223,6 +223,23 @@ def test_a_draft_models_drafts_are_its_greedy_continuation_of_its_context(contex
     assert seq.draft_cached == len(prompt) + 1 + K - 1
 
 
+def test_a_catch_up_skipping_the_head_writes_what_full_steps_write():
+    """A drafter's catch-up on a prompt skips the head in calls holding no last token;
+    its cache and its draft must be those of decode steps computing every logit."""
+    model = build_model(CFG, synthetic_state_dict(CFG, seed=0, dtype=torch.bfloat16), torch.bfloat16)
+    a, b = (DraftModelDrafter(model, 1, MAX_SEQ_LEN, K, "cpu") for _ in range(2))
+    if a.runner.fused is None:
+        pytest.skip("no fused decode step on this machine")
+    prompt = prompt_of(70, 5)
+    ta, tb = [], []
+    a.blocks.grow(ta, len(prompt))
+    b.blocks.grow(tb, len(prompt))
+    got = a._catch_up([(prompt, 0, ta)])
+    full = b.runner.verify([(prompt, 0, tb)])[0]
+    assert got == [int(full[-1].argmax())]
+    assert torch.equal(a.cache.k, b.cache.k) and torch.equal(a.cache.v, b.cache.v)
+
+
 def test_planted_off_by_one_in_the_accepted_count_is_caught(model, monkeypatch):
     if not rows_independent(model):
         pytest.skip("replay stops at the first rejection, so there is no row past it to accept by mistake")
