@@ -18,7 +18,7 @@ from wallperf.sut.loading.load import load_model
 
 pytestmark = pytest.mark.slow
 
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 K = 4
 
 
@@ -58,7 +58,12 @@ def test_the_qwen_pair_decodes_greedy_tokens_bit_for_bit(pair):
     if not Engine(target.model, eos, 1, max_len).runner.rows_independent:
         batches = [1]  # eager float32 GEMMs change with the row count: batched greedy is itself batch-dependent
     for max_batch in batches:
-        for drafter in (DraftModelDrafter(draft.model, max_batch, max_len, K, "cpu"), NgramDrafter()):
+        # Prompt lookup alone at batch 1 adds nothing the batch of three does not check, and costs three
+        # prefills of the 1.5B model.
+        drafters = [DraftModelDrafter(draft.model, max_batch, max_len, K, "cpu")]
+        if max_batch > 1 or len(batches) == 1:
+            drafters.append(NgramDrafter())
+        for drafter in drafters:
             engine = Engine(target.model, eos, max_batch, max_len, speculation=Speculation(drafter, K))
             if max_batch == 1:
                 got_t, got_l = {}, {}
