@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK = 32
-# ggml type id -> bytes per block of 32 weights
-_BLOCK_BYTES = {2: 18, 3: 20, 6: 22, 7: 24, 8: 34}  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+# The ggml type ids handled here: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (their block sizes are gguf's GGML_QUANT_SIZES).
+_SIMPLE = (2, 3, 6, 7, 8)
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -36,9 +36,11 @@ def _fifth_bits(blocks: np.ndarray, at: int) -> np.ndarray:
 def dequantize_simple(data: np.ndarray, ggml_type: int) -> np.ndarray | None:
     """float32 weights of `data` (uint8 rows of blocks, as the GGUF stores them), or
     None for a type this module does not handle."""
-    size = _BLOCK_BYTES.get(int(ggml_type))
-    if size is None:
+    if int(ggml_type) not in _SIMPLE:
         return None
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = GGML_QUANT_SIZES[GGMLQuantizationType(int(ggml_type))][1]
     rows = data.shape[:-1]
     blocks = np.ascontiguousarray(data).reshape(-1, size)
     d = _f16(blocks, 0)
