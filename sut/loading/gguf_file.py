@@ -35,8 +35,6 @@ _SCALARS = {  # value type -> (struct format, size)
     0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4), 6: ("<f", 4),
     7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
 }
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-          12: "<f8"}
 STRING, ARRAY = 8, 9
 MAX_DIMS = 4
 
@@ -81,10 +79,12 @@ class _Cursor:
         if kind != ARRAY:
             raise ValueError(f"{what}: unknown value type {kind}")
         item, count = self.scalar(4, what), self.scalar(10, what)
-        if item in _NUMPY:
-            n = count * _SCALARS[item][1]
+        if item in _SCALARS:
+            fmt, size = _SCALARS[item]
+            n = count * size
             self.need(n, what)
-            values = np.frombuffer(self.buf, dtype=_NUMPY[item], count=count, offset=self.pos).tolist()
+            # struct's codes are numpy's too.
+            values = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=count, offset=self.pos).tolist()
             self.pos += n
             return values
         if item == STRING:
