@@ -165,7 +165,7 @@ class Engine:
         events: list[TokenEvent] = []
         decoding = self.scheduler.reserve_decodes(self._lookahead if self.speculation else lambda s: 0)
         rows = len(decoding) + (sum(self._lookahead(s) for s in decoding) if self.speculation else 0)
-        chunks = self.scheduler.schedule_prefill(self.max_tokens_per_step - rows)
+        chunks = self.scheduler.schedule_prefill(self.max_tokens_per_step - rows, one_row=bool(decoding))
         if chunks:
             self._prefill(chunks, events)
         if decoding:

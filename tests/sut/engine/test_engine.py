@@ -88,9 +88,9 @@ ENGINE_SETUPS = {
     "default": dict(),
     # Prompts split into prefill chunks that share steps with decodes.
     "chunked_prefill": dict(max_tokens_per_step=8),
-    # A pool too small for three sequences at once: the latest admitted is
-    # preempted and recomputed.
-    "preemption": dict(block_size=4, num_blocks=18),
+    # A pool of one max_seq_len, too small for three sequences at once: the latest
+    # admitted is preempted and recomputed.
+    "preemption": dict(block_size=4, num_blocks=16),
 }
 
 
@@ -117,10 +117,11 @@ def test_batched_generation_matches_reference_and_one_at_a_time(models, batch_ca
 def test_waiting_requests_are_admitted_as_slots_free(models):
     ours, _ = models
     engine = Engine(ours, {0}, max_batch=3, max_seq_len=MAX_SEQ_LEN)
-    for rid, p in enumerate(PROMPTS):
+    prompts = [prompt_of(8, seed) for seed in range(5)]
+    for rid, p in enumerate(prompts):
         engine.add_request(rid, p, SamplingParams(max_new_tokens=MAX_NEW[rid], ignore_eos=True))
     first = engine.step()
-    # Three prefills in the first step, one token each; two requests wait.
+    # Three prefills in the first step (nothing decodes yet), one token each; two requests wait.
     assert sorted(ev.request_id for ev in first) == [0, 1, 2]
     assert all(ev.index == 1 for ev in first)
     assert len(engine.running) == 3 and len(engine.waiting) == 2
@@ -128,6 +129,38 @@ def test_waiting_requests_are_admitted_as_slots_free(models):
     while engine.has_unfinished():
         seen |= {ev.request_id for ev in engine.step()}
     assert seen == {0, 1, 2, 3, 4}
+
+
+def test_while_sequences_decode_a_step_prefills_one_prompt_first_come_first_served(models):
+    """A waiting request gets its first token after the prompts before it only, not when a
+    padded batch of every waiting prompt is done (Server's TTFT), and decodes go on meanwhile."""
+    ours, _ = models
+    engine = Engine(ours, {0}, max_batch=4, max_seq_len=MAX_SEQ_LEN)
+    engine.add_request(0, prompt_of(6, 0), SamplingParams(max_new_tokens=10, ignore_eos=True))
+    engine.step()
+    for rid in (1, 2, 3):
+        engine.add_request(rid, prompt_of(6, rid), SamplingParams(max_new_tokens=3, ignore_eos=True))
+    for rid in (1, 2, 3):
+        events = engine.step()
+        # The next waiting request's first token, and request 0's next one.
+        assert sorted((ev.request_id, ev.index) for ev in events if ev.index == 1) == [(rid, 1)]
+        assert [ev.request_id for ev in events].count(0) == 1
+    assert not engine.waiting
+
+
+def test_a_prompt_that_would_pad_the_batch_past_the_slack_waits(models):
+    """Rows of a prefill batch are as wide as its widest: a short prompt beside a long one
+    would be computed as long, so it waits for the next step."""
+    from wallperf.sut.engine.scheduler import PAD_SLACK
+
+    ours, _ = models
+    engine = Engine(ours, {0}, max_batch=4, max_seq_len=MAX_SEQ_LEN)
+    lengths = [20, 19, 4, 20]  # 3 x 20 <= 1.25 x 59, but 3 x 20 > 1.25 x 43 with the 4-token one
+    assert 2 * 20 <= PAD_SLACK * 39 and 3 * 20 > PAD_SLACK * 43
+    for rid, n in enumerate(lengths):
+        engine.add_request(rid, prompt_of(n, rid), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert sorted(ev.request_id for ev in engine.step()) == [0, 1]
+    assert [seq.request_id for seq in engine.waiting] == [2, 3]  # first come, first served: 3 does not jump
 
 
 def test_min_new_tokens_suppresses_eos(models):
@@ -192,14 +225,14 @@ def test_free_slots_accounting(models):
     ours, _ = models
     engine = Engine(ours, {0}, max_batch=3, max_seq_len=MAX_SEQ_LEN)
     assert engine.free_slots == 3 and not engine.has_unfinished()
-    engine.add_request(0, PROMPTS[0], SamplingParams(max_new_tokens=4, ignore_eos=True))
-    engine.add_request(1, PROMPTS[1], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.add_request(0, prompt_of(5, 10), SamplingParams(max_new_tokens=4, ignore_eos=True))
+    engine.add_request(1, prompt_of(5, 11), SamplingParams(max_new_tokens=2, ignore_eos=True))
     assert engine.free_slots == 1 and engine.has_unfinished()
-    engine.step()  # both prefilled: one token each
+    engine.step()  # both prefilled together (nothing decodes yet): one token each
     assert engine.free_slots == 1
     engine.step()  # request 1 has its 2 tokens: its slot is free again
     assert engine.free_slots == 2
-    engine.add_request(2, PROMPTS[2], SamplingParams(max_new_tokens=1))
+    engine.add_request(2, prompt_of(5, 12), SamplingParams(max_new_tokens=1))
     assert engine.free_slots == 1
     engine.step()  # request 2 prefilled and finished at once, request 0 at 3 tokens
     assert engine.free_slots == 2

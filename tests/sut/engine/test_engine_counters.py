@@ -33,7 +33,8 @@ def _engine(model, max_batch):
 
 
 def test_counters_of_one_batch_decoded_together(model):
-    plan = [(5, 7), (11, 3), (2, 9), (17, 4)]  # (prompt tokens, tokens to generate)
+    # (prompt tokens, tokens to generate): lengths close enough to share one padded prefill.
+    plan = [(9, 7), (10, 3), (9, 9), (11, 4)]
     engine = _engine(model, max_batch=4)
     for i, (p, n) in enumerate(plan):
         engine.add_request(i, list(range(1, p + 1)), SamplingParams(n, n, ignore_eos=True))
