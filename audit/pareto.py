@@ -213,11 +213,14 @@ def _fmt(v, fmt: str) -> str:
 
 
 def concurrency_table(sweep: dict) -> str:
-    """The sweep as a Markdown table, one row a point."""
+    """The sweep as a Markdown table, one row a point; over several replicas, each one's
+    requests (sent/completed/failed) in a column of its own before `valid`."""
+    replicas = len(sweep.get("endpoints") or []) > 1
     lines = [f"# Concurrency sweep: {concurrency_series(sweep)['label']}", "",
              "| concurrency | region | system tok/s | tok/s per user (1000/TPOT p90) | TTFT p50/p90/p99 ms | "
              "goodput | decode batch | MBU | MFU | achieved conc. | send lag p99 ms | loop lag p99 ms | "
-             "accuracy | prefix-cache hits | valid |", "|" + "---|" * 15]
+             "accuracy | prefix-cache hits | " + ("per replica: sent/completed/failed | " if replicas else "")
+             + "valid |", "|" + "---|" * (15 + replicas)]
     for p in sweep["points"]:
         t, ck = p.get("ttft_ms") or {}, p["client"]
         acc = p.get("accuracy")
@@ -230,6 +233,8 @@ def concurrency_table(sweep: dict) -> str:
                  f"{ck['achieved_concurrency']:.2f}", _fmt((ck["send_lag_ms"] or {}).get("p99"), ".2f"),
                  _fmt((ck["loop_lag_ms"] or {}).get("p99"), ".2f"), _fmt(acc and acc["exact_match"], ".1%"),
                  _cache(p.get("prefix_cache")), "yes" if p["valid"] else "no: " + "; ".join(p["invalid_reasons"])]
+        if replicas:
+            cells.insert(-1, _per_replica(p.get("replicas") or {}))
         lines.append("| " + " | ".join(cells) + " |")
     untrusted = [f"! concurrency {p['concurrency']}: NOT TRUSTED: " + "; ".join(p["untrusted_reasons"])
                  for p in sweep["points"] if p.get("untrusted_reasons")]
@@ -243,3 +248,7 @@ def _cache(cache: dict | None) -> str:
     if cache is None:
         return "-"
     return _fmt(cache["hit_rate"], ".0%") if cache["exposed"] else "not exposed"
+
+
+def _per_replica(replicas: dict) -> str:
+    return "; ".join(f"{url}: {r['requests']}/{r['completed']}/{r['failures']}" for url, r in replicas.items())

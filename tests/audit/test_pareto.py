@@ -108,3 +108,25 @@ def test_compare_draws_several_sweeps_on_one_chart(tmp_path, capsys):
     assert main(["compare", str(plain), "--pareto", str(tmp_path / "x.png")]) == 2
     assert "none of the RUN_DIRs was written by `wallperf sweep`" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_concurrency_table_counts_each_replicas_requests():
+    from wallperf.audit.endpoints import point_figures
+    from wallperf.audit.pareto import concurrency_table
+
+    def req(t, url, error=None):
+        return {"scheduled": t, "sent": t, "first": None if error else t + 0.1, "last": None if error else t + 0.5,
+                "done": t + 0.5, "tokens": 0 if error else 5, "tokens_in_window": 0 if error else 5,
+                "error": error, "url": url}
+    # Three requests answered by a; two sent to b, one of them refused.
+    reqs = [req(0.0, "http://a"), req(0.5, "http://a"), req(1.0, "http://a"), req(0.0, "http://b"),
+            req(0.5, "http://b", error="HTTP 503")]
+    point = point_figures(reqs, (0.0, 1.5), 2)
+    two = concurrency_table({"backend": "openai", "model": "m", "endpoints": ["http://a", "http://b"],
+                             "points": [point]})
+    header, rule, row = two.splitlines()[2:5]
+    assert "per replica: sent/completed/failed" in header
+    assert header.count("|") == rule.count("|") == row.count("|") == 17
+    assert "| http://a: 3/3/0; http://b: 2/1/1 | no: 1 requests failed" in row
+    one = concurrency_table({"backend": "openai", "model": "m", "endpoints": ["http://a"], "points": [point]})
+    assert "per replica" not in one and one.splitlines()[4].count("|") == 16
