@@ -134,11 +134,19 @@ class Measurement:
     ttft_s: float | None = None  # one request alone: to its first token
     token_s: float | None = None  # one request alone: each token after the first
     notes: tuple = field(default_factory=tuple)  # what was extrapolated
+    # For playing a Server test out (wallperf.driver.server_sim): each prompt token of the lone
+    # request's prefill beyond a decode step, the decode step per batch size, the prompts'
+    # lengths and the output tokens per request.
+    prefill_token_s: float | None = None
+    batch_step_s: dict = field(default_factory=dict)
+    prompt_lengths: tuple = ()
+    tokens: int | None = None
 
     def to_dict(self) -> dict:
         return {"single_stream_latency_s": self.single_stream_latency_s, "ttft_s": self.ttft_s,
-                "token_s": self.token_s,
+                "token_s": self.token_s, "prefill_token_s": self.prefill_token_s,
                 "throughput_samples_per_second": {str(b): q for b, q in self.throughput.items()},
+                "decode_step_s": {str(b): s for b, s in self.batch_step_s.items()},
                 "seconds": self.seconds, "notes": list(self.notes)}
 
     def summary(self) -> str:
@@ -175,7 +183,7 @@ def measure(make_backend, prompts, params, batches, sorted_batches=(),
     # token alone), plus each row's math at what a prompt token cost in the prefill.
     per_row_s = single.first_token_s / len(prompts[0])
     notes = [f"one request: {single.note}"] if single.note else []
-    throughput = {}
+    throughput, steps_s = {}, {}
     for i, b in enumerate(sizes):
         share = left() / (len(sizes) - i)
         how = "shortest prompt first" if b in sorted_batches else "in arrival order"
@@ -183,11 +191,14 @@ def measure(make_backend, prompts, params, batches, sorted_batches=(),
         with Heartbeat(f"calibrating {3 + i}/{steps}"):
             timing = time_batch(make_backend, prompts, params, b, shortest_first=b in sorted_batches,
                                 limit_s=share, fallback_step_s=single.step_s + b * per_row_s)
-        throughput[b] = timing.samples_per_second
+        throughput[b], steps_s[b] = timing.samples_per_second, timing.step_s
         if timing.note:
             notes.append(f"batch {b}: {timing.note}")
     return Measurement(single.seconds, throughput, time.perf_counter() - started, ttft_s=single.first_token_s,
-                       token_s=single.step_s, notes=tuple(notes))
+                       token_s=single.step_s, notes=tuple(notes),
+                       prefill_token_s=max(single.first_token_s - single.step_s, 0.0) / len(prompts[0]),
+                       batch_step_s=steps_s, prompt_lengths=tuple(len(p) for p in prompts),
+                       tokens=params.max_new_tokens)
 
 
 @dataclass(frozen=True)

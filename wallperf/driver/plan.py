@@ -22,9 +22,12 @@ early stopping. What each scenario needs, and what it costs at the measured spee
 - Server (and Interactive): `min_query_count` = SERVER_QUERIES, above the 459
   queries with none over the limits that early stopping needs for the 99th
   percentiles, at `target_qps` = a share of the measured throughput at its batch
-  between SERVER_LOAD and SERVER_MAX_LOAD (light enough for its latency limits);
-  it lasts the longer of min_duration and SERVER_QUERIES / target_qps. It cannot be
-  VALID where one request alone misses its TTFT or TPOT limit: the plan says so.
+  between SERVER_LOAD and SERVER_MAX_LOAD, and no higher than the load at which
+  the test, played out from the calibration's figures (wallperf.driver.server_sim),
+  keeps its slowest first token within the TTFT limit; it lasts the longer of
+  min_duration and SERVER_QUERIES / target_qps. It cannot be VALID where one
+  request alone misses its TTFT or TPOT limit, or where no load keeps the played
+  test within them: the plan says so.
 - Accuracy tests go over the data set once (at the performance tests' speeds:
   their answers stop at EOS, no longer than the performance outputs here; a
   Server-like accuracy test is issued within ~10 s and runs at its batch's
@@ -44,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from wallperf.driver.server_sim import TTFT_MARGIN, EngineCosts, safe_load
 from wallperf.sut.scenarios import OFFLINE, SINGLE_STREAM, scenario
 
 OFFLINE_MARGIN = 2.0
@@ -92,6 +96,7 @@ class Plan:
     smallest: bool  # the durations were cut to MIN_DURATION_S to fit
     cannot_be_valid: tuple  # why a test cannot be VALID on this machine, whatever its settings
     original: tuple  # the ScenarioConfigs it was given (to plan again with other overheads)
+    notes: tuple = ()  # how a Server-like test's load was chosen
 
     @property
     def total_s(self) -> float:
@@ -141,6 +146,7 @@ class Plan:
                          "(accuracy_scenarios: first; the engine's tokens do not depend on the batch)")
         lines.append(f"  beside them: {o.spent_s:.0f} s already spent (wall, calibration), "
                      f"{o.per_test_s:.0f} s to start each test's process")
+        lines.extend(f"  {note}" for note in self.notes)
         if not self.fits:
             lines.append(f"  OVER BUDGET: even the smallest valid plan takes about {self.total_s / 60:.1f} min, "
                          f"{(self.total_s - self.budget_s) / 60:.1f} min over; the time goes to: "
@@ -156,7 +162,7 @@ class Plan:
                 "spent_before_tests_s": round(self.overheads.spent_s, 1),
                 "per_test_process_s": round(self.overheads.per_test_s, 1),
                 "over_budget_reasons": [] if self.fits else self.over_budget_reasons(),
-                "cannot_be_valid": list(self.cannot_be_valid)}
+                "cannot_be_valid": list(self.cannot_be_valid), "notes": list(self.notes)}
 
 
 def _checks_accuracy(overheads: Overheads, name: str) -> bool:
@@ -219,9 +225,11 @@ def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | No
         checked = accuracy and _checks_accuracy(overheads, chosen[j].name)
         return n / m.throughput[chosen[j].max_batch] + m.single_stream_latency_s if checked else None
 
+    notes, problems = [], []
     for at, i in enumerate(server):
         sc, pending = chosen[i], server[at:]
         capacity = m.throughput[sc.max_batch]
+        safe = _played_load(sc, m, capacity)
         # Its share of what the budget leaves after the tests planned so far and the Server-like
         # tests' accuracy runs.
         accuracies = [a for a in map(own_accuracy, pending) if a is not None]
@@ -229,14 +237,42 @@ def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | No
                  + sum(predicted.values()) + sum(accuracies))
         share = max(budget_s - taken, 1.0) / len(pending)
         load = min(max(SERVER_LOAD, sc.min_query_count / share / capacity), SERVER_MAX_LOAD)
+        if safe is not None:
+            note = (f"{sc.name}: load {min(load, safe):.2f} of {capacity:.2f} samples/s; a test of "
+                    f"{sc.min_query_count} queries played out from the calibration keeps its slowest first "
+                    f"token within {TTFT_MARGIN:.0%} of the {sc.ttft_ms:g} ms TTFT limit up to {safe:.2f}")
+            notes.append(note + (", below what the budget asks" if safe < load else ""))
+            load = min(load, safe)
+        elif safe is None and _can_play(sc, m):
+            problems.append(f"{sc.name}: no load keeps a played test of {sc.min_query_count} queries within its "
+                            f"TTFT limit of {sc.ttft_ms:g} ms and TPOT limit of {sc.tpot_ms:g} ms")
         qps = round(load * capacity, 3)
         chosen[i] = sc = dataclasses.replace(sc, target_qps=qps)
         if "performance" in modes:
             predicted[f"{sc.name} performance"] = max(sc.min_duration_s, sc.min_query_count / qps)
         if own_accuracy(i) is not None:
             predicted[f"{sc.name} accuracy"] = own_accuracy(i)
-    problems = tuple(p for sc in chosen for p in _latency_problems(sc, m))
-    return Plan(tuple(chosen), predicted, overheads, budget_s, floor is not None, problems, tuple(scenarios))
+    problems = tuple(p for sc in chosen for p in _latency_problems(sc, m)) + tuple(problems)
+    return Plan(tuple(chosen), predicted, overheads, budget_s, floor is not None, problems, tuple(scenarios),
+                tuple(notes))
+
+
+def _can_play(sc, m) -> bool:
+    """Whether the calibration measured what playing a Server test needs."""
+    return (m.prefill_token_s is not None and m.token_s is not None and bool(m.prompt_lengths)
+            and m.batch_step_s.get(sc.max_batch) is not None and m.tokens is not None)
+
+
+def _played_load(sc, m, capacity: float) -> float | None:
+    """The highest share of `capacity` at which the played test meets the limits; None when
+    none does or the calibration did not measure what playing needs (then only the shares
+    above bound the load)."""
+    if not _can_play(sc, m):
+        return None
+    costs = EngineCosts(m.token_s, m.prefill_token_s, m.batch_step_s[sc.max_batch], sc.max_batch)
+    return safe_load(capacity, sc.min_query_count, m.prompt_lengths, m.tokens, costs,
+                     sc.ttft_ms / 1e3 if sc.ttft_ms is not None else None,
+                     sc.tpot_ms / 1e3 if sc.tpot_ms is not None else None, SERVER_MAX_LOAD)
 
 
 def plan(scenarios, m, budget_s: float = BUDGET_S, overheads: Overheads = Overheads()) -> Plan:
