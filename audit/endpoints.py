@@ -10,7 +10,11 @@ window closed. Pure functions: the sweep and its tests share them.
 - system tokens/s: tokens that arrived inside the window, over its length;
 - tokens/s per user: 1000 / TPOT p90, TPOT per request (last - first) / (tokens - 1);
 - TTFT from the request's send to its first non-empty fragment;
-- latencies over the requests sent inside the window and answered in full;
+- latencies over the point's issued samples answered in full: the requests the
+  client counted (`counted`: sent from the window's start on, the tail that
+  completes the rules' whole passes included, as the rules count every sample
+  issued after the warm-up), or, in records without that mark, those sent
+  inside the window;
 - goodput: the share of those within the scenario's TTFT and TPOT limits,
   and the system tokens/s times the share of tokens they carried.
 
@@ -49,9 +53,15 @@ def achieved_concurrency(requests: list[dict], window: tuple[float, float]) -> f
     return busy / (w1 - w0)
 
 
+def _issued(r: dict, window: tuple[float, float]) -> bool:
+    if "counted" in r:
+        return bool(r["counted"])
+    return r.get("sent") is not None and window[0] <= r["sent"] < window[1]
+
+
 def _latencies(requests: list[dict], window: tuple[float, float]):
     measured = [r for r in requests if r.get("error") is None and not r.get("cut_at_window_end")
-                and r.get("sent") is not None and window[0] <= r["sent"] < window[1] and r.get("first") is not None]
+                and r.get("sent") is not None and _issued(r, window) and r.get("first") is not None]
     ttft = [(r["first"] - r["sent"]) * 1e3 for r in measured]
     tpot = [(r["last"] - r["first"]) * 1e3 / (r["tokens"] - 1) if r["tokens"] > 1 else None for r in measured]
     return measured, ttft, tpot
@@ -98,12 +108,12 @@ def point_figures(requests: list[dict], window: tuple[float, float], target: int
         reasons.insert(0, f"{len(failed)} requests failed: " + "; ".join(
             sorted({f"{r.get('url', '?')}: {r['error']}" for r in failed})[:5]))
     if not measured:
-        reasons.append("no request was both sent and answered inside the window: make the window longer")
+        reasons.append("no issued sample was answered in full")
     return {
         "concurrency": target,
         "window_s": span,
         "requests": len(requests),
-        "completed_in_window": len(measured),
+        "measured": len(measured),
         "failures": len(failed),
         "system_tokens_per_second": system_tps,
         "tokens_per_second_per_user": 1e3 / tpot_p["p90"] if tpot_p and tpot_p["p90"] else None,

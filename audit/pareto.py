@@ -158,8 +158,10 @@ def loadgen_series(sweep: dict) -> dict:
 
 def concurrency_figure(series: list[dict]):
     """The MLPerf Endpoints chart: system tokens/s (y) against tokens/s per user (x), log-log,
-    each series as the rules' step function (a point's value held until the next one),
-    invalid points hollow, beside its roofline front (dashed) where it has one."""
+    each series as the rules' step function, invalid points hollow, beside its roofline front
+    (dashed) where it has one. A point's throughput is held from it toward lower per-user
+    speeds, down to the next point's (as the rules hold the last value from one concurrency to
+    the next higher): the curve never shows a throughput at a per-user speed no point reached."""
     from wallperf.audit.charts import chart_text, new_figure
 
     fig = new_figure(8, 4.4 + 0.14 * 2 * len(series))
@@ -171,7 +173,7 @@ def concurrency_figure(series: list[dict]):
             continue
         xs = [p["tokens_per_second_per_user"] for p in pts]
         ys = [p["system_tokens_per_second"] for p in pts]
-        line, = ax.step(xs, ys, where="post", label=chart_text(f"measured (step function): {s['label']}"))
+        line, = ax.step(xs, ys, where="pre", label=chart_text(f"measured (step function): {s['label']}"))
         color = line.get_color()
         for p, x, y in zip(pts, xs, ys):
             ax.scatter([x], [y], color=color if p.get("valid") else "none", edgecolors=color, zorder=3)

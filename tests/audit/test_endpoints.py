@@ -52,3 +52,16 @@ def test_failures_are_counted_on_their_replica_and_invalidate():
     assert p["invalid_reasons"][0].startswith("1 requests failed: bad: HTTP 500: boom")
     assert p["replicas"]["bad"]["failures"] == 1 and p["replicas"]["good"]["failures"] == 0
     assert sum(r["requests"] for r in p["replicas"].values()) == p["requests"] == 2
+
+
+def test_latencies_cover_the_issued_samples_the_tail_included():
+    # Window 0-10 s. A warm-up request (not counted), one counted inside the window, and one the
+    # client counted after the window to complete the pass: the latencies are the two counted ones.
+    warm = {**req(-1.0, -0.5, 2.0, 11), "counted": False}
+    inside = {**req(1.0, 1.2, 3.2, 11), "counted": True}
+    tail = {**req(12.0, 12.6, 13.6, 11), "counted": True}
+    p = point_figures([warm, inside, tail], (0.0, 10.0), target=1)
+    assert p["measured"] == 2
+    # TTFT 200 and 600 ms (p50 400); TPOT 200 and 100 ms.
+    assert p["ttft_ms"]["p50"] == pytest.approx(400.0)
+    assert p["tpot_ms"]["p50"] == pytest.approx(150.0)

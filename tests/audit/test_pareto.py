@@ -130,3 +130,19 @@ def test_concurrency_table_counts_each_replicas_requests():
     assert "| http://a: 3/3/0; http://b: 2/1/1 | no: 1 requests failed" in row
     one = concurrency_table({"backend": "openai", "model": "m", "endpoints": ["http://a"], "points": [point]})
     assert "per replica" not in one and one.splitlines()[4].count("|") == 16
+
+
+def test_the_step_function_claims_no_throughput_beyond_a_points_per_user_speed():
+    from wallperf.audit.pareto import concurrency_figure
+
+    # c=1: 55 tok/s at 50 tok/s per user; c=8: 100 tok/s at 10 per user. Between 10 and 50 tok/s per
+    # user only c=1 was fast enough, so the curve there is c=1's 55, and c=8's 100 holds below 10.
+    points = [{"concurrency": 1, "system_tokens_per_second": 55.0, "tokens_per_second_per_user": 50.0,
+               "valid": True},
+              {"concurrency": 8, "system_tokens_per_second": 100.0, "tokens_per_second_per_user": 10.0,
+               "valid": True}]
+    fig = concurrency_figure([{"label": "s", "points": points, "front": None}])
+    vertices = fig.axes[0].lines[0].get_path().vertices
+    between = [y for x, y in vertices if 10.0 < x <= 50.0]
+    assert between and set(between) == {55.0}
+    assert max(y for x, y in vertices if x <= 10.0) == 100.0

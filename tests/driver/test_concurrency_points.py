@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from wallperf.driver.concurrency_points import check_points, count_check, place_points, regions, window_s
+from wallperf.driver.concurrency_points import (accuracy_points, check_points, count_check, place_points, regions,
+                                                window_s)
 
 
 @pytest.mark.parametrize("c_min,c_max,low_end,medium_end", [
@@ -83,7 +84,10 @@ def test_count_check_asks_whole_passes_and_the_minimum_completed():
     assert (c["issued"], c["completed"], c["passes"], c["reasons"]) == (10, 10, 2.0, [])
     # Eleven issued: not whole passes of 5.
     c = count_check(records + [_record(11.5)], window, dataset_size=5)
-    assert c["reasons"] == ["11 samples issued, not a whole multiple of the data set's 5"]
+    assert c["reasons"] == ["11 samples issued, not a positive whole multiple of the data set's 5"]
+    # None issued from the window's start (every slot busy with warm-up requests till its end): no pass.
+    c = count_check(records[:2], window, dataset_size=5)
+    assert c["reasons"][0] == "0 samples issued, not a positive whole multiple of the data set's 5"
     # Whole passes, but a failure and a cut request: 8 completed against the default minimum
     # of one pass (5) is enough; against --min-queries 9 it is not.
     bad = records[:2] + [_record(1.0 + i, error="HTTP 500" if i == 3 else None, cut=i == 4) for i in range(10)]
@@ -100,3 +104,13 @@ def test_count_check_prefers_the_clients_own_mark():
     # A request the client counted at its send decision, stamped sent a hair before the window, still counts.
     records = [_record(0.999, counted=True), _record(1.5, counted=True), _record(0.5, counted=False)]
     assert count_check(records, (1.0, 2.0), dataset_size=2)["issued"] == 2
+
+
+def test_accuracy_at_the_four_points_section_5_3_names():
+    # The rules' Example B (C_min 1, C_max 256): low 2-7, medium 8-41, high 42-256, and its 7-point example.
+    points = [1, 4, 16, 32, 64, 128, 256]
+    r, problems = check_points(points)
+    assert problems == []
+    assert accuracy_points(points, r) == {1, 4, 32, 256}
+    # Points the rules would refuse (no region past 32): every point is checked.
+    assert accuracy_points([1, 2, 4], None) == {1, 2, 4}

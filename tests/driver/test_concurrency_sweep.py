@@ -55,6 +55,30 @@ def test_closed_loop_issues_whole_passes_and_answers_them():
     assert sum(r["sent"] >= window[1] for r in counted) < 7
 
 
+def test_a_window_the_warm_up_requests_outlast_still_issues_a_pass():
+    """Every slot is busy with a warm-up request till past the window's end (each step
+    takes 20 ms, a request 8 of them, the warm-up and window 50 ms each): none is issued
+    inside the window, and the loop goes on until it has issued one whole pass (3) and
+    answered it, as the rules ask a positive multiple of the data set's size."""
+    import time as clock
+
+    class Slow(NativeBackend):
+        def step(self):
+            clock.sleep(0.02)
+            return super().step()
+
+    loaded = tiny_loaded_model()[0]
+    prompts = [prompt_of(3 + i, seed=i) for i in range(3)]
+    params = SamplingParams(max_new_tokens=8, min_new_tokens=8, ignore_eos=True)
+    records, window = closed_loop(Slow(loaded, max_batch=2, max_seq_len=MAX_SEQ_LEN), prompts, params,
+                                  concurrency=2, warmup_s=0.05, window_s=0.05, issue_multiple=3)
+    counted = [r for r in records if r["counted"]]
+    assert not any(window[0] <= r["sent"] < window[1] for r in records)
+    assert len(counted) == 3 and all(r["tokens"] == 8 for r in counted)
+    p = point_figures(records, window, 2)
+    assert p["measured"] == 3 and p["tpot_ms"] is not None
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--concurrency", "0,4"], "--concurrency"),
     (["--concurrency", "1,x"], "--concurrency"),
@@ -105,3 +129,27 @@ def test_answer_all_gives_each_prompt_its_greedy_answer():
     got = answer_all(NativeBackend(loaded, max_batch=3, max_seq_len=MAX_SEQ_LEN), prompts, params, concurrency=3)
     engine = Engine(loaded.model, loaded.tokenizer.eos_token_ids, max_batch=1, max_seq_len=MAX_SEQ_LEN)
     assert got == [engine.generate(p, params) for p in prompts]
+
+
+@pytest.mark.slow
+def test_sweep_of_the_native_engine_records_its_wall_and_checks_accuracy(tmp_path):
+    """The whole command on SmolLM2 with three MMLU questions: the wall the points were
+    set against is the profile's as conf/hardware/cpu.yaml writes it, each point issued
+    whole passes over the three and answered them, and accuracy was checked where asked
+    (every point: two points name no regions), over the three questions."""
+    import json
+
+    import yaml
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--concurrency", "1,2", "--window", "0.5", "--warmup", "0.2", "--accuracy",
+                 "--max-samples", "3", "--output-tokens", "3", "--wall-from-profile", "--out", str(out)]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    profile = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "hardware" / "cpu.yaml").read_text())
+    assert sweep["wall"]["source"] == "profile"
+    assert sweep["wall"]["bandwidth_gbps"] == profile["bandwidth_gbps"]
+    assert sweep["accuracy_points"] == [1, 2]
+    for p in sweep["points"]:
+        assert p["counts"]["issued"] % 3 == 0 and p["counts"]["completed"] == p["counts"]["issued"]
+        assert p["accuracy"]["questions"] == 3 and p["accuracy"]["concurrency"] == p["concurrency"]
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"

@@ -81,6 +81,21 @@ def test_sweep_writes_the_table_chart_and_reports(tmp_path, fake_child):
     assert "Pareto" in (out / "report.md").read_text()
 
 
+def test_min_queries_reaches_every_points_loadgen_settings(tmp_path, fake_child, monkeypatch):
+    """--min-queries is an option of both modes; with --qps it is each LoadGen test's min_query_count."""
+    counts = []
+    run_test = wallperf.driver.run.run_test
+
+    def counting(spec, interrupts=None):
+        counts.append(spec.scenario.min_query_count)
+        return run_test(spec, interrupts)
+    monkeypatch.setattr(wallperf.driver.run, "run_test", counting)
+    out = tmp_path / "sw"
+    assert main(["sweep", "--qps", "1,2", "--out", str(out), "--duration", "3", "--min-queries", "57"]) == 0
+    assert counts == [57, 57]
+    assert json.loads((out / "sweep.json").read_text())["run_args"] == ["--duration", "3", "--min-queries", "57"]
+
+
 def test_auto_spreads_points_around_the_offline_peak(tmp_path, fake_child):
     out = tmp_path / "sw"
     assert main(["sweep", "--qps", "auto", "--out", str(out)]) == 0

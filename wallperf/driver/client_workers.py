@@ -21,8 +21,8 @@ worker and merged:
   window) averaged over the window, against the target.
 
 The rules' count: each worker keeps issuing past the window's end until the
-requests it issued from the window's start on are a whole multiple of the data
-set's size (so the point's total is one too), then lets every one of them
+requests it issued from the window's start on are a positive whole multiple of
+the data set's size (so the point's total is one too), then lets every one of them
 finish; the window's figures are untouched by this tail, and its requests are
 answered in full instead of cut. What is still open after `tail_limit_s` is
 cut, and the point then falls short of its completed-query count.
@@ -46,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from wallperf.audit.endpoints import self_check
+from wallperf.driver.concurrency_points import whole_passes
 from wallperf.driver.salt import SaltPlan, salt_bits
 from wallperf.driver.stream_client import Connection, Replica, Timing, completion_body, stream_completion
 from wallperf.sut.backends.sse import RequestFailed
@@ -136,7 +137,7 @@ async def _worker_loop(load: Load, spec: WorkerSpec, t0: float) -> WorkerResult:
         while True:
             # No await between the check and the count: the users of this loop cannot both take the last one.
             now = time.monotonic()
-            if now >= window[1] and issued % spec.issue_multiple == 0:
+            if now >= window[1] and whole_passes(issued, spec.issue_multiple):
                 break
             counted = now >= window[0]
             issued += counted

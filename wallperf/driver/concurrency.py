@@ -7,9 +7,11 @@ window (wallperf.driver.concurrency_points: the rules' 600 s / 1,200 s with
 tokens/s, tokens/s per user (1000 / TPOT p90), TTFT p50/p90/p99 at the first
 non-empty fragment, goodput against the Server scenario's TTFT and TPOT limits,
 failures per replica, the client's self-check, and the servers' prefix-cache
-hit rate where they expose one (wallperf.driver.prefix_cache). With --accuracy, every
-point is followed by an MMLU exact-match pass at the same concurrency
-(unsalted, every question once), as the rules ask of single-turn benchmarks.
+hit rate where they expose one (wallperf.driver.prefix_cache). With --accuracy, each
+point the rules name (section 5.3: the lowest, and one in each of the low, medium
+and high regions; concurrency_points.accuracy_points) is followed by an MMLU
+exact-match pass at the same concurrency (unsalted, every question once), as the
+rules ask of single-turn benchmarks.
 
 Where the load goes:
 - OpenAI-compatible endpoints (--endpoint URL1,URL2 or a file of URLs): sent
@@ -48,7 +50,7 @@ from wallperf.harness.loadgen.qsl import parse_answer_letter
 from wallperf.harness.loadgen.results import wallperf_version, write_json_atomic
 from wallperf.driver.client_workers import Load, worker_rows, worker_specs
 from wallperf.driver.workers_arg import open_workers
-from wallperf.driver.concurrency_points import check_points, count_check, place_points, window_s
+from wallperf.driver.concurrency_points import accuracy_points, check_points, count_check, place_points, window_s
 from wallperf.driver.in_process_load import answer_all, closed_loop
 from wallperf.driver.model import model_shape
 from wallperf.driver.one_test import prepare, sampling_params
@@ -113,14 +115,19 @@ def _sweep(args, resolved, levels, workers, out: Path, wall_from_profile: bool) 
     server = next((s for s in resolved.scenarios if scenario(s.name) is SERVER), None)
     limits = (server.ttft_ms, server.tpot_ms) if server else (None, None)
     remote = backend_spec(run.backend).weights == "remote"
-    cost = None if remote else _step_cost(resolved, loaded, choice, run_wall(resolved.hardware, wall_from_profile,
-                                                                             fresh=True))
+    # Our engine's points are set against the wall measured now, recorded as the LoadGen sweep records it.
+    wall = None if remote else run_wall(resolved.hardware, wall_from_profile, fresh=True)
+    if wall is not None:
+        say(f"sweep: memory wall {wall.hardware.bandwidth_gbps:g} GB/s ({wall.source}: {wall.how})")
+    cost = None if remote else _step_cost(resolved, loaded, choice, wall)
     sweep = {"wallperf_version": wallperf_version(), "kind": "concurrency", "backend": run.backend,
              "model": resolved.model.name, "dtype": choice.dtype, "hardware": resolved.hardware.name,
              "dataset": resolved.dataset.name, "endpoints": list(run.openai.endpoints) if remote else None,
              "client_workers": workers.describe() if remote else None, "official_windows": args.official,
              "salted": args.salt, "limits_ms": {"ttft": limits[0], "tpot": limits[1]},
+             "wall": None if wall is None else wall.to_dict(),
              "regions": regions.to_dict() if regions else None, "rules_problems": problems,
+             "accuracy_points": sorted(accuracy_points(levels, regions)) if args.accuracy else [],
              "complete": False, "points": [], "front": None}
     started = time.time()
     for i, c in enumerate(levels, 1):
@@ -144,7 +151,7 @@ def _sweep(args, resolved, levels, workers, out: Path, wall_from_profile: bool) 
         point["region"] = regions.region_of(c) if regions else None
         point["prefix_cache"] = cache if remote else None
         point.update(_engine_figures(engine, cost, point))
-        if args.accuracy and workload.questions:
+        if c in sweep["accuracy_points"] and workload.questions:
             point["accuracy"] = _accuracy(resolved, loaded, workload, c)
         write_json_atomic(out / "points" / f"c{c}.json", {"concurrency": c, "window": window, "requests": records})
         sweep["points"].append(point)

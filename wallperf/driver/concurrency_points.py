@@ -121,6 +121,27 @@ def check_points(points: list[int]) -> tuple[Regions | None, list[str]]:
     return r, problems
 
 
+def accuracy_points(points: list[int], r: Regions | None) -> set[int]:
+    """Where section 5.3 asks for accuracy: the low-latency point (C_min) and one point in
+    each of the low, medium and high regions (here the highest of each, where batching
+    presses hardest). Without regions (points the rules would refuse) every point."""
+    if r is None:
+        return set(points)
+    chosen = {min(points)}
+    for name in ("low", "medium", "high"):
+        inside = [p for p in points if r.region_of(p) == name]
+        if inside:
+            chosen.add(max(inside))
+    return chosen
+
+
+def whole_passes(issued: int, multiple: int) -> bool:
+    """Whether `issued` samples are what the rules ask a point to issue: a positive whole
+    multiple of the data set's size. None is not one: a point whose slots were all still busy
+    with warm-up requests when its window closed goes on until it has issued a pass."""
+    return issued > 0 and issued % multiple == 0
+
+
 def count_check(records: list[dict], window: tuple[float, float], dataset_size: int,
                 min_queries: int | None = None) -> dict:
     """The point's counts against the rules: samples issued from the window's start on
@@ -131,8 +152,9 @@ def count_check(records: list[dict], window: tuple[float, float], dataset_size: 
     completed = sum(r.get("error") is None and not r.get("cut_at_window_end") for r in issued)
     minimum = dataset_size if min_queries is None else min_queries
     reasons = []
-    if len(issued) % dataset_size:
-        reasons.append(f"{len(issued)} samples issued, not a whole multiple of the data set's {dataset_size}")
+    if not whole_passes(len(issued), dataset_size):
+        reasons.append(f"{len(issued)} samples issued, not a positive whole multiple of the data set's "
+                       f"{dataset_size}")
     if completed < minimum:
         reasons.append(f"{completed} queries completed, fewer than the {minimum} a point needs"
                        + (" (one pass over the data set)" if min_queries is None else " (--min-queries)"))
@@ -163,11 +185,13 @@ def add_concurrency_options(p) -> None:
                    "(default 1), or ray:N for N workers on a Ray cluster (the 'ray' extra)")
     p.add_argument("--ray-address", help="ray:N: the Ray cluster's address (default: RAY_ADDRESS, else 'auto', "
                    "the cluster this machine is part of)")
-    p.add_argument("--min-queries", type=positive(int), help="the completed queries a point needs to be valid "
-                   "(default: one pass over the data set, as the rules ask)")
+    p.add_argument("--min-queries", type=positive(int), help="--concurrency: the completed queries a point needs "
+                   "to be valid (default: one pass over the data set, as the rules ask); --qps: LoadGen's "
+                   "min_query_count of every point's run")
     p.add_argument("--lag-limit-ms", type=positive(float), default=LAG_LIMIT_MS, help="the p99 send lag and event-loop "
                    f"lag above which a point is invalid: the client fell behind (default {LAG_LIMIT_MS:g})")
     p.add_argument("--salt", action="store_true", help="a 64-bit salt per query between the system prompt and "
                    "the user's content, so a prefix cache reuses the system prompt only")
-    p.add_argument("--accuracy", action="store_true", help="after each point, MMLU exact match at its "
-                   "concurrency (every question once, unsalted)")
+    p.add_argument("--accuracy", action="store_true", help="MMLU exact match at the points the rules name "
+                   "(the lowest, and the highest in each of the low, medium and high regions), right after each "
+                   "at its concurrency (every question once, unsalted)")

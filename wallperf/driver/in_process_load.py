@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 
+from wallperf.driver.concurrency_points import whole_passes
 from wallperf.driver.salt import SaltPlan, salt_bits
 from wallperf.sut.engine.engine import SamplingParams
 
@@ -31,8 +32,8 @@ def closed_loop(backend, prompts: list, params, concurrency: int, warmup_s: floa
                 seed: int = 0, salt: SaltPlan | None = None, issue_multiple: int = 1
                 ) -> tuple[list[dict], tuple[float, float]]:
     """Every request of a point held at `concurrency` from now to the window's end, and
-    on until the requests issued from the window's start are a multiple of `issue_multiple`
-    (the rules' whole passes) and answered: (records with times from the start, the window)."""
+    on until the requests issued from the window's start are a positive multiple of
+    `issue_multiple` (the rules' whole passes) and answered: (records with times from the start, the window)."""
     rng = random.Random(seed)
     t0 = time.monotonic()
     window = (t0 + warmup_s, t0 + warmup_s + window_s)
@@ -42,13 +43,13 @@ def closed_loop(backend, prompts: list, params, concurrency: int, warmup_s: floa
     next_id = issued = 0
     while True:
         now = time.monotonic()
-        tail = now >= window[1] and issued % issue_multiple == 0
+        tail = now >= window[1] and whole_passes(issued, issue_multiple)
         if tail and not live:
             break
         while not tail and free_since and backend.free_slots > 0:
             counted = now >= window[0]
             issued += counted
-            tail = now >= window[1] and issued % issue_multiple == 0
+            tail = now >= window[1] and whole_passes(issued, issue_multiple)
             sample = rng.randrange(len(prompts))
             prompt = list(prompts[sample])
             if salt is not None:

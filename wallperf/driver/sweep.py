@@ -95,6 +95,9 @@ def run_sweep(args, run_args: list[str], hardware: HardwareConfig, wall_from_pro
     owned = [a for a in run_args if a.split("=")[0] in _OWNED]
     if owned:
         raise ConfigError("command line", owned[0], "the sweep sets this for every point itself; leave it out")
+    # --min-queries is also the concurrency mode's, so the sweep's parser takes it: here it is LoadGen's, each run's.
+    if args.min_queries is not None:
+        run_args = [*run_args, "--min-queries", str(args.min_queries)]
     out = args.out or Path("results") / time.strftime("sweep-%Y%m%d-%H%M%S")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(None, "--out", f"{out} exists and is not an empty folder; choose a new folder")
