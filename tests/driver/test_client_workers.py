@@ -128,3 +128,17 @@ def test_bad_client_workers_are_refused_in_one_line():
         with pytest.raises(ConfigError, match="--client-workers"):
             open_workers(text)
     assert open_workers("3").count == 3
+
+
+def test_a_pass_longer_than_the_window_and_a_timeout_is_not_cut(replicas):
+    """One user, a 0.2 s window, a 0.3 s request timeout and a 100 ms pause before each send:
+    the pass of 12 takes over 1.2 s from the window's start, longer than a window and a timeout; the
+    default tail leaves room for it, so all 12 are issued and answered."""
+    import dataclasses
+
+    load = dataclasses.replace(load_of(replicas[:1]), timeout_s=0.3)
+    results = run_point(load, concurrency=1, workers=1, warmup_s=0.1, window_s=0.2, send_delay_s=0.1,
+                        issue_multiple=12)
+    reqs = [r for w in results for r in w.requests]
+    c = count_check(reqs, results[0].window, dataset_size=12)
+    assert (c["issued"], c["completed"], c["reasons"]) == (12, 12, [])

@@ -23,8 +23,8 @@ worker and merged:
 The rules' count: each worker keeps issuing past the window's end until the
 requests it issued from the window's start on are a positive whole multiple of
 the data set's size (so the point's total is one too), then lets every one of them
-finish; the window's figures are untouched by this tail, and its requests are
-answered in full instead of cut. What is still open after `tail_limit_s` is
+finish; the window's throughput is untouched by this tail, and its requests,
+answered in full instead of cut, are among the point's issued samples. What is still open after `tail_limit_s` is
 cut, and the point then falls short of its completed-query count.
 
 Failures are kept, and so is a request cut after the tail's limit: it counts
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import multiprocessing
 import random
 import socket
@@ -219,16 +220,22 @@ def split_users(concurrency: int, workers: int) -> list[int]:
 def worker_specs(concurrency: int, workers: int, warmup_s: float, window_s: float, issue_multiple: int = 1,
                  tail_limit_s: float | None = None, send_delay_s: float = 0.0, timeout_s: float = 60.0
                  ) -> list[WorkerSpec]:
-    """The specs of one point's workers; the tail's limit defaults to the window's length
-    plus one request's timeout."""
-    tail = window_s + timeout_s if tail_limit_s is None else tail_limit_s
-    return [WorkerSpec(i, users, warmup_s, window_s, issue_multiple, tail, send_delay_s)
+    """The specs of one point's workers. The tail's limit defaults to room for the worker's
+    whole pass: its users may each still have to send ceil(issue_multiple / users) requests
+    one after another past the window, so that many rounds of a window and a request's
+    timeout, and one more for what is open (a fixed window + timeout cut a concurrency-1
+    point short of its pass on a server answering in ~2 s a request)."""
+    def tail(users: int) -> float:
+        if tail_limit_s is not None:
+            return tail_limit_s
+        return (window_s + timeout_s) * (1 + math.ceil(issue_multiple / users))
+    return [WorkerSpec(i, users, warmup_s, window_s, issue_multiple, tail(users), send_delay_s)
             for i, users in enumerate(split_users(concurrency, workers))]
 
 
 def results_timeout_s(specs: list[WorkerSpec], timeout_s: float) -> float:
     """How long after the agreed start a worker may take to report."""
-    s = specs[0]
+    s = max(specs, key=lambda spec: spec.tail_limit_s)
     return START_LEAD_S + s.warmup_s + s.window_s + s.tail_limit_s + timeout_s + 30
 
 
