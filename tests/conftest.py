@@ -76,6 +76,18 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def all_torch_threads():
+    """Every core this process may use, for one test (`pytest.mark.usefixtures("all_torch_threads")`),
+    also inside a module that asks for one thread: a test that runs a real model against HF
+    transformers spends minutes in large GEMMs, which scale with the cores when nothing else
+    runs beside them (the suite runs one test at a time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    yield
+    torch.set_num_threads(threads)
+
+
 class Probes(list):
     """The settings each fake probe was called with; `clock["now"]` is the fake time."""
 
