@@ -132,20 +132,28 @@ def test_answer_all_gives_each_prompt_its_greedy_answer():
 
 
 @pytest.mark.slow
-def test_sweep_of_the_native_engine_records_its_wall_and_checks_accuracy(tmp_path):
-    """The whole command on SmolLM2 with three MMLU questions: the wall the points were
-    set against is the profile's as conf/hardware/cpu.yaml writes it, each point issued
-    whole passes over the three and answered them, and accuracy was checked where asked
-    (every point: two points name no regions), over the three questions."""
+def test_sweep_of_the_native_engine_records_its_wall_and_checks_accuracy(tmp_path, monkeypatch, smollm2_gguf_path,
+                                                                         mmlu_path, tiny_synthetic_yaml):
+    """The whole command on a tiny synthetic model with three MMLU questions: the wall the
+    points were set against is the profile's as conf/hardware/cpu.yaml writes it, each point
+    issued whole passes over the three and answered them, and accuracy was checked where
+    asked (every point: two points name no regions), over the three questions."""
     import json
+    import shutil
 
     import yaml
 
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    root = tmp_path / "conf"
+    shutil.copytree(conf, root)
+    (root / "models" / "tiny-synthetic.yaml").write_text(tiny_synthetic_yaml)
+    monkeypatch.setenv("WALLPERF_CONF", str(root))
     out = tmp_path / "sweep"
     assert main(["sweep", "--concurrency", "1,2", "--window", "0.5", "--warmup", "0.2", "--accuracy",
-                 "--max-samples", "3", "--output-tokens", "3", "--wall-from-profile", "--out", str(out)]) == 0
+                 "--model", "tiny-synthetic", "--max-samples", "3", "--output-tokens", "3", "--wall-from-profile",
+                 "--out", str(out)]) == 0
     sweep = json.loads((out / "sweep.json").read_text())
-    profile = yaml.safe_load((Path(__file__).resolve().parents[2] / "conf" / "hardware" / "cpu.yaml").read_text())
+    profile = yaml.safe_load((conf / "hardware" / "cpu.yaml").read_text())
     assert sweep["wall"]["source"] == "profile"
     assert sweep["wall"]["bandwidth_gbps"] == profile["bandwidth_gbps"]
     assert sweep["accuracy_points"] == [1, 2]
