@@ -183,8 +183,9 @@ def _latency_problems(sc, m) -> list[str]:
     return found
 
 
-def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | None) -> Plan:
-    """The plan with every min_duration at the YAML's (floor None) or at `floor`."""
+def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | None, played: dict) -> Plan:
+    """The plan with every min_duration at the YAML's (floor None) or at `floor`; `played`: each
+    Server-like scenario's played load (_played_loads)."""
     modes = overheads.modes
     accuracy = "accuracy" in modes
     n = overheads.accuracy_samples
@@ -208,7 +209,7 @@ def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | No
             perf, acc = max(sc.min_duration_s, queries * latency), n * latency
         elif kind.server_like:
             # Its load is chosen below, from what the others leave of the budget.
-            sc = dataclasses.replace(sc, min_query_count=max(sc.min_query_count, SERVER_QUERIES))
+            sc = dataclasses.replace(sc, min_query_count=_server_queries(sc))
             perf = acc = 0.0
         else:
             perf, acc = sc.min_duration_s, n * m.single_stream_latency_s
@@ -229,7 +230,6 @@ def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | No
     for at, i in enumerate(server):
         sc, pending = chosen[i], server[at:]
         capacity = m.throughput[sc.max_batch]
-        safe = _played_load(sc, m, capacity)
         # Its share of what the budget leaves after the tests planned so far and the Server-like
         # tests' accuracy runs.
         accuracies = [a for a in map(own_accuracy, pending) if a is not None]
@@ -237,13 +237,14 @@ def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | No
                  + sum(predicted.values()) + sum(accuracies))
         share = max(budget_s - taken, 1.0) / len(pending)
         load = min(max(SERVER_LOAD, sc.min_query_count / share / capacity), SERVER_MAX_LOAD)
+        safe = played.get(sc.name)
         if safe is not None:
             note = (f"{sc.name}: load {min(load, safe):.2f} of {capacity:.2f} samples/s; a test of "
                     f"{sc.min_query_count} queries played out from the calibration keeps its slowest first "
                     f"token within {TTFT_MARGIN:.0%} of the {sc.ttft_ms:g} ms TTFT limit up to {safe:.2f}")
             notes.append(note + (", below what the budget asks" if safe < load else ""))
             load = min(load, safe)
-        elif safe is None and _can_play(sc, m):
+        elif sc.name in played:
             problems.append(f"{sc.name}: no load keeps a played test of {sc.min_query_count} queries within its "
                             f"TTFT limit of {sc.ttft_ms:g} ms and TPOT limit of {sc.tpot_ms:g} ms")
         qps = round(load * capacity, 3)
@@ -257,28 +258,32 @@ def _plan(scenarios, m, budget_s: float, overheads: Overheads, floor: float | No
                 tuple(notes))
 
 
-def _can_play(sc, m) -> bool:
-    """Whether the calibration measured what playing a Server test needs."""
-    return (m.prefill_token_s is not None and m.token_s is not None and bool(m.prompt_lengths)
-            and m.batch_step_s.get(sc.max_batch) is not None and m.tokens is not None)
+def _server_queries(sc) -> int:
+    return max(sc.min_query_count, SERVER_QUERIES)
 
 
-def _played_load(sc, m, capacity: float) -> float | None:
-    """The highest share of `capacity` at which the played test meets the limits; None when
-    none does or the calibration did not measure what playing needs (then only the shares
-    above bound the load)."""
-    if not _can_play(sc, m):
-        return None
-    costs = EngineCosts(m.token_s, m.prefill_token_s, m.batch_step_s[sc.max_batch], sc.max_batch)
-    return safe_load(capacity, sc.min_query_count, m.prompt_lengths, m.tokens, costs,
-                     sc.ttft_ms / 1e3 if sc.ttft_ms is not None else None,
-                     sc.tpot_ms / 1e3 if sc.tpot_ms is not None else None, SERVER_MAX_LOAD)
+def _played_loads(scenarios, m) -> dict:
+    """Per Server-like scenario whose test the calibration measured enough to play out: the
+    highest share of its batch's throughput at which the played test meets its limits, or None
+    where none does. The others are left out: only the shares bound their load."""
+    played = {}
+    for sc in scenarios:
+        step_s = m.batch_step_s.get(sc.max_batch)
+        if (not scenario(sc.name).server_like or None in (m.prefill_token_s, m.token_s, m.tokens, step_s)
+                or not m.prompt_lengths):
+            continue
+        costs = EngineCosts(m.token_s, m.prefill_token_s, step_s, sc.max_batch)
+        played[sc.name] = safe_load(m.throughput[sc.max_batch], _server_queries(sc), m.prompt_lengths, m.tokens,
+                                    costs, sc.ttft_ms / 1e3 if sc.ttft_ms is not None else None,
+                                    sc.tpot_ms / 1e3 if sc.tpot_ms is not None else None, SERVER_MAX_LOAD)
+    return played
 
 
 def plan(scenarios, m, budget_s: float = BUDGET_S, overheads: Overheads = Overheads()) -> Plan:
     """The run's plan for measurement `m` (wallperf.driver.calibrate.Measurement): the YAML's
     durations if they fit `budget_s`, else the smallest valid plan (see the module docstring)."""
-    first = _plan(scenarios, m, budget_s, overheads, None)
+    played = _played_loads(scenarios, m)  # the same whatever the durations: played once
+    first = _plan(scenarios, m, budget_s, overheads, None, played)
     if first.fits or "performance" not in overheads.modes:
         return first
-    return _plan(scenarios, m, budget_s, overheads, MIN_DURATION_S)
+    return _plan(scenarios, m, budget_s, overheads, MIN_DURATION_S, played)
