@@ -42,6 +42,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -50,6 +52,26 @@
 #include "step_types.h"
 
 namespace wallperf_step {
+
+// Where the fused step's time goes, phase by phase, when switched on
+// (wallperf::step_profile: `wallperf bench decode` prints it): wall seconds per
+// phase summed over calls, for this library's kernel set. Off, each phase
+// costs one relaxed load of the switch.
+enum StepPhase { kNorm, kQkv, kRopeCache, kAttend, kOProj, kResidual, kGateUp, kSwiglu, kDown, kHead, kPhases };
+inline std::atomic<bool> g_profile_on{false};
+inline double g_profile_s[kPhases] = {};
+inline int64_t g_profile_calls = 0;
+
+struct PhaseClock {
+  const bool on = g_profile_on.load(std::memory_order_relaxed);
+  std::chrono::steady_clock::time_point last = on ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  void mark(StepPhase phase) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    g_profile_s[phase] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
+};
 
 template <class K>
 void check_cpu(const char* op) {
@@ -185,14 +207,18 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
       attn(M * q_size), o(M * H), gu(M * 2 * s.F), act(M * s.F), d(M * H);
   const int64_t layer_elems = s.blocks * s.block_size * kv_size, layer_heads = s.blocks * s.block_size * s.Hkv;
   const Fp8Format format(kv_type == at::kFloat8_e4m3fnuz);
+  PhaseClock clock;
+  if (clock.on) ++g_profile_calls;
   for (size_t l = 0; l < L; ++l) {
     K::rms_norm_rows(x.data(), ln1[l].const_data_ptr<bf16>(), h.data(), M, H, epsf, threads);
+    clock.mark(kNorm);
     K::gemm_packed(bits(h.data()), bits(qkv_w[l]), qkv.data(), M, H, qkv_width, qkv_width, threads);
     if (!qkv_b.empty()) {
       const bf16* b = qkv_b[l].const_data_ptr<bf16>();
       for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < qkv_width; ++i) qkv[m * qkv_width + i] = to_bf16(to_f(qkv[m * qkv_width + i]) + to_f(b[i]));
     }
+    clock.mark(kQkv);
     KVStore k_layer, v_layer;
     if (fp8) {
       k_layer = {nullptr, static_cast<uint8_t*>(k_cache.data_ptr()) + l * layer_elems,
@@ -222,19 +248,31 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
         std::copy(row + q_size + kv_size, row + qkv_width, v_layer.rows + slot * kv_size);
       }
     }
+    clock.mark(kRopeCache);
     K::attend(qkv.data(), k_layer, v_layer, tables, pos, attn.data(), s, threads);
+    clock.mark(kAttend);
     K::gemm_packed(bits(attn.data()), bits(o_w[l]), o.data(), M, q_size, H, H, threads);
+    clock.mark(kOProj);
     K::add_rounded(x.data(), o.data(), M * H);
+    clock.mark(kResidual);
     K::rms_norm_rows(x.data(), ln2[l].const_data_ptr<bf16>(), h.data(), M, H, epsf, threads);
+    clock.mark(kNorm);
     K::gemm_packed(bits(h.data()), bits(gate_up_w[l]), gu.data(), M, H, 2 * s.F, 2 * s.F, threads);
+    clock.mark(kGateUp);
     K::swiglu(gu.data(), act.data(), M, s.F, threads);
+    clock.mark(kSwiglu);
     K::gemm_packed(bits(act.data()), bits(down_w[l]), d.data(), M, s.F, H, H, threads);
+    clock.mark(kDown);
     K::add_rounded(x.data(), d.data(), M * H);
+    clock.mark(kResidual);
   }
   K::rms_norm_rows(x.data(), norm.const_data_ptr<bf16>(), h.data(), M, H, epsf, threads);
+  clock.mark(kNorm);
   at::Tensor logits = at::empty({M, s.V}, x_in.options());
   K::gemm_packed(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), M, H, s.V, s.V, threads);
-  return logits.to(at::kFloat);
+  at::Tensor out = logits.to(at::kFloat);
+  clock.mark(kHead);
+  return out;
 }
 
 // The eager path's RMSNorm and SwiGLU for bf16 rows on the CPU (prefill: hundreds
@@ -337,6 +375,22 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// Switches the step's phase clock on or off and returns the seconds it summed
+// per phase since the last reset (StepPhase order), then the number of steps
+// timed; `reset` zeroes them.
+inline at::Tensor step_profile(bool on, bool reset) {
+  at::Tensor out = at::empty({kPhases + 1}, at::TensorOptions().dtype(at::kDouble));
+  double* p = out.mutable_data_ptr<double>();
+  for (int i = 0; i < kPhases; ++i) p[i] = g_profile_s[i];
+  p[kPhases] = static_cast<double>(g_profile_calls);
+  if (reset) {
+    for (double& v : g_profile_s) v = 0.0;
+    g_profile_calls = 0;
+  }
+  g_profile_on.store(on, std::memory_order_relaxed);
+  return out;
+}
+
 }  // namespace wallperf_step
 
 // The ops of kernel set K in the torch.ops namespace NS.
@@ -348,6 +402,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& weight) {
     m.def("softmax_f32(Tensor x) -> Tensor");                                                                  \
     m.def("rms_norm_bf16(Tensor x, Tensor w, float eps) -> Tensor");                                           \
     m.def("swiglu_bf16(Tensor gate_up) -> Tensor");                                                            \
+    m.def("step_profile(bool on, bool reset) -> Tensor", &wallperf_step::step_profile);                        \
     m.def(                                                                                                     \
         "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, Tensor[] gate_up, "          \
         "Tensor[] down, Tensor[] ln1, Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, "             \

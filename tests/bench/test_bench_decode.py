@@ -111,3 +111,57 @@ def test_bad_arguments_exit_with_usage_error(argv):
     with pytest.raises(SystemExit) as e:
         bench_decode.main(argv)
     assert e.value.code == 2
+
+
+def _walls(monkeypatch):
+    monkeypatch.setattr(bench_decode, "stream_bandwidth", lambda *a: (10.0, 12.0))
+    monkeypatch.setattr(bench_decode, "read_bandwidth", lambda *a: 8.0)
+    monkeypatch.setattr(bench_decode, "gemm_peak_tflops", lambda: 0.5)
+
+
+def test_every_timed_step_decodes_every_row_when_prefill_is_staggered(monkeypatch):
+    """12 prompts of 200 tokens are over one step's 2048-token budget: the scheduler prefills
+    the last ones a step at a time while the first decode. The first rows' budget covers
+    those steps, so no row finishes inside a window (which _time_window refuses)."""
+    _walls(monkeypatch)
+    shape = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+                        tie_embeddings=True)
+    report = bench_decode.bench(tiny(True), [0], shape, rows=(12,), context=200, tokens=4, repeats=1,
+                                paths=("eager",), threads=("main",))
+    (r,) = report["rows"]
+    # Every row decodes in every timed step: the mean context is the prompt, the first
+    # token, the rows' head start, the warm-up window and half the timed one, whatever the row.
+    assert r["rows"] == 12 and 200 + 1 + 4 < r["context"] < 200 + 1 + 12 + 4 + 4
+
+
+def test_a_window_in_which_a_row_finishes_is_refused():
+    from wallperf.sut.engine.engine import SamplingParams
+
+    engine = bench_decode._engine(tiny(True), [0], "eager", 2, list(range(5, 25)), 8)
+    engine.add_request(99, list(range(5, 25)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    engine.step()  # the new prompt's prefill
+    with pytest.raises(RuntimeError, match="rows started or finished inside it"):
+        bench_decode._time_window(engine, 4, in_thread=False)
+
+
+def test_the_fused_steps_phases_add_up_to_the_step(monkeypatch):
+    """wallperf::step_profile splits each fused step into its phases; with one pass the
+    phases and the time outside the op are the step's time, and each is a real share."""
+    if bench_decode._profile_ops() is None:
+        pytest.skip("no compiled CPU kernels here")
+    _walls(monkeypatch)
+    shape = LlamaConfig(n_layers=2, hidden_size=64, n_heads=4, n_kv_heads=2, ffn_size=96, vocab_size=300,
+                        tie_embeddings=True)
+    report = bench_decode.bench(tiny(True), [0], shape, rows=(3,), context=20, tokens=4, repeats=1,
+                                paths=("fused", "eager"), threads=("main",))
+    by_path = {r["path"]: r for r in report["rows"]}
+    assert by_path["eager"]["phases_ms"] is None
+    split = by_path["fused"]["phases_ms"]
+    assert set(split) == set(bench_decode.PHASES) | {"outside"}
+    assert sum(split.values()) == pytest.approx(by_path["fused"]["ms_per_step"])
+    assert all(split[n] > 0 for n in ("qkv", "attend", "gate_up", "down", "head", "outside"))
+    assert "where a fused step's time goes" in bench_decode.format_report(report, "tiny")
+    # Off again after the bench: a step outside it adds nothing.
+    ops = bench_decode._profile_ops()
+    before = ops.step_profile(False, True)
+    assert before.tolist() == [0.0] * len(before)

@@ -67,8 +67,13 @@ def step_bytes(model, context: float, rows: int = 1) -> float:
 
 
 def _engine(model, eos, path: str, rows: int, prompt: list[int], decode_steps: int) -> Engine:
-    """An engine on `path` holding `rows` sequences that have all finished prefill."""
+    """An engine on `path` holding `rows` sequences that have all finished prefill, each
+    with room for `decode_steps` more tokens. While some rows decode, the scheduler
+    prefills one waiting prompt a step, so the first rows may decode up to `rows` steps
+    before the last starts: their budget covers that, and no row finishes inside a timed
+    window (_time_window checks it)."""
     os.environ["WALLPERF_FUSED_DECODE"] = "1" if path == "fused" else "0"
+    decode_steps += rows
     max_seq_len = len(prompt) + decode_steps + 2
     blocks_per_row = -(-max_seq_len // 16)
     engine = Engine(model, eos, max_batch=rows, max_seq_len=max_seq_len, block_size=16,
@@ -86,6 +91,7 @@ def _engine(model, eos, path: str, rows: int, prompt: list[int], decode_steps: i
 def _time_window(engine: Engine, steps: int, in_thread: bool) -> tuple[float, float]:
     """(seconds per decode step, mean context attended) over `steps` steps of every row."""
     out = {}
+    rows = len(engine.running)
 
     def work():
         before = engine.stats
@@ -94,8 +100,9 @@ def _time_window(engine: Engine, steps: int, in_thread: bool) -> tuple[float, fl
             engine.step()
         out["s"] = (time.perf_counter() - start) / steps
         after = engine.stats
-        out["context"] = ((after.decode_context_tokens - before.decode_context_tokens)
-                          / (after.decode_tokens - before.decode_tokens))
+        decoded = after.decode_tokens - before.decode_tokens
+        out["context"] = (after.decode_context_tokens - before.decode_context_tokens) / decoded
+        out["decoded"] = decoded
 
     if in_thread:
         t = threading.Thread(target=work)
@@ -103,7 +110,33 @@ def _time_window(engine: Engine, steps: int, in_thread: bool) -> tuple[float, fl
         t.join()
     else:
         work()
+    if out["decoded"] != rows * steps or len(engine.running) != rows or engine.waiting:
+        raise RuntimeError(f"a timed window decoded {out['decoded']} tokens where {rows} rows x {steps} steps "
+                           f"= {rows * steps} were due: rows started or finished inside it, so its time is not "
+                           "one step over every row")
     return out["s"], out["context"]
+
+
+# The fused step's phases, in the order wallperf::step_profile returns them
+# (csrc/decode_step.h, StepPhase); "outside" is the rest of an engine step
+# (Python: batching, the embedding lookup, sampling).
+PHASES = ("norm", "qkv", "rope_cache", "attend", "o_proj", "residual", "gate_up", "swiglu", "down", "head")
+
+
+def _profile_ops():
+    """The compiled ops whose step_profile times the fused step, or None where none run."""
+    from wallperf.kernels.cpu_linear import cpu_linear_available, isa_ops
+
+    return isa_ops(cpu_isa()) if cpu_linear_available() else None
+
+
+def _phases_ms(profile: torch.Tensor, step_s: float) -> dict:
+    """ms per step in each phase, from step_profile's sums over a window."""
+    values = profile.tolist()
+    calls = values[-1] or 1
+    split = {name: v / calls * 1e3 for name, v in zip(PHASES, values[:-1])}
+    split["outside"] = step_s * 1e3 - sum(split.values())
+    return split
 
 
 def gemm_peak_tflops() -> float:
@@ -123,6 +156,8 @@ def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, re
     seconds = {c: [] for c in cases}
     contexts = {c: [] for c in cases}
     peaks = []
+    phases = {c: [] for c in cases}
+    ops = _profile_ops()
     decode_steps = (repeats + 1) * len(threads) * tokens
     try:
         for r in rows:
@@ -130,7 +165,12 @@ def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, re
             for i in range(repeats + 1):
                 for p in paths:
                     for t in threads:
+                        profiled = bool(i) and p == "fused" and ops is not None
+                        if profiled:
+                            ops.step_profile(True, True)
                         s, ctx = _time_window(engines[p], tokens, t == "worker")
+                        if profiled:
+                            phases[(r, p, t)].append(_phases_ms(ops.step_profile(False, True), s))
                         if i:
                             seconds[(r, p, t)].append(s)
                             contexts[(r, p, t)].append(ctx)
@@ -152,7 +192,10 @@ def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, re
         nbytes, flops = step_bytes(model, ctx, r), r * flops_per_token(shape, ctx)
         memory_s, compute_s = nbytes / (read_gbps * 1e9), flops / (peak * 1e12)
         roof = max(memory_s, compute_s)
+        split = {name: statistics.median(x[name] for x in phases[(r, p, t)]) for name in PHASES + ("outside",)} \
+            if phases[(r, p, t)] else None
         out.append({"rows": r, "path": p, "thread": t, "context": ctx, "ms_per_step": median * 1e3,
+                    "phases_ms": split,
                     "tokens_per_second": r / median, "gbps": nbytes / median / 1e9,
                     "fraction_of_copy": nbytes / median / 1e9 / copy_gbps, "tflops": flops / median / 1e12,
                     "fraction_of_peak": flops / median / 1e12 / peak, "best_ms_per_step": min(times) * 1e3,
@@ -184,6 +227,13 @@ def format_report(report: dict, model_name: str) -> str:
                      f"{r['roofline_ms']:8.2f}{r['roofline_ratio']:6.2f}{r['bound']:>8s}"
                      f"{r['tokens_per_second']:8.1f}{r['gbps']:7.1f}{r['fraction_of_copy']:8.0%}"
                      f"{r['tflops']:8.3f}{r['fraction_of_peak']:8.0%}{r['best_ms_per_step']:9.2f}")
+    split = [r for r in report["rows"] if r.get("phases_ms")]
+    if split:
+        lines.append("where a fused step's time goes, ms (medians over the passes):")
+        names = PHASES + ("outside",)
+        lines.append(f"{'rows':>4s} {'thread':>7s}" + "".join(f"{n:>11s}" for n in names))
+        for r in split:
+            lines.append(f"{r['rows']:4d} {r['thread']:>7s}" + "".join(f"{r['phases_ms'][n]:11.2f}" for n in names))
     lines.append(f"medians over {report['repeats']} passes after one warm-up pass; roof ms = max(bytes / read-only "
                  f"bandwidth, FLOPs / kernel peak), FLOPs counting weights and attention at the context; "
                  f"aim: ratio <= {report['target_ratio']}")
