@@ -172,6 +172,8 @@ def add_parser(subparsers=None) -> argparse.ArgumentParser:
     a.add_argument("--draft", choices=("model", "ngram"), help="drafter (default: model with --draft-model)")
     a.add_argument("--num-draft-tokens", type=int, default=4, metavar="K")
     a.add_argument("--adaptive", action="store_true", help="adapt k per sequence within 1..K")
+    a.add_argument("--draft-vocab", type=int, metavar="N", help="the draft model proposes only the first N token "
+                   "ids (its head reads only those rows); the output must stay identical")
     a.add_argument("--reference-file", type=Path, help="saved outputs ({\"outputs\": {id: [tokens]}}) as the "
                    "reference instead of the engine without speculation")
     a.add_argument("--save", type=Path, help="write the candidate's outputs here (a later --reference-file)")
@@ -215,8 +217,13 @@ def _native(args, max_len_of):
     draft_bytes, drafter, name = 0, NgramDrafter(), "ngram (prompt lookup)"
     if drafter_kind == "model":
         draft = load_model(_model_path(args.draft_model), args.dtype)
-        drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu")
-        draft_bytes, name = weight_bytes(draft.model), f"draft model {args.draft_model}"
+        try:
+            drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu", vocab=args.draft_vocab)
+        except ValueError as e:
+            raise ValueError(f"--draft-vocab {args.draft_vocab}: {e}") from None
+        draft_bytes, name = drafter.bytes_per_step(), f"draft model {args.draft_model}"
+        if drafter.vocab is not None:
+            name += f", first {drafter.vocab} token ids"
     eos = target.tokenizer.eos_token_ids
     cand = Engine(target.model, eos, 1, max_len, speculation=Speculation(drafter, args.num_draft_tokens, args.adaptive))
     ref = None if args.reference_file else Engine(target.model, eos, 1, max_len)
@@ -250,6 +257,8 @@ def run(args) -> SpecAudit:
         raise ValueError(f"--max-seconds {args.max_seconds}: give a positive number of seconds")
     if args.min_identical is not None and not 0 <= args.min_identical <= 1:
         raise ValueError(f"--min-identical {args.min_identical}: give a share in [0, 1]")
+    if args.draft_vocab is not None and (args.backend != "native" or args.draft == "ngram" or not args.draft_model):
+        raise ValueError("--draft-vocab limits the native engine's draft model (--draft-model NAME)")
     if args.backend == "native":
         prompts, ref_backend, cand_backend, figures = _native(
             args, lambda ps: max(len(p) for p in ps.values()) + args.max_new_tokens)

@@ -35,7 +35,8 @@ def engine_figures(stats, target_model, drafter, verify_path: str | None, draft_
             "drafter": "ngram (prompt lookup)" if draft_model is None else f"draft model {draft_name or ''}".strip(),
             "mean_drafted_per_verify": stats.drafted / stats.verifies if stats.verifies else None,
             "target_bytes_per_verify_step": weight_bytes(target_model),
-            "draft_bytes_per_step": 0 if draft_model is None else weight_bytes(draft_model)}
+            "draft_vocab": getattr(drafter, "vocab", None),
+            "draft_bytes_per_step": 0 if draft_model is None else drafter.bytes_per_step()}
 
 
 def versus_baseline(record: dict, baseline: dict) -> dict:

@@ -91,6 +91,15 @@ class FusedDecoder:
         # The head's first 16 rows: the head of a step whose logits are not wanted.
         self._stub_head = pack(head[:16].contiguous())
         self._op = ops.llama_decode_bf16
+        self._pack, self._head = pack, head
+
+    def limit_head(self, vocab: int) -> None:
+        """From now on compute logits for the first `vocab` token ids only: the head
+        reads those rows alone (a drafter restricted to a frequent vocabulary)."""
+        if not 16 <= vocab <= self._head.size(0):
+            raise ValueError(f"limit_head: vocab {vocab} must be within 16..{self._head.size(0)}")
+        self._weights = self._weights[:-1] + (self._pack(self._head[:vocab].contiguous()),)
+        self._vocab = vocab
 
     @torch.inference_mode()
     def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--draft", choices=("model", "ngram"), help="the drafter: ngram (prompt lookup) or model")
     r.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="drafted tokens per verify (4)")
     r.add_argument("--adaptive-draft", action="store_true", help="adapt k per sequence within 1..K")
+    r.add_argument("--draft-vocab", type=positive(int), metavar="N", help="the draft model proposes only the first "
+                   "N token ids (a BPE's most frequent; its head reads only those rows): fewer bytes a draft "
+                   "step, the output unchanged (the target verifies every draft)")
     r.add_argument("--no-speculative-baseline", action="store_true", help="with speculation, skip the same "
                    "performance test without it (by default each runs again without, for tokens/s with and "
                    "without and the measured speedup beside the roofline's prediction)")

@@ -112,6 +112,9 @@ def test_bad_flags_exit_2_with_one_line(capsys):
     assert audit.main(["--model", "qwen2.5-coder-1.5b", "--num-draft-tokens", "0", "--draft", "ngram"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--num-draft-tokens" in err[0]
+    assert audit.main(["--model", "qwen2.5-coder-1.5b", "--draft", "ngram", "--draft-vocab", "1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--draft-vocab limits the native engine's draft model" in err[0]
 
 
 def test_the_command_passes_the_native_engine_end_to_end(tiny_llama_folder, capsys):

@@ -27,7 +27,9 @@ def conf(tmp_path, monkeypatch, smollm2_gguf_path, mmlu_path, tiny_synthetic_yam
 
 @pytest.mark.parametrize("drafter, scenarios", [
     pytest.param(["--draft", "ngram"], "SingleStream,Offline", id="ngram", marks=pytest.mark.slow),
-    pytest.param(["--draft-model", "tiny-draft"], "SingleStream", id="model", marks=pytest.mark.slow)])
+    pytest.param(["--draft-model", "tiny-draft"], "SingleStream", id="model", marks=pytest.mark.slow),
+    pytest.param(["--draft-model", "tiny-draft", "--draft-vocab", "64"], "SingleStream", id="model-vocab",
+                 marks=pytest.mark.slow)])
 def test_every_scenario_speculates_beside_a_baseline_without(conf, tmp_path, drafter, scenarios):
     """Each scenario's speculative test, then the same test without speculation as a
     record of its own; the speculative record sets the two tokens/s side by side with
@@ -54,7 +56,10 @@ def test_every_scenario_speculates_beside_a_baseline_without(conf, tmp_path, dra
         t, d = spec["target_bytes_per_verify_step"], spec["draft_bytes_per_step"]
         k = spec["drafted_tokens"] / (spec["emitted_tokens"] / spec["mean_acceptance_length"])
         assert figures["predicted_speedup"] == pytest.approx(t / ((t + k * d) / spec["mean_acceptance_length"]))
-        if drafter[0] == "--draft-model":
+        if "--draft-vocab" in drafter:
+            # The head's rows past the vocabulary are not read: fewer bytes a draft step.
+            assert spec["draft_vocab"] == 64 and 0 < d < t
+        elif drafter[0] == "--draft-model":
             assert spec["acceptance_rate"] == 1.0 and spec["mean_acceptance_length"] > 1
             assert d == t > 0  # the same weights under a second name
         else:
@@ -76,6 +81,8 @@ def test_no_speculative_baseline_runs_the_speculative_tests_alone(conf, tmp_path
 @pytest.mark.parametrize("flags, said", [
     (["--draft", "model"], "--draft-model NAME"),
     (["--draft", "ngram", "--num-draft-tokens", "0"], "--num-draft-tokens 0"),
+    (["--draft", "ngram", "--draft-vocab", "100"], "--draft-vocab limits a draft model"),
+    (["--draft-model", "tiny-draft", "--draft-vocab", "8"], "--draft-vocab 8: give at least 16 token ids"),
 ])
 def test_bad_speculation_flags_exit_2(conf, tmp_path, capsys, flags, said):
     out = tmp_path / "out"

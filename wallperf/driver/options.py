@@ -16,10 +16,15 @@ class SpeculationOptions:
     k: int
     draft_model: str | None = None
     adaptive: bool = False
+    draft_vocab: int | None = None  # --draft-vocab: the draft model proposes only ids below it
 
     def __post_init__(self):
         if self.draft not in ("model", "ngram") or (self.draft == "model") != (self.draft_model is not None):
             raise ValueError("speculation needs --draft-model NAME, or --draft ngram without one")
+        if self.draft_vocab is not None and self.draft != "model":
+            raise ValueError("--draft-vocab limits a draft model's vocabulary; prompt lookup (--draft ngram) has none")
+        if self.draft_vocab is not None and self.draft_vocab < 16:
+            raise ValueError(f"--draft-vocab {self.draft_vocab}: give at least 16 token ids")
         if self.k < 1:
             raise ValueError(f"--num-draft-tokens {self.k}: give K >= 1")
 
@@ -35,8 +40,12 @@ class SpeculationOptions:
         if draft.tokenizer.vocab_size != target.tokenizer.vocab_size:
             raise ValueError(f"--draft-model {self.draft_model}: its vocabulary ({draft.tokenizer.vocab_size}) is "
                              f"not the target's ({target.tokenizer.vocab_size}); a drafter must share the tokenizer")
-        return Speculation(DraftModelDrafter(draft.model, max_batch, max_seq_len, self.k, target.device),
-                           self.k, self.adaptive)
+        try:
+            drafter = DraftModelDrafter(draft.model, max_batch, max_seq_len, self.k, target.device,
+                                        vocab=self.draft_vocab)
+        except ValueError as e:
+            raise ValueError(f"--draft-vocab {self.draft_vocab}: {e}") from None
+        return Speculation(drafter, self.k, self.adaptive)
 
 
 _DRAFTS: dict = {}

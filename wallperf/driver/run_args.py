@@ -64,6 +64,9 @@ def speculation_options(args, resolved: ResolvedRun):
                           f"{resolved.run.backend} (a server's own speculation is audited with "
                           "'wallperf audit speculative --backend openai')")
     try:
-        return SpeculationOptions(draft, args.num_draft_tokens, args.draft_model, args.adaptive_draft)
+        return SpeculationOptions(draft, args.num_draft_tokens, args.draft_model, args.adaptive_draft,
+                                  getattr(args, "draft_vocab", None))
     except ValueError as e:
-        raise ConfigError(None, "--num-draft-tokens" if args.num_draft_tokens < 1 else "--draft-model", str(e)) from None
+        flag = ("--num-draft-tokens" if args.num_draft_tokens < 1 else
+                "--draft-vocab" if "--draft-vocab" in str(e) else "--draft-model")
+        raise ConfigError(None, flag, str(e)) from None

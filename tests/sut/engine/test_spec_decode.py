@@ -197,7 +197,8 @@ def test_ngram_and_draft_model_drafters_are_exact(model, adaptive):
     other = build_model(CFG, synthetic_state_dict(CFG, seed=7, dtype=torch.float32), torch.float32)
     for drafter in (NgramDrafter(), DraftModelDrafter(same, 1, MAX_SEQ_LEN, K, "cpu"),
                     DraftModelDrafter(other, 1, MAX_SEQ_LEN, K, "cpu"),
-                    DraftModelDrafter(same, 1, MAX_SEQ_LEN, K, "cpu", context=10)):
+                    DraftModelDrafter(same, 1, MAX_SEQ_LEN, K, "cpu", context=10),
+                    DraftModelDrafter(same, 1, MAX_SEQ_LEN, K, "cpu", vocab=40)):
         engine = spec_engine(model, eos, drafter, max_batch=1, adaptive=adaptive)
         got = run(engine, reqs)
         assert first_difference(want, got) is None, (drafter.name, first_difference(want, got))
@@ -221,6 +222,42 @@ def test_a_draft_models_drafts_are_its_greedy_continuation_of_its_context(contex
     want = Engine(draft, [], 1, MAX_SEQ_LEN).generate(seen, SamplingParams(max_new_tokens=K))
     assert got == want
     assert seq.draft_cached == len(prompt) + 1 + K - 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_a_draft_vocabulary_keeps_drafts_to_its_first_ids_and_their_argmax(fused, monkeypatch):
+    """--draft-vocab N: each draft is the draft model's greedy token among ids < N (its
+    argmax over those logits), on the fused step (whose head then reads N rows) and on
+    the eager one; a step reads N rows of the head's bytes, not the vocabulary's."""
+    from wallperf.audit.speculative import weight_bytes
+
+    monkeypatch.setenv("WALLPERF_FUSED_DECODE", "1" if fused else "0")
+    draft = build_model(CFG, synthetic_state_dict(CFG, seed=7, dtype=torch.bfloat16), torch.bfloat16)
+    limited = DraftModelDrafter(draft, 1, MAX_SEQ_LEN, K, "cpu", vocab=24)
+    if fused and limited.runner.fused is None:
+        pytest.skip("no fused decode step on this machine")
+    full = DraftModelDrafter(draft, 1, MAX_SEQ_LEN, K, "cpu")
+    prompt = prompt_of(30, 4)
+    seq = Sequence(0, prompt, SamplingParams(max_new_tokens=8), output_ids=[5])
+    got = limited.propose([seq], [K])[0]
+    assert len(got) == K and all(t < 24 for t in got)
+    # The reference: the full head's logits over the same tokens, argmax within the first 24.
+    ref_seq = Sequence(1, prompt, SamplingParams(max_new_tokens=8), output_ids=[5])
+    table = []
+    full.blocks.grow(table, len(prompt) + 1 + K)
+    context, want = prompt + [5], []
+    for _ in range(K):
+        logits = full.runner.verify([(context, 0, table)])[0][-1]
+        want.append(int(logits[:24].argmax()))
+        context = context + [want[-1]]
+    assert got == want
+    head_row = CFG.hidden_size * 2  # bf16
+    assert limited.bytes_per_step() == weight_bytes(draft) - (CFG.vocab_size - 24) * head_row
+    assert full.bytes_per_step() == weight_bytes(draft)
+    assert full.vocab is None and ref_seq.draft_cached == 0
+    assert DraftModelDrafter(draft, 1, MAX_SEQ_LEN, K, "cpu", vocab=CFG.vocab_size + 1).vocab is None
+    with pytest.raises(ValueError, match="vocab must be at least 16"):
+        DraftModelDrafter(draft, 1, MAX_SEQ_LEN, K, "cpu", vocab=8)
 
 
 def test_a_catch_up_skipping_the_head_writes_what_full_steps_write():
