@@ -250,9 +250,13 @@ class Engine:
                 self._k[seq.request_id] = min(spec.k, k + 1) if n == len(d) else max(1, k - 1) if n == 0 else k
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, events: list) -> None:
-        """Greedy choice per row; rows still short of min_new_tokens cannot pick EOS."""
-        for seq, row in zip(seqs, logits):
-            self._emit(seq, self._targets(seq, row.unsqueeze(0))[0], row, events)
+        """Greedy choice per row; rows still short of min_new_tokens cannot pick EOS.
+        One argmax over the batch; only a row that bans EOS takes its own."""
+        tokens = logits.argmax(dim=-1).tolist()
+        for i, (seq, row) in enumerate(zip(seqs, logits)):
+            tok = tokens[i] if len(seq.output_ids) >= seq.params.min_new_tokens else \
+                self._targets(seq, row.unsqueeze(0))[0]
+            self._emit(seq, tok, row, events)
 
     def _emit(self, seq: Sequence, tok: int, logits: torch.Tensor, events: list) -> bool:
         """Append one token; True when it finishes the sequence (its blocks are freed)."""
