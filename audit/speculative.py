@@ -147,6 +147,12 @@ def weight_bytes(model) -> int:
     return total
 
 
+def draft_step_bytes(drafter) -> int:
+    """Weight bytes one step of a draft model reads: its weights, less the head rows
+    a limited draft vocabulary skips (sut.engine.speculative.DraftModelDrafter)."""
+    return weight_bytes(drafter.model) - drafter.head_bytes_skipped
+
+
 def predicted_speedup(target_bytes: int, draft_bytes: int, k: float, mean_acceptance_length: float) -> float:
     """The memory wall's speedup: without speculation a token costs one read of the
     target's weights; with it, a verify step reads them once and the drafter's k
@@ -221,7 +227,7 @@ def _native(args, max_len_of):
             drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu", vocab=args.draft_vocab)
         except ValueError as e:
             raise ValueError(f"--draft-vocab {args.draft_vocab}: {e}") from None
-        draft_bytes, name = drafter.bytes_per_step(), f"draft model {args.draft_model}"
+        draft_bytes, name = draft_step_bytes(drafter), f"draft model {args.draft_model}"
         if drafter.vocab is not None:
             name += f", first {drafter.vocab} token ids"
     eos = target.tokenizer.eos_token_ids

@@ -24,7 +24,7 @@ token for token; `wallperf audit speculative` does.
 """
 from __future__ import annotations
 
-from wallperf.audit.speculative import predicted_speedup, weight_bytes
+from wallperf.audit.speculative import draft_step_bytes, predicted_speedup, weight_bytes
 
 
 def engine_figures(stats, target_model, drafter, verify_path: str | None, draft_name: str | None = None) -> dict:
@@ -36,7 +36,7 @@ def engine_figures(stats, target_model, drafter, verify_path: str | None, draft_
             "mean_drafted_per_verify": stats.drafted / stats.verifies if stats.verifies else None,
             "target_bytes_per_verify_step": weight_bytes(target_model),
             "draft_vocab": getattr(drafter, "vocab", None),
-            "draft_bytes_per_step": 0 if draft_model is None else drafter.bytes_per_step()}
+            "draft_bytes_per_step": 0 if draft_model is None else draft_step_bytes(drafter)}
 
 
 def versus_baseline(record: dict, baseline: dict) -> dict:

@@ -114,12 +114,10 @@ class DraftModelDrafter:
             self.runner.fused.limit_head(self.vocab)
         self.model = model
 
-    def bytes_per_step(self) -> int:
-        """Weight bytes one draft step reads: the model's, less the head rows past `vocab`."""
-        from wallperf.audit.speculative import weight_bytes
-
-        skipped = 0 if self.vocab is None else (self._head_rows - self.vocab) * self._head_row_bytes
-        return weight_bytes(self.model) - skipped
+    @property
+    def head_bytes_skipped(self) -> int:
+        """Bytes of the head a draft step does not read: its rows past `vocab`."""
+        return 0 if self.vocab is None else (self._head_rows - self.vocab) * self._head_row_bytes
 
     def _choice(self, logits: torch.Tensor) -> int:
         """The drafter's greedy token from one row of logits (within `vocab`)."""

@@ -134,9 +134,10 @@ def test_every_timed_step_decodes_every_row_when_prefill_is_staggered(monkeypatc
     assert r["rows"] == 12 and 200 + 1 + 4 < r["context"] < 200 + 1 + 12 + 4 + 4
 
 
-def test_a_window_in_which_a_row_finishes_is_refused():
+def test_a_window_in_which_a_row_finishes_is_refused(monkeypatch):
     from wallperf.sut.engine.engine import SamplingParams
 
+    monkeypatch.setenv("WALLPERF_FUSED_DECODE", "0")  # _engine sets it for the process; restored after the test
     engine = bench_decode._engine(tiny(True), [0], "eager", 2, list(range(5, 25)), 8)
     engine.add_request(99, list(range(5, 25)), SamplingParams(max_new_tokens=2, ignore_eos=True))
     engine.step()  # the new prompt's prefill

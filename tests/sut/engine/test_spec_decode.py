@@ -229,7 +229,7 @@ def test_a_draft_vocabulary_keeps_drafts_to_its_first_ids_and_their_argmax(fused
     """--draft-vocab N: each draft is the draft model's greedy token among ids < N (its
     argmax over those logits), on the fused step (whose head then reads N rows) and on
     the eager one; a step reads N rows of the head's bytes, not the vocabulary's."""
-    from wallperf.audit.speculative import weight_bytes
+    from wallperf.audit.speculative import draft_step_bytes, weight_bytes
 
     monkeypatch.setenv("WALLPERF_FUSED_DECODE", "1" if fused else "0")
     draft = build_model(CFG, synthetic_state_dict(CFG, seed=7, dtype=torch.bfloat16), torch.bfloat16)
@@ -252,8 +252,9 @@ def test_a_draft_vocabulary_keeps_drafts_to_its_first_ids_and_their_argmax(fused
         context = context + [want[-1]]
     assert got == want
     head_row = CFG.hidden_size * 2  # bf16
-    assert limited.bytes_per_step() == weight_bytes(draft) - (CFG.vocab_size - 24) * head_row
-    assert full.bytes_per_step() == weight_bytes(draft)
+    assert limited.head_bytes_skipped == (CFG.vocab_size - 24) * head_row
+    assert draft_step_bytes(limited) == weight_bytes(draft) - (CFG.vocab_size - 24) * head_row
+    assert draft_step_bytes(full) == weight_bytes(draft)
     assert full.vocab is None and ref_seq.draft_cached == 0
     assert DraftModelDrafter(draft, 1, MAX_SEQ_LEN, K, "cpu", vocab=CFG.vocab_size + 1).vocab is None
     with pytest.raises(ValueError, match="vocab must be at least 16"):
