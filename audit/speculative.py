@@ -223,10 +223,7 @@ def _native(args, max_len_of):
     draft_bytes, drafter, name = 0, NgramDrafter(), "ngram (prompt lookup)"
     if drafter_kind == "model":
         draft = load_model(_model_path(args.draft_model), args.dtype)
-        try:
-            drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu", vocab=args.draft_vocab)
-        except ValueError as e:
-            raise ValueError(f"--draft-vocab {args.draft_vocab}: {e}") from None
+        drafter = DraftModelDrafter(draft.model, 1, max_len, args.num_draft_tokens, "cpu", vocab=args.draft_vocab)
         draft_bytes, name = draft_step_bytes(drafter), f"draft model {args.draft_model}"
         if drafter.vocab is not None:
             name += f", first {drafter.vocab} token ids"
@@ -265,6 +262,8 @@ def run(args) -> SpecAudit:
         raise ValueError(f"--min-identical {args.min_identical}: give a share in [0, 1]")
     if args.draft_vocab is not None and (args.backend != "native" or args.draft == "ngram" or not args.draft_model):
         raise ValueError("--draft-vocab limits the native engine's draft model (--draft-model NAME)")
+    if args.draft_vocab is not None and args.draft_vocab < 16:
+        raise ValueError(f"--draft-vocab {args.draft_vocab}: give at least 16 token ids")
     if args.backend == "native":
         prompts, ref_backend, cand_backend, figures = _native(
             args, lambda ps: max(len(p) for p in ps.values()) + args.max_new_tokens)

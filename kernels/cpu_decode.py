@@ -63,6 +63,14 @@ def fused_decode_problem(model, cache) -> str | None:
     return None
 
 
+def step_profile(on: bool, reset: bool) -> torch.Tensor | None:
+    """The fused step's phase clock (csrc/decode_step.h, StepPhase): switches it on or off
+    and returns the seconds summed per phase since the last reset, then the steps timed
+    (`reset` zeroes them); None where no compiled step runs."""
+    ops = _extension()[0]
+    return None if ops is None else ops.step_profile(on, reset)
+
+
 class FusedDecoder:
     """`model`'s decode step against the engine's paged cache in one C++ call."""
 

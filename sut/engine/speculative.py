@@ -101,8 +101,9 @@ class DraftModelDrafter:
             raise ValueError(f"draft model: vocab must be at least 16 token ids (or None: all), got {vocab}")
         self.context = context
         self.vocab = None if vocab is None or vocab >= head.size(0) else vocab  # past the end: every id
-        self._head_row_bytes = head[0].numel() * head.element_size()
-        self._head_rows = head.size(0)
+        # Bytes of the head a draft step does not read: its rows past `vocab`.
+        self.head_bytes_skipped = (0 if self.vocab is None
+                                   else (head.size(0) - self.vocab) * head[0].numel() * head.element_size())
         cfg = model.cfg
         dtype = model.embed_tokens.weight.dtype
         per_seq = -(-(max_seq_len + max_k + 1) // block_size)
@@ -113,11 +114,6 @@ class DraftModelDrafter:
         if self.vocab is not None and self.runner.fused is not None:
             self.runner.fused.limit_head(self.vocab)
         self.model = model
-
-    @property
-    def head_bytes_skipped(self) -> int:
-        """Bytes of the head a draft step does not read: its rows past `vocab`."""
-        return 0 if self.vocab is None else (self._head_rows - self.vocab) * self._head_row_bytes
 
     def _choice(self, logits: torch.Tensor) -> int:
         """The drafter's greedy token from one row of logits (within `vocab`)."""

@@ -42,7 +42,7 @@ from wallperf.harness.config import positive
 from wallperf.harness.hardware.peak_kernels import best_peak
 from wallperf.harness.hardware.probe import CPU_SETTINGS, read_bandwidth, stream_bandwidth
 from wallperf.harness.hardware.counts import flops_per_token
-from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS
+from wallperf.kernels.cpu_decode import MAX_FUSED_ROWS, step_profile
 from wallperf.kernels.cpu_linear import cpu_isa, forced_isa_problem
 from wallperf.sut.engine.engine import Engine, SamplingParams
 
@@ -123,13 +123,6 @@ def _time_window(engine: Engine, steps: int, in_thread: bool) -> tuple[float, fl
 PHASES = ("norm", "qkv", "rope_cache", "attend", "o_proj", "residual", "gate_up", "swiglu", "down", "head")
 
 
-def _profile_ops():
-    """The compiled ops whose step_profile times the fused step, or None where none run."""
-    from wallperf.kernels.cpu_linear import cpu_linear_available, isa_ops
-
-    return isa_ops(cpu_isa()) if cpu_linear_available() else None
-
-
 def _phases_ms(profile: torch.Tensor, step_s: float) -> dict:
     """ms per step in each phase, from step_profile's sums over a window."""
     values = profile.tolist()
@@ -157,7 +150,7 @@ def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, re
     contexts = {c: [] for c in cases}
     peaks = []
     phases = {c: [] for c in cases}
-    ops = _profile_ops()
+    profiling = step_profile(False, True) is not None
     decode_steps = (repeats + 1) * len(threads) * tokens
     try:
         for r in rows:
@@ -165,12 +158,12 @@ def bench(model, eos, shape, rows=(1,), context: int = 300, tokens: int = 64, re
             for i in range(repeats + 1):
                 for p in paths:
                     for t in threads:
-                        profiled = bool(i) and p == "fused" and ops is not None
+                        profiled = bool(i) and p == "fused" and profiling
                         if profiled:
-                            ops.step_profile(True, True)
+                            step_profile(True, True)
                         s, ctx = _time_window(engines[p], tokens, t == "worker")
                         if profiled:
-                            phases[(r, p, t)].append(_phases_ms(ops.step_profile(False, True), s))
+                            phases[(r, p, t)].append(_phases_ms(step_profile(False, True), s))
                         if i:
                             seconds[(r, p, t)].append(s)
                             contexts[(r, p, t)].append(ctx)

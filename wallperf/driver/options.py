@@ -40,12 +40,8 @@ class SpeculationOptions:
         if draft.tokenizer.vocab_size != target.tokenizer.vocab_size:
             raise ValueError(f"--draft-model {self.draft_model}: its vocabulary ({draft.tokenizer.vocab_size}) is "
                              f"not the target's ({target.tokenizer.vocab_size}); a drafter must share the tokenizer")
-        try:
-            drafter = DraftModelDrafter(draft.model, max_batch, max_seq_len, self.k, target.device,
-                                        vocab=self.draft_vocab)
-        except ValueError as e:
-            raise ValueError(f"--draft-vocab {self.draft_vocab}: {e}") from None
-        return Speculation(drafter, self.k, self.adaptive)
+        return Speculation(DraftModelDrafter(draft.model, max_batch, max_seq_len, self.k, target.device,
+                                             vocab=self.draft_vocab), self.k, self.adaptive)
 
 
 _DRAFTS: dict = {}

@@ -65,7 +65,7 @@ def speculation_options(args, resolved: ResolvedRun):
                           "'wallperf audit speculative --backend openai')")
     try:
         return SpeculationOptions(draft, args.num_draft_tokens, args.draft_model, args.adaptive_draft,
-                                  getattr(args, "draft_vocab", None))
+                                  args.draft_vocab)
     except ValueError as e:
         flag = ("--num-draft-tokens" if args.num_draft_tokens < 1 else
                 "--draft-vocab" if "--draft-vocab" in str(e) else "--draft-model")
