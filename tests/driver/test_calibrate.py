@@ -232,3 +232,29 @@ def test_a_batch_cut_in_its_prefill_is_extrapolated_and_says_so(monkeypatch):
     assert timing.step_s == 0.3
     assert timing.seconds == pytest.approx(20.25 * 32 / 10 + (TOKENS - 1) * 0.3)
     assert "cut at 20 s with 10 of 32 first tokens" in timing.note and "no decode step seen" in timing.note
+
+
+def test_the_lone_requests_ttft_is_the_median_of_three_first_tokens(monkeypatch, step_backend):
+    """A first prefill slowed by the machine (one figure 40% high, as seen on a 2-core VM) must
+    not set the prefill's cost per token, from which Server's load is played: the lone request's
+    prompt is timed twice more on the same backend, and its TTFT is the median."""
+    clock = [0.0]
+    monkeypatch.setattr(calibrate_module.time, "perf_counter", lambda: clock[0])
+    prefills = iter([0.20, 0.21, 0.28])  # two repeats', then the timed request's
+    backend = step_backend(1, lambda b: 0.0144, clock)
+    real_step = backend.step
+
+    def step():
+        if any(backend.emitted[rid] == 0 for rid in backend.running):
+            clock[0] += next(prefills)
+        return real_step()
+
+    backend.step = step
+    timing = calibrate_module.time_batch(lambda b: backend, PROMPTS, PARAMS, 1, min_decode_steps=3,
+                                         first_token_repeats=2)
+    assert timing.first_token_s == pytest.approx(0.21 + 0.0144)
+    assert timing.step_s == pytest.approx(0.0144)
+    assert backend.emitted[-1] == backend.emitted[-2] == 1  # the repeats: one token each
+    # Without repeats the one TTFT stands.
+    assert calibrate_module.time_batch(lambda b: step_backend(1, lambda b: 0.0144, clock), PROMPTS, PARAMS, 1,
+                                       first_token_repeats=0).first_token_s == pytest.approx(0.0144)
