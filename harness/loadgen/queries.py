@@ -14,6 +14,8 @@ import numpy as np
 
 from wallperf.harness.loadgen.workload import length_distribution
 
+OVER_LIMITS_LISTED = 32
+
 
 def issued_lengths(queries, prompts, output_lengths=None) -> dict:
     """Input and output token counts of the queries issued: `input` per issued
@@ -43,6 +45,11 @@ def goodput(queries, ttft_limit_ms: float | None, tpot_limit_ms: float | None,
     if tpot_limit_ms is not None:
         ok &= ~(tpot_ms > tpot_limit_ms)
     token_share = tokens[ok].sum() / tokens.sum() if tokens.sum() else 0.0
+    start = min(q.issued for q in done)
+    over = [{"issued_s": round(q.issued - start, 3), "sample_index": q.sample_index,
+             "ttft_ms": None if np.isnan(t) else round(float(t), 1), "tpot_ms": None if np.isnan(p) else round(float(p), 2)}
+            for q, t, p, good in zip(done, ttft_ms, tpot_ms, ok) if not good]
+    over.sort(key=lambda o: o["issued_s"])
     return {
         "source": "SUT timing per query (from issue_query)",
         "ttft_limit_ms": ttft_limit_ms,
@@ -53,6 +60,10 @@ def goodput(queries, ttft_limit_ms: float | None, tpot_limit_ms: float | None,
         "tokens_per_second": None if tokens_per_second is None else tokens_per_second * float(token_share),
         "ttft_ms": _percentiles(ttft_ms),
         "tpot_ms": _percentiles(tpot_ms),
+        # Which queries broke a limit, and when in the test (seconds from its first issue): a burst
+        # of arrivals, or a stall of the machine, shows as several close together.
+        "over_limits": over[:OVER_LIMITS_LISTED],
+        "over_limits_left_out": max(len(over) - OVER_LIMITS_LISTED, 0),
     }
 
 

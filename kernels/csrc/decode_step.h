@@ -120,7 +120,7 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
                              const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale,
                              const std::optional<at::Tensor>& k_centre, const at::Tensor& block_tables,
                              const at::Tensor& positions, const at::Tensor& inv_freq, int64_t n_heads,
-                             int64_t n_kv_heads, double eps) {
+                             int64_t n_kv_heads, double eps, const std::optional<at::Tensor>& logits_rows) {
   check_cpu<K>("llama_decode_bf16");
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2, "x must be bfloat16 (M, hidden)");
   const size_t L = qkv_w.size();
@@ -266,10 +266,25 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
     K::add_rounded(x.data(), d.data(), M * H);
     clock.mark(kResidual);
   }
-  K::rms_norm_rows(x.data(), norm.const_data_ptr<bf16>(), h.data(), M, H, epsf, threads);
+  // The head for the rows asked (a prefill wants each prompt's last row only): a row's
+  // logits are the same bits whichever rows share the GEMM.
+  int64_t R = M;
+  if (logits_rows.has_value()) {
+    TORCH_CHECK(logits_rows->scalar_type() == at::kLong && logits_rows->dim() == 1 && logits_rows->is_contiguous(),
+                "logits_rows must be contiguous int64 (R,)");
+    R = logits_rows->numel();
+    const int64_t* sel = logits_rows->const_data_ptr<int64_t>();
+    std::vector<bf16> chosen(R * H);
+    for (int64_t r = 0; r < R; ++r) {
+      TORCH_CHECK(sel[r] >= 0 && sel[r] < M, "logits_rows[", r, "] = ", sel[r], " is not a row of the ", M);
+      std::copy(x.begin() + sel[r] * H, x.begin() + (sel[r] + 1) * H, chosen.begin() + r * H);
+    }
+    std::copy(chosen.begin(), chosen.end(), x.begin());
+  }
+  if (R) K::rms_norm_rows(x.data(), norm.const_data_ptr<bf16>(), h.data(), R, H, epsf, threads);
   clock.mark(kNorm);
-  at::Tensor logits = at::empty({M, s.V}, x_in.options());
-  K::gemm_packed(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), M, H, s.V, s.V, threads);
+  at::Tensor logits = at::empty({R, s.V}, x_in.options());
+  if (R) K::gemm_packed(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), R, H, s.V, s.V, threads);
   at::Tensor out = logits.to(at::kFloat);
   clock.mark(kHead);
   return out;
@@ -407,7 +422,8 @@ inline at::Tensor step_profile(bool on, bool reset) {
         "llama_decode_bf16(Tensor x, Tensor[] qkv, Tensor[] qkv_bias, Tensor[] o, Tensor[] gate_up, "          \
         "Tensor[] down, Tensor[] ln1, Tensor[] ln2, Tensor norm, Tensor head, Tensor(a!) k_cache, "             \
         "Tensor(b!) v_cache, Tensor(c!)? k_scale, Tensor(d!)? v_scale, Tensor? k_centre, Tensor block_tables, " \
-        "Tensor positions, Tensor inv_freq, int n_heads, int n_kv_heads, float eps) -> Tensor");               \
+        "Tensor positions, Tensor inv_freq, int n_heads, int n_kv_heads, float eps, Tensor? logits_rows=None) "   \
+        "-> Tensor");               \
   }                                                                                                            \
   TORCH_LIBRARY_IMPL(NS, CPU, m) {                                                                             \
     m.impl("linear_bf16", &wallperf_step::linear_bf16<K>);                                                     \

@@ -35,11 +35,22 @@ def test_goodput_counts_queries_within_both_limits():
     # Good tokens: 11 + 2 of 11 + 11 + 5 + 2 = 29.
     assert g["tokens_per_second"] == pytest.approx(100.0 * 13 / 29)
     assert g["ttft_ms"]["p50"] == pytest.approx(350.0)
+    # The two over a limit, in issue order, timed from the first issue (0.0 s).
+    assert g["over_limits"] == [{"issued_s": 0.0, "sample_index": 2, "ttft_ms": 500.0, "tpot_ms": 500.0},
+                                {"issued_s": 1.0, "sample_index": 1, "ttft_ms": 3000.0, "tpot_ms": 50.0}]
+    assert g["over_limits_left_out"] == 0
+
+
+def test_over_limit_queries_listed_are_bounded():
+    many = [_q(i % 3, float(i), i + 5.0, i + 6.0, 11) for i in range(40)]  # TTFT 5 s each
+    g = goodput(many, ttft_limit_ms=2000, tpot_limit_ms=None, tokens_per_second=1.0)
+    assert len(g["over_limits"]) == 32 and g["over_limits_left_out"] == 8
+    assert [o["issued_s"] for o in g["over_limits"]] == [float(i) for i in range(32)]
 
 
 def test_no_limits_means_every_query_is_good():
     g = goodput(QUERIES, None, None, 10.0)
-    assert g["share"] == 1.0 and g["tokens_per_second"] == pytest.approx(10.0)
+    assert g["share"] == 1.0 and g["tokens_per_second"] == pytest.approx(10.0) and g["over_limits"] == []
     assert goodput([QUERIES[4]], 1, 1, 1.0) is None
 
 
