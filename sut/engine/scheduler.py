@@ -57,8 +57,9 @@ class Scheduler:
     def schedule_prefill(self, budget: int, one_row: bool = False) -> list[tuple[Sequence, int]]:
         """(sequence, tokens) chunks: unfinished prefills first, then new admissions.
 
-        The chunks run as one padded batch, every row as wide as the widest, so the
-        budget bounds rows x width rather than the chunks' sum: one 1000-token prompt
+        On the eager path the chunks run as one padded batch, every row as wide as the
+        widest (the fused C++ step takes their tokens as rows, unpadded, for which this
+        bound is only cautious), so the budget bounds rows x width rather than the chunks' sum: one 1000-token prompt
         beside 31 short ones would otherwise compute 32 rows of 1000 positions, and
         attention over the padded span grows with its square (MMLU's prompts run from
         ~100 to ~1100 tokens; an Offline run over them slowed ~10x as long prompts

@@ -79,3 +79,33 @@ def test_a_limit_no_load_meets_is_said_before_the_tests():
     p = plan([server], _vm())
     assert any("no load keeps a played test" in why for why in p.cannot_be_valid)
     assert "CANNOT BE VALID" in p.text()
+
+
+@pytest.mark.parametrize("budget_s,edge,want", [
+    (600.0, 0.52, "need"),  # the budget's load lies between 85% of the edge and the edge: it is taken
+    (3000.0, 0.52, "floor"),  # a long budget: 85% of the edge, not the budget's light load
+    (200.0, 0.52, "edge"),  # the budget asks more than the edge: the edge, over budget
+    (600.0, 0.70, "SERVER_LOAD"),  # an edge above SERVER_LOAD: SERVER_LOAD as before
+])
+def test_below_server_load_the_plan_keeps_a_margin_under_the_played_edge(monkeypatch, budget_s, edge, want):
+    """A shared machine's stalls lengthen the real tail past the played one, so where the played
+    edge is below SERVER_LOAD the Server test runs at the least load that fits the budget, at
+    most the edge and at least PLAYED_SHARE of it."""
+    from wallperf.driver import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_played_loads", lambda scenarios, m: {"Server": edge})
+    scenarios = [load_scenario_config(n) for n in ("Offline", "Server", "SingleStream")]
+    m = _vm()
+    p = plan_module.plan(scenarios, m, budget_s=budget_s)
+    server = next(sc for sc in p.scenarios if sc.name == "Server")
+    load = server.target_qps / m.throughput[16]
+    others = p.total_s - p.predicted_s["Server performance"]
+    need = server.min_query_count / (budget_s - others) / m.throughput[16]  # fills the budget exactly
+    expected = {"need": need, "floor": plan_module.PLAYED_SHARE * edge, "edge": edge,
+                "SERVER_LOAD": plan_module.SERVER_LOAD}[want]
+    assert load == pytest.approx(expected, abs=2e-3)
+    assert load <= edge + 1e-9
+    if want == "need":
+        assert plan_module.PLAYED_SHARE * edge < need < edge and p.fits
+    if want == "floor":
+        assert need < plan_module.PLAYED_SHARE * edge

@@ -52,7 +52,9 @@ def scattered_tables(lengths, seed=0):
     return tables
 
 
-def prefill(model, prompts, tables, kv_dtype=None, k_centre=None):
+def prefill(model, prompts, tables, kv_dtype=None, k_centre=None, last_logits=False):
+    """The eager model's prefill of `prompts` into a fresh cache; with `last_logits`, also
+    the float32 logits at each prompt's last token."""
     cache = PagedKVCache(CFG.n_layers, POOL, BLOCK, CFG.n_kv_heads, CFG.head_dim,
                          model.embed_tokens.weight.dtype, kv_dtype=kv_dtype, k_centre=k_centre)
     width = max(len(p) for p in prompts)
@@ -63,6 +65,9 @@ def prefill(model, prompts, tables, kv_dtype=None, k_centre=None):
         valid[r, :len(p)] = True
     positions = torch.arange(width).expand(len(prompts), -1).contiguous()
     cache.bind(tables, positions, valid)
+    if last_logits:
+        last = torch.tensor([[len(p) - 1] for p in prompts])
+        return cache, model(ids, positions, cache, logits_at=last)[:, -1].float()
     model(ids, positions, cache)
     return cache
 
@@ -274,18 +279,8 @@ def test_the_runners_fused_prefill_is_the_same_in_calls_of_any_size(models, monk
     for size in (5, 16):
         assert torch.equal(out[size][0], out[128][0]) and torch.equal(out[size][1], out[128][1])
     # And near the eager model's prefill (PyTorch's attention, other summation orders).
-    last = torch.tensor([[n - 1] for n in lengths])
-    assert out[128][0].shape == (len(lengths), CFG.vocab_size)
-    cache = PagedKVCache(CFG.n_layers, POOL, BLOCK, CFG.n_kv_heads, CFG.head_dim, torch.bfloat16)
-    width = max(lengths)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    valid = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for r, p in enumerate(prompts):
-        ids[r, :len(p)] = torch.tensor(p)
-        valid[r, :len(p)] = True
-    positions = torch.arange(width).expand(len(prompts), -1).contiguous()
-    cache.bind(tables, positions, valid)
-    want = m16(ids, positions, cache, logits_at=last)[:, -1].float()
+    _, want = prefill(m16, prompts, tables, last_logits=True)
+    assert out[128][0].shape == want.shape == (len(lengths), CFG.vocab_size)
     torch.testing.assert_close(out[128][0], want, atol=0.1, rtol=0.05)
 
 
