@@ -55,6 +55,10 @@ def test_results_contract(server_run):
             assert key in run["metrics"]
         # SmolLM2 in bf16 on the CPU decodes through the fused C++ step, and the record says so.
         assert run["engine"]["decode_path"].startswith("fused C++ step"), run["engine"]["decode_path"]
+        # What else the machine did meanwhile (Linux: read from /proc).
+        host = run["host"]
+        assert host["available"] and host["seconds"] > 0 and isinstance(host["disturbed"], bool)
+        assert host["steal_s"] >= 0 and host["major_faults"] >= 0 and "worst_steal_share" in host
 
 
 @pytest.mark.parametrize("scenario,tps_key,sps_key", [

@@ -26,9 +26,11 @@ from wallperf.driver.options import RunOptions
 from wallperf.driver.peers import (check_peer, format_dict, kv_format, kv_storage_bytes, peer_format,
                                   roofline_counts, weight_format)
 from wallperf.driver.progress import Progress, say
+from wallperf.harness.hardware.disturbance import HostMonitor
 from wallperf.harness.hardware.energy import EnergyMeter
 from wallperf.harness.hardware.front import step_cost
 from wallperf.harness.hardware.profiles import system_hardware
+from wallperf.harness.hardware.quiet import cores as usable_cores
 from wallperf.harness.hardware.roofline import run_roofline
 from wallperf.harness.loadgen.logs import read_detail_log
 from wallperf.harness.loadgen.queries import goodput, issued_lengths
@@ -203,7 +205,8 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
     with LoadGenQSL(len(prompts), len(prompts)) as qsl, \
             LoadGenSUT(backend, queue, prompts, params, report_first_token=scenarios.scenario(sc.name).reports_first_token) as sut, \
             Progress(label, sut.stats, expected, enabled=opts.progress), \
-            EnergyMeter(getattr(loaded, "device", "cpu")) as meter:
+            EnergyMeter(getattr(loaded, "device", "cpu")) as meter, \
+            HostMonitor(usable_cores()) as host:
         sut.run_test(lambda: start_test(sut.handle, qsl.handle, settings, log_dir, audit_config))
     elapsed = time.monotonic() - t0
 
@@ -282,6 +285,8 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
         "client": client,
         # The whole test, idle time included, as the hardware's own counters report it.
         "energy": meter.result(sut.stats.tokens),
+        # What else the machine did meanwhile (steal, iowait, major faults; harness.hardware.disturbance).
+        "host": host.result(),
         "expert_cache": experts,
         **{k: v for k, v in body.items() if k not in ("valid", "invalid_reasons")},
     }
@@ -290,6 +295,8 @@ def _one_test(spec: TestSpec, loaded, workload: Workload, choice, tp_session=Non
         record["submission_notes"].append(f"{client['token_count_mismatches']} responses' usage token counts "
                                           "differ from the streamed tokens")
     record["submission_valid"] = not record["submission_notes"]
+    if record["host"].get("disturbed"):
+        say(f"{label}: the machine was disturbed during the test: " + "; ".join(record["host"]["reasons"]))
     say(summary_line(record))
     return record
 
