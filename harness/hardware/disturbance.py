@@ -15,10 +15,11 @@ Where /proc cannot be read (not Linux), the result says so.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from pathlib import Path
+
+from wallperf.harness.hardware.ticker import Ticker
 
 WINDOW_S = 5.0
 # A stretch of WINDOW_S in which steal or iowait took this share of the cores disturbs a test.
@@ -49,8 +50,7 @@ class HostMonitor:
 
     def __init__(self, cores: int, interval_s: float = 1.0, read=read_counters, clock=time.monotonic):
         self.cores, self.interval_s, self._read, self._clock = cores, interval_s, read, clock
-        self._stop = threading.Event()
-        self._thread = None
+        self._ticker = Ticker(self.sample, interval_s, "wallperf-host")
         self._samples: deque = deque()  # (t, counters) within the last WINDOW_S
         self._first = self._last = None
         self._worst = {"steal_s": (0.0, None), "iowait_s": (0.0, None)}  # share of the cores, at (s into the test)
@@ -60,19 +60,11 @@ class HostMonitor:
         if first is not None:
             self._first = self._last = (self._clock(), first)
             self._samples.append(self._first)
-            self._thread = threading.Thread(target=self._run, name="wallperf-host", daemon=True)
-            self._thread.start()
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.sample()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
+        self._ticker.stop()
 
     def sample(self) -> None:
         """Read the counters now and update the worst windows (the thread calls it each interval)."""

@@ -28,13 +28,14 @@ default orders by speed, which is the same order on a box of identical GPUs).
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from wallperf.harness.hardware.ticker import Ticker
 
 POWERCAP = Path("/sys/class/powercap")
 
@@ -80,8 +81,7 @@ class EnergyMeter:
         self.device, self.devices, self.interval_s, self.powercap = device, devices, interval_s, powercap
         self._source: Optional[EnergySource] = None
         self._reason = "the meter was not entered"
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._ticker = Ticker(self._tick, interval_s, "wallperf-energy")
         self._joules = 0.0
         self._start = self._last_t = None
         self._last = None
@@ -95,21 +95,13 @@ class EnergyMeter:
                 self._fail(e)
                 return self
             self._start = self._last_t
-            self._thread = threading.Thread(target=self._sample, name="wallperf-energy", daemon=True)
-            self._thread.start()
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._tick()
+        self._ticker.stop()
         if self._source is not None:
             self._source.close()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s) and self._source is not None:
-            self._tick()
 
     def _tick(self) -> None:
         src = self._source
