@@ -112,8 +112,9 @@ def all_torch_threads():
 class Probes(list):
     """The settings each fake probe was called with; `clock["now"]` is the fake time."""
 
-    @staticmethod
-    def result(read=47.0, at=1_000_000.0):
+    kernel = "cpu_linear, compiled, avx2 path (256 rows, compute-bound)"
+
+    def result(self, read=47.0, at=1_000_000.0):
         """A CPU measurement as harness.hardware.probe returns it: `read` GB/s read-only, copy 35,
         triad 38, GEMM 0.8 TFLOP/s bf16 and 0.3 fp32, on 2 threads, taken at `at`."""
         from wallperf.harness.hardware.probe import CPU_QUICK_SETTINGS, ProbeResult
@@ -121,7 +122,8 @@ class Probes(list):
 
         return ProbeResult(name="cpu", description="test CPU", vendor="cpu", memory_gb=24.0, read_gbps=read,
                            copy_gbps=35.0, triad_gbps=38.0, peak_tflops={"float32": 0.3, "bfloat16": 0.8},
-                           threads=2, settings=CPU_QUICK_SETTINGS, quiet=Quiet(2, 0.1, 0.0, 1.0), measured_at=at)
+                           threads=2, settings=CPU_QUICK_SETTINGS, quiet=Quiet(2, 0.1, 0.0, 1.0), measured_at=at,
+                           peak_kernels={"float32": "torch.matmul float32", "bfloat16": self.kernel})
 
 
 @pytest.fixture
@@ -133,6 +135,8 @@ def probes(tmp_path, monkeypatch):
     monkeypatch.setenv("WALLPERF_CACHE", str(tmp_path))
     calls = Probes()
     calls.clock = {"now": 1_000_000.0}
+    # The bf16 kernel this process runs, as the probe would name it (a stored wall of another is not reused).
+    monkeypatch.setattr(wall, "bf16_kernel", lambda: calls.kernel)
 
     def fake_probe(device, quick=False, settings=None, **quiet_wait):
         calls.append(settings)

@@ -136,6 +136,13 @@ def best_peak(device: torch.device, dtype: str, n: int, repeats: int, warmup: in
     return flops / min(times) / 1e12
 
 
+def bf16_kernel(flags=None, isa: str | None = THIS_MACHINE) -> str:
+    """The bf16 kernel whose peak a CPU probe measures in this process (WALLPERF_CPU_ISA counts)."""
+    flags = cpu_flags() if flags is None else flags
+    isa = compiled_isa() if isa == THIS_MACHINE else isa
+    return describe(bf16_choice(flags, isa), flags, isa)
+
+
 def timed(device: torch.device, dtype: str, n: int, repeats: int, warmup: int,
           flags=None, isa: str | None = THIS_MACHINE) -> tuple[float, str, list[float]]:
     """(FLOPs per call, the kernel timed, the repeats' seconds) of the engine's `dtype` math."""

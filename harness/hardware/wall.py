@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from wallperf.harness.config import ConfigError, HardwareConfig, build, read_yaml
+from wallperf.harness.hardware.peak_kernels import bf16_kernel
 from wallperf.harness.hardware.probe import ProbeResult, ProbeSettings, measured_profile_path, probe
 from wallperf.harness.loadgen.results import write_json_atomic
 
@@ -108,13 +109,16 @@ def store_host_measurement(result: ProbeResult) -> Path:
 def recent_host_measurement(max_age_s: float = MAX_AGE_S) -> dict | None:
     """This host's stored measurement, if it is under `max_age_s` old, was taken on as
     many torch threads as this process runs (a measurement on one thread halves a 2-core
-    machine's figures) and on a quiet machine."""
+    machine's figures), on a quiet machine, and of the bf16 kernel this process runs (a run
+    with WALLPERF_CPU_ISA=scalar stored the scalar kernel's 0.025 TFLOP/s, against the avx2
+    path's 0.17 that the next plain run would have been held to)."""
     path = host_measurement_path()
     try:
         record = json.loads(path.read_text())
         fresh = (record["host"] == host_id() and record["threads"] == torch.get_num_threads()
                  and 0 <= time.time() - float(record["measured_at"]) < max_age_s
                  and record["quiet"]["quiet"] is True)
+        fresh = fresh and (record.get("peak_kernels") or {}).get("bfloat16") == bf16_kernel()
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return record if fresh else None

@@ -77,3 +77,12 @@ def test_compiled_isa_follows_the_kernel_module(monkeypatch):
 def test_float32_and_gpu_dtypes_are_torch_matmul():
     _, kernel, _ = peak(torch.device("cpu"), "float32", 32, 2, 0)
     assert kernel == "torch.matmul float32"
+
+
+def test_the_kernel_a_stored_wall_is_checked_against_is_the_one_timed():
+    """harness.hardware.wall reuses a stored wall only for the bf16 kernel this process runs:
+    bf16_kernel() must name it as the timing does."""
+    from wallperf.harness.hardware.peak_kernels import bf16_kernel, timed
+
+    _, kernel, _ = timed(torch.device("cpu"), "bfloat16", 64, 1, 0)
+    assert bf16_kernel() == kernel

@@ -164,3 +164,14 @@ def test_a_quiet_measurement_is_recorded_quiet_with_its_kernels(probes, monkeypa
     assert run_wall(cpu).peak_kernels == kernels and len(probes) == 1  # reused, kernels and all
     write_wall(tmp_path / "wall.json", w)
     assert read_wall(tmp_path / "wall.json", cpu).peak_kernels == kernels
+
+
+def test_a_stored_wall_of_another_bf16_kernel_is_measured_again(probes):
+    """A run forced to the scalar path stores the scalar kernel's peak; a plain run within the
+    hour runs the avx2 path and must not be held to it (every MFU would read 7x high)."""
+    cpu = load_hardware_config("cpu")
+    probes.kernel = "cpu_linear, compiled, scalar path (256 rows, compute-bound)"
+    assert run_wall(cpu).peak_kernels["bfloat16"] == probes.kernel
+    assert run_wall(cpu) and len(probes) == 1  # the same kernel: reused
+    probes.kernel = "cpu_linear, compiled, avx2 path (256 rows, compute-bound)"
+    assert run_wall(cpu).peak_kernels["bfloat16"] == probes.kernel and len(probes) == 2
