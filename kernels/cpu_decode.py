@@ -96,8 +96,6 @@ class FusedDecoder:
             model.norm.weight,
             pack(head),
         )
-        # The head's first 16 rows: the head of a step whose logits are not wanted.
-        self._stub_head = pack(head[:16].contiguous())
         self._op = ops.llama_decode_bf16
         self._pack, self._head = pack, head
 
@@ -111,13 +109,12 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def __call__(self, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
-                 logits: bool = True, logits_rows: list[int] | None = None) -> torch.Tensor:
+                 logits_rows: list[int] | None = None) -> torch.Tensor:
         """float32 logits (M, vocab) for each row's token at its position; its key
-        and value are written into the cache at that position's slot. `logits=False`:
-        only the cache writes are wanted (a drafter catching up on a prompt), and the
-        head computes 16 columns, not the vocabulary's (M, 16 returned).
-        `logits_rows`: the logits of those rows only (R, vocab), in that order, the same
-        bits as in a call computing every row's; [] computes no head at all.
+        and value are written into the cache at that position's slot. `logits_rows`:
+        the logits of those rows only (R, vocab), in that order, the same bits as in a
+        call computing every row's; [] computes no head at all (only the cache writes
+        are wanted).
 
         Every row's key and value are written before any row attends, so rows of one
         sequence at consecutive positions are a prefill: each attends to the ones before
@@ -127,8 +124,7 @@ class FusedDecoder:
         x = self.model.embed_tokens(torch.tensor(token_ids))
         cfg = self.cfg
         c = self.cache
-        weights = self._weights if logits else self._weights[:-1] + (self._stub_head,)
         rows = None if logits_rows is None else torch.tensor(logits_rows, dtype=torch.long)
-        out = self._op(x, *weights, c.k, c.v, c.k_scale, c.v_scale, c.k_centre, tables, torch.tensor(positions),
+        out = self._op(x, *self._weights, c.k, c.v, c.k_scale, c.v_scale, c.k_centre, tables, torch.tensor(positions),
                        self.model.inv_freq, cfg.n_heads, cfg.n_kv_heads, cfg.rms_eps, rows)
         return out[:, :self._vocab]  # the packed head's rows are the vocabulary rounded up to 16

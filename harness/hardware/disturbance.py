@@ -95,17 +95,14 @@ class HostMonitor:
                "direct_reclaim_pages": b["direct_reclaim_pages"] - a["direct_reclaim_pages"],
                "window_s": WINDOW_S}
         reasons = []
-        for key, what in (("steal_s", "the hypervisor gave"), ("iowait_s", "the disk held")):
-            share, at = self._worst[key]
+        for name, who, state in (("steal", "the hypervisor", "away"), ("iowait", "the disk", "waiting")):
+            share, at = self._worst[f"{name}_s"]
             if at is None:  # a test shorter than a window: its whole length is the window
-                share, at = (b[key] - a[key]) / (seconds * self.cores), 0.0
-            name = key[:-2]
+                share, at = (b[f"{name}_s"] - a[f"{name}_s"]) / (seconds * self.cores), 0.0
             out[f"worst_{name}_share"] = round(share, 3)
-            out[f"worst_{name}_at_s"] = None if at is None else round(at, 1)
+            out[f"worst_{name}_at_s"] = round(at, 1)
             if share >= DISTURBED_SHARE:
-                reasons.append(f"{what} {share:.0%} of the cores away for {WINDOW_S:.0f} s at {at:.0f} s"
-                               if key == "steal_s" else
-                               f"{what} {share:.0%} of the cores waiting for {WINDOW_S:.0f} s at {at:.0f} s")
+                reasons.append(f"{who} kept {share:.0%} of the cores {state} for {WINDOW_S:.0f} s at {at:.0f} s")
         if out["major_faults"] > MAJOR_FAULTS:
             reasons.append(f"{out['major_faults']} pages were read back from disk (major faults)")
         if out["direct_reclaim_pages"] > DIRECT_RECLAIM_PAGES:

@@ -149,8 +149,7 @@ def timed(device: torch.device, dtype: str, n: int, repeats: int, warmup: int,
     if device.type == "cpu" and dtype == "bfloat16":
         flags = cpu_flags() if flags is None else flags
         isa = compiled_isa() if isa == THIS_MACHINE else isa
-        choice = bf16_choice(flags, isa)
-        kernel = describe(choice, flags, isa)
+        choice, kernel = bf16_choice(flags, isa), bf16_kernel(flags, isa)
         if choice == COMPILED:
             fn, flops = _linear(n)
         else:

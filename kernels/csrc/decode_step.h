@@ -269,19 +269,20 @@ at::Tensor llama_decode_bf16(const at::Tensor& x_in, at::TensorList qkv_w, at::T
   // The head for the rows asked (a prefill wants each prompt's last row only): a row's
   // logits are the same bits whichever rows share the GEMM.
   int64_t R = M;
+  std::vector<bf16> chosen;  // the rows asked, gathered
   if (logits_rows.has_value()) {
     TORCH_CHECK(logits_rows->scalar_type() == at::kLong && logits_rows->dim() == 1 && logits_rows->is_contiguous(),
                 "logits_rows must be contiguous int64 (R,)");
     R = logits_rows->numel();
     const int64_t* sel = logits_rows->const_data_ptr<int64_t>();
-    std::vector<bf16> chosen(R * H);
+    chosen.resize(R * H);
     for (int64_t r = 0; r < R; ++r) {
       TORCH_CHECK(sel[r] >= 0 && sel[r] < M, "logits_rows[", r, "] = ", sel[r], " is not a row of the ", M);
       std::copy(x.begin() + sel[r] * H, x.begin() + (sel[r] + 1) * H, chosen.begin() + r * H);
     }
-    std::copy(chosen.begin(), chosen.end(), x.begin());
   }
-  if (R) K::rms_norm_rows(x.data(), norm.const_data_ptr<bf16>(), h.data(), R, H, epsf, threads);
+  const bf16* head_in = logits_rows.has_value() ? chosen.data() : x.data();
+  if (R) K::rms_norm_rows(head_in, norm.const_data_ptr<bf16>(), h.data(), R, H, epsf, threads);
   clock.mark(kNorm);
   at::Tensor logits = at::empty({R, s.V}, x_in.options());
   if (R) K::gemm_packed(bits(h.data()), bits(head), logits.mutable_data_ptr<bf16>(), R, H, s.V, s.V, threads);

@@ -57,13 +57,13 @@ class ModelRunner:
         return FusedDecoder(self.model, self.cache), f"fused C++ step (kernels/cpu_decode.py) up to {MAX_FUSED_ROWS} rows"
 
     @torch.inference_mode()
-    def prefill(self, rows: list[tuple[list[int], int, list[int]]]) -> torch.Tensor:
+    def prefill(self, rows: list[tuple[list[int], int, list[int]]], rows_per_call: int = PREFILL_ROWS) -> torch.Tensor:
         """rows: (tokens, start, block_table), tokens fed from position start on.
         Returns float32 logits (rows, vocab) at each row's last. Where the fused step
-        runs, every token is a row of it (_prefill_fused); else the rows are padded
-        into one batch of the eager model."""
+        runs, every token is a row of it, `rows_per_call` a call (_prefill_fused); else
+        the rows are padded into one batch of the eager model."""
         if self.fused is not None:
-            return self._prefill_fused(rows)
+            return self._prefill_fused(rows, rows_per_call)
         width = max(len(tokens) for tokens, _, _ in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         positions = torch.zeros(len(rows), width, dtype=torch.long)
@@ -79,8 +79,8 @@ class ModelRunner:
                             logits_at=last.to(self.device))
         return logits[:, -1]
 
-    def _prefill_fused(self, rows) -> torch.Tensor:
-        """The prompts' tokens as rows of the fused step, PREFILL_ROWS a call, the head
+    def _prefill_fused(self, rows, rows_per_call: int) -> torch.Tensor:
+        """The prompts' tokens as rows of the fused step, `rows_per_call` a call, the head
         computed for each prompt's last token only. Each row writes its key and value
         before any row attends, so a call's rows see the ones before them and a later
         call's see the earlier calls'. No padding, and no eager op between the GEMMs:
@@ -92,8 +92,8 @@ class ModelRunner:
             flat += [(t, start + j, table) for j, t in enumerate(tokens)]
             lasts.append(len(flat) - 1)
         out = []
-        for c0 in range(0, len(flat), PREFILL_ROWS):
-            part = flat[c0:c0 + PREFILL_ROWS]
+        for c0 in range(0, len(flat), rows_per_call):
+            part = flat[c0:c0 + rows_per_call]
             wanted = [i - c0 for i in lasts if c0 <= i < c0 + len(part)]
             logits = self.fused([f[0] for f in part], [f[1] for f in part], [f[2] for f in part],
                                 logits_rows=wanted)

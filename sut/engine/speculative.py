@@ -155,22 +155,10 @@ class DraftModelDrafter:
         greedy token after the last of them. The drafter's numerics need not be the
         one-token step's (the target verifies every draft), so rows of any number
         may share a call."""
-        out = [None] * len(rows)
         if self.runner.fused is not None:
-            # (token, position, block table, the sequence whose last token it is, or None)
-            flat = [(t, start + j, table, i if j == len(tokens) - 1 else None)
-                    for i, (tokens, start, table) in enumerate(rows) for j, t in enumerate(tokens)]
-            for c in range(0, len(flat), _CATCH_UP_CHUNK):
-                part = flat[c:c + _CATCH_UP_CHUNK]
-                # A call holding no sequence's last token skips the head (a quarter of a
-                # 0.5B model's multiply-adds over its 151936-token vocabulary).
-                wanted = any(f[3] is not None for f in part)
-                logits = self.runner.fused([f[0] for f in part], [f[1] for f in part], [f[2] for f in part],
-                                           logits=wanted)
-                for r, f in enumerate(part):
-                    if f[3] is not None:
-                        out[f[3]] = self._choice(logits[r])
-            return out
+            # The runner's fused prefill: the head only at each sequence's last token.
+            return [self._choice(lg) for lg in self.runner.prefill(rows, rows_per_call=_CATCH_UP_CHUNK)]
+        out = [None] * len(rows)
         short = [i for i, r in enumerate(rows) if len(r[0]) <= _CATCH_UP_ROWS]
         long = [i for i, r in enumerate(rows) if len(r[0]) > _CATCH_UP_ROWS]
         if short:
