@@ -27,7 +27,7 @@ CFG = LlamaConfig(n_layers=3, hidden_size=128, n_heads=4, n_kv_heads=2, ffn_size
 # The helpers below read CFG's shape, which both families share.
 FAMILIES = {"llama": CFG, "qwen2": dataclasses.replace(CFG, tie_embeddings=False, attention_bias=True)}
 BLOCK = 4
-POOL = 48
+POOL = 160  # blocks: room for the 300-token rows below
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -83,7 +83,10 @@ def prompts_of(lengths, seed=1):
     return [torch.randint(3, CFG.vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("lengths", [[1], [7], [33, 5, 18], [9] * 9, [3, 40, 1, 12, 6, 25, 2, 8, 30, 4]])
+# [300] and [129, 2, 257]: rows of several attention pieces (portable_attention.h, kPiecePositions = 128),
+# merged at the end.
+@pytest.mark.parametrize("lengths", [[1], [7], [33, 5, 18], [9] * 9, [3, 40, 1, 12, 6, 25, 2, 8, 30, 4], [300],
+                                     [129, 2, 257]])
 def test_fused_step_matches_eager_and_float32(models, lengths):
     m16, m32 = models
     prompts = prompts_of(lengths)
@@ -340,7 +343,7 @@ def test_smollm2_greedy_tokens_equal_the_reference_on_each_path(smollm2_gguf_pat
     assert compared >= 16, [g for _, g in _smollm2["reference"]]
 
 
-@pytest.mark.parametrize("lengths", [[7, 33, 1, 18], [5] * 9])
+@pytest.mark.parametrize("lengths", [[7, 33, 1, 18], [5] * 9, [7, 300, 1, 130]])
 def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(models, lengths):
     """Bit for bit: each row's logits and cache writes are the same alone as in a
     batch (speculative verification and batched decode rely on it)."""
