@@ -251,11 +251,14 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, events: list) -> None:
         """Greedy choice per row; rows still short of min_new_tokens cannot pick EOS.
-        One argmax over the batch; only a row that bans EOS takes its own."""
+        One argmax over the batch; only a row short of min_new_tokens whose argmax is
+        an EOS takes its own with EOS banned (any other argmax is already the banned
+        choice: argmax keeps the first of equal maxima, and that was not an EOS)."""
         tokens = logits.argmax(dim=-1).tolist()
         for i, (seq, row) in enumerate(zip(seqs, logits)):
-            tok = tokens[i] if len(seq.output_ids) >= seq.params.min_new_tokens else \
-                self._targets(seq, row.unsqueeze(0))[0]
+            tok = tokens[i]
+            if tok in self._eos_set and len(seq.output_ids) < seq.params.min_new_tokens:
+                tok = self._targets(seq, row.unsqueeze(0))[0]
             self._emit(seq, tok, row, events)
 
     def _emit(self, seq: Sequence, tok: int, logits: torch.Tensor, events: list) -> bool:
