@@ -40,10 +40,10 @@ def _reference_scores(hf_model, encode, q, fmt):
     lls = []
     for answer in answers:
         ids = encode(context + answer)
-        with torch.no_grad():
-            logits = hf_model(torch.tensor([ids])).logits[0].double()
+        with torch.no_grad():  # the rows that predict the answer's tokens: n - 1 onwards
+            logits = hf_model(torch.tensor([ids])).logits[0, n - 1:len(ids) - 1].double()
         logp = torch.log_softmax(logits, dim=-1)
-        lls.append(sum(float(logp[i - 1, ids[i]]) for i in range(n, len(ids))))
+        lls.append(sum(float(logp[i - n, ids[i]]) for i in range(n, len(ids))))
     if fmt == "cloze":
         return lls, [ll / len(c) for ll, c in zip(lls, q.choices)]
     return lls, lls

@@ -28,7 +28,7 @@ def detail_values(log_dir) -> dict:
 @pytest.fixture(scope="module")
 def server_run(tmp_path_factory, smollm2_gguf_path, mmlu_path):
     out = tmp_path_factory.mktemp("run") / "out"
-    rc = main(["run", "--scenario", "Server,Offline", "--duration", "3", "--max-samples", "6",
+    rc = main(["run", "--scenario", "Server,Offline", "--duration", "1", "--max-samples", "6",
                "--output-tokens", "8", "--target-qps", "2", "--out", str(out), "--no-progress"])
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
@@ -50,7 +50,7 @@ def test_results_contract(server_run):
         for key in ("scenario", "mode", "model", "backend", "dtype", "hardware", "valid", "invalid_reasons",
                     "submission_valid", "log_dir", "metrics", "roofline"):
             assert key in run
-        assert run["submission_valid"] is False  # 3 s is far below MLPerf's 600 s
+        assert run["submission_valid"] is False  # 1 s is far below MLPerf's 600 s
         for key in ("samples_per_second", "tokens_per_second", "ttft_ms", "tpot_ms", "mmlu_accuracy"):
             assert key in run["metrics"]
         # SmolLM2 in bf16 on the CPU decodes through the fused C++ step, and the record says so.

@@ -87,7 +87,7 @@ def test_no_key_on_disk_or_stderr(hostile_url, tmp_path):
     env = {**os.environ, "OPENAI_API_KEY": KEY, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "wallperf.cli", "run", "--config", str(run_yaml), "--duration", "1",
-         "--max-samples", "4", "--output-tokens", "4", "--out", str(out), "--no-progress"],
+         "--max-samples", "4", "--output-tokens", "4", "--out", str(out), "--no-progress", "--wall-from-profile"],
         cwd=tmp_path, env=env, capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -158,7 +158,7 @@ def test_no_piece_of_a_key_cut_at_the_error_body_nor_of_an_odd_password(tmp_path
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "wallperf.cli", "run", "--config", str(run_yaml), "--duration", "1",
-             "--max-samples", "6", "--output-tokens", "4", "--out", str(out), "--no-progress"],
+             "--max-samples", "6", "--output-tokens", "4", "--out", str(out), "--no-progress", "--wall-from-profile"],
             cwd=tmp_path, env=env, capture_output=True, timeout=600)
     finally:
         server.shutdown()

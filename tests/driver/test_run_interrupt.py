@@ -22,7 +22,8 @@ def start(out: Path, scenarios: str, duration: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "wallperf.cli", "run", "--model", "tiny-synthetic", "--scenario",
                              scenarios, "--mode", "performance", "--duration", duration, "--max-samples", "3",
-                             "--output-tokens", "4", "--out", str(out), "--no-progress"],
+                             "--output-tokens", "4", "--out", str(out), "--no-progress",
+                             "--wall-from-profile"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

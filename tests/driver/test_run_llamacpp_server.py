@@ -64,8 +64,8 @@ def llamacpp_server(smollm2_gguf_path, tmp_path_factory):
 def test_run_against_llamacpp_server(llamacpp_server, tmp_path):
     out = tmp_path / "out"
     rc = main(["run", "--endpoint", llamacpp_server, "--scenario", "Offline", "--mode", "both",
-               "--max-samples", "4", "--output-tokens", "8", "--duration", "2", "--out", str(out),
-               "--no-progress"])
+               "--max-samples", "4", "--output-tokens", "8", "--duration", "1", "--out", str(out),
+               "--no-progress", "--wall-from-profile"])
     assert rc == 0
     perf, acc = json.loads((out / "results.json").read_text())["runs"]
     assert perf["backend"] == "openai" and perf["client"]["failures"] == 0, perf["client"]

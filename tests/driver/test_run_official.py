@@ -45,7 +45,8 @@ def test_every_test_gets_mlperf_conf(tiny_conf, tmp_path):
     out = tmp_path / "out"
     rc = main(["run", "--model", "tiny-synthetic", "--benchmark", "llama3_1-8b", "--scenario",
                "Offline,SingleStream,Server", "--mode", "performance", "--max-samples", "3", "--output-tokens", "4",
-               "--user-conf", str(tmp_path / "user.conf"), "--out", str(out), "--no-progress"])
+               "--user-conf", str(tmp_path / "user.conf"), "--out", str(out), "--no-progress",
+               "--wall-from-profile"])
     assert rc == 0
     seeds = {key: int(value) for key, value in
              re.findall(r"^\*\.\*\.(\w+_rng_seed) = (\d+)", embedded_mlperf_conf(), re.M)

@@ -28,8 +28,9 @@ def server(smollm2_gguf_path):
 def test_run_over_openai_endpoint(server, tmp_path, mmlu_path):
     loaded, url = server
     out = tmp_path / "out"
-    rc = main(["run", "--endpoint", url, "--scenario", "Server", "--duration", "2", "--max-samples", "4",
-               "--output-tokens", "6", "--target-qps", "1", "--out", str(out), "--no-progress"])
+    rc = main(["run", "--endpoint", url, "--scenario", "Server", "--duration", "1", "--max-samples", "4",
+               "--output-tokens", "6", "--target-qps", "1", "--out", str(out), "--no-progress",
+               "--wall-from-profile"])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     perf, acc = results["runs"]

@@ -23,7 +23,10 @@ from wallperf.harness.loadgen.logs import read_detail_log
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-DURATION_S = 15
+# The kill comes at the first streamed token, about a second into the test: the rest of
+# min_duration at TARGET_QPS leaves ~20 Poisson arrivals for the dead server to refuse.
+DURATION_S = 6
+TARGET_QPS = 4
 # Loading SmolLM2 (server) and its tokenizer and MMLU (run) on a loaded 2-core machine.
 START_S = 300
 # After the kill the run has the rest of its min_duration to issue (every request now
@@ -113,7 +116,7 @@ def test_killed_server_ends_the_run_invalid_with_its_logs(tmp_path):
         relay = Relay(int(port[1]))
         out = tmp_path / "out"
         run = wallperf(["run", "--endpoint", relay.url, "--scenario", "Server", "--mode", "performance",
-                        "--duration", str(DURATION_S), "--target-qps", "2", "--max-samples", "8",
+                        "--duration", str(DURATION_S), "--target-qps", str(TARGET_QPS), "--max-samples", "8",
                         "--output-tokens", "64", "--max-batch", "4", "--out", str(out), "--no-progress"],
                        tmp_path / "run")
         wait_for("the first streamed token", relay.first_token.is_set, START_S, run, server)

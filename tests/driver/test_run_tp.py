@@ -152,7 +152,7 @@ def tiny_conf(tmp_path_factory, smollm2_gguf_path, mmlu_path):
 def wallperf_run(out: Path, *args: str) -> dict:
     assert main(["run", "--model", "tiny-tp", "--dtype", "float32", "--scenario", "SingleStream,Offline",
                  "--max-samples", "4", "--duration", "1", "--output-tokens", "4", "--out", str(out),
-                 "--no-progress", "--accuracy-scenarios", "all", *args]) == 0
+                 "--no-progress", "--accuracy-scenarios", "all", "--wall-from-profile", *args]) == 0
     return json.loads((out / "results.json").read_text())
 
 
@@ -187,8 +187,9 @@ def test_an_error_on_the_ranks_ends_the_run(tiny_conf, tmp_path, capsys):
     """The shape is only known once loaded: every rank refuses 3 KV heads over 2
     ranks, and the run ends with that ConfigError (no hang, no traceback)."""
     out = tmp_path / "out"
+    # No calibration process and no wall measurement before the test: the ranks' load is the point.
     rc = main(["run", "--model", "tiny-odd", "--tp", "2", "--scenario", "SingleStream", "--max-samples", "2",
-               "--out", str(out), "--no-progress"])
+               "--no-calibrate", "--wall-from-profile", "--out", str(out), "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err
     assert "key 'tp': tp 2 does not fit tiny-odd" in err and "not divisible: n_kv_heads 3" in err

@@ -11,7 +11,7 @@ from wallperf.cli import main
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 RUN = ["run", "--model", "tiny-synthetic", "--mode", "performance", "--duration", "1", "--max-samples", "3",
-       "--output-tokens", "12", "--no-progress"]
+       "--output-tokens", "12", "--no-progress", "--wall-from-profile"]
 
 
 @pytest.fixture

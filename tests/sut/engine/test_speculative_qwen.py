@@ -18,7 +18,7 @@ from wallperf.sut.loading.load import load_model
 
 pytestmark = pytest.mark.slow
 
-NEW_TOKENS = 16
+NEW_TOKENS = 12
 K = 4
 
 

@@ -226,7 +226,9 @@ def test_qwen2_5_coder_0_5b_tokens_greedy_and_logits_match_hf():
     path, tok = _gguf("qwen2.5-coder-0.5b")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
-    ref = _hf_reference(hf, tok)
+    # The code prompt and the French one (the tokenizer texts cover the rest of Unicode): each
+    # prompt's greedy tokens cost a 24-token generation on both sides.
+    ref = _hf_reference(hf, tok, prompts=PROMPTS[:3:2])
     del hf
     gc.collect()
     _check_against_reference(ref, load_model(path, "float32"))
@@ -257,7 +259,7 @@ def test_qwen2_5_coder_1_5b_matches_hf_in_float32_and_mmlu_in_bf16(mmlu_path):
     for p in ours.model.parameters():
         p.data = p.data.to(torch.bfloat16)
     bf16 = LoadedModel(path, ours.config, ours.model, ours.tokenizer, "bfloat16")
-    questions = load_mmlu(mmlu_path)[::2806][:4]  # spread over the file, hence over subjects
+    questions = load_mmlu(mmlu_path)[::5612][:2]  # spread over the file, hence over subjects
     result = evaluate(bf16, questions, "letter", progress=False)
     for p in ours.model.parameters():  # exact: every bf16 value is a float32 value
         p.data = p.data.float()
