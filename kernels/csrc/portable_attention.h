@@ -51,10 +51,7 @@ inline void prefetch_row(const void* row, int64_t bytes) {
 
 constexpr int kScoreKeys = 4, kScoreHeads = 3;
 
-// A bf16 vector of 2 * Vec::N values is widened as two fp32 vectors, its even and its odd
-// elements (Vec::pairs: a shift and a mask, where widening N values costs a zero-extension and
-// a shift). So the fp32 query heads and the value sums are kept in that order: within each run of
-// 2 * Vec::N dims, the N even dims, then the N odd ones ("paired" order).
+// "Paired" order (see the top): within each run of kPair dims, the Vec::N even dims, then the odd ones.
 constexpr int64_t kPair = 2 * Vec::N;
 
 inline void to_paired(const uint16_t* x, int64_t D, float* out) {
@@ -131,11 +128,10 @@ void value_block(const uint16_t* rows, const int64_t* slots, int64_t row_stride,
     for (int i = 0; i < 2 * kValuePairs; ++i) Vec::store(acc_io + g * lda + i * Vec::N, acc[g][i]);
 }
 
-// Prefetch bytes_per_row bytes from element `offset` of the rows at slots[t0..t1).
-inline void prefetch_span(const void* base, const int64_t* slots, int64_t t0, int64_t t1, int64_t row_stride,
-                          int64_t offset, int64_t bytes_per_row, int64_t elem) {
-  const char* b = static_cast<const char*>(base);
-  for (int64_t t = t0; t < t1; ++t) prefetch_row(b + (slots[t] * row_stride + offset) * elem, bytes_per_row);
+// Prefetch `dims` bf16 values from element `offset` of the rows at slots[t0..t1).
+inline void prefetch_span(const uint16_t* rows, const int64_t* slots, int64_t t0, int64_t t1, int64_t row_stride,
+                          int64_t offset, int64_t dims) {
+  for (int64_t t = t0; t < t1; ++t) prefetch_row(rows + slots[t] * row_stride + offset, 2 * dims);
 }
 
 // The fp8 cache, or a head size the paired vectors do not divide: softmax(q k^T / sqrt(D)) v over
@@ -217,11 +213,7 @@ inline void attend_rows(const bf16* qkv, const KVStore& k_layer, const KVStore& 
   }
 }
 
-// Positions in a piece of a row's attention (rounded up to whole blocks). Each piece's
-// scores, softmax and value sums are computed on their own, then a row's pieces are merged
-// (flash-decoding): so one row's long context still keeps every thread busy. The pieces
-// depend only on a row's length, never on the rows beside it or the threads, so a row's
-// result is the same bits in any batch.
+// Positions in a piece of a row's attention (rounded up to whole blocks; see the top).
 constexpr int64_t kPiecePositions = 128;
 
 struct PieceScratch {
@@ -274,13 +266,13 @@ inline void attend_pieces(const bf16* qkv, const KVStore& k_layer, const KVStore
       for (int64_t h = 0; h < NH; ++h) to_paired(qh + h * D, D, w.q.data() + h * D);
       w.scores.resize(NH * n);
       float* scores = w.scores.data();
-      prefetch_span(krows, slots, 0, std::min(n, bs), row_stride, kvh0 * D, 2 * span, 2);
+      prefetch_span(krows, slots, 0, std::min(n, bs), row_stride, kvh0 * D, span);
       for (int64_t tb = 0; tb < n; tb += bs) {
         const int64_t nb = std::min(bs, n - tb);
         if (tb + bs < n)
-          prefetch_span(krows, slots, tb + bs, std::min(n, tb + 2 * bs), row_stride, kvh0 * D, 2 * span, 2);
+          prefetch_span(krows, slots, tb + bs, std::min(n, tb + 2 * bs), row_stride, kvh0 * D, span);
         else
-          prefetch_span(vrows, slots, 0, std::min(n, bs), row_stride, kvh0 * D, 2 * span, 2);
+          prefetch_span(vrows, slots, 0, std::min(n, bs), row_stride, kvh0 * D, span);
         for (int64_t kk = 0; kk < nk; ++kk)
           for (int64_t g = 0; g < group; g += kScoreHeads) {
             const float* q = w.q.data() + (kk * group + g) * D;
@@ -306,7 +298,7 @@ inline void attend_pieces(const bf16* qkv, const KVStore& k_layer, const KVStore
       for (int64_t tb = 0; tb < n; tb += bs) {
         const int64_t nb = std::min(bs, n - tb);
         if (tb + bs < n)
-          prefetch_span(vrows, slots, tb + bs, std::min(n, tb + 2 * bs), row_stride, kvh0 * D, 2 * span, 2);
+          prefetch_span(vrows, slots, tb + bs, std::min(n, tb + 2 * bs), row_stride, kvh0 * D, span);
         for (int64_t kk = 0; kk < nk; ++kk)
           for (int64_t g = 0; g < group; g += kValueHeads) {
             const int64_t gn = std::min<int64_t>(kValueHeads, group - g);
@@ -337,7 +329,7 @@ inline void attend_pieces(const bf16* qkv, const KVStore& k_layer, const KVStore
       for (int64_t d = 0; d < D; d += Vec::N) Vec::store(merged.data() + d, Vec::zero());
       for (int64_t c = 0; c < np; ++c) {
         const float* pc = p0 + c * stride;
-        const float f = np == 1 ? 1.f : std::exp(pc[0] - best);
+        const float f = std::exp(pc[0] - best);  // exactly 1 for the piece that holds the largest
         total_sum += pc[1] * f;
         const F fv = Vec::set1(f);
         for (int64_t d = 0; d < D; d += Vec::N)
