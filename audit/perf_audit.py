@@ -234,6 +234,19 @@ def check_speculative(run: dict) -> list[tuple[Severity, str, str]]:
     return found
 
 
+def check_retry(run: dict) -> list[tuple[str, str, str]]:
+    """A test that stands for a second try (wallperf.driver.retry): its first attempt was INVALID."""
+    retry = run.get("retry_of")
+    if not isinstance(retry, dict):
+        return []
+    changed = retry.get("changed") if isinstance(retry.get("changed"), dict) else {}
+    what = ", ".join(f"{k} {v.get('before')} -> {v.get('after')}" for k, v in changed.items()
+                     if isinstance(v, dict)) or "the same settings"
+    reasons = "; ".join(map(str, retry.get("invalid_reasons") or [])) or "no reason recorded"
+    return [("warning", "retried", f"a second try: the first attempt was INVALID ({reasons}); this one ran with "
+             f"{what}; the attempt's record is in results.json's `retried`, its LoadGen logs in {retry.get('log_dir')}")]
+
+
 def audit_results(results: dict) -> list[Finding]:
     """Every finding for a results.json, errors first, then in run order."""
     findings = []
@@ -245,6 +258,6 @@ def audit_results(results: dict) -> list[Finding]:
         label = run_label(index, run)
         for check in (check_scenario(run), check_validity(run), check_roofline(run),
                       check_latency_limits(run, cfg), check_test06(run), check_submission(run, cfg),
-                      check_speculative(run)):
+                      check_speculative(run), check_retry(run)):
             findings.extend(Finding(sev, label, code, msg) for sev, code, msg in check)
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))

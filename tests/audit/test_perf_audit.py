@@ -204,3 +204,14 @@ def test_mfu_above_one_is_an_error_and_the_roofline_untrusted():
     assert codes(audit_results(results(run))) == ["mfu_above_one"]
     trust = roofline_trust(run["roofline"])
     assert trust["trusted"] is False and "MFU 1.20" in trust["untrusted_reasons"][0]
+
+
+def test_a_second_try_is_flagged_with_its_attempt():
+    retry = {"invalid_reasons": ["performance constraints not met (Server latency limits)"],
+             "log_dir": "out/sys/m/Server/performance/invalid_1",
+             "changed": {"target_qps": {"before": 1.5, "after": 1.275}}, "predicted_s": 400.0}
+    found = [f for f in audit_results(results(performance_run(retry_of=retry))) if f.code == "retried"]
+    assert len(found) == 1 and found[0].severity == "warning"
+    assert "target_qps 1.5 -> 1.275" in found[0].message and "latency limits" in found[0].message
+    assert "performance/invalid_1" in found[0].message
+    assert "retried" not in codes(audit_results(results(performance_run())))

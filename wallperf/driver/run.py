@@ -11,6 +11,10 @@ their records. results.json exists with `complete: false` before the first test
 and is rewritten atomically after each one, so an interrupted run keeps every
 finished result; Ctrl-C and SIGTERM end the running test (wallperf.driver.interrupt).
 
+A calibrated run gives a performance test that came out INVALID one second try
+where its budget has room (wallperf.driver.retry); the attempt stays in
+results.json's `retried`.
+
 With speculative decoding, each performance test is followed by the same test
 without it (its own process and record, `speculative_baseline: true`, logs under
 no_speculation/), and the speculative record gets the two tokens/s, the measured
@@ -36,6 +40,7 @@ from wallperf.driver.one_test import TestSpec, calibrate, log_dir_for
 from wallperf.driver.options import RunOptions
 from wallperf.driver.peers import check_peer
 from wallperf.driver.progress import say
+from wallperf.driver.retry import plan_retry
 from wallperf.driver.interrupt import Interrupts, TestInterrupted
 from wallperf.driver.test_process import BAD_INPUT, run_in_process, run_test
 from wallperf.driver.tp_run import check_tp
@@ -89,6 +94,8 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
             write_json_atomic(results_path, results)
             return out["record"]
 
+        calibration = None
+        done = set()  # "<scenario> <mode>" of the tests run so far
         try:
             if opts.calibrate:
                 # The performance tests' load, measured on this machine (in a process of its own), then
@@ -111,9 +118,13 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
                         results.setdefault("find_peak", {})[sc.name] = _find_peak(resolved, sc, opts, test)
                         write_json_atomic(results_path, results)
                     else:
-                        record = test(sc, mode)
+                        record, used = test(sc, mode), sc
+                        done.add(f"{sc.name} {mode}")
+                        if mode == "performance" and not record["valid"] and calibration:
+                            used, record = _retry(sc, record, calibration.plan, done, started, opts, results,
+                                                  results_path, test)
                         if mode == "performance" and with_baseline(opts):
-                            record["speculative"] = versus_baseline(record, test(sc, mode, baseline=True))
+                            record["speculative"] = versus_baseline(record, test(used, mode, baseline=True))
                             say(speculative_line(sc.name, record["speculative"]))
                             write_json_atomic(results_path, results)
                 for name in compliance_tests(resolved, opts):
@@ -128,6 +139,34 @@ def run_benchmark(resolved: ResolvedRun, opts: RunOptions) -> dict:
             raise
     _finish(results, results_path, started, complete=True)
     return results
+
+
+def _retry(sc, record: dict, plan, done: set, started: float, opts: RunOptions, results: dict, results_path: Path,
+           test) -> tuple:
+    """The settings and record that stand for INVALID performance test `record`: its own, or a
+    second try's (wallperf.driver.retry), the attempt kept in results.json's `retried`."""
+    rest = [k for k in plan.predicted_s if k not in done]
+    still = sum(plan.predicted_s[k] for k in rest) + plan.overheads.per_test_s * len(rest)
+    retry, why = plan_retry(sc, record, budget_s=plan.budget_s, elapsed_s=time.time() - started,
+                            still_to_run_s=still, per_test_s=plan.overheads.per_test_s, submission=opts.submission,
+                            cannot_be_valid=plan.cannot_be_valid)
+    say(f"{sc.name} performance: INVALID; {why}")
+    if retry is None:
+        return sc, record
+    # The attempt's logs move aside, so the try writes where a run's result belongs.
+    first = Path(record["log_dir"])
+    aside = next(first.with_name(f"invalid_{i}") for i in range(1, 1000) if not first.with_name(f"invalid_{i}").exists())
+    first.rename(aside)
+    record["log_dir"] = str(aside)
+    results["runs"].remove(record)
+    results.setdefault("retried", []).append(record)
+    write_json_atomic(results_path, results)
+    again = test(retry.scenario, "performance")
+    again["retry_of"] = {"invalid_reasons": record["invalid_reasons"], "log_dir": str(aside),
+                         "changed": {k: {"before": a, "after": b} for k, (a, b) in retry.changed.items()},
+                         "predicted_s": round(retry.predicted_s, 1)}
+    write_json_atomic(results_path, results)
+    return retry.scenario, again
 
 
 def with_baseline(opts: RunOptions) -> bool:
