@@ -156,13 +156,14 @@ def _retry(sc, record: dict, plan, done: set, started: float, opts: RunOptions, 
     # The attempt's logs move aside, so the try writes where a run's result belongs.
     first = Path(record["log_dir"])
     aside = next(first.with_name(f"invalid_{i}") for i in range(1, 1000) if not first.with_name(f"invalid_{i}").exists())
-    first.rename(aside)
-    record["log_dir"] = str(aside)
+    if first.exists():
+        first.rename(aside)
+        record["log_dir"] = str(aside)
     results["runs"].remove(record)
     results.setdefault("retried", []).append(record)
     write_json_atomic(results_path, results)
     again = test(retry.scenario, "performance")
-    again["retry_of"] = {"invalid_reasons": record["invalid_reasons"], "log_dir": str(aside),
+    again["retry_of"] = {"invalid_reasons": record["invalid_reasons"], "log_dir": record["log_dir"],
                          "changed": {k: {"before": a, "after": b} for k, (a, b) in retry.changed.items()},
                          "predicted_s": round(retry.predicted_s, 1)}
     write_json_atomic(results_path, results)
