@@ -234,7 +234,7 @@ def check_speculative(run: dict) -> list[tuple[Severity, str, str]]:
     return found
 
 
-def check_retry(run: dict) -> list[tuple[str, str, str]]:
+def check_retry(run: dict) -> list[tuple[Severity, str, str]]:
     """A test that stands for a second try (wallperf.driver.retry): its first attempt was INVALID."""
     retry = run.get("retry_of")
     if not isinstance(retry, dict):

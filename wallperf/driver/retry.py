@@ -50,7 +50,6 @@ class Retry:
     scenario: object  # the ScenarioConfig the try runs with
     predicted_s: float  # its LoadGen time, as predicted
     changed: dict  # setting -> (before, after); empty: the same settings
-    why: str  # the attempt's INVALID reasons, in one line
 
 
 def _fault(record: dict) -> str | None:
@@ -97,12 +96,11 @@ def plan_retry(sc, record: dict, *, budget_s: float, elapsed_s: float, still_to_
     tried, predicted = retry_settings(sc, record)
     before, after = settings_of(sc), settings_of(tried)
     changed = {k: (before[k], after[k]) for k in after if before.get(k) != after[k]}
-    why = "; ".join(record.get("invalid_reasons") or ()) or "INVALID"
     left = budget_s - elapsed_s - still_to_run_s
     need = predicted + per_test_s
     if need > left:
         return None, (f"not retried: a second try needs about {need:.0f} s and the budget of {budget_s / 60:.0f} min "
                       f"leaves {max(left, 0.0):.0f} s")
     what = ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changed.items()) or "the same settings"
-    return Retry(tried, predicted, changed, why), (f"retrying once with {what} (about {need:.0f} s; the budget "
+    return Retry(tried, predicted, changed), (f"retrying once with {what} (about {need:.0f} s; the budget "
                                                    f"leaves {left:.0f} s)")
